@@ -1,0 +1,62 @@
+"""Shared test fixtures: tiny shard files in the FineWeb format, made in the test (no downloads)."""
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BOS = 50256
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+
+# The trainer modules the shared tests run against (each is a standalone single file).
+TRAINER_MODULES = [name for name in ("train_gpt", "train_gpt_medium") if (ROOT / f"{name}.py").exists()]
+
+
+def write_shard(path, tokens, magic=SHARD_MAGIC, version=SHARD_VERSION, header_count=None):
+    """Write `tokens` as a FineWeb shard: 256 little-endian int32 header, then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    header = np.zeros(256, dtype="<i4")
+    header[0], header[1] = magic, version
+    header[2] = len(tokens) if header_count is None else header_count
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    return Path(path)
+
+
+def synthetic_tokens(n_tokens, seed, alphabet=96):
+    """A learnable token stream: BOS-prefixed documents drawn from a fixed random bigram chain."""
+    rng = np.random.default_rng(seed)
+    chain = np.random.default_rng(1234).integers(0, alphabet, size=(alphabet, 4))  # same chain for every split
+    out = np.empty(n_tokens, dtype=np.int64)
+    i = 0
+    while i < n_tokens:
+        doc_len = int(rng.integers(16, 300))
+        out[i] = BOS
+        tok = int(rng.integers(0, alphabet))
+        for j in range(i + 1, min(i + doc_len, n_tokens)):
+            tok = int(chain[tok, rng.integers(0, 4)])
+            out[j] = tok + 100  # keep away from special ids
+        i += doc_len
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """Train and val shards for CPU runs: 400k train tokens in two shards, 32k val tokens."""
+    d = tmp_path_factory.mktemp("corpus")
+    write_shard(d / "tiny_train_000001.bin", synthetic_tokens(200_000, seed=1))
+    write_shard(d / "tiny_train_000002.bin", synthetic_tokens(200_000, seed=2))
+    write_shard(d / "tiny_val_000000.bin", synthetic_tokens(32_768, seed=3))
+    return {"dir": d, "train": str(d / "tiny_train_*.bin"), "val": str(d / "tiny_val_*.bin")}
+
+
+@pytest.fixture(params=TRAINER_MODULES)
+def trainer(request):
+    """Each trainer module in turn, so one test specifies both tracks."""
+    return importlib.import_module(request.param)
