@@ -1,0 +1,354 @@
+"""Turn your own text into speedrun shards: GPT-2 BPE, BOS before every document, validation shard first.
+
+    python data/tokenize_text.py books/*.txt --out data/books
+    python data/tokenize_text.py corpus.jsonl --out data/corpus --text-field content --val-docs 500
+    python data/tokenize_text.py notes.txt --format lines --out data/notes \\
+        --vocab-bpe gpt2/vocab.bpe --encoder-json gpt2/encoder.json      # offline
+
+Output, in the format of shard_format.py: `<prefix>_val_000000.bin` holding the first documents in input
+order, then `<prefix>_train_000001.bin`, ... of --shard-tokens tokens each (the last one shorter); a
+document may continue from one shard into the next, as in the FineWeb shards. The trainer reads them
+with --train_files="OUT/<prefix>_train_*.bin" --val_files="OUT/<prefix>_val_*.bin".
+
+Tokenization is that of the FineWeb shards (modded-nanogpt `data/fineweb.py`): tiktoken's "gpt2"
+encoding, `encode_ordinary` (an "<|endoftext|>" inside a text is ordinary text), and the id 50256 before
+each document.
+
+Documents (--format): `text` is a whole file, or each piece between occurrences of --separator;
+`lines` is each line; `jsonl` is the string field --text-field of each JSON object line; `auto` reads
+.jsonl/.ndjson files as jsonl and others as text. Blank documents are skipped.
+
+The inputs are read twice: a first pass checks every file (UTF-8, JSON) and counts documents before
+anything is written; the second tokenizes them on --workers processes and writes the results in input
+order, so the output does not depend on the number of workers.
+"""
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+from tqdm import tqdm
+
+from shard_format import BOS, read_shard_header, write_shard
+
+# sha256 of GPT-2's vocab.bpe and encoder.json: the values tiktoken's "gpt2" encoding checks
+# (tiktoken_ext/openai_public.py, gpt2()).
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_VOCAB_SIZE = 50257
+DEFAULT_SHARD_TOKENS = 100_000_000  # as the FineWeb shards (200,001,024 bytes)
+MAX_SHARD_TOKENS = 2**31 - 1  # the header's int32 token count
+BATCH_CHARS = 1 << 20  # text per worker task: amortizes the inter-process copy, keeps memory flat
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+
+
+class InputError(Exception):
+    """Bad input files or options: reported as one message and a non-zero exit status, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+def _check_sha256(flag, path, expected):
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: file not found")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise InputError(f"{flag} {path}: not GPT-2's file (sha256 {digest}, expected {expected})")
+
+
+def load_gpt2_encoding(vocab_bpe=None, encoder_json=None):
+    """tiktoken's GPT-2 encoding, built from local GPT-2 files if given, else tiktoken.get_encoding("gpt2").
+
+    The local build is what tiktoken_ext/openai_public.py's gpt2() does with downloaded files:
+    `data_gym_to_mergeable_bpe_ranks(vocab.bpe, encoder.json)` (checked against the same sha256), the
+    r50k pattern, and <|endoftext|> = 50256; so both routes give the same ids.
+    """
+    if vocab_bpe is None and encoder_json is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as err:  # requests' network errors, a broken cache: all mean the files are unreachable
+            raise InputError(
+                f"could not load tiktoken's 'gpt2' encoding ({type(err).__name__}: {err}). It needs network "
+                "access or a tiktoken cache; offline, pass GPT-2's vocabulary files with "
+                "--vocab-bpe vocab.bpe --encoder-json encoder.json"
+            ) from None
+    if vocab_bpe is None or encoder_json is None:
+        raise InputError("pass both --vocab-bpe and --encoder-json, or neither to use tiktoken's download")
+    _check_sha256("--vocab-bpe", Path(vocab_bpe), GPT2_VOCAB_BPE_SHA256)
+    _check_sha256("--encoder-json", Path(encoder_json), GPT2_ENCODER_JSON_SHA256)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        str(vocab_bpe), str(encoder_json),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2", explicit_n_vocab=GPT2_VOCAB_SIZE, pat_str=r50k_pat_str,
+        mergeable_ranks=ranks, special_tokens={ENDOFTEXT: BOS},
+    )
+
+
+def tokenize_documents(encoding, docs):
+    """[BOS] + encoding.encode_ordinary(doc) for each document, concatenated into one uint16 array."""
+    ids = []
+    for doc in docs:
+        ids.append(BOS)
+        ids.extend(encoding.encode_ordinary(doc))
+    return np.array(ids, dtype=np.uint16)
+
+
+_worker_encoding = None  # each worker process's copy, set by _init_worker
+
+
+def _init_worker(encoding):
+    global _worker_encoding
+    _worker_encoding = encoding
+
+
+def _tokenize_task(task):
+    split, docs = task
+    return split, len(docs), tokenize_documents(_worker_encoding, docs)
+
+
+# -----------------------------------------------------------------------------
+# Documents
+
+def _decode(data, path, offset, errors):
+    """UTF-8 text of `data`, read from `path` at byte `offset`; strict errors name the byte offset."""
+    try:
+        return data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as err:
+        bad = data[err.start:err.end]
+        raise InputError(
+            f"{path}: invalid UTF-8 at byte offset {offset + err.start} (byte {bad!r}); convert the file "
+            "to UTF-8, or pass --errors replace to substitute U+FFFD"
+        ) from None
+
+
+def _jsonl_text(line, path, lineno, text_field):
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(record, dict) or text_field not in record:
+        raise InputError(f"{path}:{lineno}: no {text_field!r} field (--text-field names the field holding the text)")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise InputError(f"{path}:{lineno}: field {text_field!r} holds a {type(text).__name__}, not a string")
+    return text
+
+
+def iter_documents(path, fmt, text_field, separator, errors):
+    """Yield the non-blank documents of one input file, in file order (see the module docstring)."""
+    if fmt == "auto":
+        fmt = "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text"
+    if fmt == "text":
+        text = _decode(path.read_bytes(), path, 0, errors)
+        yield from (doc for doc in (text.split(separator) if separator else [text]) if doc.strip())
+        return
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode(raw, path, offset, errors).removesuffix("\n").removesuffix("\r")
+            offset += len(raw)
+            if not line.strip():
+                continue
+            doc = _jsonl_text(line, path, lineno, text_field) if fmt == "jsonl" else line
+            if doc.strip():
+                yield doc
+
+
+def count_documents(paths, options):
+    """Pass 1: check every file and count its documents; warns about and drops files without any."""
+    counts = {}
+    for path in tqdm(paths, desc="checking", unit="file", disable=None):
+        n = sum(1 for _ in iter_documents(path, **options))
+        if n:
+            counts[path] = n
+        else:
+            print(f"warning: {path}: no documents (empty file?), skipped", file=sys.stderr)
+    if not counts:
+        raise InputError("no documents to tokenize: every input file is empty")
+    return counts
+
+
+def document_batches(paths, n_val, options):
+    """Pass 2: yield (split, documents) tasks of about BATCH_CHARS characters, in input order.
+
+    The first `n_val` documents are split "val", the rest "train"; no task mixes the two.
+    """
+    docs = itertools.chain.from_iterable(iter_documents(path, **options) for path in paths)
+    batch, batch_split, chars = [], None, 0
+    for i, doc in enumerate(docs):
+        split = "val" if i < n_val else "train"
+        if batch and (split != batch_split or chars >= BATCH_CHARS):
+            yield batch_split, batch
+            batch, chars = [], 0
+        batch.append(doc)
+        batch_split = split
+        chars += len(doc)
+    if batch:
+        yield batch_split, batch
+
+
+def validation_doc_count(n_docs, val_docs, val_fraction):
+    """Documents for the val shard: --val-docs, else ceil(--val-fraction * n_docs); some must remain to train."""
+    n_val = val_docs if val_docs is not None else math.ceil(val_fraction * n_docs)
+    if n_val >= n_docs:
+        raise InputError(
+            f"the validation split takes {n_val} of the {n_docs} documents, leaving none to train on. Lower "
+            "--val-docs/--val-fraction, or split the text into more documents (a text file is one document "
+            "unless you pass --separator or --format lines)"
+        )
+    return n_val
+
+
+# -----------------------------------------------------------------------------
+# Shards
+
+class ShardWriter:
+    """Cuts one split's token stream into shards of exactly `shard_tokens` tokens, numbered from `first_index`."""
+
+    def __init__(self, out_dir, prefix, split, first_index, shard_tokens):
+        self.out_dir, self.prefix, self.split = out_dir, prefix, split
+        self.next_index, self.shard_tokens = first_index, shard_tokens
+        self.pending, self.n_pending = [], 0
+        self.paths, self.n_tokens = [], 0
+
+    def add(self, tokens):
+        self.pending.append(tokens)
+        self.n_pending += len(tokens)
+        while self.n_pending >= self.shard_tokens:
+            stream = np.concatenate(self.pending)
+            self._write(stream[:self.shard_tokens])
+            self.pending, self.n_pending = [stream[self.shard_tokens:]], len(stream) - self.shard_tokens
+
+    def flush(self):
+        """Write what is pending as a last, shorter shard (no-op if nothing is)."""
+        if self.n_pending:
+            self._write(np.concatenate(self.pending))
+            self.pending, self.n_pending = [], 0
+
+    def _write(self, tokens):
+        path = self.out_dir / f"{self.prefix}_{self.split}_{self.next_index:06d}.bin"
+        write_shard(path, tokens)
+        if read_shard_header(path) != len(tokens):  # self-check with the reader the downloads use
+            raise RuntimeError(f"{path}: header does not hold the {len(tokens)} tokens just written")
+        self.paths.append(path)
+        self.n_tokens += len(tokens)
+        self.next_index += 1
+
+
+def tokenize_to_shards(paths, out_dir, encoding, *, prefix, n_val, shard_tokens, workers, options, n_docs):
+    """Pass 2: tokenize the documents of `paths` and write the val shards, then the train shards."""
+    writers = {"val": ShardWriter(out_dir, prefix, "val", 0, shard_tokens),
+               "train": ShardWriter(out_dir, prefix, "train", 1, shard_tokens)}
+    tasks = document_batches(paths, n_val, options)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(multiprocessing.Pool(workers, _init_worker, (encoding,)))
+            results = pool.imap(_tokenize_task, tasks)  # imap keeps the input order
+        else:
+            _init_worker(encoding)  # the same task function, run in this process
+            results = map(_tokenize_task, tasks)
+        bar = stack.enter_context(tqdm(total=n_docs, desc="tokenizing", unit="doc", disable=None))
+        for split, n, tokens in results:
+            if split == "train":
+                writers["val"].flush()  # validation is complete before any training shard is written
+            writers[split].add(tokens)
+            bar.update(n)
+    writers["val"].flush()
+    writers["train"].flush()
+    return writers
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Tokenize text files with GPT-2 BPE into FineWeb-format shards for the trainer.",
+        epilog="Example: python data/tokenize_text.py books/*.txt --out data/books",
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="text or JSONL files")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for the shards")
+    parser.add_argument("--prefix", default="text", help="shard name prefix: PREFIX_val_000000.bin ... (default text)")
+    parser.add_argument("--format", choices=("auto", "text", "lines", "jsonl"), default="auto",
+                        help="auto: .jsonl/.ndjson as jsonl, else text (default auto)")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    parser.add_argument("--separator", help="split text files into documents at this string, e.g. $'\\n\\n\\n'")
+    val = parser.add_mutually_exclusive_group()
+    val.add_argument("--val-docs", type=int, help="number of leading documents for the val shard")
+    val.add_argument("--val-fraction", type=float, default=0.01,
+                     help="fraction of leading documents for the val shard, rounded up (default 0.01)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
+                        help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}, as FineWeb)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: CPU count)")
+    parser.add_argument("--vocab-bpe", type=Path, help="GPT-2 vocab.bpe, to work offline (with --encoder-json)")
+    parser.add_argument("--encoder-json", type=Path, help="GPT-2 encoder.json, to work offline (with --vocab-bpe)")
+    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                        help="invalid UTF-8: strict stops with the file and byte offset (default); replace uses U+FFFD")
+    args = parser.parse_args(argv)
+    if args.separator is not None and (args.format in ("lines", "jsonl") or args.separator == ""):
+        parser.error("--separator must be a non-empty string and applies to --format text/auto only")
+    if args.val_docs is not None and args.val_docs < 0:
+        parser.error("--val-docs must be >= 0")
+    if not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be in [0, 1)")
+    if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:
+        parser.error(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS}]")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return args
+
+
+def run(args):
+    """Check inputs, tokenize, write shards and report; raises InputError for bad input."""
+    for path in args.inputs:
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; pass its files, e.g. {path}/*.txt")
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+    existing = sorted(args.out.glob(f"{args.prefix}_*.bin"))
+    if existing:
+        raise InputError(
+            f"{args.out} already holds {len(existing)} {args.prefix}_*.bin shards ({existing[0].name}, ...), which "
+            "the trainer's glob would mix with the new ones; remove them or choose another --out or --prefix"
+        )
+    encoding = load_gpt2_encoding(args.vocab_bpe, args.encoder_json)
+    options = dict(fmt=args.format, text_field=args.text_field, separator=args.separator, errors=args.errors)
+    counts = count_documents(args.inputs, options)
+    n_docs = sum(counts.values())
+    n_val = validation_doc_count(n_docs, args.val_docs, args.val_fraction)
+    if n_val == 0:
+        print("warning: no validation documents, so no val shard", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    writers = tokenize_to_shards(list(counts), args.out, encoding, prefix=args.prefix, n_val=n_val,
+                                 shard_tokens=args.shard_tokens, workers=args.workers, options=options, n_docs=n_docs)
+    for split, n in (("val", n_val), ("train", n_docs - n_val)):
+        w = writers[split]
+        print(f"{split}: {n:,} documents, {w.n_tokens:,} tokens in {len(w.paths)} shards "
+              f"({args.out / f'{args.prefix}_{split}_*.bin'})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
