@@ -1,0 +1,486 @@
+"""Tests of records/verify.py: statistics against scipy, log parsing, the CLI contract.
+
+records/ holds record folders, not a package, so the tool is loaded from its path.
+"""
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_verify():
+    name = "records_verify"
+    if name not in sys.modules:  # one module object for both test files (dataclasses look it up)
+        spec = importlib.util.spec_from_file_location(name, ROOT / "records" / "verify.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+verify = load_verify()
+RULE = "=" * 100
+
+# --------------------------------------------------------------------------------------------------
+# Log writers
+
+# A stand-in for the trainer source at the top of our logs: it holds the format strings, and its
+# docstring even holds a complete, valid-looking final line, which must not be read as a result.
+FAKE_SOURCE = '''"""Fake trainer. A finished run ends with a line such as
+step:1750/1750 val_loss:3.2789 train_time:179000ms step_avg:102.29ms
+"""
+import json
+
+def log_step(step, args, training_time_ms):
+    print0(f"step:{step}/{args.num_iterations} train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms/max(step, 1):.2f}ms")
+
+def log_val(step, args, val_loss, training_time_ms):
+    print0(f"step:{step}/{args.num_iterations} val_loss:{val_loss:.4f} train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms/max(step, 1):.2f}ms")
+
+print0(f"hyperparameters: {json.dumps(hyperparameters)}")
+print0("=" * 100)
+'''
+
+VERSIONS = """Running Python 3.12.7 (main, Oct  1 2025, 08:52:12) [GCC 11.4.0]
+Running PyTorch 2.9.0+cu128 compiled for CUDA 12.8
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 570.124.06             Driver Version: 570.124.06     CUDA Version: 12.8     |
++-----------------------------------------------------------------------------------------+"""
+
+
+def step_lines(final_loss, n_steps=1750, time_ms=175_000.0, decimals=4, val_every=500, stop_at=None,
+               nan_from=None):
+    """The training-output grammar: step lines, val lines every `val_every` steps and at the end."""
+    stop = n_steps if stop_at is None else stop_at
+    lines = []
+    for k in range(0, stop + 1):
+        t = time_ms * k / n_steps
+        if k % val_every == 0 or k == n_steps:
+            frac = k / n_steps
+            loss = final_loss if k == n_steps else 10.8258 * (1 - frac) + (final_loss + 0.3) * frac
+            if nan_from is not None and k >= nan_from:
+                loss = math.nan
+            lines.append(f"step:{k}/{n_steps} val_loss:{loss:.{decimals}f} train_time:{t:.0f}ms "
+                         f"step_avg:{t / max(k, 1):.2f}ms")
+        if k > 0 and k % 250 == 0:  # real logs print every step; every 250th keeps the files small
+            lines.append(f"step:{k}/{n_steps} train_time:{t:.0f}ms step_avg:{t / k:.2f}ms")
+    return lines
+
+
+def public_log(final_loss, **kw):
+    """A modded-nanogpt style log without the hyperparameters line (and here without a header)."""
+    lines = step_lines(final_loss, **kw)
+    if kw.get("stop_at") is None:
+        lines.append("peak memory allocated: 31420 MiB reserved: 32550 MiB")
+    return "\n".join(lines) + "\n"
+
+
+def our_log(final_loss, seed=0, track="small", target=3.28, decimals=4, error=None, **kw):
+    """A log in our trainers' format: source, rule, versions, rule, hyperparameters, steps."""
+    hp = {"track": track, "target_val_loss": target, "num_iterations": kw.get("n_steps", 1750), "seed": seed,
+          "train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
+          "val_tokens": 10485760}
+    lines = [FAKE_SOURCE.rstrip("\n"), RULE, VERSIONS, RULE, f"hyperparameters: {json.dumps(hp)}"]
+    lines += step_lines(final_loss, decimals=decimals, **kw)
+    if error:
+        lines.append(error)
+    elif kw.get("stop_at") is None:
+        lines.append("peak memory allocated: 31420 MiB reserved: 32550 MiB")
+    return "\n".join(lines) + "\n"
+
+
+def write_logs(folder, losses, make=public_log, **kw):
+    """One log per loss, run_00.txt, run_01.txt, ... with distinct times (so no two files are equal)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, loss in enumerate(losses):
+        (folder / f"run_{i:02d}.txt").write_text(make(loss, time_ms=175_000.0 + 137.0 * i, **kw))
+    return folder
+
+
+def run_cli(capsys, *argv):
+    """main() in-process: (exit status, stdout, stderr)."""
+    code = verify.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+PASSING = [3.2751, 3.2762, 3.2770, 3.2744, 3.2781, 3.2758, 3.2766, 3.2749]  # mean 3.27601, p ~ 1e-6
+FAILING = [3.2791, 3.2812, 3.2770, 3.2805, 3.2788]  # mean 3.27932 < 3.28, p ~ 0.27
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics against scipy
+
+@pytest.mark.parametrize("losses", [PASSING, FAILING, [3.2701, 3.2702], [3.279, 3.2812],
+                                    list(np.round(np.random.default_rng(0).normal(3.2765, 0.0025, 80), 4))],
+                         ids=["pass_n8", "fail_n5", "pass_n2", "fail_n2", "pass_n80"])
+def test_one_sample_test_reproduces_scipy_one_sided_ttest(losses):
+    """t, p, the one-sided bound and the 95% CI are scipy's, and pass == (p < 0.01)."""
+    got = verify.one_sample_test(losses, 3.28, alpha=0.01)
+    ref = stats.ttest_1samp(losses, 3.28, alternative="less")
+    assert got.n == len(losses)
+    assert got.t == pytest.approx(ref.statistic, rel=1e-12)
+    assert got.p == pytest.approx(ref.pvalue, rel=1e-12)
+    assert got.mean == pytest.approx(np.mean(losses), rel=1e-15)
+    assert got.std == pytest.approx(np.std(losses, ddof=1), rel=1e-12)
+    n, s = len(losses), np.std(losses, ddof=1)
+    upper = np.mean(losses) + stats.t.ppf(0.99, n - 1) * s / math.sqrt(n)
+    half95 = stats.t.ppf(0.975, n - 1) * s / math.sqrt(n)
+    assert got.upper_bound == pytest.approx(upper, rel=1e-12)
+    assert got.ci95 == pytest.approx((np.mean(losses) - half95, np.mean(losses) + half95), rel=1e-12)
+    assert got.passed(0.01) == (ref.pvalue < 0.01)
+    assert got.passed(0.01) == (got.upper_bound < 3.28)  # the bound and the test are the same statement
+
+
+def test_known_cases_pass_and_fail_as_expected():
+    """Negative control for the parametrized test: the fixtures really cover both outcomes."""
+    assert verify.one_sample_test(PASSING, 3.28).passed(0.01)
+    assert verify.one_sample_test([3.2701, 3.2702], 3.28).passed(0.01)  # n = 2: t = -196, p = 0.0016
+    assert not verify.one_sample_test(FAILING, 3.28).passed(0.01)
+    assert not verify.one_sample_test([3.279, 3.2812], 3.28).passed(0.01)
+
+
+def test_zero_variance_is_a_failure_not_p_zero():
+    """Equal losses below the target: scipy says t=-inf, p=0; the tool says undefined and fails."""
+    losses = [3.2700] * 4
+    with pytest.warns(RuntimeWarning):  # scipy's own 'catastrophic cancellation' warning
+        ref = stats.ttest_1samp(losses, 3.28, alternative="less")
+    assert not ref.pvalue > 0.01  # scipy alone would let this pass (p = 0 or nan, never a real p)
+    got = verify.one_sample_test(losses, 3.28)
+    assert got.zero_variance and not got.passed(0.01) and math.isnan(got.p)
+    a = verify.analyze([verify.parse_log_text(public_log(x, time_ms=1e5 + i), Path(f"r{i}.txt"), str(i))
+                        for i, x in enumerate(losses)], 3.28)
+    assert a.exit_status == 1
+    assert "sample std is 0" in a.messages()[0] and "undefined" in a.messages()[0]
+
+
+@pytest.mark.parametrize("mean,std", [(3.2790, 0.0025), (3.2770, 0.004), (3.2600, 0.02)])
+def test_runs_needed_is_the_smallest_n_with_p_below_alpha(mean, std):
+    """A sample of exactly that mean and std reaches p < alpha at n and not at n - 1 (scipy)."""
+    n = verify.runs_needed(mean, std, 3.28, alpha=0.01)
+
+    def p_for(k):
+        z = np.random.default_rng(k).normal(size=k)
+        sample = mean + std * (z - z.mean()) / z.std(ddof=1)
+        return stats.ttest_1samp(sample, 3.28, alternative="less").pvalue
+
+    assert n >= 2
+    assert p_for(n) < 0.01
+    if n > 2:
+        assert p_for(n - 1) >= 0.01
+
+
+def test_runs_needed_says_none_when_the_mean_is_not_below_target(tmp_path, capsys):
+    assert verify.runs_needed(3.2801, 0.002, 3.28) is None
+    assert verify.runs_needed(3.28, 0.002, 3.28) is None
+    code, out, _ = run_cli(capsys, write_logs(tmp_path, [3.2812, 3.2790, 3.2830]), "--target", 3.28)
+    assert code == 1 and "no number of runs" in out
+
+
+def test_welch_comparison_reproduces_scipy():
+    """Welch p-values (time one-sided 'less', loss two-sided), the difference and its 95% CI and df."""
+    rng = np.random.default_rng(1)
+    new_t, base_t = rng.normal(170, 1.0, 7), rng.normal(172, 2.0, 5)
+    new_l, base_l = rng.normal(3.276, 0.002, 7), rng.normal(3.277, 0.003, 5)
+
+    def runs(times, losses, prefix):
+        return [verify.parse_log_text(public_log(float(l), time_ms=float(t) * 1000), Path(f"{prefix}{i}.txt"), f"{prefix}{i}")
+                for i, (t, l) in enumerate(zip(times, losses))]
+
+    new, base = runs(new_t, new_l, "n"), runs(base_t, base_l, "b")
+    # the logs round times to ms and losses to 4 decimals; compare against what was logged
+    nt, bt = [r.time_s for r in new], [r.time_s for r in base]
+    nl, bl = [r.final_loss for r in new], [r.final_loss for r in base]
+    b = verify.analyze(new, 3.28, baseline_runs=base).baseline
+    ref_time = stats.ttest_ind(nt, bt, equal_var=False, alternative="less")
+    ref_loss = stats.ttest_ind(nl, bl, equal_var=False)
+    ref_two = stats.ttest_ind(nt, bt, equal_var=False)
+    assert b.n == 5
+    assert b.welch_time_p == pytest.approx(ref_time.pvalue, rel=1e-12)
+    assert b.welch_loss_p == pytest.approx(ref_loss.pvalue, rel=1e-12)
+    assert b.time_diff_s == pytest.approx(np.mean(nt) - np.mean(bt), rel=1e-12)
+    assert b.time_diff_df == pytest.approx(ref_two.df, rel=1e-12)
+    ci = ref_two.confidence_interval(0.95)
+    assert b.time_diff_ci95 == pytest.approx((ci.low, ci.high), rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+@pytest.mark.parametrize("decimals", [4, 6])
+def test_parses_public_logs_with_4_and_6_decimals(decimals):
+    run = verify.parse_log_text(public_log(2.919876, decimals=decimals, time_ms=1_234_567.0))
+    assert run.finished and run.num_iterations == 1750
+    assert run.final_loss == float(f"{2.919876:.{decimals}f}")
+    assert run.time_s == pytest.approx(1234.567)
+    assert [k for k, _ in run.val_curve] == [0, 500, 1000, 1500, 1750]
+    assert run.hyperparameters is None and run.peak_memory_mib == (31420, 32550)
+
+
+def test_parses_the_exact_public_final_line():
+    run = verify.parse_log_text("step:1750/1750 val_loss:3.2789 train_time:179000ms step_avg:102.29ms\n")
+    assert run.finished and run.final_loss == 3.2789 and run.time_s == 179.0
+
+
+def test_our_format_reads_only_lines_after_the_second_rule():
+    """The source header holds the format strings and a complete example final line; none of it counts."""
+    text = our_log(3.2755, seed=7, decimals=6)
+    assert "step:1750/1750 val_loss:3.2789" in text.split(RULE)[0]  # the trap is really there
+    run = verify.parse_log_text(text)
+    assert run.final_loss == 3.2755
+    assert run.hyperparameters["seed"] == 7 and run.logged_track == "small" and run.logged_target == 3.28
+    assert run.val_curve[0][0] == 0 and len(run.val_curve) == 5
+
+
+def test_truncated_log_with_example_line_in_header_is_not_finished():
+    """Negative control for the rule handling: without it, the header's example line would finish the run."""
+    text = our_log(3.2755, stop_at=1250)
+    run = verify.parse_log_text(text)
+    assert not run.finished
+    assert run.skip_reason == "did not finish: last logged step 1250/1750"
+    misread = verify.parse_log_text(text.replace(RULE, "-" * 100))  # rules gone: whole text read
+    assert misread.finished and misread.final_loss == 3.2789
+
+
+def test_log_without_rules_ignores_fstring_source_lines():
+    """Public logs sometimes differ; the anchored regexes alone keep source lines out."""
+    text = FAKE_SOURCE.split('"""', 2)[2] + public_log(3.2766, stop_at=900)
+    run = verify.parse_log_text(text)
+    assert not run.finished and run.last_step == 750 and run.num_iterations == 1750
+
+
+def test_nan_runs_are_skipped_with_the_reason():
+    diverged = verify.parse_log_text(our_log(math.nan))
+    assert not diverged.finished and "final val_loss is nan" in diverged.skip_reason
+    crashed = verify.parse_log_text(our_log(3.3, nan_from=1000, stop_at=1100,
+                                            error="error: non-finite loss at step 1101"))
+    assert not crashed.finished
+    assert crashed.skip_reason == ("did not finish: last logged step 1000/1750; val_loss nan from step 1000; "
+                                   "error: non-finite loss at step 1101")
+
+
+def test_unfinished_and_nan_runs_are_reported_and_the_rest_still_tested(tmp_path, capsys):
+    folder = write_logs(tmp_path / "rec", PASSING, make=our_log)
+    (folder / "run_crash.txt").write_text(our_log(3.3, stop_at=800, n_steps=1750))
+    (folder / "run_nan.txt").write_text(our_log(math.nan, seed=99))
+    (folder / "README.md").write_text("step:1750/1750 val_loss:3.0000 train_time:1ms step_avg:1.00ms\n")
+    code, out, _ = run_cli(capsys, folder, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["n"] == len(PASSING)
+    assert {s["file"].rsplit("/", 1)[-1]: s["reason"] for s in result["skipped"]} == {
+        "run_crash.txt": "did not finish: last logged step 750/1750",
+        "run_nan.txt": "final val_loss is nan at step 1750/1750 (diverged)"}
+    code, out, _ = run_cli(capsys, folder)
+    assert "skipped 2 run(s)" in out and "run_crash.txt: did not finish" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI contract
+
+def test_cli_exit_0_on_pass_and_1_on_fail_with_runs_needed(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, write_logs(tmp_path / "good", PASSING), "--target", 3.28)
+    assert code == 0 and "PASS" in out and 'ttest_1samp(losses, 3.28, alternative="less")' in out
+    code, out, _ = run_cli(capsys, write_logs(tmp_path / "weak", FAILING), "--target", 3.28)
+    n = verify.runs_needed(np.mean(FAILING), np.std(FAILING, ddof=1), 3.28)
+    assert code == 1 and "FAIL" in out and f"about {n} runs would reach p < 0.01" in out
+
+
+def test_cli_exit_2_with_fewer_than_two_finished_runs(tmp_path, capsys):
+    folder = write_logs(tmp_path, [3.27])
+    (folder / "run_cut.txt").write_text(public_log(3.27, stop_at=10))
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == ""
+    assert "need at least 2 finished runs (got 1 of 2)" in err and "run_cut.txt" in err
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_folder", "nothing"])
+def test_cli_exit_2_without_logs(tmp_path, capsys, case):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("# no logs here\n")
+    argv = {"missing": [tmp_path / "nope"], "empty_folder": [tmp_path / "empty"], "nothing": []}[case]
+    if case == "nothing":
+        with pytest.raises(SystemExit) as e:
+            verify.main(argv)
+        assert e.value.code == 2
+        return
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert {"missing": "no such file or folder", "empty_folder": "no *.txt logs"}[case] in err
+
+
+def test_cli_rejects_duplicate_runs_naming_both_files(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING)
+    shutil.copy(folder / "run_03.txt", folder / "run_99_copy.txt")
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == ""
+    assert "duplicate run" in err and "run_03.txt" in err and "run_99_copy.txt" in err
+    (folder / "run_99_copy.txt").unlink()
+    code, out, err = run_cli(capsys, folder, "--baseline", folder / "run_02.txt", folder / "run_05.txt")
+    assert code == 2 and "run_02.txt: given twice" in err
+
+
+def test_cli_rejects_a_log_whose_target_differs(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING, make=our_log)
+    (folder / "run_medium.txt").write_text(our_log(2.91, track="medium", target=2.92))
+    code, _, err = run_cli(capsys, folder, "--target", 3.28)
+    assert code == 2 and "run_medium.txt" in err and "2.92" in err
+    code, _, err = run_cli(capsys, folder)  # no --target: the logs disagree
+    assert code == 2 and "different targets" in err
+
+
+def test_cli_rejects_track_mismatch(tmp_path, capsys):
+    code, _, err = run_cli(capsys, write_logs(tmp_path, PASSING, make=our_log), "--track", "medium")
+    assert code == 2 and "logged track 'small' but --track medium" in err
+
+
+def test_target_comes_from_logs_then_track(tmp_path, capsys):
+    """A declared proxy target (2.04) is used when all logs agree; public logs fall back to --track."""
+    proxy = write_logs(tmp_path / "proxy", [2.0301, 2.0322, 2.0310], make=our_log, target=2.04)
+    code, out, _ = run_cli(capsys, proxy, "--json")
+    assert code == 0 and json.loads(out)["target"] == 2.04
+    medium = write_logs(tmp_path / "medium", [2.918123, 2.917456, 2.918001, 2.917789, 2.917661], decimals=6)
+    code, out, _ = run_cli(capsys, medium, "--track", "medium", "--json")
+    assert code == 0 and json.loads(out)["target"] == 2.92
+    code, out, _ = run_cli(capsys, medium, "--json")  # default small track: 3.28
+    assert json.loads(out)["target"] == 3.28
+
+
+def test_report_names_the_confidence_levels_exactly(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, write_logs(tmp_path, PASSING), "--alpha", "0.001")
+    assert code == 0 and "99.9% one-sided upper confidence bound" in out and "95% confidence interval" in out
+
+
+def test_json_output_has_the_documented_keys(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING)
+    code, out, _ = run_cli(capsys, folder, "--json")
+    result = json.loads(out)
+    for key in ("n", "mean_loss", "std_loss", "p_value", "alpha", "target", "passed", "mean_time_s", "runs", "skipped"):
+        assert key in result
+    assert result["p_value"] == pytest.approx(stats.ttest_1samp(PASSING, 3.28, alternative="less").pvalue, rel=1e-12)
+    assert result["passed"] is True and result["skipped"] == [] and len(result["runs"]) == 8
+    assert result["runs"][0]["val_loss"] == PASSING[0] and result["runs"][0]["time_s"] == 175.0
+
+
+def test_json_is_valid_when_statistics_are_undefined(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, write_logs(tmp_path, [3.27, 3.27, 3.27]), "--json")
+    result = json.loads(out)  # nan would not be valid JSON: it is null
+    assert code == 1 and result["p_value"] is None and result["zero_variance"] is True
+
+
+def test_baseline_json_matches_scipy_welch(tmp_path, capsys):
+    new = write_logs(tmp_path / "new", PASSING)
+    base = tmp_path / "base"
+    base.mkdir()
+    base_losses = [3.2770, 3.2755, 3.2781, 3.2762, 3.2749]
+    base_times = [178.2, 179.9, 177.4, 178.8, 180.3]
+    for i, (l, t) in enumerate(zip(base_losses, base_times)):
+        (base / f"b{i}.txt").write_text(public_log(l, time_ms=t * 1000))
+    code, out, _ = run_cli(capsys, new, "--baseline", base, "--json")
+    b = json.loads(out)["baseline"]
+    new_times = [175.0 + 0.137 * i for i in range(8)]
+    assert code == 0 and b["n"] == 5
+    assert b["welch_time_p"] == pytest.approx(
+        stats.ttest_ind(new_times, base_times, equal_var=False, alternative="less").pvalue, rel=1e-9)
+    assert b["welch_loss_p"] == pytest.approx(stats.ttest_ind(PASSING, base_losses, equal_var=False).pvalue, rel=1e-9)
+    assert b["time_diff_s"] == pytest.approx(np.mean(new_times) - np.mean(base_times), rel=1e-9)
+    ci = stats.ttest_ind(new_times, base_times, equal_var=False).confidence_interval(0.95)
+    assert b["time_diff_ci95"] == pytest.approx([ci.low, ci.high], rel=1e-9)
+    assert set(b) >= {"n", "mean_time_s", "mean_loss", "welch_time_p", "welch_loss_p", "time_diff_s", "time_diff_ci95"}
+    code, out, _ = run_cli(capsys, new, "--baseline", base)
+    assert "baseline: n=5" in out and "Welch CI" in out
+
+
+def test_write_is_deterministic_and_records_a_canonical_command(tmp_path, capsys, monkeypatch):
+    folder = write_logs(tmp_path / "rec", list(reversed(PASSING)))
+    (folder / "run_cut.txt").write_text(public_log(3.27, stop_at=10))
+    code, _, err = run_cli(capsys, folder, "--target", 3.28, "--write")
+    assert code == 0 and "wrote" in err
+    first = (folder / "ANALYSIS.md").read_text()
+    monkeypatch.chdir(folder)  # a relative path from another cwd gives the same file
+    code, _, _ = run_cli(capsys, ".", "--target", "3.28", "--write", "--json")
+    assert code == 0 and (folder / "ANALYSIS.md").read_text() == first
+    expected_command = f"python records/verify.py {folder.resolve().as_posix()} --target 3.28 --write"
+    assert expected_command in first.splitlines()
+    names = [line.split(" | ")[0].lstrip("| ") for line in first.splitlines() if line.startswith("| run_")]
+    assert names == sorted(names) and "run_cut.txt" in names
+    assert f"| mean final val_loss | {verify.mean_std(PASSING)[0]!r} |" in first  # full precision
+    assert not re.search(r"\d{4}-\d{2}-\d{2}|\d\d:\d\d:\d\d", first)  # no date or time stamp
+
+
+def test_write_needs_exactly_one_folder(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING)
+    for argv in ([folder / "run_00.txt", folder / "run_01.txt", "--write"], [folder, folder, "--write"]):
+        with pytest.raises(SystemExit) as e:
+            verify.main([str(a) for a in argv])
+        assert e.value.code == 2
+    capsys.readouterr()
+
+
+def test_canonical_command_names_repo_folders_relative_to_root():
+    assert verify.canonical_command(ROOT / "records" / "track_1_short" / "2026-01-01_x", 3.28) == \
+        "python records/verify.py records/track_1_short/2026-01-01_x --target 3.28 --write"
+    assert verify.canonical_command(ROOT / "records" / "x", 2.92, alpha=0.001) == \
+        "python records/verify.py records/x --target 2.92 --alpha 0.001 --write"
+
+
+def test_write_draws_val_loss_png_when_matplotlib_is_installed(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional; the PNG path needs it")
+    folder = write_logs(tmp_path, PASSING)
+    code, _, _ = run_cli(capsys, folder, "--write")
+    png = folder / "val_loss.png"
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](val_loss.png)" in (folder / "ANALYSIS.md").read_text()
+
+
+def test_script_runs_from_any_directory_with_exit_status(tmp_path):
+    folder = write_logs(tmp_path / "weak", FAILING)
+    proc = subprocess.run([sys.executable, str(ROOT / "records" / "verify.py"), str(folder)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 1 and "FAIL" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Logs written by the real trainer
+
+@pytest.mark.skipif(not (ROOT / "train_gpt.py").exists(), reason="train_gpt.py is not in the repository yet")
+def test_parses_logs_written_by_a_tiny_cpu_run_of_train_gpt(tiny_corpus, tmp_path, capsys):
+    """Two seeds of the real trainer, run side by side with one thread each (about 15 s on 2 cores)."""
+    log_dir = tmp_path / "logs"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = []
+    for seed in (0, 1):
+        cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny", f"--train_files={tiny_corpus['train']}",
+               f"--val_files={tiny_corpus['val']}", f"--log_dir={log_dir}", "--num_iterations=4",
+               "--val_loss_every=2", f"--seed={seed}", f"--run_id=seed{seed}"]
+        out = open(tmp_path / f"stdout{seed}.txt", "w")
+        procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env), out))
+    for proc, out in procs:
+        code = proc.wait(timeout=300)
+        out.close()
+        assert code == 0, Path(out.name).read_text()[-3000:]
+    logs = sorted(log_dir.glob("*.txt"))
+    assert [p.name for p in logs] == ["seed0.txt", "seed1.txt"]
+    text = logs[0].read_text()
+    assert text.count(RULE) >= 2 and "val_loss:" in text.split(RULE)[0]  # the source holds the format string
+    run = verify.parse_log(logs[0])
+    assert run.finished and run.num_iterations == 4 and run.last_step == 4
+    assert [k for k, _ in run.val_curve] == [0, 2, 4]
+    assert run.time_s > 0 and run.peak_memory_mib is not None
+    assert run.hyperparameters["track"] == "small" and run.hyperparameters["seed"] == 0
+    assert run.hyperparameters["num_iterations"] == 4 and run.logged_target is not None
+    code, out, _ = run_cli(capsys, log_dir, "--json")
+    result = json.loads(out)
+    assert code in (0, 1) and result["n"] == 2 and result["target"] == run.logged_target
+    assert [r["val_loss"] for r in result["runs"]] == [run.final_loss, verify.parse_log(logs[1]).final_loss]
