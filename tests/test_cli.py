@@ -1,0 +1,58 @@
+"""The command line: every Hyperparameters field is a typed flag; bad flags fail with a useful message."""
+import dataclasses
+
+import pytest
+
+
+def test_help_lists_every_field_with_its_default(trainer, capsys):
+    assert trainer.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(trainer.Hyperparameters):
+        assert f"--{f.name}={f.default!r}" in out, f"--help does not show --{f.name} with its default"
+
+
+def test_flags_override_fields_with_their_types(trainer):
+    hp = trainer.parse_args(["--num_iterations=300", "--muon_lr", "0.03", "--cautious_wd=true", "--run_id=x"])
+    assert (hp.num_iterations, hp.muon_lr, hp.cautious_wd, hp.run_id) == (300, 0.03, True, "x")
+    assert isinstance(hp.num_iterations, int) and isinstance(hp.muon_lr, float)
+
+
+def test_preset_applies_first_and_later_flags_win(trainer):
+    tiny = trainer.PRESETS["tiny"]
+    hp = trainer.parse_args(["--num_iterations=7", "--preset=tiny"])
+    assert hp.num_iterations == 7, "an explicit flag must override the preset, whatever the order"
+    assert hp.model_dim == tiny["model_dim"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--num_iteration=3"], ["unknown flag --num_iteration", "--num_iterations"]),
+    (["--num_iterations=three"], ["--num_iterations expects int", "'three'"]),
+    (["--compile=maybe"], ["--compile expects true or false"]),
+    (["--muon_ortho=svd"], ["--muon_ortho must be one of", "turbo_muon"]),
+    (["--window_end=100"], ["multiple of 128"]),
+    (["--preset=huge"], ["unknown preset 'huge'", "tiny"]),
+    (["num_iterations=3"], ["unexpected argument"]),
+    (["--seed"], ["--seed needs a value"]),
+])
+def test_bad_flags_fail_with_a_message_naming_the_fix(trainer, argv, words, capsys):
+    with pytest.raises(trainer.ConfigError) as err:
+        trainer.parse_args(argv)
+    for w in words:
+        assert w in str(err.value), f"message {str(err.value)!r} should mention {w!r}"
+    assert trainer.main(argv) == 2, "a usage error exits with status 2"
+    assert "usage:" in capsys.readouterr().err, "the usage text follows the error"
+
+
+def test_batch_must_split_evenly_over_ranks_and_accumulation(trainer):
+    hp = trainer.parse_args(["--preset=tiny"])
+    assert trainer.derive(hp, 1).grad_accum == hp.batch_tokens // hp.train_seq_len
+    assert trainer.derive(hp, 2).grad_accum == hp.batch_tokens // (2 * hp.train_seq_len)
+    with pytest.raises(trainer.ConfigError, match="multiple of world_size"):
+        trainer.derive(hp, 3)
+
+
+def test_default_recipe_keeps_the_speedrun_batch_on_any_gpu_count(trainer):
+    hp = trainer.Hyperparameters()
+    for world_size in (1, 2, 4, 8):
+        d = trainer.derive(hp, world_size)
+        assert d.grad_accum * world_size * hp.train_seq_len == hp.batch_tokens

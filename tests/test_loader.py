@@ -1,0 +1,101 @@
+"""The trainer's data path: shard validation, BOS-aligned batches, world-size-independent streams."""
+import numpy as np
+import pytest
+import torch
+from conftest import BOS, synthetic_tokens, write_shard
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    write_shard(tmp_path / "t_train_000001.bin", synthetic_tokens(20_000, seed=11))
+    write_shard(tmp_path / "t_train_000002.bin", synthetic_tokens(20_000, seed=12))
+    return tmp_path
+
+
+@pytest.mark.parametrize("corruption, words", [
+    (dict(magic=12345), ["bad magic 12345"]),
+    (dict(version=2), ["unsupported version 2"]),
+    (dict(header_count=999), ["size mismatch", "999 tokens"]),
+])
+def test_corrupt_header_fails_fast_naming_file_and_fault(trainer, tmp_path, corruption, words):
+    path = write_shard(tmp_path / "bad.bin", np.arange(100), **corruption)
+    with pytest.raises(trainer.DataError) as err:
+        trainer.read_shard(str(path), 50304)
+    for w in [str(path)] + words:
+        assert w in str(err.value)
+
+
+def test_truncated_file_and_out_of_vocab_tokens_are_rejected(trainer, tmp_path):
+    path = write_shard(tmp_path / "short.bin", np.arange(100))
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(trainer.DataError, match="truncated header"):
+        trainer.read_shard(str(path), 50304)
+    path = write_shard(tmp_path / "vocab.bin", np.array([1, 2, 50303, 60000]))
+    with pytest.raises(trainer.DataError, match="token id 60000 >= vocab_size 50304"):
+        trainer.read_shard(str(path), 50304)
+
+
+def test_missing_files_name_the_flag_and_the_download_command(trainer, tmp_path):
+    with pytest.raises(trainer.DataError) as err:
+        trainer.TrainStream(str(tmp_path / "none_*.bin"), 64, 50304, cycle=False)
+    assert "--train_files" in str(err.value) and "cached_fineweb10B.py" in str(err.value)
+
+
+def test_micro_batches_start_at_bos_and_cross_shards(trainer, shard_dir):
+    stream = trainer.TrainStream(str(shard_dir / "t_train_*.bin"), 512, 50304, cycle=False)
+    batches = [stream.next_micro_batch() for _ in range(60)]
+    assert all(b[0] == BOS and len(b) == 513 for b in batches)
+    assert stream.file_index == 1, "60 batches of 512 tokens need the second shard"
+
+
+def _rank_batches(trainer, hp, rank, world_size, steps):
+    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"))
+    return [loader.next_batch()[0] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_size):
+    """Rank r's k-th micro-batch is global micro-batch k*W + r, so the union over ranks of each
+    step's micro-batches is the single-process step's micro-batches."""
+    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin", "--train_seq_len=256"])
+    single = _rank_batches(trainer, hp, 0, 1, 24)
+    per_rank = [_rank_batches(trainer, hp, r, world_size, 24 // world_size) for r in range(world_size)]
+    for k in range(24 // world_size):
+        for r in range(world_size):
+            assert torch.equal(per_rank[r][k], single[k * world_size + r])
+
+
+def test_running_out_of_data_is_an_error_unless_cycling(trainer, shard_dir):
+    pattern = str(shard_dir / "t_train_*.bin")
+    stream = trainer.TrainStream(pattern, 4096, 50304, cycle=False)
+    with pytest.raises(trainer.DataError) as err:
+        for _ in range(20):
+            stream.next_micro_batch()
+    assert pattern in str(err.value) and "--cycle_train_data=true" in str(err.value)
+    cycling = trainer.TrainStream(pattern, 4096, 50304, cycle=True)
+    first = cycling.next_micro_batch().copy()
+    seen = [cycling.next_micro_batch() for _ in range(20)]
+    assert any(np.array_equal(first, b) for b in seen), "cycling restarts from the first shard"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_validation_scores_exactly_the_first_val_tokens(trainer, tmp_path, world_size):
+    tokens = synthetic_tokens(10_000, seed=5)
+    write_shard(tmp_path / "v_val_000000.bin", tokens)
+    hp = trainer.parse_args(["--preset=tiny", f"--val_files={tmp_path}/v_val_*.bin", "--val_tokens=6144",
+                             "--val_seq_len=1024"])
+    seen_inputs, seen_targets = [], []
+    for r in range(world_size):
+        for inputs, targets in trainer.validation_chunks(hp, r, world_size, torch.device("cpu")):
+            seen_inputs.append(inputs)
+            seen_targets.append(targets[targets != -100])
+    assert sum(t.numel() for t in seen_targets) == 6144 - 1, "val_tokens - 1 predictions within val_tokens"
+    all_inputs = torch.sort(torch.cat(seen_inputs)).values
+    assert torch.equal(all_inputs, torch.sort(torch.from_numpy(tokens[:6144].astype(np.int64))).values)
+
+
+def test_too_little_validation_data_is_an_error(trainer, tmp_path):
+    write_shard(tmp_path / "v_val_000000.bin", synthetic_tokens(3000, seed=5))
+    hp = trainer.parse_args(["--preset=tiny", f"--val_files={tmp_path}/v_val_*.bin", "--val_tokens=4096"])
+    with pytest.raises(trainer.DataError, match="hold 3,000 tokens"):
+        list(trainer.validation_chunks(hp, 0, 1, torch.device("cpu")))

@@ -1,0 +1,126 @@
+"""The model: attention masks (GPU BlockMask == CPU dense mask), causality, document isolation, init."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def _tokens_with_documents(n, bos_positions, bos_id, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 1000, (n,), generator=g)
+    tokens[list(bos_positions)] = bos_id
+    return tokens
+
+
+# Layouts: documents shorter than a block, exactly block-aligned, spanning several blocks, one long document.
+LAYOUTS = [
+    [0, 20, 105, 118, 128, 225, 365, 484, 630, 652, 683, 706, 783],
+    [0, 128, 256, 512, 640],
+    [0, 300, 301, 302, 900],
+    [0],
+    [5, 700],  # tokens before the first BOS form their own "document 0"
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("window_blocks", [1, 2, 3, 8])
+def test_flex_block_mask_attends_exactly_like_the_dense_mask(trainer, layout, window_blocks):
+    """FlexAttention with the BlockMask (GPU path) equals SDPA with the dense mask (CPU path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    tokens = _tokens_with_documents(1024, layout, trainer.BOS_ID)
+    docs = trainer.document_ids(tokens)
+    q, k, v = torch.randn(3, 1, 2, 1024, 32, generator=torch.Generator().manual_seed(1)).unbind(0)
+    dense = trainer.dense_attention_mask(docs, window_blocks)
+    block_mask = trainer.flex_block_mask(docs, window_blocks)
+    out_flex = flex_attention(q, k, v, block_mask=block_mask, scale=0.12)
+    out_dense = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.12)
+    torch.testing.assert_close(out_flex, out_dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("window_blocks", [1, 3])
+def test_block_lists_cover_the_dense_mask_and_full_blocks_need_no_mask(trainer, layout, window_blocks):
+    """The fused kernel reads only the block lists: a block pair is listed iff the dense mask has any
+    allowed pair in it, and a pair listed as full has every pair allowed (the mask_mod is skipped there)."""
+    B = trainer.ATTN_BLOCK
+    tokens = _tokens_with_documents(1024, layout, trainer.BOS_ID)
+    docs = trainer.document_ids(tokens)
+    dense = trainer.dense_attention_mask(docs, window_blocks)
+    nb = 1024 // B
+    tiles = dense.view(nb, B, nb, B).permute(0, 2, 1, 3)
+    any_allowed, all_allowed = tiles.any(dim=(-2, -1)), tiles.all(dim=(-2, -1))
+    bm = trainer.flex_block_mask(docs, window_blocks)
+
+    def listed(num, idx):
+        out = torch.zeros(nb, nb, dtype=torch.bool)
+        for qb in range(nb):
+            out[qb, idx[0, 0, qb, :num[0, 0, qb]].long()] = True
+        return out
+
+    partial = listed(bm.kv_num_blocks, bm.kv_indices)
+    full = listed(bm.full_kv_num_blocks, bm.full_kv_indices)
+    assert not (partial & full).any(), "a block pair is either partial or full"
+    assert torch.equal(partial | full, any_allowed), "listed block pairs differ from the dense mask's support"
+    assert torch.equal(full & all_allowed, full), "a full block pair contains masked positions"
+
+
+def _tiny_model(trainer, **overrides):
+    hp = trainer.parse_args(["--preset=tiny"] + [f"--{k}={v}" for k, v in overrides.items()])
+    torch.manual_seed(0)
+    return hp, trainer.GPT(hp)
+
+
+def test_initial_loss_is_uniform_over_the_padded_vocabulary(trainer):
+    """The zero-initialized head gives equal logits, so the first loss is exactly ln(vocab_size)."""
+    hp, model = _tiny_model(trainer)
+    tokens = _tokens_with_documents(257, [0, 100], trainer.BOS_ID)
+    loss = model(tokens[:-1], tokens[1:], 2) / 256
+    assert abs(loss.item() - math.log(hp.vocab_size)) < 1e-4
+
+
+def _per_position_loss(trainer, model, inputs, targets, position):
+    masked = torch.full_like(targets, -100)
+    masked[position] = targets[position]
+    return model(inputs, masked, 2).item()
+
+
+def test_model_is_causal_and_documents_do_not_see_each_other(trainer):
+    hp, model = _tiny_model(trainer)
+    with torch.no_grad():  # make the head non-trivial so losses depend on the context
+        model.lm_head_w.normal_()
+        for block in model.blocks:
+            block.qkvo_w.normal_(std=0.05)
+            block.mlp_fc.normal_(std=0.05)
+            block.mlp_proj.normal_(std=0.05)
+    tokens = _tokens_with_documents(257, [0, 150], trainer.BOS_ID)
+    inputs, targets = tokens[:-1].clone(), tokens[1:].clone()
+    before = _per_position_loss(trainer, model, inputs, targets, 100)
+    changed = inputs.clone()
+    changed[101:] = (changed[101:] + 7) % 1000  # the future
+    assert _per_position_loss(trainer, model, changed, targets, 100) == pytest.approx(before, abs=1e-6), \
+        "the loss at position 100 depends on later tokens"
+    in_doc2 = _per_position_loss(trainer, model, inputs, targets, 200)
+    changed = inputs.clone()
+    changed[1:150] = (changed[1:150] + 7) % 1000  # the previous document
+    assert _per_position_loss(trainer, model, changed, targets, 200) == pytest.approx(in_doc2, abs=1e-6), \
+        "a token sees the document before its BOS"
+    changed = inputs.clone()
+    changed[160:200] = (changed[160:200] + 7) % 1000  # its own document: must matter
+    assert _per_position_loss(trainer, model, changed, targets, 200) != pytest.approx(in_doc2, abs=1e-6), \
+        "negative control: the loss should depend on the token's own document"
+
+
+def test_output_projections_start_at_zero_so_blocks_start_as_identity(trainer):
+    _, model = _tiny_model(trainer)
+    for block in model.blocks:
+        assert block.qkvo_w[3].abs().max() == 0 and block.mlp_proj.abs().max() == 0
+
+
+def test_every_parameter_belongs_to_exactly_one_optimizer(trainer):
+    hp = trainer.parse_args(["--preset=tiny"])
+    t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
+    adam_ids = {id(e["param"]) for e in t.adam.entries}
+    muon_ids = {id(p) for g in t.muon.groups for p in g["params"]}
+    assert not adam_ids & muon_ids
+    assert adam_ids | muon_ids == {id(p) for p in t.model.parameters()}
