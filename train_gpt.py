@@ -1624,7 +1624,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         with open(__file__, encoding="utf-8") as f:
-            log(f.read(), console=False)
+            log(f.read().rstrip("\n"), console=False)
         log(RULE, console=False)
         log(environment_report(), console=False)
         log(RULE, console=False)

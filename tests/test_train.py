@@ -1,0 +1,119 @@
+"""End to end on CPU: tiny runs learn, log in the speedrun format, are deterministic, give the same
+losses on 1 and 2 processes, and fail clearly (non-zero exit, log kept) on bad input and NaN loss."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, write_shard
+
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
+RULE = "=" * 100
+
+
+def _args(corpus, log_dir, run_id, *extra):
+    return ["--preset=tiny", f"--train_files={corpus['train']}", f"--val_files={corpus['val']}",
+            f"--log_dir={log_dir}", f"--run_id={run_id}", "--num_iterations=6", "--val_loss_every=3",
+            "--warmup_steps=1", *extra]
+
+
+def _log_lines(log_dir, run_id):
+    return (log_dir / f"{run_id}.txt").read_text().splitlines()
+
+
+def _val_losses(lines):
+    return {int(m[1]): float(m[3]) for m in map(VAL_LINE.match, lines) if m}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same kernels, same float results, run to run
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_path):
+    assert trainer.main(_args(tiny_corpus, tmp_path, "run")) == 0
+    lines = _log_lines(tmp_path, "run")
+    source = (ROOT / f"{trainer.__name__}.py").read_text().splitlines()
+    assert lines[:len(source)] == source, "the log begins with the trainer's own source"
+    after = lines[len(source):]
+    assert after[0] == RULE and RULE in after[1:], "source, rule, versions and nvidia-smi, rule"
+    body = after[after.index(RULE, 1) + 1:]
+    assert [int(m[1]) for m in map(STEP_LINE.match, body) if m] == list(range(1, 7)), "one line per step"
+    losses = _val_losses(body)
+    assert sorted(losses) == [0, 3, 6], "validation at step 0, every val_loss_every steps and at the end"
+    assert losses[6] < losses[0] - 3.0, f"loss should fall well below the uniform 10.83: {losses}"
+    assert body[-1].startswith("peak memory allocated: "), "the log ends with peak memory"
+
+
+def test_same_seed_gives_the_same_losses(trainer, tiny_corpus, tmp_path):
+    for run in ("a", "b"):
+        assert trainer.main(_args(tiny_corpus, tmp_path, run, "--seed=3")) == 0
+    a, b = (_val_losses(_log_lines(tmp_path, r)) for r in ("a", "b"))
+    assert a == b, f"same seed, different losses: {a} vs {b}"
+    assert trainer.main(_args(tiny_corpus, tmp_path, "c", "--seed=4")) == 0
+    assert _val_losses(_log_lines(tmp_path, "c")) != a, "negative control: another seed changes the run"
+
+
+def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_path):
+    """Gradient accumulation on one process equals data parallelism on two (gloo): same tokens,
+    same averaged gradients, same sharded optimizer math; only float summation order differs."""
+    assert trainer.main(_args(tiny_corpus, tmp_path, "one")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (_val_losses(_log_lines(tmp_path, r)) for r in ("one", "two"))
+    assert one.keys() == two.keys()
+    for step in one:
+        assert abs(one[step] - two[step]) < 2e-3, f"step {step}: 1 process {one[step]}, 2 processes {two[step]}"
+    assert "world_size:2 grad_accum:1" in "\n".join(_log_lines(tmp_path, "two"))
+
+
+def test_corrupt_shard_fails_with_its_name_and_keeps_the_log(trainer, tiny_corpus, tmp_path, capsys):
+    bad = write_shard(tmp_path / "bad_train_000001.bin", np.arange(1000), magic=7)
+    args = _args(tiny_corpus, tmp_path, "bad")
+    args[1] = f"--train_files={bad}"
+    assert trainer.main(args) == 1
+    assert f"error: {bad}: bad magic 7" in capsys.readouterr().err
+    lines = _log_lines(tmp_path, "bad")
+    assert lines[0] == (ROOT / f"{trainer.__name__}.py").read_text().splitlines()[0]
+    assert lines[-1].startswith(f"error: {bad}: bad magic 7"), "the error is the log's last line"
+
+
+def test_missing_validation_files_fail_naming_the_flag(trainer, tiny_corpus, tmp_path, capsys):
+    args = _args(tiny_corpus, tmp_path, "missing")
+    args[2] = f"--val_files={tmp_path}/nothing_*.bin"
+    assert trainer.main(args) == 1
+    assert "no files match --val_files=" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_the_run_with_the_step_and_a_nonzero_exit(trainer, tiny_corpus, tmp_path):
+    args = _args(tiny_corpus, tmp_path, "nan", "--attn_scale=nan", "--val_loss_every=0")
+    assert trainer.main(args) == 1
+    lines = _log_lines(tmp_path, "nan")
+    assert lines[-1] == "error: non-finite train loss nan at step 1"
+    assert any(STEP_LINE.match(line) for line in lines), "lines written before the failure are kept"
+
+
+def test_warmup_restores_model_and_optimizer_state_exactly(trainer, tiny_corpus):
+    hp = trainer.parse_args(_args(tiny_corpus, "unused", "unused"))
+    t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
+    before = [x.clone() for x in list(t.model.parameters()) + t.adam.state_tensors() + t.muon.state_tensors()]
+    snap = t.snapshot()
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"))
+    for step in range(2):
+        t.train_step(step, loader)
+    after_training = list(t.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after_training, before)), "training changed nothing"
+    t.restore(snap)
+    now = list(t.model.parameters()) + t.adam.state_tensors() + t.muon.state_tensors()
+    assert all(torch.equal(a, b) for a, b in zip(now, before, strict=True))
+    assert t.adam.t == 0, "Adam's step count (bias correction) is restored too"
