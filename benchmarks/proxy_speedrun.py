@@ -1,0 +1,182 @@
+"""Proxy speedrun: run train_gpt.py on the GPUs present and report, per run and as medians, the time to
+a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory and cold start.
+
+    python benchmarks/proxy_speedrun.py --data DIR --runs 5 --target 2.04 -- --num_iterations=200 \
+        --val_loss_every=25 --cycle_train_data=true          # extra trainer flags after --
+    python benchmarks/proxy_speedrun.py --logs logs/*.txt --target 2.04   # summarize existing logs
+
+DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
+comes from the trainer's own log: training time excludes compilation, the untimed warm-up and
+validation; ms/step is the median of the per-step increments of train_time; time to target is the
+train_time of the first validation at or below the target (so it depends on --val_loss_every).
+
+FLOPs per token (training, forward + backward = 3x forward; PaLM, arXiv 2204.02311, Appendix B):
+6 x (matmul weights of the blocks and the head) + 12 x layers x (heads * head_dim) x attended keys,
+with attended keys = half the layer's sliding window (causal), averaged over layers and over the
+window schedule. Document masking lowers the real attention work, so MFU here is an upper estimate
+of useful work over the measured bf16 matmul peak (8192^3 torch.matmul, median).
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt  # noqa: E402
+
+
+def _load_verify():
+    spec = importlib.util.spec_from_file_location("verify", ROOT / "records" / "verify.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+verify = _load_verify()
+
+
+def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
+    """Training FLOPs per token of the recipe `hp` (see the module docstring for the convention)."""
+    d, hdim, L = hp.model_dim, hp.num_heads * hp.head_dim, hp.num_layers
+    matmul_weights = L * (4 * hdim * d + 2 * hp.mlp_ratio * d * d) + hp.vocab_size * d
+    long_layers = sum(1 for i in range(L) if i % hp.long_window_every == 0 or i == L - 1)
+    windows = []
+    for step in range(hp.num_iterations):
+        blocks = train_gpt.window_blocks(step, hp)
+        per_layer = long_layers * blocks + (L - long_layers) * max(blocks // 2, 1)
+        windows.append(per_layer / L * train_gpt.ATTN_BLOCK)
+    attended_keys = statistics.fmean(windows) / 2
+    return 6 * matmul_weights + 12 * L * hdim * attended_keys
+
+
+def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
+    """Numbers of one training log; None where the log does not have them."""
+    lines = verify.training_output_lines(Path(path).read_text(errors="replace"))
+    step_ms, val, info = {}, [], {}
+    for line in lines:
+        if m := verify.VAL_RE.fullmatch(line):
+            val.append((int(m[1]), float(m[3]), float(m[4])))
+        elif m := verify.STEP_RE.fullmatch(line):
+            step_ms[int(m[1])] = float(m[3])
+        elif line.startswith("hyperparameters: "):
+            info["hp"] = json.loads(line.split(": ", 1)[1])
+        elif line.startswith("world_size:"):
+            info["world_size"] = int(line.split()[0].split(":")[1])
+        elif line.startswith("warmup_and_compile_time:"):
+            fields = dict(f.split(":") for f in line.split())
+            info["compile_s"] = float(fields["warmup_and_compile_time"].rstrip("s"))
+            info["startup_s"] = float(fields["startup_time"].rstrip("s"))
+        elif m := verify.PEAK_RE.fullmatch(line):
+            info["peak_mib"] = int(m[1])
+    if "hp" not in info:
+        raise ValueError(f"{path}: no hyperparameters line; not a train_gpt.py log")
+    hp = train_gpt.Hyperparameters(**info["hp"])
+    # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
+    increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
+    ms = statistics.median(increments) if increments else None
+    tokens_per_s = hp.batch_tokens / ms * 1000 if ms else None
+    fpt = flops_per_token(hp)
+    world = info.get("world_size", 1)
+    mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if tokens_per_s and peak_tflops else None
+    reached = [ms_at for _, loss, ms_at in val if loss <= target]
+    return dict(log=str(path), world_size=world, ms_per_step=ms, tokens_per_s=tokens_per_s, flops_per_token=fpt,
+                mfu=mfu, time_to_target_s=reached[0] / 1000 if reached else None,
+                final_loss=val[-1][1] if val and val[-1][0] == hp.num_iterations else None,
+                train_time_s=val[-1][2] / 1000 if val else None, peak_gib=info.get("peak_mib", 0) / 1024 or None,
+                compile_s=info.get("compile_s"), startup_s=info.get("startup_s"))
+
+
+def measure_peak_tflops() -> float | None:
+    """Median bf16 8192^3 matmul rate on this GPU, or None without one."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for _ in range(30):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * 8192 ** 3 / (statistics.median(times[5:]) / 1000) / 1e12
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(rows: list[dict], target: float, peak: float | None) -> str:
+    head = ("| run | GPUs | time to <= {t} (s) | final loss | train time (s) | ms/step | tokens/s | MFU | "
+            "peak GiB | compile (s) | startup (s) |").format(t=target)
+    out = [f"model FLOPs per token: {rows[0]['flops_per_token'] / 1e6:.1f} M; bf16 matmul peak: "
+           f"{_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 11]
+    for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
+        out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
+                   f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
+                   f"{_fmt(r['ms_per_step'], '.1f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+                   f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
+                   f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} |")
+    return "\n".join(out)
+
+
+def _medians(rows):
+    med = {"log": "median", "world_size": rows[0]["world_size"]}
+    for key in rows[0]:
+        if key not in med:
+            values = [r[key] for r in rows if isinstance(r[key], (int, float))]
+            med[key] = statistics.median(values) if values else None
+    return med
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="folder with proxy_train_*.bin and proxy_val_*.bin")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--nproc", type=int, default=0, help="GPUs to use (default: all)")
+    p.add_argument("--target", type=float, default=2.04, help="proxy val loss for time-to-target")
+    p.add_argument("--log_dir", default="logs/proxy_speedrun")
+    p.add_argument("--name", default="run")
+    p.add_argument("--logs", nargs="+", help="summarize these logs instead of running")
+    p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--peak_tflops", type=float, help="matmul peak per GPU for MFU (default: measured here)")
+    args = p.parse_args(argv)
+    peak = args.peak_tflops or measure_peak_tflops()
+    if args.logs:
+        logs = [Path(x) for x in args.logs]
+    else:
+        if not args.data:
+            p.error("--data is required unless --logs is given")
+        import torch
+        nproc = args.nproc or max(torch.cuda.device_count(), 1)
+        logs = []
+        for i in range(args.runs):
+            run_id = f"{args.name}_{i}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   str(ROOT / "train_gpt.py"), f"--train_files={args.data}/proxy_train_*.bin",
+                   f"--val_files={args.data}/proxy_val_*.bin", f"--target_val_loss={args.target}",
+                   f"--seed={i}", f"--run_id={run_id}", f"--log_dir={args.log_dir}", *extra]
+            t0 = time.perf_counter()
+            status = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
+            print(f"{run_id}: exit {status} after {time.perf_counter() - t0:.0f} s", flush=True)
+            logs.append(Path(args.log_dir) / f"{run_id}.txt")
+    rows = [summarize_log(path, args.target, peak) for path in logs]
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(peak_tflops=peak, runs=rows), indent=1))
+    print(format_table(rows, args.target, peak))
+    return 0 if all(r["final_loss"] is not None and math.isfinite(r["final_loss"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""benchmarks/proxy_speedrun.py: FLOP accounting and the numbers it reads from a real training log."""
+import importlib.util
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("proxy_speedrun", ROOT / "benchmarks" / "proxy_speedrun.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flops_per_token_counts_weights_and_windowed_attention(bench):
+    import train_gpt
+    hp = train_gpt.parse_args(["--preset=tiny", "--window_start=256", "--window_end=256"])
+    # 4 layers: layers 0 and 3 see the 256-token window, layers 1 and 2 half of it; causal halves again.
+    attended = (2 * 256 + 2 * 128) / 4 / 2
+    weights = 4 * (4 * 64 * 64 + 2 * 4 * 64 * 64) + 50304 * 64
+    assert bench.flops_per_token(hp) == pytest.approx(6 * weights + 12 * 4 * 64 * attended)
+
+
+def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
+    import train_gpt
+    args = ["--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}",
+            f"--log_dir={tmp_path}", "--run_id=r", "--num_iterations=4", "--val_loss_every=2", "--warmup_steps=0"]
+    assert train_gpt.main(args) == 0
+    log = tmp_path / "r.txt"
+    row = bench.summarize_log(log, target=20.0, peak_tflops=1.0)
+    assert row["time_to_target_s"] == 0.0, "the step-0 loss (10.8) is already below a target of 20"
+    assert bench.summarize_log(log, target=0.01, peak_tflops=None)["time_to_target_s"] is None
+    assert row["ms_per_step"] > 0 and row["tokens_per_s"] == pytest.approx(512 / row["ms_per_step"] * 1000)
+    finals = [line for line in log.read_text().splitlines() if line.startswith("step:4/4 val_loss:")]
+    assert row["final_loss"] == float(finals[-1].split("val_loss:")[1].split()[0])
+    assert row["compile_s"] is not None and row["startup_s"] >= row["compile_s"]
+    assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
