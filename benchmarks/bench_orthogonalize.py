@@ -1,7 +1,8 @@
 """Time and check the orthogonalizers of train_gpt.py on one GPU (H100 target), bf16.
 
 Shapes are the 124M model's stacked Muon parameters: [48, 768, 768] (q, k, v, o of 12 layers) and
-[24, 3072, 768] (MLP in and out, stored with one shape), plus each rank's chunk of them for world
+[24, 3072, 768] (MLP in [3072, 768] and out [768, 3072] of 12 layers: the trainer keeps them as two
+groups, but orthogonalize transposes the tall one, so the work is the same), plus each rank's chunk for world
 sizes 2 and 8.
 
     python benchmarks/bench_orthogonalize.py                 # timings, markdown table last
