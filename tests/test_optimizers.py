@@ -1,0 +1,486 @@
+"""Specification of the Optimizers section (optimizers.md sections 1 and 5-8).
+
+Two parts. First, distributed equivalence: on 2, 3 and 4 gloo ranks, with parameter counts that
+split unevenly (so shards are padded), two steps of DistAdam and of DistMuon in every variant give
+the same parameters as the single-process run (world_size == 1, which calls no collective). Second,
+the variants' defining properties, checked by calling the pure functions (`normuon_normalize`,
+`muon_update`, `muon_shape_scale`) and DistAdam on one process.
+
+Every test takes the shared `trainer` fixture (tests/conftest.py), so one specification covers
+each trainer file. Property tests run in float64 where the formula is to be checked exactly: the
+orthogonalizer then computes in float64 and `muon_update` rounds its output O to float32, so the
+remaining error is one float32 rounding of O (relative 6e-8) times lr.
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+F64 = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
+
+# -----------------------------------------------------------------------------
+# Distributed equivalence
+# -----------------------------------------------------------------------------
+
+# Muon parameters, grouped by DistMuon by matrix shape: (16, 8) 8 tall matrices, (24, 8) 2 tall,
+# (12, 20) 3 wide, (20, 12) 1. On 3 ranks these pad to 9, 3, 3, 3 matrices; on 4 ranks to 8, 4, 4,
+# 4; on 2 ranks to 8, 2, 4, 2: every world size pads some group, and some ranks own only padding.
+MUON_SHAPES = [(4, 16, 8), (4, 16, 8), (2, 24, 8), (12, 20), (12, 20), (12, 20), (20, 12)]
+# Adam parameters: 50, 63 and 3 elements, none a multiple of 4; 63 and 3 are odd, 50 is not a
+# multiple of 3, so each world size pads some flat shard.
+ADAM_SHAPES = [(50,), (7, 9), (3,)]
+ADAM_LRS = [0.01, 0.02, 0.03]
+# (lr_factor, momentum) of the two steps: different, so a step that ignores either is seen.
+STEPS = [(1.0, 0.85), (0.5, 0.9)]
+
+# Flag overrides (after --preset=tiny) of every variant the trainer offers.
+VARIANTS = {
+    "muon/newton_schulz5": ["--muon_ortho=newton_schulz5"],
+    "muon/polar_express": ["--muon_ortho=polar_express"],
+    "muon/turbo_muon": ["--muon_ortho=turbo_muon"],
+    "muon+normuon": ["--normuon=true"],
+    "muon+cautious_wd": ["--muon_weight_decay=0.1", "--cautious_wd=true"],
+    "orscale": ["--muon_variant=orscale", "--muon_weight_decay=0.01"],
+    "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01"],
+    "scion": ["--muon_variant=scion"],
+}
+
+# Comparison tolerance of a distributed result against the single-process one (float32). The
+# rank-averaged gradient equals the single-process gradient exactly (see `_grad`), so the only
+# possible differences come from batched matmuls over a different number of stacked matrices and
+# from the thread count, i.e. float32 reduction order: ~1e-7 relative in O, at most a few 1e-6
+# after the iterations, times lr <= 0.05 in the parameters (measured on CPU: bitwise equal, 0.0). The failures this guards against (a wrong shard,
+# a lost padding row, state not carried to step 2, a rank stepping on its own gradient) move
+# parameters by ~lr * O(1) >= 1e-3; the negative control below checks the data are that far apart.
+# A sum in place of the average would not show in the steps: Adam and the orthogonalized updates
+# are invariant to the gradient's scale up to their eps. So the workers also record what the
+# collectives `reduce_scatter_avg` and `all_gather` return, and those are checked directly.
+DIST_TOL = dict(rtol=1e-5, atol=1e-5)
+
+# One gloo rank: runs `two_steps` of every variant (this module, imported by name, so parameters
+# and gradients are built by the same code as the parent's reference) and saves the results.
+WORKER = r"""
+import datetime, importlib, sys
+import torch, torch.distributed as dist
+root, tests, module, rank, world_size, store, out = sys.argv[1:]
+rank, world_size = int(rank), int(world_size)
+sys.path[:0] = [root, tests]
+torch.set_num_threads(1)
+import test_optimizers as spec
+trainer = importlib.import_module(module)
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world_size,
+                        timeout=datetime.timedelta(seconds=60))
+results = {name: spec.two_steps(trainer, flags, rank, world_size) for name, flags in spec.VARIANTS.items()}
+results["collectives"] = spec.collectives(trainer, rank, world_size)
+dist.destroy_process_group()
+torch.save(results, out)
+"""
+
+
+def _dyadic(shape, seed):
+    """Standard normal values rounded to multiples of 2^-10: sums of a few stay exact in float32."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return torch.round(x * 1024) / 1024
+
+
+def _grad(shape, step, index, rank, world_size):
+    """Rank r's gradient G + (r - (W-1)/2) D: different on every rank, with mean exactly G.
+
+    G and D are multiples of 2^-10 of size < 2^4 and the offsets are multiples of 1/2, so every
+    rank's gradient, their sum and the mean (sum / W, rounded: the exact G) are exact in float32.
+    """
+    G = _dyadic(shape, seed=1000 * step + 2 * index)
+    D = _dyadic(shape, seed=1000 * step + 2 * index + 1)
+    return G + (rank - (world_size - 1) / 2) * D
+
+
+def _make_params():
+    """Fresh Muon and Adam parameters (float32, seeded): ([MUON_SHAPES...], [ADAM_SHAPES...])."""
+    gen = torch.Generator().manual_seed(0)
+    muon_params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.5 / s[-1] ** 0.5) for s in MUON_SHAPES]
+    with torch.no_grad():
+        muon_params[-1].zero_()  # like the model's zero-initialized output projections
+    adam_params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ADAM_SHAPES]
+    return muon_params, adam_params
+
+
+def two_steps(trainer, flags, rank, world_size, grads_of=None):
+    """Parameters [muon..., adam...] after two training-loop steps of DistAdam and DistMuon.
+
+    grads_of = (rank, world_size) whose gradients to use; default: this process's own.
+    """
+    grad_rank, grad_world = grads_of or (rank, world_size)
+    hp = trainer.parse_args(["--preset=tiny", *flags])
+    muon_params, adam_params = _make_params()
+    adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS)), (hp.adam_beta1, hp.adam_beta2), hp.adam_eps,
+                            rank, world_size)
+    muon = trainer.DistMuon(muon_params, hp, rank, world_size)
+    params = muon_params + adam_params
+    for step, (lr_factor, momentum) in enumerate(STEPS):
+        for i, p in enumerate(params):
+            p.grad = _grad(p.shape, step, i, grad_rank, grad_world)
+        adam.reduce_grads()
+        muon.reduce_grads()
+        adam.step(lr_factor)
+        muon.step(lr_factor, momentum)
+        adam.finish()
+        muon.finish()
+    return [p.detach().clone() for p in params]
+
+
+def _rank_rows(rank, world_size):
+    """Rank r's input to the collectives: [2 * world_size, 3], every entry distinct across ranks."""
+    return torch.arange(6.0 * world_size).view(2 * world_size, 3) * (rank + 1) + 0.25 * rank
+
+
+def collectives(trainer, rank, world_size):
+    """What this rank receives from reduce_scatter_avg of `_rank_rows` and all_gather of its row."""
+    full = _rank_rows(rank, world_size)
+    return dict(reduce_scatter_avg=trainer.reduce_scatter_avg(full, world_size).wait().clone(),
+                all_gather=trainer.all_gather(full[:1] + 100 * rank, world_size).wait().clone())
+
+
+def _param_name(i):
+    shapes = MUON_SHAPES + ADAM_SHAPES
+    kind = "muon" if i < len(MUON_SHAPES) else "adam"
+    return f"{kind} param {i} {list(shapes[i])}"
+
+
+def _run_ranks(trainer, world_size, tmp_path):
+    """Run WORKER on `world_size` gloo ranks (one process each); returns each rank's results."""
+    procs, logs = [], []
+    for rank in range(world_size):
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        args = [str(ROOT), str(ROOT / "tests"), trainer.__name__, str(rank), str(world_size),
+                str(tmp_path / "store"), str(tmp_path / f"rank{rank}.pt")]
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, *args], cwd=ROOT, stdout=log,
+                                      stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        logs.append(log)
+    try:
+        for p in procs:
+            p.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        report = "\n".join(f"--- rank {r} (exit {code}):\n{(tmp_path / f'rank{r}.log').read_text()[-3000:]}"
+                           for r, code in failed)
+        pytest.fail(f"gloo workers failed on {world_size} ranks:\n{report}")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_two_steps_of_every_variant_on_gloo_ranks_equal_the_single_process_steps(trainer, world_size, tmp_path):
+    """Issue requirement: on W gloo ranks (uneven splits, padding) every variant's steps equal the
+    single-process steps, and all ranks end with identical parameters. W = 1 is the reference itself:
+    its path calls no collective. Two steps, so momentum, NorMuon's v and OrScale-LM's one-time
+    calibration must persist correctly on each rank's shard."""
+    ranks = _run_ranks(trainer, world_size, tmp_path)
+    mean_rows = torch.stack([_rank_rows(r, world_size) for r in range(world_size)]).mean(dim=0)
+    gathered = torch.cat([_rank_rows(r, world_size)[:1] + 100 * r for r in range(world_size)])
+    for rank, results in enumerate(ranks):
+        torch.testing.assert_close(results["collectives"]["reduce_scatter_avg"], mean_rows[2 * rank:2 * rank + 2],
+                                   rtol=1e-6, atol=0, msg=lambda m: (
+                                       f"reduce_scatter_avg on rank {rank} of {world_size} must return rows "
+                                       f"{2 * rank}..{2 * rank + 1} of the mean over ranks\n{m}"))
+        assert torch.equal(results["collectives"]["all_gather"], gathered), (
+            f"all_gather on rank {rank} of {world_size} must concatenate every rank's shard in rank order")
+    for name, flags in VARIANTS.items():
+        expected = two_steps(trainer, flags, 0, 1)
+        for rank, results in enumerate(ranks):
+            for i, (got, want) in enumerate(zip(results[name], expected)):
+                torch.testing.assert_close(got, want, **DIST_TOL, msg=lambda m: (
+                    f"{name}: {_param_name(i)} on rank {rank} of {world_size} differs from the "
+                    f"single-process step\n{m}"))
+                assert torch.equal(got, ranks[0][name][i]), (
+                    f"{name}: {_param_name(i)} differs between rank {rank} and rank 0 of {world_size}; "
+                    "the all-gather should give every rank the same bytes")
+
+
+def test_dist_muon_on_one_rank_applies_muon_update_to_every_matrix(trainer):
+    """The single-process reference itself: DistMuon's grouping, stacking and write-back change
+    nothing, i.e. each parameter moves as muon_update on its own matrices (every statistic is per
+    matrix or per row), with lr = muon_lr * lr_factor, for two steps of every variant."""
+    for name, flags in VARIANTS.items():
+        hp = _hp(trainer, *flags)
+        params, _ = _make_params()
+        refs = [p.detach().clone().reshape(-1, *p.shape[-2:]) for p in params]
+        states = [dict(momentum=torch.zeros_like(W), v=torch.zeros(W.shape[:2]), c=torch.zeros(W.shape[0]))
+                  for W in refs]
+        muon = trainer.DistMuon(params, hp, rank=0, world_size=1)
+        for step, (lr_factor, momentum) in enumerate(STEPS):
+            for i, p in enumerate(params):
+                p.grad = _grad(p.shape, step, i, 0, 1)
+                refs[i] = trainer.muon_update(refs[i], p.grad.reshape(refs[i].shape), states[i], hp,
+                                              hp.muon_lr * lr_factor, momentum)
+            muon.reduce_grads()
+            muon.step(lr_factor, momentum)
+            muon.finish()
+        for i, (p, ref) in enumerate(zip(params, refs)):
+            # Batched and per-parameter matmuls may round differently (float32): see DIST_TOL.
+            torch.testing.assert_close(p.detach(), ref.view_as(p), **DIST_TOL, msg=lambda m: (
+                f"{name}: {_param_name(i)} after DistMuon(world_size=1) differs from muon_update on it alone\n{m}"))
+
+
+def test_distributed_equivalence_data_would_expose_a_missing_gradient_average(trainer):
+    """Negative control for the test above: had a rank stepped on its own gradient (no reduce-scatter
+    average), its parameters would miss the reference by far more than the tolerance, in every variant."""
+    for name, flags in VARIANTS.items():
+        expected = two_steps(trainer, flags, 0, 1)
+        unaveraged = two_steps(trainer, flags, 0, 1, grads_of=(0, 4))
+        gap = max((a - b).abs().max().item() for a, b in zip(unaveraged, expected))
+        assert gap > 100 * DIST_TOL["atol"], f"{name}: rank 0's own gradient moves params by only {gap:.2e}"
+
+
+# -----------------------------------------------------------------------------
+# Variant properties (single process)
+# -----------------------------------------------------------------------------
+
+
+def _hp(trainer, *flags):
+    return trainer.parse_args(["--preset=tiny", *flags])
+
+
+def _state(shape, momentum=None):
+    """muon_update's per-stack buffers for W [B, m, n], zero unless a momentum buffer is given."""
+    B, m, n = shape
+    M = torch.zeros(shape, dtype=F64) if momentum is None else momentum.clone()
+    return dict(momentum=M, v=torch.zeros(B, m, dtype=F64), c=torch.zeros(B, dtype=F64))
+
+
+def _randn(*shape, seed, scale=1.0):
+    return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _rows_of_unequal_scale(seed=0):
+    """[3, 12, 20] float32 with row norms spread over a factor of 100 (as O's rows are after NS)."""
+    O = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(seed))
+    return O * torch.logspace(-1, 1, 12).view(1, 12, 1)
+
+
+def test_normuon_keeps_each_matrix_frobenius_norm(trainer):
+    O = _rows_of_unequal_scale()
+    out = trainer.normuon_normalize(O, torch.zeros(3, 12), 0.95, 1e-10)
+    torch.testing.assert_close(out.norm(dim=(-2, -1)), O.norm(dim=(-2, -1)), rtol=1e-5, atol=0,
+                               msg=lambda m: f"NorMuon must rescale O_hat back to ||O||_F per matrix\n{m}")
+    assert not torch.allclose(out, O, rtol=1e-3), "the normalization should change the matrix, not only keep its norm"
+
+
+def test_normuon_updates_v_in_place_as_ema_of_row_mean_square(trainer):
+    O = _rows_of_unequal_scale()
+    v0 = torch.rand(3, 12, generator=torch.Generator().manual_seed(1)) + 0.5
+    v = v0.clone()
+    trainer.normuon_normalize(O, v, 0.9, 1e-10)
+    torch.testing.assert_close(v, 0.9 * v0 + 0.1 * O.square().mean(dim=-1), rtol=1e-6, atol=0,
+                               msg=lambda m: f"v must become b2 v + (1-b2) mean(O^2, dim=-1), in place\n{m}")
+
+
+def test_normuon_from_zero_state_with_beta2_zero_equalizes_row_rms(trainer):
+    """With v = 0 and b2 = 0, v is this step's row mean square, so every row gets the same RMS,
+    which keeping ||O||_F fixes at ||O||_F / sqrt(m n)."""
+    O = _rows_of_unequal_scale()
+    rms_in = O.square().mean(dim=-1).sqrt()
+    assert (rms_in.amax(-1) / rms_in.amin(-1) > 10).all(), "negative control: input rows must differ in RMS"
+    out = trainer.normuon_normalize(O, torch.zeros(3, 12), 0.0, 1e-10)
+    rms_out = out.square().mean(dim=-1).sqrt()
+    target = (O.norm(dim=(-2, -1)) / math.sqrt(12 * 20)).unsqueeze(-1).expand_as(rms_out)
+    torch.testing.assert_close(rms_out, target, rtol=1e-5, atol=0,
+                               msg=lambda m: f"after one NorMuon step from v=0, b2=0, rows should share one RMS\n{m}")
+
+
+def test_plain_muon_step_is_shape_scaled_orthogonalized_nesterov_momentum(trainer):
+    """W <- W - lr * max(1, m/n)^0.5 * orth((1-b) G + b M), M <- b M + (1-b) G (optimizers.md section 1)."""
+    hp = _hp(trainer, "--muon_ortho=polar_express")
+    lr, b = 0.05, 0.9
+    W, G, M0 = _randn(2, 24, 8, seed=0, scale=0.1), _randn(2, 24, 8, seed=1), _randn(2, 24, 8, seed=2)
+    state = _state(W.shape, momentum=M0)
+    W_new = trainer.muon_update(W, G, state, hp, lr, b)
+    M1 = b * M0 + (1 - b) * G
+    torch.testing.assert_close(state["momentum"], M1, rtol=1e-12, atol=1e-12)
+    O = trainer.orthogonalize((1 - b) * G + b * M1, "polar_express").float()
+    torch.testing.assert_close(W_new, W - lr * math.sqrt(24 / 8) * O, rtol=0, atol=1e-7)
+
+
+def test_cautious_weight_decay_skips_entries_where_update_and_weight_disagree(trainer):
+    """x <- x - lr (u + wd 1[u x >= 0] x) (arXiv 2510.12402; optimizers.md section 6): compared with
+    the wd = 0 step, the cautious step moves exactly lr wd W on agreeing entries and nothing elsewhere."""
+    lr, wd = 0.05, 0.1
+    W, G, M0 = _randn(3, 12, 20, seed=0, scale=0.1), _randn(3, 12, 20, seed=1), _randn(3, 12, 20, seed=2)
+    no_wd, cautious, plain = (_hp(trainer, "--muon_weight_decay=0"),
+                              _hp(trainer, f"--muon_weight_decay={wd}", "--cautious_wd=true"),
+                              _hp(trainer, f"--muon_weight_decay={wd}", "--cautious_wd=false"))
+    W0 = trainer.muon_update(W, G, _state(W.shape, M0), no_wd, lr, 0.95)
+    W_c = trainer.muon_update(W, G, _state(W.shape, M0), cautious, lr, 0.95)
+    W_p = trainer.muon_update(W, G, _state(W.shape, M0), plain, lr, 0.95)
+    U = (W - W0) / lr
+    agree = (U * W) >= 0
+    assert 0.2 < agree.double().mean() < 0.8, "negative control: the mask should have both kinds of entries"
+    # Without decay muon_update forms lr*U in float32 (U is float32), with decay in float64: the steps
+    # differ by up to one float32 rounding of lr*U (~1e-9 here), against a decay of ~5e-4.
+    torch.testing.assert_close(W0 - W_c, lr * wd * W * agree, rtol=0, atol=1e-8, msg=lambda m: (
+        f"cautious decay must be lr*wd*W where sign(U) == sign(W) and 0 elsewhere\n{m}"))
+    torch.testing.assert_close(W0 - W_p, lr * wd * W, rtol=0, atol=1e-8,
+                               msg=lambda m: f"non-cautious decay must be lr*wd*W on every entry\n{m}")
+
+
+def _orscale_lm_direction(trainer, W, G, M_prev, b, wd, method):
+    """OrScale-LM's D = wd W + 0.2 sqrt(max(m, n)) Q, Q = orth of the Nesterov momentum (float32 Q)."""
+    m, n = W.shape[-2:]
+    M = b * M_prev + (1 - b) * G
+    Q = trainer.orthogonalize((1 - b) * G + b * M, method).float()
+    return wd * W + 0.2 * math.sqrt(max(m, n)) * Q, M
+
+
+def test_orscale_lm_calibrates_c_once_so_the_first_trust_ratio_is_one(trainer):
+    """optimizers.md section 7: c = ||W0||_F / ||D0||_F at the first step, so r = 1 there and
+    W1 = W0 - lr D0; at step 2, c is kept and r = ||W1|| / (c ||D1|| + 1e-6), clipped."""
+    wd, lr, b = 0.01, 0.05, 0.95
+    hp = _hp(trainer, "--muon_variant=orscale_lm", f"--muon_weight_decay={wd}", "--muon_ortho=polar_express")
+    W0 = _randn(2, 12, 20, seed=0, scale=0.1)
+    G0, G1 = _randn(2, 12, 20, seed=1), _randn(2, 12, 20, seed=2)
+    state = _state(W0.shape)
+
+    W1 = trainer.muon_update(W0, G0, state, hp, lr, b)
+    D0, M = _orscale_lm_direction(trainer, W0, G0, torch.zeros_like(W0), b, wd, "polar_express")
+    torch.testing.assert_close(W1, W0 - lr * D0, rtol=0, atol=1e-7,
+                               msg=lambda m: f"step 1 must use trust ratio r = 1 (W1 = W0 - lr D0)\n{m}")
+    c1 = state["c"].clone()
+    torch.testing.assert_close(c1, W0.norm(dim=(-2, -1)) / D0.norm(dim=(-2, -1)), rtol=1e-12, atol=0)
+
+    W2 = trainer.muon_update(W1, G1, state, hp, lr, b)
+    assert torch.equal(state["c"], c1), "c must be set once, at the first step, and then kept"
+    D1, _ = _orscale_lm_direction(trainer, W1, G1, M, b, wd, "polar_express")
+    r = (W1.norm(dim=(-2, -1)) / (c1 * D1.norm(dim=(-2, -1)) + 1e-6)).clamp(hp.orscale_r_min, hp.orscale_r_max)
+    assert ((r - 1).abs() > 1e-3).all(), f"negative control: step 2's ratio should differ from 1, got {r}"
+    torch.testing.assert_close(W2, W1 - lr * r[:, None, None] * D1, rtol=0, atol=1e-7,
+                               msg=lambda m: f"step 2 must scale D by r from the step-1 c\n{m}")
+
+
+def test_orscale_clips_the_trust_ratio_into_r_min_r_max(trainer):
+    """Plain OrScale (s = c = 1, wd = 0): r = ||W||_F / (||Q||_F + 1e-6), ||Q||_F ~ sqrt(12). A huge
+    W gives r ~ 1e3 (clipped to r_max), a tiny W r ~ 1e-3 (clipped to r_min), a moderate W stays."""
+    hp = _hp(trainer, "--muon_variant=orscale", "--muon_weight_decay=0", "--muon_ortho=polar_express",
+             "--orscale_r_min=0.5", "--orscale_r_max=1.5")
+    lr, b = 0.05, 0.95
+    scales = torch.tensor([100.0, 1e-4, 0.22], dtype=F64).view(3, 1, 1)  # huge, tiny, moderate ||W||
+    W, G = _randn(3, 12, 20, seed=0) * scales, _randn(3, 12, 20, seed=1)
+    W_new = trainer.muon_update(W, G, _state(W.shape), hp, lr, b)
+    Q, _ = _orscale_lm_direction(trainer, W, G, torch.zeros_like(W), b, 0.0, "polar_express")
+    Q = Q / (0.2 * math.sqrt(20))  # undo the LM scale: plain OrScale uses s = 1
+    raw = W.norm(dim=(-2, -1)) / (Q.norm(dim=(-2, -1)) + 1e-6)
+    assert raw[0] > 100 * hp.orscale_r_max and raw[1] < hp.orscale_r_min / 100, f"precondition: raw r = {raw}"
+    assert hp.orscale_r_min < raw[2] < hp.orscale_r_max, f"precondition: moderate raw r = {raw[2]}"
+    expected_r = torch.stack([torch.tensor(hp.orscale_r_max, dtype=F64), torch.tensor(hp.orscale_r_min, dtype=F64),
+                              raw[2]])
+    # The step, divided by lr Q, is r (per matrix).
+    r_used = ((W - W_new) * Q).sum(dim=(-2, -1)) / (lr * Q.square().sum(dim=(-2, -1)))
+    torch.testing.assert_close(r_used, expected_r, rtol=1e-6, atol=0,
+                               msg=lambda m: f"trust ratio must be clip(r, r_min, r_max) = {expected_r.tolist()}\n{m}")
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 8), (2, 12, 20)])
+def test_scion_step_is_frank_wolfe_on_orthogonalized_ema_momentum(trainer, shape):
+    """W <- (1 - lr) W - lr radius sqrt(m/n) orth(M), M <- b M + (1-b) G, no Nesterov (section 8)."""
+    hp = _hp(trainer, "--muon_variant=scion", "--scion_radius=2.0", "--muon_ortho=polar_express")
+    lr, b = 0.05, 0.9
+    m, n = shape[-2:]
+    W, G, M0 = _randn(*shape, seed=0, scale=0.1), _randn(*shape, seed=1), _randn(*shape, seed=2)
+    state = _state(shape, M0)
+    W_new = trainer.muon_update(W, G, state, hp, lr, b)
+    M1 = b * M0 + (1 - b) * G
+    torch.testing.assert_close(state["momentum"], M1, rtol=1e-12, atol=1e-12)
+    step = lr * 2.0 * math.sqrt(m / n)
+    expected = (1 - lr) * W - step * trainer.orthogonalize(M1, "polar_express").float()
+    torch.testing.assert_close(W_new, expected, rtol=0, atol=1e-7)
+    nesterov = (1 - lr) * W - step * trainer.orthogonalize((1 - b) * G + b * M1, "polar_express").float()
+    assert (W_new - nesterov).abs().max() > 1e-3, "negative control: Nesterov momentum would be visibly different"
+
+
+@pytest.mark.parametrize("method", ["newton_schulz5", "polar_express", "turbo_muon"])
+def test_scion_with_zero_gradient_and_momentum_only_decays_weights(trainer, method):
+    """orth(0) = 0, so the Frank-Wolfe step reduces to W <- (1 - lr) W."""
+    hp = _hp(trainer, "--muon_variant=scion", f"--muon_ortho={method}")
+    W = _randn(2, 12, 20, seed=0)
+    W_new = trainer.muon_update(W, torch.zeros_like(W), _state(W.shape), hp, 0.05, 0.9)
+    torch.testing.assert_close(W_new, (1 - 0.05) * W, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["newton_schulz5", "polar_express", "turbo_muon"])
+def test_ema_and_sum_momentum_give_the_same_orthogonalized_steps(trainer, method):
+    """Sum form B <- b B + G, U = G + b B is the EMA form's U divided by (1 - b); the orthogonalizers
+    normalize their input, so three Muon steps are the same either way (optimizers.md section 1)."""
+    hp = _hp(trainer, f"--muon_ortho={method}")
+    lr, b = 0.05, 0.95
+    W_ema = W_sum = _randn(3, 12, 20, seed=0, scale=0.1)
+    state, B = _state(W_ema.shape), torch.zeros_like(W_ema)
+    for step in range(3):
+        G = _randn(3, 12, 20, seed=10 + step)
+        W_ema = trainer.muon_update(W_ema, G, state, hp, lr, b)
+        B = b * B + G
+        U_sum = G + b * B
+        W_sum = W_sum - lr * trainer.muon_shape_scale(12, 20) * trainer.orthogonalize(U_sum, method).float()
+    # Negative control: the two momenta differ by the factor 1/(1-b) = 20, not by rounding.
+    torch.testing.assert_close(state["momentum"] / (1 - b), B, rtol=1e-10, atol=1e-10)
+    # The normalizations' eps (1e-7 or 1e-6 against ||U||_F ~ 5 or ~100) and float32 rounding of O
+    # leave differences ~1e-8 per step.
+    torch.testing.assert_close(W_ema, W_sum, rtol=0, atol=1e-6)
+
+
+def test_dist_adam_on_one_rank_equals_torch_adam_for_three_steps(trainer):
+    """Adam with bias correction (arXiv 1412.6980, Algorithm 1), per-parameter lr, no weight decay."""
+    betas, eps = (0.8, 0.95), 1e-10
+    mine = [torch.nn.Parameter(_randn(*s, seed=i).float()) for i, s in enumerate(ADAM_SHAPES)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS)), betas, eps, rank=0, world_size=1)
+    torch_adam = torch.optim.Adam([dict(params=[p], lr=lr) for p, lr in zip(ref, ADAM_LRS)], betas=betas, eps=eps)
+    for step in range(3):
+        for i, (p, q) in enumerate(zip(mine, ref)):
+            p.grad = _randn(*p.shape, seed=100 * step + i).float()
+            q.grad = p.grad.clone()
+        adam.reduce_grads()
+        adam.step(1.0)
+        adam.finish()
+        torch_adam.step()
+        for i, (p, q) in enumerate(zip(mine, ref)):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: (
+                f"step {step + 1}, param {list(ADAM_SHAPES[i])}: DistAdam differs from torch.optim.Adam\n{m}"))
+    assert (mine[0] - _randn(50, seed=0).float()).abs().max() > 1e-3, "negative control: the params should move"
+
+
+def test_dist_adam_lr_factor_scales_every_learning_rate(trainer):
+    """lr_factor multiplies each parameter's lr; bias correction does not depend on lr."""
+    betas, eps, factor = (0.8, 0.95), 1e-10, 0.25
+    mine = [torch.nn.Parameter(_randn(*s, seed=i).float()) for i, s in enumerate(ADAM_SHAPES)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS)), betas, eps, rank=0, world_size=1)
+    torch_adam = torch.optim.Adam([dict(params=[p], lr=lr * factor) for p, lr in zip(ref, ADAM_LRS)],
+                                  betas=betas, eps=eps)
+    for step in range(2):
+        for i, (p, q) in enumerate(zip(mine, ref)):
+            p.grad = _randn(*p.shape, seed=100 * step + i).float()
+            q.grad = p.grad.clone()
+        adam.reduce_grads()
+        adam.step(factor)
+        adam.finish()
+        torch_adam.step()
+    for i, (p, q) in enumerate(zip(mine, ref)):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m: (
+            f"param {list(ADAM_SHAPES[i])}: DistAdam with lr_factor {factor} differs from Adam at lr * {factor}\n{m}"))
+
+
+def test_muon_shape_scale_is_sqrt_of_fan_out_over_fan_in_at_least_one(trainer):
+    assert trainer.muon_shape_scale(3072, 768) == 2.0
+    assert trainer.muon_shape_scale(768, 3072) == 1.0
+    assert trainer.muon_shape_scale(768, 768) == 1.0
