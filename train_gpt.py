@@ -127,6 +127,12 @@ class Hyperparameters:
                 raise ConfigError(f"--{name} must be a positive multiple of {ATTN_BLOCK}, got {value}")
         if self.window_start > self.window_end:
             raise ConfigError("--window_start must not exceed --window_end")
+        if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
+            raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no --normuon, "
+                              "--cautious_wd or --muon_weight_decay")
+        if self.muon_variant.startswith("orscale") and self.cautious_wd:
+            raise ConfigError("--muon_variant=orscale* couples --muon_weight_decay into the trust ratio; "
+                              "--cautious_wd does not apply")
         choices = {"muon_ortho": ORTHO_METHODS, "muon_variant": MUON_VARIANTS, "device": ("auto", "cuda", "cpu")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -885,7 +891,9 @@ def muon_update(W: torch.Tensor, G: torch.Tensor, state: dict, hp: Hyperparamete
         w_norm, d_norm = W.norm(dim=(-2, -1)), D.norm(dim=(-2, -1))
         if hp.muon_variant == "orscale_lm":
             c = state["c"]
-            uncalibrated = c == 0  # calibrate once, at the first step, so that r = 1 there
+            # Calibrate once, at the first step where W is non-zero, so that r = 1 there (a zero-initialized
+            # matrix first moves with r = r_min, then calibrates at its next step).
+            uncalibrated = c == 0
             c.copy_(torch.where(uncalibrated, w_norm / d_norm.clamp_min(1e-30), c))
         else:
             c = torch.ones_like(w_norm)

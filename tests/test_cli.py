@@ -33,6 +33,8 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--preset=huge"], ["unknown preset 'huge'", "tiny"]),
     (["num_iterations=3"], ["unexpected argument"]),
     (["--seed"], ["--seed needs a value"]),
+    (["--muon_variant=scion", "--normuon=true"], ["scion has its own Frank-Wolfe decay"]),
+    (["--muon_variant=orscale_lm", "--cautious_wd=true"], ["--cautious_wd does not apply"]),
 ])
 def test_bad_flags_fail_with_a_message_naming_the_fix(trainer, argv, words, capsys):
     with pytest.raises(trainer.ConfigError) as err:
