@@ -1034,11 +1034,13 @@ def _flex_attention(q, k, v, block_mask, scale):
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
 
 
-# FP8 LM head (the speedrun's since its Jan 2025 records): operands are divided by a scale and cast to
-# float8 (e4m3 forward, e5m2 for gradients, max finite 448 / 57344), multiplied with fp32 accumulation,
-# and the product rescaled. Scales: x is RMS-normed, so |x_i| <= sqrt(dim); |w| <= 24 covers the head's
-# weights; gradients of the summed loss are small, so they are scaled up by 448 before the cast.
-FP8_X_SCALE_NUMERATOR, FP8_W_SCALE, FP8_GRAD_SCALE = 1 / 448, 24 / 448, 1 / 448
+# FP8 LM head (as in the public speedrun's records): operands are divided by a scale and cast to
+# float8 (e4m3 forward, e5m2 for gradients), multiplied with fp32 accumulation, and the product
+# rescaled. Scales map the expected range onto e4m3's largest finite value: x is RMS-normed, so
+# |x_i| <= sqrt(dim); |w| <= 24 covers the head's weights; gradients of the summed loss are small and
+# are scaled up by 448 before the cast.
+FP8_E4M3_MAX = 448.0
+FP8_HEAD_W_MAX = 24.0
 
 
 def _f32_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -1213,7 +1215,7 @@ class GPT(nn.Module):
                 skips.append(x)
         x = rms_norm(x)[0]
         if hp.fp8_head and x.is_cuda:
-            scales = (hp.model_dim ** 0.5 * FP8_X_SCALE_NUMERATOR, FP8_W_SCALE, FP8_GRAD_SCALE)
+            scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX, 1 / FP8_E4M3_MAX)
             logits = fp8_linear(x, self.lm_head_w, *scales)[0].float()
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x)).float()

@@ -124,3 +124,32 @@ def test_every_parameter_belongs_to_exactly_one_optimizer(trainer):
     muon_ids = {id(p) for g in t.muon.groups for p in g["params"]}
     assert not adam_ids & muon_ids
     assert adam_ids | muon_ids == {id(p) for p in t.model.parameters()}
+
+
+def test_fp8_head_matmul_matches_float32_within_float8_rounding(trainer):
+    """The FP8 head op: forward and both gradients within float8's rounding of the fp32 product
+    (e4m3 keeps 3 mantissa bits, about 6% per element; a 32-term dot averages it down)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
+    w = (0.5 * torch.randn(48, 32, generator=g)).requires_grad_()
+    scales = (32 ** 0.5 / trainer.FP8_E4M3_MAX, trainer.FP8_HEAD_W_MAX / trainer.FP8_E4M3_MAX,
+              1 / trainer.FP8_E4M3_MAX)
+    y = trainer.fp8_linear(x, w, *scales)[0]
+    grad_y = 0.01 * torch.randn(y.shape, generator=g)
+    y.backward(grad_y.bfloat16())
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
+    (x32 @ w32.T).backward(grad_y)
+    for name, got, want in [("y", y, x32 @ w32.T), ("grad_x", x.grad, x32.grad), ("grad_w", w.grad, w32.grad)]:
+        rel = ((got.float() - want).norm() / want.norm()).item()
+        assert rel < 0.1, f"{name}: relative error {rel:.3f} is beyond float8 rounding"
+    assert w.grad.dtype == torch.float32 and w.grad.is_contiguous(), "the weight gradient matches the fp32 weight"
+
+
+def test_fp8_head_op_fake_kernels_agree_with_the_real_ones(trainer):
+    """torch.compile plans with the fake kernels; a shape, dtype or stride mismatch fails on the GPU."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(32, 16, generator=g).bfloat16(), torch.randn(48, 16, generator=g)
+    torch.library.opcheck(trainer.fp8_linear, (x, w, 0.01, 0.05, 0.002), test_utils=("test_faketensor",))
+    y, x8, w8 = trainer.fp8_linear(x, w, 0.01, 0.05, 0.002)
+    torch.library.opcheck(trainer.fp8_linear_backward, (torch.randn(32, 48, generator=g).bfloat16(), x8, w8,
+                                                        0.01, 0.05, 0.002), test_utils=("test_faketensor",))
