@@ -133,7 +133,8 @@ class Hyperparameters:
         if self.muon_variant.startswith("orscale") and self.cautious_wd:
             raise ConfigError("--muon_variant=orscale* couples --muon_weight_decay into the trust ratio; "
                               "--cautious_wd does not apply")
-        choices = {"muon_ortho": ORTHO_METHODS, "muon_variant": MUON_VARIANTS, "device": ("auto", "cuda", "cpu")}
+        choices = {"muon_ortho": ORTHO_METHODS, "muon_variant": MUON_VARIANTS, "device": ("auto", "cuda", "cpu"),
+                   "track": ("small", "medium")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -1482,6 +1483,7 @@ class Trainer:
         assert {id(p) for p, _ in adam_params} | {id(p) for p in m.hidden_matrices()} == \
             {id(p) for p in m.parameters()}, "every parameter has exactly one optimizer"
         self._window_cache = {}
+        self.last_val_predictions = 0
 
     def window(self, step: int):
         blocks = window_blocks(step, self.hp)
@@ -1523,6 +1525,7 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
             dist.all_reduce(count)
+        self.last_val_predictions = int(count.item())  # val_tokens - 1 on every world size (tested)
         return (loss_sum / count).item()
 
     def snapshot(self):

@@ -38,17 +38,18 @@ def _one_thread():
 
 
 def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_path):
-    assert trainer.main(_args(tiny_corpus, tmp_path, "run")) == 0
+    """Twenty steps of the tiny preset: the loss falls, and the log has the public grammar."""
+    assert trainer.main(_args(tiny_corpus, tmp_path, "run", "--num_iterations=20", "--val_loss_every=10")) == 0
     lines = _log_lines(tmp_path, "run")
     source = (ROOT / f"{trainer.__name__}.py").read_text().splitlines()
     assert lines[:len(source)] == source, "the log begins with the trainer's own source"
     after = lines[len(source):]
     assert after[0] == RULE and RULE in after[1:], "source, rule, versions and nvidia-smi, rule"
     body = after[after.index(RULE, 1) + 1:]
-    assert [int(m[1]) for m in map(STEP_LINE.match, body) if m] == list(range(1, 7)), "one line per step"
+    assert [int(m[1]) for m in map(STEP_LINE.match, body) if m] == list(range(1, 21)), "one line per step"
     losses = _val_losses(body)
-    assert sorted(losses) == [0, 3, 6], "validation at step 0, every val_loss_every steps and at the end"
-    assert losses[6] < losses[0] - 3.0, f"loss should fall well below the uniform 10.83: {losses}"
+    assert sorted(losses) == [0, 10, 20], "validation at step 0, every val_loss_every steps and at the end"
+    assert losses[20] < losses[10] < losses[0] - 3.0, f"loss should fall well below the uniform 10.83: {losses}"
     assert body[-1].startswith("peak memory allocated: "), "the log ends with peak memory"
 
 
@@ -117,3 +118,11 @@ def test_warmup_restores_model_and_optimizer_state_exactly(trainer, tiny_corpus)
     now = list(t.model.parameters()) + t.adam.state_tensors() + t.muon.state_tensors()
     assert all(torch.equal(a, b) for a, b in zip(now, before, strict=True))
     assert t.adam.t == 0, "Adam's step count (bias correction) is restored too"
+
+
+def test_validation_scores_val_tokens_minus_one_predictions(trainer, tiny_corpus):
+    hp = trainer.parse_args(_args(tiny_corpus, "unused", "unused"))
+    t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
+    loss = t.evaluate(0)
+    assert t.last_val_predictions == hp.val_tokens - 1, "exactly the first val_tokens tokens are scored"
+    assert abs(loss - np.log(hp.vocab_size)) < 1e-4, "the untrained model is uniform over the vocabulary"
