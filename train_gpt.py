@@ -929,8 +929,30 @@ class DistMuon:
             dev = ps[0].device
             state = dict(momentum=torch.zeros(k, m, n, device=dev), v=torch.zeros(k, m, device=dev),
                          c=torch.zeros(k, device=dev))
-            self.groups.append(dict(params=ps, shape=(m, n), count=count, k=k, state=state))
+            self.groups.append(dict(params=ps, shape=(m, n), count=count, k=k, state=state,
+                                    owned=self._owned_ranges(ps, m * n, rank * k, min((rank + 1) * k, count))))
         self._reduced, self._gathers = [], []
+
+    @staticmethod
+    def _owned_ranges(params, mat_size, lo, hi):
+        """[(param, first, end)]: the matrices lo..hi-1 of the group's stack, as ranges within each param."""
+        ranges, offset = [], 0
+        for p in params:
+            count = p.numel() // mat_size
+            first, end = max(lo - offset, 0), min(hi - offset, count)
+            if first < end:
+                ranges.append((p, first, end))
+            offset += count
+        return ranges
+
+    def _owned_weights(self, group):
+        """This rank's k stacked matrices [k, m, n] (fp32), zero matrices where it owns padding."""
+        m, n = group["shape"]
+        mats = [p.detach().reshape(-1, m, n)[first:end].float() for p, first, end in group["owned"]]
+        pad = group["k"] - sum(end - first for _, first, end in group["owned"])
+        if pad:
+            mats.append(torch.zeros(pad, m, n, device=group["state"]["momentum"].device))
+        return torch.cat(mats) if len(mats) > 1 else mats[0]
 
     def _stack(self, tensors, group):
         m, n = group["shape"]
@@ -950,9 +972,8 @@ class DistMuon:
         self._gathers = []
         for g, pending in zip(self.groups, self._reduced):
             grad = pending.wait()
-            k = g["k"]
-            mine = self._stack([p.detach().float() for p in g["params"]], g)[self.rank * k:(self.rank + 1) * k]
-            new_w = muon_update(mine, grad, g["state"], self.hp, self.hp.muon_lr * lr_factor, momentum)
+            new_w = muon_update(self._owned_weights(g), grad, g["state"], self.hp, self.hp.muon_lr * lr_factor,
+                                momentum)
             self._gathers.append((g, all_gather(new_w, self.world_size)))
         self._reduced = []
 
