@@ -834,7 +834,9 @@ class DistAdam:
         for e, pending in zip(self.entries, self._reduced):
             g = pending.wait()
             p, shard = e["param"], e["shard"]
-            w = self._padded(p.detach().reshape(-1), shard)[self.rank * shard:(self.rank + 1) * shard]
+            w = p.detach().reshape(-1)[self.rank * shard:(self.rank + 1) * shard]
+            if w.numel() < shard:  # the last ranks' shards run past the end: pad them, not the whole parameter
+                w = F.pad(w, (0, shard - w.numel()))
             e["m"].lerp_(g, 1 - self.beta1)
             e["v"].lerp_(g * g, 1 - self.beta2)
             step_size = e["lr"] * lr_factor / bc1
@@ -1386,13 +1388,8 @@ class DistributedTrainLoader:
         return batch
 
 
-def validation_chunks(hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
-    """This rank's validation forwards: (inputs, targets) of val_seq_len tokens each.
-
-    The loss covers exactly the first val_tokens tokens of the validation stream: chunk c predicts
-    tokens c*L+1 .. (c+1)*L; the one target past val_tokens is ignored (-100), so every world size scores
-    the same val_tokens - 1 predictions. Chunk c goes to rank c mod world_size.
-    """
+def load_validation_tokens(hp: Hyperparameters) -> np.ndarray:
+    """The first val_tokens tokens of the validation files (int64), read and checked once per run."""
     files = list_shards(hp.val_files, "val_files")
     need, parts, have = hp.val_tokens, [], 0
     for path in files:
@@ -1403,9 +1400,18 @@ def validation_chunks(hp: Hyperparameters, rank: int, world_size: int, device: t
             break
     if have < need:
         raise DataError(f"validation files {hp.val_files!r} hold {have:,} tokens; --val_tokens={need:,} needed")
-    stream = np.concatenate(parts).astype(np.int64)
+    return np.concatenate(parts).astype(np.int64)
+
+
+def validation_chunks(stream: np.ndarray, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    """This rank's validation forwards over `stream` (load_validation_tokens): (inputs, targets), val_seq_len each.
+
+    The loss covers exactly the first val_tokens tokens of the validation stream: chunk c predicts
+    tokens c*L+1 .. (c+1)*L; the one target past val_tokens is ignored (-100), so every world size scores
+    the same val_tokens - 1 predictions. Chunk c goes to rank c mod world_size.
+    """
     L = hp.val_seq_len
-    for c in range(rank, need // L, world_size):
+    for c in range(rank, len(stream) // L, world_size):
         inputs = torch.from_numpy(stream[c * L:(c + 1) * L])
         targets = torch.full((L,), -100, dtype=torch.int64)
         nxt = stream[c * L + 1:(c + 1) * L + 1]
@@ -1505,6 +1511,7 @@ class Trainer:
             {id(p) for p in m.parameters()}, "every parameter has exactly one optimizer"
         self._window_cache = {}
         self.last_val_predictions = 0
+        self._val_tokens = None
 
     def window(self, step: int):
         blocks = window_blocks(step, self.hp)
@@ -1528,8 +1535,9 @@ class Trainer:
             total += loss_sum.detach() / (hp.train_seq_len * accum)
         self.adam.reduce_grads()
         self.muon.reduce_grads()
-        self.adam.step(lr_factor(step, hp))
-        self.muon.step(lr_factor(step, hp), muon_momentum(step, hp))
+        factor = lr_factor(step, hp)
+        self.adam.step(factor)
+        self.muon.step(factor, muon_momentum(step, hp))
         self.adam.finish()
         self.muon.finish()
         self.model.zero_grad(set_to_none=True)
@@ -1540,7 +1548,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         window = self.window(step)
-        for inputs, targets in validation_chunks(self.hp, self.rank, self.world_size, self.device):
+        for inputs, targets in validation_chunks(self.val_tokens, self.hp, self.rank, self.world_size, self.device):
             loss_sum += self.forward(inputs, targets, window).double()
             count += (targets != -100).sum()
         if self.world_size > 1:
@@ -1549,15 +1557,23 @@ class Trainer:
         self.last_val_predictions = int(count.item())  # val_tokens - 1 on every world size (tested)
         return (loss_sum / count).item()
 
+    @property
+    def val_tokens(self) -> np.ndarray:
+        """The validation stream, read and checked at first use and kept for the run."""
+        if self._val_tokens is None:
+            self._val_tokens = load_validation_tokens(self.hp)
+        return self._val_tokens
+
+    def _state_tensors(self):
+        return list(self.model.parameters()) + self.adam.state_tensors() + self.muon.state_tensors()
+
     def snapshot(self):
-        tensors = list(self.model.parameters()) + self.adam.state_tensors() + self.muon.state_tensors()
-        return [t.detach().clone() for t in tensors], self.adam.t
+        return [t.detach().clone() for t in self._state_tensors()], self.adam.t
 
     def restore(self, snap):
-        tensors = list(self.model.parameters()) + self.adam.state_tensors() + self.muon.state_tensors()
         saved, self.adam.t = snap
         with torch.no_grad():
-            for t, s in zip(tensors, saved, strict=True):
+            for t, s in zip(self._state_tensors(), saved, strict=True):
                 t.copy_(s)
 
 
@@ -1590,7 +1606,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         warm_loader = DistributedTrainLoader(hp, rank, world_size, device)
         for step in range(hp.warmup_steps):
             trainer.train_step(step, warm_loader)
-        inputs, targets = next(validation_chunks(hp, rank, world_size, device))
+        inputs, targets = next(validation_chunks(trainer.val_tokens, hp, rank, world_size, device))
         with torch.no_grad():
             trainer.forward(inputs, targets, trainer.window(0))
         trainer.restore(snap)

@@ -86,7 +86,8 @@ def test_validation_scores_exactly_the_first_val_tokens(trainer, tmp_path, world
                              "--val_seq_len=1024"])
     seen_inputs, seen_targets = [], []
     for r in range(world_size):
-        for inputs, targets in trainer.validation_chunks(hp, r, world_size, torch.device("cpu")):
+        stream = trainer.load_validation_tokens(hp)
+        for inputs, targets in trainer.validation_chunks(stream, hp, r, world_size, torch.device("cpu")):
             seen_inputs.append(inputs)
             seen_targets.append(targets[targets != -100])
     assert sum(t.numel() for t in seen_targets) == 6144 - 1, "val_tokens - 1 predictions within val_tokens"
@@ -98,4 +99,4 @@ def test_too_little_validation_data_is_an_error(trainer, tmp_path):
     write_shard(tmp_path / "v_val_000000.bin", synthetic_tokens(3000, seed=5))
     hp = trainer.parse_args(["--preset=tiny", f"--val_files={tmp_path}/v_val_*.bin", "--val_tokens=4096"])
     with pytest.raises(trainer.DataError, match="hold 3,000 tokens"):
-        list(trainer.validation_chunks(hp, 0, 1, torch.device("cpu")))
+        trainer.load_validation_tokens(hp)
