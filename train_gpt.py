@@ -70,12 +70,14 @@ class Hyperparameters:
     mlp_ratio: int = 4  # hidden width of the MLP, in units of model_dim
     num_value_embeds: int = 3  # value embeddings shared by the first and last layers (U-net pattern)
     attn_scale: float = 0.12  # softmax scale for QK-normed heads (speedrun value, > 1/sqrt(128))
-    fp8_head: bool = False  # LM head matmul in float8 on GPU (measured slower here, see README); CPU: fp32
+    fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: 6% faster per step, same loss); CPU: fp32
     logit_softcap: float = 30.0  # logits = softcap * sigmoid(z / (softcap / 4 * sqrt(model_dim)))
     # attention windows, in tokens (multiples of ATTN_BLOCK); long layers see the full window
     window_start: int = 128  # sliding window at step 0
     window_end: int = 1792  # sliding window at the last step
-    long_window_every: int = 4  # layers 0, k, 2k, ... and the last use the long window, others half
+    # one letter per layer: L long window, S short (half) window, - no attention (MLP only; the speedrun
+    # drops layer 7's attention). Long windows at the ends and in the middle, as in the public records.
+    layer_attention: str = "LSSSLSS-SSSL"
     # Adam (embeddings, head, scalars)
     adam_lr_embed: float = 0.6
     adam_lr_head: float = 0.22
@@ -109,7 +111,7 @@ class Hyperparameters:
 
     def __post_init__(self):
         positive = ["val_tokens", "batch_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
-                    "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "long_window_every"]
+                    "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -127,6 +129,13 @@ class Hyperparameters:
                 raise ConfigError(f"--{name} must be a positive multiple of {ATTN_BLOCK}, got {value}")
         if self.window_start > self.window_end:
             raise ConfigError("--window_start must not exceed --window_end")
+        if len(self.layer_attention) != self.num_layers or set(self.layer_attention) - set("LS-"):
+            raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
+                              f"S (short window), - (no attention); got {self.layer_attention!r}")
+        if any(c == "-" and value_embed_index(i, self.num_layers, self.num_value_embeds) is not None
+               for i, c in enumerate(self.layer_attention)):
+            raise ConfigError(f"--layer_attention={self.layer_attention!r} drops attention in a layer that reads a "
+                              f"value embedding (the first and last {self.num_value_embeds} layers)")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
             raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no --normuon, "
                               "--cautious_wd or --muon_weight_decay")
@@ -140,11 +149,21 @@ class Hyperparameters:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
 
+def value_embed_index(layer: int, num_layers: int, num_value_embeds: int) -> int | None:
+    """Which value embedding a layer reads: the first k layers use embeddings 0..k-1 and the last k layers
+    the same 0..k-1 again (the speedrun's U-net pattern); middle layers use none."""
+    if layer < num_value_embeds:
+        return layer
+    if layer >= num_layers - num_value_embeds:
+        return layer - (num_layers - num_value_embeds)
+    return None
+
+
 PRESETS = {
     # A few layers, small dim, short sequences: 20 steps in about 15 s on a 2-core CPU (tests, smoke runs).
     "tiny": dict(num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=2, train_seq_len=256,
                  batch_tokens=2 * 256, val_seq_len=1024, val_tokens=4096, num_iterations=20, val_loss_every=10,
-                 window_start=128, window_end=256, warmup_steps=2, muon_momentum_warmup_steps=10,
+                 window_start=128, window_end=256, layer_attention="LSSL", warmup_steps=2, muon_momentum_warmup_steps=10,
                  compile=False),
 }
 
@@ -617,6 +636,44 @@ def ns_line_3(B, X, a, scale=None):
     return C
 
 
+# Transposed copy of a float8 matrix for the FP8 head's weight gradient: cuBLAS float8 matmuls on
+# Hopper take both operands K-major, so g^T x needs g [tokens, vocab] laid out as [vocab, tokens].
+# A copy through torch's strided elementwise kernel moves one byte per 32-byte memory sector on one side;
+# this one moves square tiles (Triton stages the transpose through shared memory, both sides coalesced).
+if HAS_TRITON:
+
+    @triton.jit
+    def _transpose_kernel(X, Y, M, N, BLOCK: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # 64-bit: M * N may pass 2^31
+        cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        tile = tl.load(X + rows[:, None] * N + cols[None, :], mask=mask)
+        tl.store(Y + cols[None, :] * M + rows[:, None], tile, mask=mask)
+
+
+@torch.library.custom_op("train_gpt::transpose_bytes", mutates_args=())
+def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
+    """x.T.contiguous() for a contiguous 2-d tensor of 1-byte elements (float8); Triton on GPU or when
+    interpreted, torch otherwise. An opaque op, so the compiler cannot fuse the transposed store into
+    the kernel that produced x (where it is uncoalesced)."""
+    if x.dim() != 2 or x.element_size() != 1 or not x.is_contiguous():
+        raise ValueError(f"transpose_bytes takes a contiguous 2-d tensor of 1-byte elements, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if not HAS_TRITON or not (x.is_cuda or _kernels_interpreted()):
+        return x.T.contiguous()
+    M, N = x.shape
+    y = torch.empty((N, M), dtype=x.dtype, device=x.device)
+    block = 64
+    _transpose_kernel[(triton.cdiv(M, block), triton.cdiv(N, block))](x.view(torch.uint8), y.view(torch.uint8),
+                                                                        M, N, BLOCK=block, num_warps=4)
+    return y
+
+
+@transpose_bytes.register_fake
+def _(x):
+    return x.new_empty(x.size(1), x.size(0))
+
+
 # -----------------------------------------------------------------------------
 # Orthogonalization
 # -----------------------------------------------------------------------------
@@ -1062,63 +1119,49 @@ def _flex_attention(q, k, v, block_mask, scale):
 # float8 (e4m3 forward, e5m2 for gradients), multiplied with fp32 accumulation, and the product
 # rescaled. Scales map the expected range onto e4m3's largest finite value: x is RMS-normed, so
 # |x_i| <= sqrt(dim); |w| <= 24 covers the head's weights; gradients of the summed loss are small and
-# are scaled up by 448 before the cast.
+# are scaled up by 448 before the cast. Only the matmul is an opaque op: the casts and transposes stay
+# in the traced graph, so the compiler fuses the gradient's cast into the loss backward instead of
+# making extra passes over the [tokens, vocab] gradient.
 FP8_E4M3_MAX = 448.0
 FP8_HEAD_W_MAX = 24.0
 
 
-def _f32_scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((), value, dtype=torch.float32, device=like.device)
+@torch.library.custom_op("train_gpt::fp8_mm", mutates_args=())
+def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_s: float, b_s: float, out_f32: bool, fast_accum: bool
+           ) -> torch.Tensor:
+    """(a_s a) (b_s b)^T for float8 a [M, K] and b [N, K], both row-major; bf16 output, or fp32 if out_f32."""
+    scale_a = torch.full((), a_s, dtype=torch.float32, device=a.device)
+    scale_b = torch.full((), b_s, dtype=torch.float32, device=a.device)
+    return torch._scaled_mm(a, b.T, scale_a=scale_a, scale_b=scale_b, use_fast_accum=fast_accum,
+                            out_dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 
-@torch.library.custom_op("train_gpt::fp8_linear", mutates_args=())
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, x_s: float, w_s: float, grad_s: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """y = x w^T [T, V] (bf16) from x [T, K] and w [V, K] cast to float8_e4m3fn after division by x_s and w_s.
-    Also returns the float8 operands, which the backward reuses. T, K, V must be multiples of 16."""
-    x8 = x.div(x_s).to(torch.float8_e4m3fn)
-    w8 = w.div(w_s).to(torch.float8_e4m3fn)
-    y = torch._scaled_mm(x8, w8.T, out_dtype=torch.bfloat16, scale_a=_f32_scalar(x_s, x),
-                         scale_b=_f32_scalar(w_s, x), use_fast_accum=True)
-    return y, x8, w8
+@fp8_mm.register_fake
+def _(a, b, a_s, b_s, out_f32, fast_accum):
+    return a.new_empty(a.size(0), b.size(0), dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 
-@fp8_linear.register_fake
-def _(x, w, x_s, w_s, grad_s):
-    return (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16), x.to(torch.float8_e4m3fn),
-            w.to(torch.float8_e4m3fn))
+class FP8Linear(torch.autograd.Function):
+    """y = x w^T (bf16) for x [T, K] (bf16) and w [V, K] (fp32) through float8 operands; gradients likewise.
+    T, K, V must be multiples of 16."""
 
+    @staticmethod
+    def forward(ctx, x, w, x_s: float, w_s: float, grad_s: float):
+        x8 = x.div(x_s).to(torch.float8_e4m3fn)
+        w8 = w.div(w_s).to(torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, w8)
+        ctx.scales = (x_s, w_s, grad_s)
+        return fp8_mm(x8, w8, x_s, w_s, False, True)
 
-@torch.library.custom_op("train_gpt::fp8_linear_backward", mutates_args=())
-def fp8_linear_backward(g: torch.Tensor, x8: torch.Tensor, w8: torch.Tensor, x_s: float, w_s: float,
-                        grad_s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_x = g w (bf16) and grad_w = g^T x (fp32) with g [T, V] cast to float8_e5m2 after division by grad_s."""
-    g8 = g.div(grad_s).to(torch.float8_e5m2)
-    s_x, s_w, s_g = (_f32_scalar(v, g) for v in (x_s, w_s, grad_s))
-    # _scaled_mm wants its first operand row-major and its second column-major.
-    grad_x = torch._scaled_mm(g8, w8.T.contiguous().T, out_dtype=torch.bfloat16, scale_a=s_g, scale_b=s_w)
-    grad_w = torch._scaled_mm(x8.T.contiguous(), g8.T.contiguous().T, out_dtype=torch.float32,
-                              scale_a=s_x, scale_b=s_g).T.contiguous()  # [V, K], laid out like w
-    return grad_x, grad_w
-
-
-@fp8_linear_backward.register_fake
-def _(g, x8, w8, x_s, w_s, grad_s):
-    return g.new_empty(g.size(0), x8.size(1), dtype=torch.bfloat16), g.new_empty(w8.shape, dtype=torch.float32)
-
-
-def _fp8_linear_setup(ctx, inputs, output):
-    ctx.scales = inputs[2:]
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _fp8_linear_grad(ctx, grad_y, _grad_x8, _grad_w8):
-    x8, w8 = ctx.saved_tensors
-    grad_x, grad_w = fp8_linear_backward(grad_y, x8, w8, *ctx.scales)
-    return grad_x, grad_w, None, None, None
-
-
-fp8_linear.register_autograd(_fp8_linear_grad, setup_context=_fp8_linear_setup)
+    @staticmethod
+    def backward(ctx, grad_y):
+        x8, w8 = ctx.saved_tensors
+        x_s, w_s, grad_s = ctx.scales
+        g8 = grad_y.div(grad_s).to(torch.float8_e5m2)
+        grad_x = fp8_mm(g8, transpose_bytes(w8), grad_s, w_s, False, False)  # g w: [T, V] [V, K]
+        # w's gradient as (x^T g)^T: the [K, T] x [T, V] product is the faster cuBLAS shape for K << V.
+        grad_w = fp8_mm(transpose_bytes(x8), transpose_bytes(g8), x_s, grad_s, True, False).T
+        return grad_x, grad_w, None, None, None
 
 
 class Rotary(nn.Module):
@@ -1149,19 +1192,23 @@ def _init_linear_(w: torch.Tensor):
 class Block(nn.Module):
     """Pre-norm transformer block: QK-normed attention with value embeddings, then a ReLU^2 MLP."""
 
-    def __init__(self, hp: Hyperparameters, rotary: Rotary):
+    def __init__(self, hp: Hyperparameters, rotary: Rotary, has_attention: bool = True):
         super().__init__()
         hdim = hp.num_heads * hp.head_dim
         self.num_heads, self.head_dim, self.attn_scale = hp.num_heads, hp.head_dim, hp.attn_scale
         self.rotary = rotary
         # q, k, v, o as one [4, hdim, dim] parameter; o is applied transposed. Muon sees 4 matrices.
-        self.qkvo_w = nn.Parameter(torch.empty(4, hdim, hp.model_dim))
+        self.qkvo_w = nn.Parameter(torch.empty(4, hdim, hp.model_dim)) if has_attention else None
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))  # [hidden, dim]
         self.mlp_proj = nn.Parameter(torch.zeros(hp.model_dim, hp.mlp_ratio * hp.model_dim))  # [dim, hidden]
-        _init_linear_(self.qkvo_w)
         _init_linear_(self.mlp_fc)
-        with torch.no_grad():
-            self.qkvo_w[3].zero_()  # zero-init output projections: each block starts as the identity
+        if has_attention:
+            _init_linear_(self.qkvo_w)
+            with torch.no_grad():
+                self.qkvo_w[3].zero_()  # zero-init output projections: each block starts as the identity
+
+    def matrices(self):
+        return [p for p in (self.qkvo_w, self.mlp_fc, self.mlp_proj) if p is not None]
 
     def attention(self, x, ve, value_lambdas, mask):
         B, T, _ = x.shape
@@ -1182,7 +1229,8 @@ class Block(nn.Module):
 
     def forward(self, x, x0, ve, lambdas, value_lambdas, mask):
         x = lambdas[0] * x + lambdas[1] * x0
-        x = x + self.attention(rms_norm(x), ve, value_lambdas, mask)
+        if self.qkvo_w is not None:
+            x = x + self.attention(rms_norm(x), ve, value_lambdas, mask)
         hidden = F.relu(F.linear(rms_norm(x), self.mlp_fc.type_as(x))).square()
         return x + F.linear(hidden, self.mlp_proj.type_as(x))
 
@@ -1199,17 +1247,15 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleList([nn.Embedding(hp.vocab_size, hp.model_dim)
                                            for _ in range(hp.num_value_embeds)])
         rotary = Rotary(hp.head_dim, max(hp.train_seq_len, hp.val_seq_len))
-        self.blocks = nn.ModuleList([Block(hp, rotary) for _ in range(L)])
+        self.blocks = nn.ModuleList([Block(hp, rotary, kind != "-") for kind in hp.layer_attention])
         self.lm_head_w = nn.Parameter(torch.zeros(hp.vocab_size, hp.model_dim))  # zero-init head
         # scalars: L // 2 skip weights, then (x, x0) lambdas and (v, ve) lambdas for every layer
         self.scalars = nn.Parameter(torch.cat([torch.ones(L // 2), torch.tensor([1.0, 0.0]).repeat(L),
                                                torch.tensor([0.5, 0.5]).repeat(L)]))
-        ne = hp.num_value_embeds
-        self.ve_layer = [i if i < ne else (i - (L - ne) if i >= L - ne else None) for i in range(L)]
-        self.long_layers = {i for i in range(L) if i % hp.long_window_every == 0 or i == L - 1}
+        self.ve_layer = [value_embed_index(i, L, hp.num_value_embeds) for i in range(L)]
 
     def hidden_matrices(self):
-        return [p for b in self.blocks for p in (b.qkvo_w, b.mlp_fc, b.mlp_proj)]
+        return [p for b in self.blocks for p in b.matrices()]
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, window_blocks) -> torch.Tensor:
         """inputs, targets [T] (targets -100 are ignored); window_blocks: long-window size in blocks
@@ -1233,14 +1279,14 @@ class GPT(nn.Module):
             if i >= L - L // 2 and skips:
                 x = x + skip_w[i - (L - L // 2)] * skips.pop()
             ve = ves[self.ve_layer[i]] if self.ve_layer[i] is not None else None
-            mask = long_mask if i in self.long_layers else short_mask
+            mask = long_mask if hp.layer_attention[i] == "L" else short_mask
             x = block(x, x0, ve, lambdas[i], value_lambdas[i], mask)
             if i < L // 2:
                 skips.append(x)
         x = rms_norm(x)[0]
         if hp.fp8_head and x.is_cuda:
             scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX, 1 / FP8_E4M3_MAX)
-            logits = fp8_linear(x, self.lm_head_w, *scales)[0].float()
+            logits = FP8Linear.apply(x, self.lm_head_w, *scales).float()
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x)).float()
         # Softcap into (0, cap): the speedrun's 30 * sigmoid(z / (7.5 sqrt(dim))). The 1/sqrt(dim) also sets

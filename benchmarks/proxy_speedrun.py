@@ -45,13 +45,13 @@ verify = _load_verify()
 def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
     """Training FLOPs per token of the recipe `hp` (see the module docstring for the convention)."""
     d, hdim, L = hp.model_dim, hp.num_heads * hp.head_dim, hp.num_layers
-    matmul_weights = L * (4 * hdim * d + 2 * hp.mlp_ratio * d * d) + hp.vocab_size * d
-    long_layers = sum(1 for i in range(L) if i % hp.long_window_every == 0 or i == L - 1)
+    attention_layers = sum(1 for kind in hp.layer_attention if kind != "-")
+    matmul_weights = attention_layers * 4 * hdim * d + L * 2 * hp.mlp_ratio * d * d + hp.vocab_size * d
     windows = []
     for step in range(hp.num_iterations):
         blocks = train_gpt.window_blocks(step, hp)
-        per_layer = long_layers * blocks + (L - long_layers) * max(blocks // 2, 1)
-        windows.append(per_layer / L * train_gpt.ATTN_BLOCK)
+        keys = sum(blocks if kind == "L" else max(blocks // 2, 1) for kind in hp.layer_attention if kind != "-")
+        windows.append(keys / L * train_gpt.ATTN_BLOCK)
     attended_keys = statistics.fmean(windows) / 2
     return 6 * matmul_weights + 12 * L * hdim * attended_keys
 

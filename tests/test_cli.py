@@ -35,6 +35,9 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--seed"], ["--seed needs a value"]),
     (["--muon_variant=scion", "--normuon=true"], ["scion has its own Frank-Wolfe decay"]),
     (["--muon_variant=orscale_lm", "--cautious_wd=true"], ["--cautious_wd does not apply"]),
+    (["--num_layers=6"], ["--layer_attention needs one letter per layer (6)"]),
+    (["--layer_attention=LSSSLSSXSSSL"], ["from L (long window), S (short window), - (no attention)"]),
+    (["--layer_attention=-SSSLSSLSSSL"], ["reads a value embedding"]),
 ])
 def test_bad_flags_fail_with_a_message_naming_the_fix(trainer, argv, words, capsys):
     with pytest.raises(trainer.ConfigError) as err:

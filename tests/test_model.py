@@ -117,6 +117,19 @@ def test_output_projections_start_at_zero_so_blocks_start_as_identity(trainer):
         assert block.qkvo_w[3].abs().max() == 0 and block.mlp_proj.abs().max() == 0
 
 
+def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer):
+    hp = trainer.parse_args(["--preset=tiny", "--num_layers=6", "--layer_attention=LSS-SL"])
+    model = trainer.GPT(hp)
+    assert [b.qkvo_w is None for b in model.blocks] == [False, False, False, True, False, False]
+    assert len(model.hidden_matrices()) == 5 * 3 + 2, "5 attention stacks and 6 MLPs x 2 go to Muon"
+    inputs = torch.randint(0, 200, (256,))
+    inputs[0] = trainer.BOS_ID
+    with torch.no_grad():
+        model.lm_head_w.normal_()  # the zero-initialized head would pass no gradient back
+    model(inputs, torch.roll(inputs, -1), 2).backward()
+    assert model.blocks[3].mlp_proj.grad.abs().sum() > 0, "the attention-free layer's MLP gets a gradient"
+
+
 def test_every_parameter_belongs_to_exactly_one_optimizer(trainer):
     hp = trainer.parse_args(["--preset=tiny"])
     t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
@@ -127,14 +140,14 @@ def test_every_parameter_belongs_to_exactly_one_optimizer(trainer):
 
 
 def test_fp8_head_matmul_matches_float32_within_float8_rounding(trainer):
-    """The FP8 head op: forward and both gradients within float8's rounding of the fp32 product
+    """The FP8 head: forward and both gradients within float8's rounding of the fp32 product
     (e4m3 keeps 3 mantissa bits, about 6% per element; a 32-term dot averages it down)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
     w = (0.5 * torch.randn(48, 32, generator=g)).requires_grad_()
     scales = (32 ** 0.5 / trainer.FP8_E4M3_MAX, trainer.FP8_HEAD_W_MAX / trainer.FP8_E4M3_MAX,
               1 / trainer.FP8_E4M3_MAX)
-    y = trainer.fp8_linear(x, w, *scales)[0]
+    y = trainer.FP8Linear.apply(x, w, *scales)
     grad_y = 0.01 * torch.randn(y.shape, generator=g)
     y.backward(grad_y.bfloat16())
     x32, w32 = x.detach().float().requires_grad_(), w.detach().clone().requires_grad_()
@@ -142,14 +155,22 @@ def test_fp8_head_matmul_matches_float32_within_float8_rounding(trainer):
     for name, got, want in [("y", y, x32 @ w32.T), ("grad_x", x.grad, x32.grad), ("grad_w", w.grad, w32.grad)]:
         rel = ((got.float() - want).norm() / want.norm()).item()
         assert rel < 0.1, f"{name}: relative error {rel:.3f} is beyond float8 rounding"
-    assert w.grad.dtype == torch.float32 and w.grad.is_contiguous(), "the weight gradient matches the fp32 weight"
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32, "dtypes follow the operands"
 
 
-def test_fp8_head_op_fake_kernels_agree_with_the_real_ones(trainer):
-    """torch.compile plans with the fake kernels; a shape, dtype or stride mismatch fails on the GPU."""
+def test_transpose_bytes_is_an_exact_transposed_copy_and_checks_input(trainer):
+    x = torch.randint(0, 256, (5, 7), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert torch.equal(trainer.transpose_bytes(x).view(torch.uint8), x.view(torch.uint8).T)
+    for bad in (torch.zeros(4, 4), torch.zeros(2, 3, 4, dtype=torch.uint8), torch.zeros(4, 6, dtype=torch.uint8).T):
+        with pytest.raises(ValueError, match="contiguous 2-d tensor of 1-byte elements"):
+            trainer.transpose_bytes(bad)
+    torch.library.opcheck(trainer.transpose_bytes, (x,), test_utils=("test_faketensor",))
+
+
+def test_fp8_matmul_op_fake_kernel_agrees_with_the_real_one(trainer):
+    """torch.compile plans with the fake kernel; a shape, dtype or stride mismatch fails on the GPU."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(32, 16, generator=g).bfloat16(), torch.randn(48, 16, generator=g)
-    torch.library.opcheck(trainer.fp8_linear, (x, w, 0.01, 0.05, 0.002), test_utils=("test_faketensor",))
-    y, x8, w8 = trainer.fp8_linear(x, w, 0.01, 0.05, 0.002)
-    torch.library.opcheck(trainer.fp8_linear_backward, (torch.randn(32, 48, generator=g).bfloat16(), x8, w8,
-                                                        0.01, 0.05, 0.002), test_utils=("test_faketensor",))
+    a = torch.randn(32, 16, generator=g).to(torch.float8_e4m3fn)
+    b = torch.randn(48, 16, generator=g).to(torch.float8_e5m2)
+    for out_f32 in (False, True):
+        torch.library.opcheck(trainer.fp8_mm, (a, b, 0.01, 0.05, out_f32, False), test_utils=("test_faketensor",))

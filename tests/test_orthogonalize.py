@@ -477,6 +477,15 @@ def test_triton_orthogonalize_of_zero_and_rank_one_is_finite(interp):
         assert torch.isfinite(interp.orthogonalize(rank_one, method, backend="triton")).all()
 
 
+@pytest.mark.parametrize("M,N", [(1, 1), (37, 200), (130, 64)])
+def test_triton_transpose_bytes_equals_torch_transpose(interp, M, N):
+    """The FP8 head's transposed copy: exact, for sizes that do and do not fill the 64-wide tiles."""
+    x = torch.randn(M, N, generator=torch.Generator().manual_seed(M)).to(torch.float8_e5m2)
+    y = interp.transpose_bytes(x)
+    assert y.shape == (N, M) and y.dtype == x.dtype and y.is_contiguous()
+    assert torch.equal(y.view(torch.uint8), x.T.contiguous().view(torch.uint8))
+
+
 def test_triton_launchers_validate_inputs(interp):
     with pytest.raises(ValueError):
         interp.ns_line_1(torch.randn(1, 8, 8, dtype=F64))  # fp64 is not a kernel dtype

@@ -1,0 +1,125 @@
+"""Profile train_gpt.py's training step on one device: where the time goes.
+
+    python benchmarks/profile_step.py -- --train_files=DIR/proxy_train_*.bin --val_files=... [trainer flags]
+    python benchmarks/profile_step.py --steps 2 --top 40 --trace trace.json -- ...
+
+Builds the trainer as a one-process run with the given flags, runs --warmup steps (compilation),
+starting at step --start_step (the attention window grows with the step: profile late steps too),
+times --time_steps steps (median wall ms, synchronized), then records --steps steps with
+torch.profiler. It prints the device time per step split into phases (the compiled forward, the
+optimizer, everything else = backward and the loss), then the top kernels by device time. The phases
+come from wrapping the trainer's methods in profiler ranges, so they need no change to the trainer.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt  # noqa: E402
+
+
+def _in_range(name, fn):
+    def wrapped(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def instrument(trainer: train_gpt.Trainer):
+    """Wrap the forward and the optimizer calls of `trainer` in named profiler ranges."""
+    trainer.forward = _in_range("phase:forward", trainer.forward)
+    for opt_name in ("adam", "muon"):
+        opt = getattr(trainer, opt_name)
+        for method in ("reduce_grads", "step", "finish"):
+            setattr(opt, method, _in_range(f"phase:{opt_name}", getattr(opt, method)))
+
+
+def _device_total(event) -> float:
+    return getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+
+
+def _self_device(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def phase_table(prof, steps: int) -> list[tuple[str, float]]:
+    """[(phase, device ms per step)], with 'backward+loss+other' the remainder of all kernel time.
+
+    A phase's time is the device time of the kernels launched inside its range (the CPU-side entry);
+    the profiler also lists each range as a device-side annotation, which is not a kernel."""
+    cuda = torch.cuda.is_available()
+    kernel_total, rows, named = 0.0, {}, 0.0
+    for e in prof.key_averages():
+        is_range = e.key.startswith("phase:")
+        if e.device_type == torch.autograd.DeviceType.CPU and is_range:
+            t = _device_total(e) if cuda else e.cpu_time_total
+            rows[e.key[len("phase:"):]] = t / 1000 / steps
+            named += t
+        elif not is_range and (e.device_type == torch.autograd.DeviceType.CUDA if cuda else True):
+            kernel_total += _self_device(e) if cuda else e.self_cpu_time_total
+    return sorted(rows.items()) + [("backward+loss+other", (kernel_total - named) / 1000 / steps),
+                                   ("total", kernel_total / 1000 / steps)]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, trainer_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    ap.add_argument("--time_steps", type=int, default=5, help="steps timed without the profiler")
+    ap.add_argument("--steps", type=int, default=2, help="steps recorded by the profiler")
+    ap.add_argument("--top", type=int, default=30, help="kernels listed")
+    ap.add_argument("--start_step", type=int, default=0,
+                    help="step index of the first step (sets the lr, momentum and attention window schedules)")
+    ap.add_argument("--trace", help="write a Chrome trace here")
+    args = ap.parse_args(own)
+    hp = train_gpt.parse_args(trainer_flags)
+    _, _, device = train_gpt.setup_distributed(hp)
+    trainer = train_gpt.Trainer(hp, 0, 1, device)
+    loader = train_gpt.DistributedTrainLoader(hp, 0, 1, device)
+    step = args.start_step
+
+    def run_step():
+        nonlocal step
+        trainer.train_step(step, loader)
+        step += 1
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        run_step()
+    train_gpt._sync(device)
+    print(f"warm-up ({args.warmup} steps, compilation included): {time.perf_counter() - t0:.1f} s")
+    times = []
+    for _ in range(args.time_steps):
+        t0 = time.perf_counter()
+        run_step()
+        train_gpt._sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    if times:
+        print(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
+              f"all: {' '.join(f'{t:.1f}' for t in times)}")
+    instrument(trainer)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            run_step()
+        train_gpt._sync(device)
+    print(f"\ndevice time per step by phase ({args.steps} steps profiled):")
+    for name, ms in phase_table(prof, args.steps):
+        print(f"  {name:<22} {ms:9.2f} ms")
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_key, row_limit=args.top, max_name_column_width=90))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+        print(f"trace: {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
