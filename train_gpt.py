@@ -90,11 +90,11 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85  # momentum warms up linearly from this value
     muon_momentum_warmup_steps: int = 300
-    muon_ortho: str = "turbo_muon"  # newton_schulz5 | polar_express | turbo_muon
+    muon_ortho: str = "polar_express"  # newton_schulz5 | polar_express | turbo_muon (README: loss vs speed)
     muon_variant: str = "muon"  # muon | orscale | orscale_lm | scion
     muon_weight_decay: float = 0.0  # coupled to the lr schedule: W -= lr_t * wd * W (masked if cautious)
     cautious_wd: bool = False  # decay only where update and weight agree in sign (arXiv 2510.12402)
-    normuon: bool = False  # neuron-wise second-moment normalization (arXiv 2510.05491)
+    normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
     normuon_beta2: float = 0.95
     normuon_eps: float = 1e-10
     orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
@@ -138,7 +138,7 @@ class Hyperparameters:
                               f"value embedding (the first and last {self.num_value_embeds} layers)")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
             raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no --normuon, "
-                              "--cautious_wd or --muon_weight_decay")
+                              "--cautious_wd or --muon_weight_decay (pass --normuon=false: NorMuon is on by default)")
         if self.muon_variant.startswith("orscale") and self.cautious_wd:
             raise ConfigError("--muon_variant=orscale* couples --muon_weight_decay into the trust ratio; "
                               "--cautious_wd does not apply")

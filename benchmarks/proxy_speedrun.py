@@ -56,6 +56,17 @@ def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
     return 6 * matmul_weights + 12 * L * hdim * attended_keys
 
 
+def hyperparameters_of_log(logged: dict) -> train_gpt.Hyperparameters:
+    """The logged hyperparameters as this trainer's dataclass. Logs written before `layer_attention`
+    existed (benchmarks/results) give `long_window_every` = k instead: long windows in layers 0, k, 2k, ...
+    and the last, short windows elsewhere, attention in every layer."""
+    logged = dict(logged)
+    if "long_window_every" in logged:
+        k, L = logged.pop("long_window_every"), logged["num_layers"]
+        logged["layer_attention"] = "".join("L" if i % k == 0 or i == L - 1 else "S" for i in range(L))
+    return train_gpt.Hyperparameters(**logged)
+
+
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     """Numbers of one training log; None where the log does not have them."""
     lines = verify.training_output_lines(Path(path).read_text(errors="replace"))
@@ -77,7 +88,7 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
             info["peak_mib"] = int(m[1])
     if "hp" not in info:
         raise ValueError(f"{path}: no hyperparameters line; not a train_gpt.py log")
-    hp = train_gpt.Hyperparameters(**info["hp"])
+    hp = hyperparameters_of_log(info["hp"])
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
     increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
     ms = statistics.median(increments) if increments else None

@@ -36,3 +36,14 @@ def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     assert row["final_loss"] == float(finals[-1].split("val_loss:")[1].split()[0])
     assert row["compile_s"] is not None and row["startup_s"] >= row["compile_s"]
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
+
+
+def test_logs_from_before_the_layer_pattern_still_summarize(bench):
+    """benchmarks/results holds logs that name `long_window_every` instead of `layer_attention`."""
+    import dataclasses
+    import train_gpt
+    logged = dataclasses.asdict(train_gpt.parse_args([]))
+    del logged["layer_attention"]
+    logged["long_window_every"] = 4
+    hp = bench.hyperparameters_of_log(logged)
+    assert hp.layer_attention == "LSSSLSSSLSSL", "long windows at 0, 4, 8 and the last layer; attention in all"

@@ -115,7 +115,7 @@ def two_steps(trainer, flags, rank, world_size, grads_of=None):
     grads_of = (rank, world_size) whose gradients to use; default: this process's own.
     """
     grad_rank, grad_world = grads_of or (rank, world_size)
-    hp = trainer.parse_args(["--preset=tiny", *flags])
+    hp = _hp(trainer, *flags)
     muon_params, adam_params = _make_params()
     adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS)), (hp.adam_beta1, hp.adam_beta2), hp.adam_eps,
                             rank, world_size)
@@ -251,7 +251,8 @@ def test_distributed_equivalence_data_would_expose_a_missing_gradient_average(tr
 
 
 def _hp(trainer, *flags):
-    return trainer.parse_args(["--preset=tiny", *flags])
+    """The tiny preset with plain Muon (NorMuon off, though the trainer's default) unless flags say otherwise."""
+    return trainer.parse_args(["--preset=tiny", "--normuon=false", *flags])
 
 
 def _state(shape, momentum=None):

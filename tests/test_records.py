@@ -67,7 +67,8 @@ def test_check_rejects_a_record_analyzed_against_a_looser_target(tmp_path, capsy
     assert verify.main(["--table", "--records-dir", str(records)]) == 0
     capsys.readouterr()
     assert verify.check_records(records) == [
-        f"{folder / 'ANALYSIS.md'}: its command uses --target 3.3; track_1_short records are tested against 3.28"]
+        f"{folder / 'ANALYSIS.md'}: its command uses --target 3.3; this record is tested against 3.28 "
+        "(the target its logs declare, else the track's)"]
 
 
 def test_check_reports_missing_analysis_and_readme(fake_records):
@@ -104,3 +105,20 @@ def test_texts_match_allows_float_noise_only():
     assert not verify.texts_match(a, a.replace("3.2744", "3.2745"))
     assert not verify.texts_match(a, a.replace("run_01", "run_02"))
     assert not verify.texts_match(a, a.replace("p-value", "p value"))
+
+
+def test_a_record_on_other_data_is_tested_against_the_target_its_logs_declare(tmp_path, capsys):
+    """Proxy-corpus records declare their own target in every log (--target_val_loss): --check tests them
+    against it, rejects an analysis at any other target, and the table flags the non-track target."""
+    records = tmp_path / "records"
+    folder = write_logs(records / "track_1_short" / "2026-01-04_Proxy", [2.0666, 2.0677, 2.0690, 2.0675],
+                        make=our_log, target=2.08)
+    (folder / "README.md").write_text("# Proxy\n")
+    assert verify.main([str(folder), "--target", "2.08", "--write"]) == 0
+    assert verify.main(["--table", "--records-dir", str(records)]) == 0
+    capsys.readouterr()
+    assert verify.check_records(records) == []
+    assert "2.08 (declared; not the track's 3.28)" in (records / "README.md").read_text()
+    assert verify.main([str(folder), "--target", "2.1", "--write"]) == 2, "the logs declare 2.08, not 2.1"
+    (folder / "run_09.txt").write_text(our_log(2.0681, target=2.1, time_ms=170_000.0))
+    assert verify.check_records(records)[0].startswith(f"{folder}: the logs declare different targets")
