@@ -159,6 +159,8 @@ def value_embed_index(layer: int, num_layers: int, num_value_embeds: int) -> int
     return None
 
 
+VAL_LOSS_DECIMALS = 4  # how val_loss is printed: the small track's log convention (medium: 6)
+
 PRESETS = {
     # A few layers, small dim, short sequences: 20 steps in about 15 s on a 2-core CPU (tests, smoke runs).
     "tiny": dict(num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=2, train_seq_len=256,
@@ -636,6 +638,9 @@ def ns_line_3(B, X, a, scale=None):
     return C
 
 
+# Custom ops are registered under this file's name, so both trainer files can be imported in one process.
+OP_NAMESPACE = os.path.splitext(os.path.basename(__file__))[0]
+
 # Transposed copy of a float8 matrix for the FP8 head's weight gradient: cuBLAS float8 matmuls on
 # Hopper take both operands K-major, so g^T x needs g [tokens, vocab] laid out as [vocab, tokens].
 # A copy through torch's strided elementwise kernel moves one byte per 32-byte memory sector on one side;
@@ -651,7 +656,7 @@ if HAS_TRITON:
         tl.store(Y + cols[None, :] * M + rows[:, None], tile, mask=mask)
 
 
-@torch.library.custom_op("train_gpt::transpose_bytes", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::transpose_bytes", mutates_args=())
 def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
     """x.T.contiguous() for a contiguous 2-d tensor of 1-byte elements (float8); Triton on GPU or when
     interpreted, torch otherwise. An opaque op, so the compiler cannot fuse the transposed store into
@@ -1126,7 +1131,7 @@ FP8_E4M3_MAX = 448.0
 FP8_HEAD_W_MAX = 24.0
 
 
-@torch.library.custom_op("train_gpt::fp8_mm", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::fp8_mm", mutates_args=())
 def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_s: float, b_s: float, out_f32: bool, fast_accum: bool
            ) -> torch.Tensor:
     """(a_s a) (b_s b)^T for float8 a [M, K] and b [N, K], both row-major; bf16 output, or fp32 if out_f32."""
@@ -1675,7 +1680,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             if not math.isfinite(val_loss):
                 raise NonFiniteLossError(f"non-finite val loss {val_loss} at step {step}")
             avg = train_ms / max(step, 1)
-            log(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg:.2f}ms")
+            log(f"step:{step}/{N} val_loss:{val_loss:.{VAL_LOSS_DECIMALS}f} train_time:{train_ms:.0f}ms step_avg:{avg:.2f}ms")
             _sync(device)
             t0 = time.perf_counter()
         if last:

@@ -3,6 +3,7 @@ a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory an
 
     python benchmarks/proxy_speedrun.py --data DIR --runs 5 --target 2.04 -- --num_iterations=200 \
         --val_loss_every=25 --cycle_train_data=true          # extra trainer flags after --
+    python benchmarks/proxy_speedrun.py --trainer train_gpt_medium.py --data DIR -- --num_iterations=200
     python benchmarks/proxy_speedrun.py --logs logs/*.txt --target 2.04   # summarize existing logs
 
 DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
@@ -155,6 +156,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="folder with proxy_train_*.bin and proxy_val_*.bin")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--trainer", default="train_gpt.py", choices=["train_gpt.py", "train_gpt_medium.py"],
+                   help="which track's trainer to run")
     p.add_argument("--nproc", type=int, default=0, help="GPUs to use (default: all)")
     p.add_argument("--target", type=float, default=2.04, help="proxy val loss for time-to-target")
     p.add_argument("--log_dir", default="logs/proxy_speedrun")
@@ -175,7 +178,7 @@ def main(argv=None):
         for i in range(args.runs):
             run_id = f"{args.name}_{i}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(ROOT / "train_gpt.py"), f"--train_files={args.data}/proxy_train_*.bin",
+                   str(ROOT / args.trainer), f"--train_files={args.data}/proxy_train_*.bin",
                    f"--val_files={args.data}/proxy_val_*.bin", f"--target_val_loss={args.target}",
                    f"--seed={i}", f"--run_id={run_id}", f"--log_dir={args.log_dir}", *extra]
             t0 = time.perf_counter()

@@ -15,6 +15,9 @@ SHARD_VERSION = 1
 
 # The trainer modules the shared tests run against (each is a standalone single file).
 TRAINER_MODULES = [name for name in ("train_gpt", "train_gpt_medium") if (ROOT / f"{name}.py").exists()]
+# Code the two files share line for line (tests/test_tracks.py checks it) is tested through train_gpt.py
+# alone: kernels, orthogonalization, optimizers, model, loader, the distributed and determinism runs.
+SHARED_CODE_MODULES = TRAINER_MODULES[:1]
 
 
 def write_shard(path, tokens, magic=SHARD_MAGIC, version=SHARD_VERSION, header_count=None):

@@ -37,7 +37,6 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--muon_variant=orscale_lm", "--cautious_wd=true"], ["--cautious_wd does not apply"]),
     (["--num_layers=6"], ["--layer_attention needs one letter per layer (6)"]),
     (["--layer_attention=LSSSLSSXSSSL"], ["from L (long window), S (short window), - (no attention)"]),
-    (["--layer_attention=-SSSLSSLSSSL"], ["reads a value embedding"]),
 ])
 def test_bad_flags_fail_with_a_message_naming_the_fix(trainer, argv, words, capsys):
     with pytest.raises(trainer.ConfigError) as err:
@@ -61,3 +60,9 @@ def test_default_recipe_keeps_the_speedrun_batch_on_any_gpu_count(trainer):
     for world_size in (1, 2, 4, 8):
         d = trainer.derive(hp, world_size)
         assert d.grad_accum * world_size * hp.train_seq_len == hp.batch_tokens
+
+
+def test_a_layer_without_attention_may_not_read_a_value_embedding(trainer):
+    pattern = "-" + trainer.parse_args([]).layer_attention[1:]  # layer 0 reads value embedding 0
+    with pytest.raises(trainer.ConfigError, match="reads a value embedding"):
+        trainer.parse_args([f"--layer_attention={pattern}"])

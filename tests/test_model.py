@@ -1,9 +1,17 @@
 """The model: attention masks (GPU BlockMask == CPU dense mask), causality, document isolation, init."""
+import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED_CODE_MODULES
+
+
+@pytest.fixture(params=SHARED_CODE_MODULES)
+def trainer(request):
+    """train_gpt.py only: this file tests code that train_gpt_medium.py shares line for line."""
+    return importlib.import_module(request.param)
 
 
 def _tokens_with_documents(n, bos_positions, bos_id, seed=0):

@@ -6,11 +6,12 @@ the same parameters as the single-process run (world_size == 1, which calls no c
 the variants' defining properties, checked by calling the pure functions (`normuon_normalize`,
 `muon_update`, `muon_shape_scale`) and DistAdam on one process.
 
-Every test takes the shared `trainer` fixture (tests/conftest.py), so one specification covers
-each trainer file. Property tests run in float64 where the formula is to be checked exactly: the
+Tests run against train_gpt.py; train_gpt_medium.py shares this code line for line
+(tests/test_tracks.py). Property tests run in float64 where the formula is to be checked exactly: the
 orthogonalizer then computes in float64 and `muon_update` rounds its output O to float32, so the
 remaining error is one float32 rounding of O (relative 6e-8) times lr.
 """
+import importlib
 import math
 import os
 import subprocess
@@ -19,9 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_CODE_MODULES
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=SHARED_CODE_MODULES)
+def trainer(request):
+    """train_gpt.py only: this file tests code that train_gpt_medium.py shares line for line."""
+    return importlib.import_module(request.param)
 
 # -----------------------------------------------------------------------------
 # Distributed equivalence

@@ -1,9 +1,10 @@
 """Specification of the Kernels and Orthogonalization sections (optimizers.md sections 1-4 and 9).
 
-Every test takes the shared `trainer` fixture (tests/conftest.py), so one specification covers
-each trainer file. Accuracy claims are checked in float64 against an SVD polar factor; the Triton
+Tests run against train_gpt.py; train_gpt_medium.py shares this code line for line
+(tests/test_tracks.py). Accuracy claims are checked in float64 against an SVD polar factor; the Triton
 kernels run on CPU under the Triton interpreter and are held to float32 matmul accuracy.
 """
+import importlib
 import os
 import re
 import subprocess
@@ -12,6 +13,13 @@ import textwrap
 
 import pytest
 import torch
+from conftest import SHARED_CODE_MODULES
+
+
+@pytest.fixture(params=SHARED_CODE_MODULES)
+def trainer(request):
+    """train_gpt.py only: this file tests code that train_gpt_medium.py shares line for line."""
+    return importlib.import_module(request.param)
 
 F64 = torch.float64
 U32 = 2.0 ** -24  # float32 unit roundoff

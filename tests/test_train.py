@@ -8,11 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, write_shard
+from conftest import ROOT, SHARED_CODE_MODULES, write_shard
 
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
 RULE = "=" * 100
+# The costliest runs exercise code the two trainer files share line for line (tests/test_tracks.py).
+shared_code_only = pytest.mark.parametrize("trainer", SHARED_CODE_MODULES, indirect=True)
 
 
 def _args(corpus, log_dir, run_id, *extra):
@@ -49,10 +51,13 @@ def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_pat
     assert [int(m[1]) for m in map(STEP_LINE.match, body) if m] == list(range(1, 21)), "one line per step"
     losses = _val_losses(body)
     assert sorted(losses) == [0, 10, 20], "validation at step 0, every val_loss_every steps and at the end"
+    decimals = {len(m[3].split(".")[1]) for m in map(VAL_LINE.match, body) if m}
+    assert decimals == {trainer.VAL_LOSS_DECIMALS}, f"val_loss printed with {decimals} decimals (track convention)"
     assert losses[20] < losses[10] < losses[0] - 3.0, f"loss should fall well below the uniform 10.83: {losses}"
     assert body[-1].startswith("peak memory allocated: "), "the log ends with peak memory"
 
 
+@shared_code_only
 def test_same_seed_gives_the_same_losses(trainer, tiny_corpus, tmp_path):
     for run in ("a", "b"):
         assert trainer.main(_args(tiny_corpus, tmp_path, run, "--seed=3")) == 0
@@ -62,6 +67,7 @@ def test_same_seed_gives_the_same_losses(trainer, tiny_corpus, tmp_path):
     assert _val_losses(_log_lines(tmp_path, "c")) != a, "negative control: another seed changes the run"
 
 
+@shared_code_only
 def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_path):
     """Gradient accumulation on one process equals data parallelism on two (gloo): same tokens,
     same averaged gradients, same sharded optimizer math; only float summation order differs."""

@@ -1,0 +1,1751 @@
+"""train_gpt_medium.py: the GPT-2-medium-track speedrun trainer, in one file.
+
+Trains a GPT-2-medium-class model (16 layers, dim 1024; 197M parameters in the blocks) on
+FineWeb GPT-2 token shards to a validation loss of 2.92, with Adam on embeddings/head/scalars and
+distributed Muon (Polar Express / Turbo-Muon orthogonalization) on the hidden matrices. Everything
+but the Hyperparameters section is the same code as train_gpt.py (a test checks it), so the two
+tracks share one tested implementation while each record stays one file.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt_medium.py   # 8xH100, the record setting
+    torchrun --standalone --nproc_per_node=1 train_gpt_medium.py   # same math, gradient accumulation 8
+    python train_gpt_medium.py --preset=tiny --train_files=... --val_files=...   # seconds, on CPU
+    python train_gpt_medium.py --help                               # every hyperparameter
+
+Every run writes <log_dir>/<run_id>.txt, which begins with this file's source.
+The recipe (README, "Medium track") follows the public medium record where the two designs agree
+and is not tuned on FineWeb here.
+Importing this file has no side effects; tests import its pieces.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Hyperparameters
+# -----------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A bad flag or an inconsistent configuration; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # data
+    train_files: str = "data/fineweb100B/fineweb_train_*.bin"  # glob of training shards
+    val_files: str = "data/fineweb100B/fineweb_val_*.bin"  # glob of validation shards
+    val_tokens: int = 10_485_760  # validation loss is measured over exactly these first tokens
+    cycle_train_data: bool = False  # restart the training shards when exhausted (default: error)
+    # track
+    track: str = "medium"  # record track, read by records/verify.py
+    target_val_loss: float = 2.92  # the track's target (FineWeb); declare your own for other data
+    # batch
+    batch_tokens: int = 8 * 64 * 1024  # tokens per optimizer step, all ranks together
+    train_seq_len: int = 64 * 1024  # tokens per micro-batch per GPU (one BOS-aligned packed sequence)
+    val_seq_len: int = 64 * 1024  # tokens per validation forward per GPU
+    # schedule
+    num_iterations: int = 5960  # optimizer steps (the public medium record's count)
+    cooldown_frac: float = 0.7  # fraction of steps in the final linear lr cooldown
+    final_lr_frac: float = 0.0  # lr multiplier at the end of the cooldown
+    # model
+    vocab_size: int = 50304  # GPT-2's 50257, padded to a multiple of 128
+    num_layers: int = 16
+    model_dim: int = 1024
+    num_heads: int = 8
+    head_dim: int = 128
+    mlp_ratio: int = 4  # hidden width of the MLP, in units of model_dim
+    num_value_embeds: int = 3  # value embeddings shared by the first and last layers (U-net pattern)
+    attn_scale: float = 0.12  # softmax scale for QK-normed heads (speedrun value, > 1/sqrt(128))
+    fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: 6% faster per step, same loss); CPU: fp32
+    logit_softcap: float = 30.0  # logits = softcap * sigmoid(z / (softcap / 4 * sqrt(model_dim)))
+    # attention windows, in tokens (multiples of ATTN_BLOCK); long layers see the full window
+    window_start: int = 128  # sliding window at step 0
+    window_end: int = 3456  # sliding window at the last step
+    # one letter per layer: L long window, S short (half) window, - no attention (MLP only; the speedrun
+    # drops layer 7's attention). Long windows at the ends and in the middle, as in the public records.
+    layer_attention: str = "LSSSLSS-SSSLSSSL"
+    # Adam (embeddings, head, scalars)
+    adam_lr_embed: float = 0.6
+    adam_lr_head: float = 0.22
+    adam_lr_scalar: float = 0.04
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    # Muon (hidden matrices)
+    muon_lr: float = 0.025  # in units of spectral norm per step (times the shape scale)
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85  # momentum warms up linearly from this value
+    muon_momentum_warmup_steps: int = 300
+    muon_ortho: str = "polar_express"  # newton_schulz5 | polar_express | turbo_muon (README: loss vs speed)
+    muon_variant: str = "muon"  # muon | orscale | orscale_lm | scion
+    muon_weight_decay: float = 0.0  # coupled to the lr schedule: W -= lr_t * wd * W (masked if cautious)
+    cautious_wd: bool = False  # decay only where update and weight agree in sign (arXiv 2510.12402)
+    normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
+    normuon_beta2: float = 0.95
+    normuon_eps: float = 1e-10
+    orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
+    orscale_r_max: float = 5.0
+    scion_radius: float = 1.0  # spectral radius of the Scion step (arXiv 2502.07529)
+    # loop
+    warmup_steps: int = 10  # untimed kernel warm-up steps; model and optimizer are restored after
+    val_loss_every: int = 125  # validate every N steps (0: only at the end)
+    seed: int = 0
+    log_dir: str = "logs"
+    run_id: str = ""  # log file name; default: a fresh uuid
+    compile: bool = True  # torch.compile the model (GPU only)
+    device: str = "auto"  # auto | cuda | cpu
+
+    def __post_init__(self):
+        positive = ["val_tokens", "batch_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
+                    "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ["val_loss_every", "warmup_steps", "muon_momentum_warmup_steps", "num_value_embeds"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ConfigError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
+        if 2 * self.num_value_embeds > self.num_layers:
+            raise ConfigError(f"--num_value_embeds={self.num_value_embeds} needs at least "
+                              f"{2 * self.num_value_embeds} layers (first and last layers share them)")
+        for name in ["window_start", "window_end"]:
+            value = getattr(self, name)
+            if value <= 0 or value % ATTN_BLOCK:
+                raise ConfigError(f"--{name} must be a positive multiple of {ATTN_BLOCK}, got {value}")
+        if self.window_start > self.window_end:
+            raise ConfigError("--window_start must not exceed --window_end")
+        if len(self.layer_attention) != self.num_layers or set(self.layer_attention) - set("LS-"):
+            raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
+                              f"S (short window), - (no attention); got {self.layer_attention!r}")
+        if any(c == "-" and value_embed_index(i, self.num_layers, self.num_value_embeds) is not None
+               for i, c in enumerate(self.layer_attention)):
+            raise ConfigError(f"--layer_attention={self.layer_attention!r} drops attention in a layer that reads a "
+                              f"value embedding (the first and last {self.num_value_embeds} layers)")
+        if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
+            raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no --normuon, "
+                              "--cautious_wd or --muon_weight_decay (pass --normuon=false: NorMuon is on by default)")
+        if self.muon_variant.startswith("orscale") and self.cautious_wd:
+            raise ConfigError("--muon_variant=orscale* couples --muon_weight_decay into the trust ratio; "
+                              "--cautious_wd does not apply")
+        choices = {"muon_ortho": ORTHO_METHODS, "muon_variant": MUON_VARIANTS, "device": ("auto", "cuda", "cpu"),
+                   "track": ("small", "medium")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+
+def value_embed_index(layer: int, num_layers: int, num_value_embeds: int) -> int | None:
+    """Which value embedding a layer reads: the first k layers use embeddings 0..k-1 and the last k layers
+    the same 0..k-1 again (the speedrun's U-net pattern); middle layers use none."""
+    if layer < num_value_embeds:
+        return layer
+    if layer >= num_layers - num_value_embeds:
+        return layer - (num_layers - num_value_embeds)
+    return None
+
+
+VAL_LOSS_DECIMALS = 6  # how val_loss is printed: the medium track's log convention (small: 4)
+
+PRESETS = {
+    # A few layers, small dim, short sequences: 20 steps in about 15 s on a 2-core CPU (tests, smoke runs).
+    "tiny": dict(num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=2, train_seq_len=256,
+                 batch_tokens=2 * 256, val_seq_len=1024, val_tokens=4096, num_iterations=20, val_loss_every=10,
+                 window_start=128, window_end=256, layer_attention="LSSL", warmup_steps=2, muon_momentum_warmup_steps=10,
+                 compile=False),
+}
+
+
+def _parse_value(name: str, kind, text: str):
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{name} expects true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+
+
+def help_text() -> str:
+    lines = ["usage: train_gpt.py [--preset=NAME] [--FIELD=VALUE ...]", "",
+             f"presets: {', '.join(PRESETS)} (applied first; later flags override)", "", "fields (default):"]
+    for f in dataclasses.fields(Hyperparameters):
+        lines.append(f"  --{f.name}={f.default!r}  ({_field_type(f).__name__})")
+    return "\n".join(lines)
+
+
+def _field_type(f):
+    return {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def parse_args(argv: list[str]) -> Hyperparameters:
+    """`--name=value` or `--name value` for every Hyperparameters field, after an optional `--preset`."""
+    fields = {f.name: _field_type(f) for f in dataclasses.fields(Hyperparameters)}
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --num_iterations=300")
+        name, has_eq, value = arg[2:].partition("=")
+        if not has_eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{name} needs a value")
+            value, i = argv[i + 1], i + 1
+        pairs.append((name, value))
+        i += 1
+    overrides = {}
+    for name, value in pairs:
+        if name == "preset":
+            if value not in PRESETS:
+                raise ConfigError(f"unknown preset {value!r}; presets: {', '.join(PRESETS)}")
+            overrides = {**PRESETS[value], **overrides}
+        elif name in fields:
+            overrides[name] = _parse_value(name, fields[name], value)
+        else:
+            raise ConfigError(f"unknown flag --{name}; valid flags: --preset, "
+                              + ", ".join(f"--{n}" for n in fields))
+    return Hyperparameters(**overrides)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Quantities that follow from the hyperparameters and the world size, checked once."""
+    world_size: int
+    grad_accum: int  # micro-batches per rank per optimizer step
+    val_chunks: int  # validation forwards, all ranks together
+
+
+def derive(hp: Hyperparameters, world_size: int) -> Derived:
+    per_micro = world_size * hp.train_seq_len
+    if hp.batch_tokens % per_micro:
+        raise ConfigError(f"--batch_tokens={hp.batch_tokens} must be a multiple of world_size * train_seq_len "
+                          f"= {world_size} * {hp.train_seq_len}; pick a world size that divides "
+                          f"{hp.batch_tokens // hp.train_seq_len} or change --train_seq_len")
+    if hp.val_tokens % hp.val_seq_len:
+        raise ConfigError(f"--val_tokens={hp.val_tokens} must be a multiple of --val_seq_len={hp.val_seq_len}")
+    return Derived(world_size=world_size, grad_accum=hp.batch_tokens // per_micro,
+                   val_chunks=hp.val_tokens // hp.val_seq_len)
+
+
+# -----------------------------------------------------------------------------
+# Distributed setup
+# -----------------------------------------------------------------------------
+
+
+def setup_distributed(hp: Hyperparameters) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun: NCCL on GPU, gloo on CPU; otherwise one process."""
+    use_cuda = hp.device == "cuda" or (hp.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is visible")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    assert dist.get_rank() == rank and dist.get_world_size() == world_size
+    return rank, world_size, device
+
+
+# -----------------------------------------------------------------------------
+# Kernels
+# -----------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction as _TritonInterpretedFunction
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs: the torch backend still works
+    HAS_TRITON = False
+
+# The three matrix lines of one Newton-Schulz / Polar Express iteration on X [B, M, K], M <= K:
+#   line 1  A = X X^T                     (symmetric Gram matrix, [B, M, M])
+#   line 2  B = b A + c A A^T             (ns_line_2(A, alpha=c, beta=b); A symmetric)
+#   line 3  X = a X + B X                 (ns_line_3(B, X, a))
+# Lines 2 and 3 take an optional row scale s [B, M]: they then act on X1 = diag(s) X and
+# A1 = diag(s) A diag(s) = X1 X1^T without materializing either. That is how the first iteration
+# applies the Frobenius normalization (s uniform) or Turbo-Muon's AOL scaling: no extra pass over
+# X or A (on an H100 a torch elementwise pass for AOL cost 0.4 ms of a 1.5 ms orthogonalize).
+# Names follow the Turbo-Muon PR (modded-nanogpt, seed 003) and microsoft/dion
+# `dion/newton_schulz_triton.py`. Each Triton launcher has a plain-torch reference with the same
+# signature (`*_torch`); both validate inputs through the same `_check_line_*` helpers, so tests
+# and `orthogonalize` can swap one set of line ops for the other.
+
+_LINE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels accept
+
+
+def _check_line_1(X):
+    """X [B, M, K] floating, non-empty; returns (B, M, K)."""
+    if not isinstance(X, torch.Tensor) or X.ndim != 3:
+        raise ValueError(f"expected X of shape [B, M, K], got {getattr(X, 'shape', type(X))}")
+    if not X.is_floating_point():
+        raise ValueError(f"expected a floating dtype, got {X.dtype}")
+    if X.numel() == 0:
+        raise ValueError(f"empty input of shape {tuple(X.shape)}")
+    return tuple(X.shape)
+
+
+def _check_scale(scale, batch, M, device):
+    if scale is not None and (not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (batch, M)
+                              or not scale.is_floating_point() or scale.device != device):
+        raise ValueError(f"expected a floating row scale of shape {(batch, M)} on {device}, "
+                         f"got {getattr(scale, 'shape', type(scale))}")
+
+
+def _check_line_2(A, scale=None):
+    """A [B, M, M] floating, non-empty (symmetry is a documented precondition, not checked)."""
+    batch, M, N = _check_line_1(A)
+    if M != N:
+        raise ValueError(f"expected a square (symmetric) A [B, M, M], got {tuple(A.shape)}")
+    _check_scale(scale, batch, M, A.device)
+    return batch, M
+
+
+def _check_line_3(B, X, scale=None):
+    """B [Bt, M, M] and X [Bt, M, K], same dtype and device; returns (Bt, M, K)."""
+    batch, M, K = _check_line_1(X)
+    if not isinstance(B, torch.Tensor) or tuple(B.shape) != (batch, M, M):
+        raise ValueError(f"expected B of shape {(batch, M, M)} for X {tuple(X.shape)}, got {getattr(B, 'shape', type(B))}")
+    if B.dtype != X.dtype or B.device != X.device:
+        raise ValueError(f"B ({B.dtype}, {B.device}) and X ({X.dtype}, {X.device}) must match")
+    _check_scale(scale, batch, M, X.device)
+    return batch, M, K
+
+
+def _rowsum_dtype(dtype):
+    """Row sums and norms accumulate in fp32 (fp64 for fp64 math)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def ns_line_1_torch(X, rowsum_abs=False):
+    """Reference for `ns_line_1`: C = X X^T, X [B, M, K] -> C [B, M, M] in X's dtype.
+
+    With rowsum_abs=True also returns r [B, M], r[b, i] = sum_j |C[b, i, j]| in fp32 (fp64 for
+    fp64 input), summed from the stored C.
+    """
+    _check_line_1(X)
+    C = torch.bmm(X, X.mT)
+    if not rowsum_abs:
+        return C
+    return C, C.abs().sum(dim=-1, dtype=_rowsum_dtype(C.dtype))
+
+
+def ns_line_2_torch(A, alpha, beta, scale=None):
+    """Reference for `ns_line_2`: C = alpha A1 A1^T + beta A1 for symmetric A [B, M, M], with
+    A1 = diag(scale) A diag(scale) (scale [B, M]) or A1 = A; C in A's dtype."""
+    _check_line_2(A, scale)
+    if scale is not None:
+        A = (A * scale.unsqueeze(-1) * scale.unsqueeze(-2)).to(A.dtype)
+    return torch.baddbmm(A, A, A.mT, beta=beta, alpha=alpha)
+
+
+def ns_line_3_torch(B, X, a, scale=None):
+    """Reference for `ns_line_3`: C = a X1 + B X1, B [Bt, M, M], X [Bt, M, K] -> C [Bt, M, K], with
+    X1 = diag(scale) X (scale [Bt, M]) or X1 = X; C in X's dtype."""
+    _check_line_3(B, X, scale)
+    if scale is not None:
+        X = (X * scale.unsqueeze(-1)).to(X.dtype)
+    return torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+
+
+# H100 launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), measured with
+# `benchmarks/bench_orthogonalize.py --sweep` (torch 2.11, triton 3.6, bf16, 10 candidates) on the
+# 124M model's stacks [48, 768, 768] and [24, 768, 3072] and their per-rank chunks for 2 and 8 GPUs:
+# - 128x128x64, 4 warps, 3 stages was fastest or within 5% of the fastest for every line and shape
+#   (8 warps cost 10-25% once the fused row sums, the beta term or a row scale add epilogue or
+#   in-loop work; 64-wide tiles cost 20-60% on the full stacks);
+# - except for the symmetric kernels (lines 1, 2) when their lower-triangle tiles over all matrices
+#   number at most half the 132 SMs (e.g. [3, 768, 3072]: 63 programs): 64x64x128 tiles, with 4x
+#   the programs, were 25-30% faster there.
+# min(M, K) < 256 does not occur in the 124M model; 64-wide tiles there are a guess.
+_H100_SMS = 132
+_NS_CONFIG = (128, 128, 64, 4, 3)
+_NS_CONFIG_SYM_FEW_TILES = (64, 64, 128, 4, 3)
+_NS_CONFIG_SMALL = (64, 64, 64, 4, 4)
+# Under TRITON_INTERPRET=1 every program runs in numpy; 32-wide tiles keep CPU tests fast while
+# still exercising multi-tile grids and the edge masks (tl.dot needs tiles of at least 16).
+_NS_CONFIG_INTERPRET = (32, 32, 32, 4, 1)
+
+
+def _kernels_interpreted():
+    """True when the kernels were decorated under TRITON_INTERPRET=1 (they then run on CPU)."""
+    return HAS_TRITON and isinstance(_ns_sym_kernel, _TritonInterpretedFunction)
+
+
+def _ns_config(M, K, batch=1, symmetric=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a line kernel with M output rows and
+    other extent K (line 1: X [M, K]; line 2: A [M, M]; line 3: output [M, K]) on `batch` matrices;
+    `symmetric` selects the lines 1/2 kernel."""
+    if _kernels_interpreted():
+        return _NS_CONFIG_INTERPRET
+    if min(M, K) < 256:
+        return _NS_CONFIG_SMALL
+    tiles = -(-M // _NS_CONFIG[0])
+    if symmetric and batch * tiles * (tiles + 1) // 2 <= _H100_SMS // 2:
+        return _NS_CONFIG_SYM_FEW_TILES
+    return _NS_CONFIG
+
+
+def _dot_precision(dtype):
+    """fp32 operands multiply in full fp32 ("ieee"; tl.dot would default to tf32, torch does not);
+    for bf16/fp16 operands the setting is moot and the default is kept."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_triton_launch(*tensors):
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use the torch backend (ns_line_*_torch)")
+    for t in tensors:
+        if t.dtype not in _LINE_DTYPES:
+            raise ValueError(f"Triton line kernels take {_LINE_DTYPES}, got {t.dtype}")
+        if not (t.is_cuda or _kernels_interpreted()):
+            raise ValueError("Triton line kernels need CUDA tensors (or kernels built under TRITON_INTERPRET=1)")
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _lower_tile(pid):
+        """Map a linear index to the tile (row, col), col <= row, of a lower triangle walked row by row."""
+        row = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+        # fp32 sqrt may land one off near perfect squares; fix with exact integer tests
+        row = tl.where(row * (row + 1) // 2 > pid, row - 1, row)
+        row = tl.where((row + 1) * (row + 2) // 2 <= pid, row + 1, row)
+        return row, pid - row * (row + 1) // 2
+
+    @triton.jit
+    def _ns_sym_kernel(
+        X, C, P, S, M, K, alpha, beta,
+        stride_xb, stride_xm, stride_xk,
+        stride_cb, stride_cm, stride_cn,
+        stride_pb, stride_pt, stride_pm,
+        stride_sb, stride_sm,
+        ADD_X: tl.constexpr, ROWSUM: tl.constexpr, SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Symmetric product C = alpha X1 X1^T (+ beta X1 if ADD_X): lines 1 and 2 of an iteration.
+
+        X1 = diag(s) X diag(s) if SCALE (S [B, M], needs K == M), else X1 = X. Computed as
+        C_ij = s_i s_j (alpha sum_k X_ik s_k^2 X_jk + beta X_ij): s_k^2 scales one dot operand in
+        registers, s_i s_j the fp32 tile.
+        Shapes: X [B, M, K] (any strides), C [B, M, M], P [B, cdiv(M, BLOCK_M), M] fp32.
+        Dtypes: X and C fp32/bf16/fp16, accumulation in fp32, C stored in its own dtype.
+        Grid: (T (T + 1) / 2, B) with T = cdiv(M, BLOCK_M); program (t, b) computes the lower tile
+        (i, j), j <= i, of matrix b and stores it at (i, j) and, transposed, at (j, i): half the
+        FLOPs of a dense product. Diagonal tiles are stored once (their two triangles come from
+        the same dot, so C is symmetric up to the rounding of that dot).
+        Preconditions: ADD_X requires K == M and X symmetric (then X[j, i] tile == X[i, j]^T).
+        ROWSUM: P[b, j, rows of block i] = row sums of |tile (i, j)| and P[b, i, rows of block j] =
+        its column sums; every slot is written exactly once, so r = P.sum(1) is deterministic.
+        """
+        pid_m, pid_n = _lower_tile(tl.program_id(0))
+        pid_b = tl.program_id(1).to(tl.int64)  # int64: B * M * K may exceed 2^31
+        X += pid_b * stride_xb
+        C += pid_b * stride_cb
+        S += pid_b * stride_sb
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < M
+        a_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK] rows i
+        b_ptrs = X + offs_k[:, None] * stride_xk + offs_n[None, :] * stride_xm  # [BK, BM] rows j, transposed
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if SCALE:
+                s_k = tl.load(S + (k0 + offs_k) * stride_sm, mask=mask_k, other=0.0)
+                a = (a.to(tl.float32) * (s_k * s_k)[None, :]).to(a.dtype)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
+            b_ptrs += BLOCK_K * stride_xk
+        acc = acc * alpha
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        if ADD_X:
+            x_ptrs = X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xk
+            acc += beta * tl.load(x_ptrs, mask=mask_mn, other=0.0).to(tl.float32)
+        if SCALE:
+            s_m = tl.load(S + offs_m * stride_sm, mask=mask_m, other=0.0)
+            s_n = tl.load(S + offs_n * stride_sm, mask=mask_n, other=0.0)
+            acc = acc * s_m[:, None] * s_n[None, :]
+
+        out = acc.to(C.dtype.element_ty)
+        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, out, mask=mask_mn)
+        if pid_m != pid_n:  # mirror: same values, row/col strides swapped
+            tl.store(C + offs_m[:, None] * stride_cn + offs_n[None, :] * stride_cm, out, mask=mask_mn)
+        if ROWSUM:
+            P += pid_b * stride_pb
+            acc_abs = tl.abs(acc)
+            tl.store(P + pid_n * stride_pt + offs_m * stride_pm, tl.sum(acc_abs, axis=1), mask=mask_m)
+            if pid_m != pid_n:
+                tl.store(P + pid_m * stride_pt + offs_n * stride_pm, tl.sum(acc_abs, axis=0), mask=mask_n)
+
+    @triton.jit
+    def _ns_line_3_kernel(
+        Bm, X, C, S, M, K, a,
+        stride_bb, stride_bm, stride_bk,
+        stride_xb, stride_xm, stride_xk,
+        stride_cb, stride_cm, stride_ck,
+        stride_sb, stride_sm,
+        SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """C = a X1 + B X1 in one pass, line 3 of an iteration; X1 = diag(s) X if SCALE, else X.
+
+        Shapes: B [Bt, M, M], X [Bt, M, K] (any strides), S [Bt, M], C [Bt, M, K].
+        Dtypes: fp32/bf16/fp16 in, fp32 accumulation, C in X's dtype.
+        Grid: (cdiv(M, BLOCK_M) * cdiv(K, BLOCK_N), Bt); the accumulator of output tile (i, j)
+        starts at a * s_i * X[i, j] and adds (B[i, :] * s) X[:, j] over the inner dimension M
+        (s scales the B operand in registers). Tiles of one matrix are consecutive program ids,
+        so its B and X stay in L2 together.
+        """
+        pid = tl.program_id(0)
+        pid_b = tl.program_id(1).to(tl.int64)
+        tiles_n = tl.cdiv(K, BLOCK_N)
+        pid_m = pid // tiles_n
+        pid_n = pid % tiles_n
+        Bm += pid_b * stride_bb
+        X += pid_b * stride_xb
+        C += pid_b * stride_cb
+        S += pid_b * stride_sb
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < K
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        x_tile = tl.load(X + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xk, mask=mask_mn, other=0.0)
+        acc = a * x_tile.to(tl.float32)
+        if SCALE:
+            acc = acc * tl.load(S + offs_m * stride_sm, mask=mask_m, other=0.0)[:, None]
+        b_ptrs = Bm + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk  # [BM, BK]
+        x_ptrs = X + offs_k[:, None] * stride_xm + offs_n[None, :] * stride_xk   # [BK, BN]
+        for k0 in range(0, M, BLOCK_K):
+            mask_k = offs_k < M - k0
+            b = tl.load(b_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if SCALE:
+                s_k = tl.load(S + (k0 + offs_k) * stride_sm, mask=mask_k, other=0.0)
+                b = (b.to(tl.float32) * s_k[None, :]).to(b.dtype)
+            acc = tl.dot(b, x, acc, input_precision=DOT_PRECISION)
+            b_ptrs += BLOCK_K * stride_bk
+            x_ptrs += BLOCK_K * stride_xm
+        tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_ck, acc.to(C.dtype.element_ty), mask=mask_mn)
+
+
+def _scale_args(scale, fallback):
+    """(pointer, stride_b, stride_m) for an optional row scale; a broadcast (stride-0) view is fine."""
+    return (fallback, 0, 0) if scale is None else (scale, scale.stride(0), scale.stride(1))
+
+
+def _launch_sym(X, alpha, beta, add_x, rowsum_abs, scale):
+    """Launch `_ns_sym_kernel` on X [B, M, K]; returns C or (C, r)."""
+    batch, M, K = X.shape
+    block_m, _, block_k, num_warps, num_stages = _ns_config(M, K, batch, symmetric=True)
+    tiles = triton.cdiv(M, block_m)
+    C = torch.empty((batch, M, M), device=X.device, dtype=X.dtype)
+    # Row sums are fused (the kernel holds the fp32 tile anyway) but written as per-tile partials
+    # instead of fp32 atomics: deterministic, and the follow-up sum reads B * T * M floats, a
+    # fraction 1/BLOCK_M of what an unfused |C|.sum(-1) pass over the M x M output would read
+    # (measured on an H100: +8 us on [48, 768, 768], where torch's unfused version adds 70 us).
+    P = torch.empty((batch, tiles, M), device=X.device, dtype=torch.float32) if rowsum_abs else C
+    s_ptr, stride_sb, stride_sm = _scale_args(scale, C)
+    _ns_sym_kernel[(tiles * (tiles + 1) // 2, batch)](
+        X, C, P, s_ptr, M, K, float(alpha), float(beta),
+        X.stride(0), X.stride(1), X.stride(2),
+        C.stride(0), C.stride(1), C.stride(2),
+        P.stride(0), P.stride(1), P.stride(2),
+        stride_sb, stride_sm,
+        ADD_X=add_x, ROWSUM=rowsum_abs, SCALE=scale is not None, DOT_PRECISION=_dot_precision(X.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    return (C, P.sum(dim=1)) if rowsum_abs else C
+
+
+def ns_line_1(X, rowsum_abs=False):
+    """C = X X^T for X [B, M, K] (any strides, fp32/bf16/fp16) -> C [B, M, M] contiguous, X's dtype.
+
+    Only the lower-triangle tiles are computed (fp32 accumulation) and each is also stored
+    mirrored. With rowsum_abs=True also returns r [B, M] fp32, r[b, i] = sum_j |C[b, i, j]|, summed
+    from the fp32 accumulator (the AOL row sums of Turbo-Muon). Raises ValueError on bad input.
+    """
+    _check_line_1(X)
+    _check_triton_launch(X)
+    return _launch_sym(X, 1.0, 0.0, add_x=False, rowsum_abs=rowsum_abs, scale=None)
+
+
+def ns_line_2(A, alpha, beta, scale=None):
+    """C = alpha A1 A1^T + beta A1 for symmetric A [B, M, M] (fp32/bf16/fp16) -> C [B, M, M], A's
+    dtype, with A1 = diag(scale) A diag(scale) for a row scale [B, M] (any float dtype), else A.
+
+    Same symmetric tiling as `ns_line_1`; the beta term reads tile (i, j) of A, which relies on A
+    being symmetric (not checked: it is A = X X^T by construction in `orthogonalize`).
+    """
+    _check_line_2(A, scale)
+    _check_triton_launch(A)
+    return _launch_sym(A, alpha, beta, add_x=True, rowsum_abs=False, scale=scale)
+
+
+def ns_line_3(B, X, a, scale=None):
+    """C = a X1 + B X1 for B [Bt, M, M], X [Bt, M, K] (any strides, fp32/bf16/fp16) -> C [Bt, M, K],
+    with X1 = diag(scale) X for a row scale [Bt, M], else X.
+
+    One pass: each output tile's fp32 accumulator starts at a * X1 and adds B X1. C is contiguous,
+    in X's dtype. Raises ValueError on mismatched shapes, dtypes or devices.
+    """
+    batch, M, K = _check_line_3(B, X, scale)
+    _check_triton_launch(B, X)
+    block_m, block_n, block_k, num_warps, num_stages = _ns_config(M, K, batch)
+    C = torch.empty((batch, M, K), device=X.device, dtype=X.dtype)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_n), batch)
+    s_ptr, stride_sb, stride_sm = _scale_args(scale, C)
+    _ns_line_3_kernel[grid](
+        B, X, C, s_ptr, M, K, float(a),
+        B.stride(0), B.stride(1), B.stride(2),
+        X.stride(0), X.stride(1), X.stride(2),
+        C.stride(0), C.stride(1), C.stride(2),
+        stride_sb, stride_sm,
+        SCALE=scale is not None, DOT_PRECISION=_dot_precision(X.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    return C
+
+
+# Custom ops are registered under this file's name, so both trainer files can be imported in one process.
+OP_NAMESPACE = os.path.splitext(os.path.basename(__file__))[0]
+
+# Transposed copy of a float8 matrix for the FP8 head's weight gradient: cuBLAS float8 matmuls on
+# Hopper take both operands K-major, so g^T x needs g [tokens, vocab] laid out as [vocab, tokens].
+# A copy through torch's strided elementwise kernel moves one byte per 32-byte memory sector on one side;
+# this one moves square tiles (Triton stages the transpose through shared memory, both sides coalesced).
+if HAS_TRITON:
+
+    @triton.jit
+    def _transpose_kernel(X, Y, M, N, BLOCK: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # 64-bit: M * N may pass 2^31
+        cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        tile = tl.load(X + rows[:, None] * N + cols[None, :], mask=mask)
+        tl.store(Y + cols[None, :] * M + rows[:, None], tile, mask=mask)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::transpose_bytes", mutates_args=())
+def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
+    """x.T.contiguous() for a contiguous 2-d tensor of 1-byte elements (float8); Triton on GPU or when
+    interpreted, torch otherwise. An opaque op, so the compiler cannot fuse the transposed store into
+    the kernel that produced x (where it is uncoalesced)."""
+    if x.dim() != 2 or x.element_size() != 1 or not x.is_contiguous():
+        raise ValueError(f"transpose_bytes takes a contiguous 2-d tensor of 1-byte elements, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    if not HAS_TRITON or not (x.is_cuda or _kernels_interpreted()):
+        return x.T.contiguous()
+    M, N = x.shape
+    y = torch.empty((N, M), dtype=x.dtype, device=x.device)
+    block = 64
+    _transpose_kernel[(triton.cdiv(M, block), triton.cdiv(N, block))](x.view(torch.uint8), y.view(torch.uint8),
+                                                                        M, N, BLOCK=block, num_warps=4)
+    return y
+
+
+@transpose_bytes.register_fake
+def _(x):
+    return x.new_empty(x.size(1), x.size(0))
+
+
+# -----------------------------------------------------------------------------
+# Orthogonalization
+# -----------------------------------------------------------------------------
+# Each method replaces G = U S V^T by approximately U V^T (its polar factor) with odd matrix
+# polynomials X <- a X + (b A + c A^2) X, A = X X^T, which act on the singular values only.
+
+# Keller Jordan's quintic (github KellerJordan/Muon, muon.py), 5 steps after X / (||X||_F + 1e-7);
+# maps singular values in [0.01, 1] into [0.6818, 1.1344].
+NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+NS5_STEPS = 5
+NS5_EPS = 1e-7
+
+# Polar Express (arXiv 2505.16932, github NoahAmsel/PolarExpress):
+# optimal_composition(l=1e-3, num_iters=5, safety_factor_eps=0.02, cushion=0.02); all but the last
+# polynomial are divided by (1.02, 1.02^3, 1.02^5). Maps [1e-3, 1] into [0.8589, 1.1411].
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+PE_SAFETY = 1.02  # X / (||X||_F * 1.02 + 1e-6): ||X||_F bounds ||X||_2; 2% cushion (paper's safety factor)
+PE_EPS = 1e-6
+
+# Turbo-Muon (arXiv 2512.04632; seed 003, modded-nanogpt PR by thib-s): AOL preconditioning
+# (arXiv 2208.03160) s_i = (sum_j |A_ij|)^(-1/2) with A = X X^T gives ||diag(s) X||_2 <= 1; the
+# safety factor and eps enter as s = rsqrt(rowsum * 1.02 + 1e-6) (optimizers.md section 3; the
+# 1e-6 is taken relative to the mean squared row norm, see `aol_row_scale`). AOL
+# lifts small singular values, so the first Polar Express polynomial is dropped: PE5[1:] maps
+# [0.0082, 1] into [0.8589, 1.1411] with 4 iterations, the first reusing A.
+AOL_SAFETY = 1.02
+AOL_EPS = 1e-6
+TURBO_COEFFS = POLAR_EXPRESS_COEFFS[1:]
+
+ORTHO_METHODS = ("newton_schulz5", "polar_express", "turbo_muon")
+ORTHO_BACKENDS = ("auto", "torch", "triton")
+_TORCH_LINES = (ns_line_1_torch, ns_line_2_torch, ns_line_3_torch)
+_TRITON_LINES = (ns_line_1, ns_line_2, ns_line_3)
+
+
+def polar_factor_fp64(G):
+    """Float64 polar factor of G [..., m, n] by SVD: U V^T over the numerically nonzero singular values.
+
+    Directions with s <= max(m, n) * eps_fp64 * s_max are dropped (a partial isometry), which is
+    the limit Newton-Schulz iterations reach on rank-deficient input since every polynomial is odd.
+    Returned in float64 on G's device.
+    """
+    U, S, Vh = torch.linalg.svd(G.to(torch.float64), full_matrices=False)
+    tol = max(G.shape[-2:]) * torch.finfo(torch.float64).eps * S[..., :1]
+    return (U * (S > tol).to(U.dtype).unsqueeze(-2)) @ Vh
+
+
+def frobenius_row_scale(A, safety, eps):
+    """Row scale [B, M] that divides each X by (||X||_F * safety + eps), from A = X X^T [B, M, M].
+
+    ||X||_F^2 = trace(A), so the norm costs no pass over X. Uniform per matrix: returned as a
+    broadcast (stride-0) view of B values.
+    """
+    norm = A.diagonal(dim1=-2, dim2=-1).sum(dim=-1, dtype=_rowsum_dtype(A.dtype)).sqrt()
+    return (1.0 / (norm * safety + eps)).unsqueeze(-1).expand(A.shape[:-1])
+
+
+def aol_row_scale(A, rowsum):
+    """Turbo-Muon's AOL scale s [B, M] from A = X X^T and rowsum = sum_j |A_ij|: ||diag(s) X||_2 < 1.
+
+    s = rsqrt(1.02 * rowsum + 1e-6 * mean_i A_ii + tiny). The 1e-6 is scaled by the mean squared
+    row norm, which equals applying the reference formula rsqrt(1.02 * rowsum + 1e-6) to X
+    normalized to unit mean row norm: AOL is scale invariant, and this keeps the eps negligible at
+    any gradient magnitude (an absolute 1e-6 dominates the row sums once entries fall below about
+    1e-4). The floor `tiny` keeps s finite for an all-zero X, whose output is then 0.
+    """
+    mean_diag = A.diagonal(dim1=-2, dim2=-1).to(rowsum.dtype).mean(dim=-1, keepdim=True)
+    return torch.rsqrt(AOL_SAFETY * rowsum + AOL_EPS * mean_diag + torch.finfo(rowsum.dtype).tiny)
+
+
+def _math_dtype(G):
+    """bf16 on CUDA (fp32 accumulation inside the matmuls), fp32 on CPU; float64 input stays float64."""
+    if G.dtype == torch.float64:
+        return torch.float64
+    return torch.bfloat16 if G.is_cuda else torch.float32
+
+
+def _resolve_backend(backend, G):
+    if backend not in ORTHO_BACKENDS:
+        raise ValueError(f"backend must be one of {ORTHO_BACKENDS}, got {backend!r}")
+    if backend == "auto":  # TRITON_INTERPRET alone never selects Triton: tests ask for it by name
+        return "triton" if HAS_TRITON and G.is_cuda else "torch"
+    return backend
+
+
+def _polar_iterations(X, coeffs, lines, A, scale):
+    """X <- a X1 + (b A1 + c A1 A1^T) X1 for each (a, b, c), A1 = X1 X1^T.
+
+    The first iteration takes A = X X^T precomputed and X1 = diag(scale) X (folded into lines 2
+    and 3); later ones have X1 = X and compute A1 with line 1.
+    """
+    line_1, line_2, line_3 = lines
+    for a, b, c in coeffs:
+        if A is None:
+            A = line_1(X)
+        X = line_3(line_2(A, c, b, scale), X, a, scale)
+        A = scale = None
+    return X
+
+
+def orthogonalize(G, method="turbo_muon", backend="auto"):
+    """Approximate polar factor U V^T of G [B, m, n] or [m, n] (G = U S V^T).
+
+    methods: "newton_schulz5" (Keller: X / (||X||_F + 1e-7), 5 quintic steps), "polar_express"
+    (X / (||X||_F * 1.02 + 1e-6), the 5 Polar Express polynomials), "turbo_muon" (AOL row scaling
+    from A = X X^T, which the first iteration reuses, then Polar Express polynomials 2..5: 4
+    iterations). Each normalization is a row scale applied inside the first iteration's lines 2
+    and 3. Singular values land near 1, not on it (the constants above give each band).
+    backend: "torch" (ns_line_*_torch), "triton" (ns_line_* kernels), "auto" (Triton iff it is
+    installed and G is on CUDA); both run `_polar_iterations`.
+    Math dtype: bf16 on CUDA, fp32 on CPU, fp64 for fp64 input (torch backend only); the output
+    is in the math dtype with G's shape. Tall matrices (m > n) iterate on the transposed view
+    ([B, n, m], so A is the smaller Gram matrix) without a copy and return a transposed view.
+    """
+    if not isinstance(G, torch.Tensor) or G.ndim not in (2, 3) or not G.is_floating_point():
+        raise ValueError(f"expected a floating tensor [B, m, n] or [m, n], got {getattr(G, 'shape', type(G))}")
+    if method not in ORTHO_METHODS:
+        raise ValueError(f"method must be one of {ORTHO_METHODS}, got {method!r}")
+    lines = _TRITON_LINES if _resolve_backend(backend, G) == "triton" else _TORCH_LINES
+
+    X = (G if G.ndim == 3 else G.unsqueeze(0)).to(_math_dtype(G))  # no copy if already that dtype
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    if method == "turbo_muon":
+        A, rowsum = lines[0](X, rowsum_abs=True)
+        scale, coeffs = aol_row_scale(A, rowsum), TURBO_COEFFS
+    elif method == "polar_express":
+        A = lines[0](X)
+        scale, coeffs = frobenius_row_scale(A, PE_SAFETY, PE_EPS), POLAR_EXPRESS_COEFFS
+    else:
+        A = lines[0](X)
+        scale, coeffs = frobenius_row_scale(A, 1.0, NS5_EPS), (NS5_COEFFS,) * NS5_STEPS
+    X = _polar_iterations(X, coeffs, lines, A, scale)
+    if transposed:
+        X = X.mT
+    return X if G.ndim == 3 else X.squeeze(0)
+
+
+# -----------------------------------------------------------------------------
+# Optimizers
+# -----------------------------------------------------------------------------
+
+MUON_VARIANTS = ("muon", "orscale", "orscale_lm", "scion")
+
+
+class _Pending:
+    """An async collective and the tensor it fills; `wait()` returns that tensor."""
+
+    def __init__(self, tensor: torch.Tensor, handle=None):
+        self.tensor, self.handle = tensor, handle
+
+    def wait(self) -> torch.Tensor:
+        if self.handle is not None:
+            self.handle.wait()
+        return self.tensor
+
+
+def reduce_scatter_avg(full: torch.Tensor, world_size: int) -> _Pending:
+    """Average `full` [world_size * k, ...] over ranks; rank r receives rows r*k..(r+1)*k-1."""
+    if world_size == 1:
+        return _Pending(full)
+    out = torch.empty((full.size(0) // world_size, *full.shape[1:]), dtype=full.dtype, device=full.device)
+    return _Pending(out, dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True))
+
+
+def all_gather(shard: torch.Tensor, world_size: int) -> _Pending:
+    """Every rank's `shard` [k, ...] concatenated in rank order into [world_size * k, ...]."""
+    if world_size == 1:
+        return _Pending(shard)
+    out = torch.empty((world_size * shard.size(0), *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+    return _Pending(out, dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True))
+
+
+class DistAdam:
+    """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction and no weight decay.
+
+    Each parameter is flattened and padded to a multiple of world_size; rank r owns the r-th
+    contiguous shard, holds the Adam state of that shard only (ZeRO-1), updates it, and all ranks
+    all-gather the updated shards. Gradients are averaged with a reduce-scatter.
+    """
+
+    def __init__(self, params_and_lrs, betas, eps, rank, world_size):
+        self.beta1, self.beta2 = betas
+        self.eps, self.rank, self.world_size = eps, rank, world_size
+        self.entries = []
+        for p, lr in params_and_lrs:
+            shard = math.ceil(p.numel() / world_size)
+            self.entries.append(dict(param=p, lr=lr, shard=shard,
+                                     m=torch.zeros(shard, device=p.device, dtype=torch.float32),
+                                     v=torch.zeros(shard, device=p.device, dtype=torch.float32)))
+        self.t = 0
+        self._reduced, self._gathers = [], []
+
+    def _padded(self, flat, shard):
+        pad = shard * self.world_size - flat.numel()
+        return F.pad(flat, (0, pad)) if pad else flat
+
+    def reduce_grads(self):
+        """Launch the gradient reduce-scatters (async)."""
+        self._reduced = [reduce_scatter_avg(self._padded(e["param"].grad.reshape(-1).float(), e["shard"]),
+                                            self.world_size) for e in self.entries]
+
+    def step(self, lr_factor: float):
+        """Update this rank's shards and launch their all-gathers (async)."""
+        self.t += 1
+        bc1, bc2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
+        self._gathers = []
+        for e, pending in zip(self.entries, self._reduced):
+            g = pending.wait()
+            p, shard = e["param"], e["shard"]
+            w = p.detach().reshape(-1)[self.rank * shard:(self.rank + 1) * shard]
+            if w.numel() < shard:  # the last ranks' shards run past the end: pad them, not the whole parameter
+                w = F.pad(w, (0, shard - w.numel()))
+            e["m"].lerp_(g, 1 - self.beta1)
+            e["v"].lerp_(g * g, 1 - self.beta2)
+            step_size = e["lr"] * lr_factor / bc1
+            new_w = w - step_size * e["m"] / (e["v"].div(bc2).sqrt_() + self.eps)
+            self._gathers.append((p, all_gather(new_w, self.world_size)))
+        self._reduced = []
+
+    def finish(self):
+        """Wait for the all-gathers and write the full updated parameters."""
+        for p, pending in self._gathers:
+            p.detach().view(-1).copy_(pending.wait()[:p.numel()])
+        self._gathers = []
+
+    def state_tensors(self):
+        return [t for e in self.entries for t in (e["m"], e["v"])]
+
+
+def muon_shape_scale(m: int, n: int) -> float:
+    """Keller Jordan's max(1, m/n)^0.5 for a stored [m, n] matrix (github KellerJordan/Muon)."""
+    return max(1.0, m / n) ** 0.5
+
+
+def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float) -> torch.Tensor:
+    """NorMuon (arXiv 2510.05491): per-row second moment v <- b2 v + (1-b2) mean(O^2, -1), O / (sqrt(v)+eps),
+    then rescaled so each matrix keeps its Frobenius norm (the official code's and the speedrun's variant,
+    not the paper's Algorithm 1 line 10). v [B, m] is updated in place."""
+    v.lerp_(O.square().mean(dim=-1), 1 - beta2)
+    O_hat = O / (v.sqrt().unsqueeze(-1) + eps)
+    norm_O = O.norm(dim=(-2, -1), keepdim=True)
+    return O_hat * (norm_O / (O_hat.norm(dim=(-2, -1), keepdim=True) + eps))
+
+
+def muon_update(W: torch.Tensor, G: torch.Tensor, state: dict, hp: Hyperparameters, lr: float,
+                momentum: float) -> torch.Tensor:
+    """One Muon-family step for a stack of matrices W, G [B, m, n] (fp32); returns the new weights.
+
+    state holds this stack's buffers: "momentum" [B, m, n], "v" [B, m] (NorMuon), "c" [B] (OrScale-LM).
+    Every statistic is per matrix or per row, so a rank that owns whole matrices computes them exactly.
+    """
+    m, n = W.shape[-2:]
+    M = state["momentum"]
+    M.lerp_(G, 1 - momentum)  # EMA momentum (optimizers.md section 1)
+    if hp.muon_variant == "scion":
+        # Scion (arXiv 2502.07529, Emerging-Optimizers): no Nesterov, unit-RMS shape scale times the radius,
+        # Frank-Wolfe step W <- (1 - lr) W - lr * update.
+        O = orthogonalize(M, hp.muon_ortho).float()
+        return (1 - lr) * W - lr * (hp.scion_radius * math.sqrt(m / n)) * O
+    O = orthogonalize(G.lerp(M, momentum), hp.muon_ortho).float()  # Nesterov: (1-b) G + b M
+    if hp.normuon:
+        O = normuon_normalize(O, state["v"], hp.normuon_beta2, hp.normuon_eps)
+    if hp.muon_variant in ("orscale", "orscale_lm"):
+        # OrScale (arXiv 2605.07815): D = wd W + s Q, r = ||W|| / (c ||D|| + eps), W <- W - lr clip(r) D.
+        s = 0.2 * math.sqrt(max(m, n)) if hp.muon_variant == "orscale_lm" else 1.0
+        D = hp.muon_weight_decay * W + s * O
+        w_norm, d_norm = W.norm(dim=(-2, -1)), D.norm(dim=(-2, -1))
+        if hp.muon_variant == "orscale_lm":
+            c = state["c"]
+            # Calibrate once, at the first step where W is non-zero, so that r = 1 there (a zero-initialized
+            # matrix first moves with r = r_min, then calibrates at its next step).
+            uncalibrated = c == 0
+            c.copy_(torch.where(uncalibrated, w_norm / d_norm.clamp_min(1e-30), c))
+        else:
+            c = torch.ones_like(w_norm)
+        r = (w_norm / (c * d_norm + 1e-6)).clamp(hp.orscale_r_min, hp.orscale_r_max)
+        return W - lr * r[:, None, None] * D
+    U = O * muon_shape_scale(m, n)
+    if hp.muon_weight_decay:
+        decay = W * ((U * W) >= 0) if hp.cautious_wd else W  # cautious: decay only where signs agree
+        U = U + hp.muon_weight_decay * decay
+    return W - lr * U
+
+
+class DistMuon:
+    """Muon for hidden matrices, distributed the speedrun way.
+
+    Parameters [..., m, n] are grouped by matrix shape and their matrices stacked ([P, m, n], padded to
+    a multiple of world_size with zero matrices). Gradients are reduce-scattered (average), so rank r
+    owns stacked matrices r*k..(r+1)*k-1 (k = P_padded / world_size): it keeps their momentum,
+    orthogonalizes only them, and the updated matrices are all-gathered. All reduce-scatters are
+    launched before any compute, so one group's communication overlaps another's orthogonalization.
+    """
+
+    def __init__(self, params, hp: Hyperparameters, rank, world_size):
+        self.hp, self.rank, self.world_size = hp, rank, world_size
+        by_shape = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape[-2:]), []).append(p)
+        self.groups = []
+        for (m, n), ps in by_shape.items():
+            count = sum(p.numel() // (m * n) for p in ps)
+            k = math.ceil(count / world_size)
+            dev = ps[0].device
+            state = dict(momentum=torch.zeros(k, m, n, device=dev), v=torch.zeros(k, m, device=dev),
+                         c=torch.zeros(k, device=dev))
+            self.groups.append(dict(params=ps, shape=(m, n), count=count, k=k, state=state,
+                                    owned=self._owned_ranges(ps, m * n, rank * k, min((rank + 1) * k, count))))
+        self._reduced, self._gathers = [], []
+
+    @staticmethod
+    def _owned_ranges(params, mat_size, lo, hi):
+        """[(param, first, end)]: the matrices lo..hi-1 of the group's stack, as ranges within each param."""
+        ranges, offset = [], 0
+        for p in params:
+            count = p.numel() // mat_size
+            first, end = max(lo - offset, 0), min(hi - offset, count)
+            if first < end:
+                ranges.append((p, first, end))
+            offset += count
+        return ranges
+
+    def _owned_weights(self, group):
+        """This rank's k stacked matrices [k, m, n] (fp32), zero matrices where it owns padding."""
+        m, n = group["shape"]
+        mats = [p.detach().reshape(-1, m, n)[first:end].float() for p, first, end in group["owned"]]
+        pad = group["k"] - sum(end - first for _, first, end in group["owned"])
+        if pad:
+            mats.append(torch.zeros(pad, m, n, device=group["state"]["momentum"].device))
+        return torch.cat(mats) if len(mats) > 1 else mats[0]
+
+    def _stack(self, tensors, group):
+        m, n = group["shape"]
+        mats = [t.reshape(-1, m, n) for t in tensors]
+        pad = group["k"] * self.world_size - group["count"]
+        if pad:
+            mats.append(torch.zeros(pad, m, n, device=mats[0].device, dtype=mats[0].dtype))
+        return torch.cat(mats) if len(mats) > 1 else mats[0]
+
+    def reduce_grads(self):
+        """Launch the stacked-gradient reduce-scatters of all shape groups (async)."""
+        self._reduced = [reduce_scatter_avg(self._stack([p.grad.float() for p in g["params"]], g), self.world_size)
+                         for g in self.groups]
+
+    def step(self, lr_factor: float, momentum: float):
+        """Update this rank's matrices of each group and launch their all-gathers (async)."""
+        self._gathers = []
+        for g, pending in zip(self.groups, self._reduced):
+            grad = pending.wait()
+            new_w = muon_update(self._owned_weights(g), grad, g["state"], self.hp, self.hp.muon_lr * lr_factor,
+                                momentum)
+            self._gathers.append((g, all_gather(new_w, self.world_size)))
+        self._reduced = []
+
+    def finish(self):
+        """Wait for the all-gathers and write the updated matrices back into their parameters."""
+        for g, pending in self._gathers:
+            stacked, offset = pending.wait(), 0
+            for p in g["params"]:
+                count = p.numel() // (g["shape"][0] * g["shape"][1])
+                p.detach().copy_(stacked[offset:offset + count].view_as(p))
+                offset += count
+        self._gathers = []
+
+    def state_tensors(self):
+        return [t for g in self.groups for t in g["state"].values()]
+
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+
+BOS_ID = 50256  # <|endoftext|>, which starts every document
+ATTN_BLOCK = 128  # FlexAttention block size; sliding windows are counted in these blocks
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Document index of every position [T]: a new document starts at each BOS token."""
+    return (tokens == BOS_ID).cumsum(0)
+
+
+def dense_attention_mask(docs: torch.Tensor, window_blocks: int) -> torch.Tensor:
+    """[T, T] bool: causal, same document, and key block within `window_blocks` blocks of the query block.
+    The reference semantics; the GPU path encodes the same mask as a FlexAttention BlockMask."""
+    pos = torch.arange(docs.numel(), device=docs.device)
+    q, kv = pos[:, None], pos[None, :]
+    return (kv <= q) & (docs[:, None] == docs[None, :]) & (q // ATTN_BLOCK - kv // ATTN_BLOCK < window_blocks)
+
+
+def flex_block_mask(docs: torch.Tensor, window_blocks):
+    """The mask of `dense_attention_mask` as a BlockMask (T a multiple of ATTN_BLOCK).
+
+    Block pair (qb, kb) is skipped unless kb <= qb, kb is within the window and the blocks share a
+    document; it is "full" (no per-token mask) when kb < qb and both blocks lie in one document.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T = docs.numel()
+    nb = T // ATTN_BLOCK
+    blocks = docs.view(nb, ATTN_BLOCK)
+    first, last = blocks[:, 0], blocks[:, -1]
+    qb = torch.arange(nb, device=docs.device)[:, None]
+    kb = torch.arange(nb, device=docs.device)[None, :]
+    in_window = (kb <= qb) & (qb - kb < window_blocks)
+    overlap = last[None, :] >= first[:, None]  # kv block's last doc reaches the q block's first doc
+    full = in_window & (kb < qb) & (first[None, :] == last[:, None])
+    partial = in_window & overlap & ~full
+
+    def to_kv_layout(m):
+        counts = m.sum(dim=-1, dtype=torch.int32)
+        indices = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[None, None].contiguous(), indices[None, None].contiguous()
+
+    def document_causal(b, h, q_idx, kv_idx):
+        # The window test is implied by the block lists on GPU; eager flex_attention uses only this function.
+        in_window = q_idx // ATTN_BLOCK - kv_idx // ATTN_BLOCK < window_blocks
+        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & in_window
+
+    kv_num, kv_idx = to_kv_layout(partial)
+    full_num, full_idx = to_kv_layout(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=ATTN_BLOCK,
+                                    mask_mod=document_causal)
+
+
+def _flex_attention(q, k, v, block_mask, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+# FP8 LM head (as in the public speedrun's records): operands are divided by a scale and cast to
+# float8 (e4m3 forward, e5m2 for gradients), multiplied with fp32 accumulation, and the product
+# rescaled. Scales map the expected range onto e4m3's largest finite value: x is RMS-normed, so
+# |x_i| <= sqrt(dim); |w| <= 24 covers the head's weights; gradients of the summed loss are small and
+# are scaled up by 448 before the cast. Only the matmul is an opaque op: the casts and transposes stay
+# in the traced graph, so the compiler fuses the gradient's cast into the loss backward instead of
+# making extra passes over the [tokens, vocab] gradient.
+FP8_E4M3_MAX = 448.0
+FP8_HEAD_W_MAX = 24.0
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::fp8_mm", mutates_args=())
+def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_s: float, b_s: float, out_f32: bool, fast_accum: bool
+           ) -> torch.Tensor:
+    """(a_s a) (b_s b)^T for float8 a [M, K] and b [N, K], both row-major; bf16 output, or fp32 if out_f32."""
+    scale_a = torch.full((), a_s, dtype=torch.float32, device=a.device)
+    scale_b = torch.full((), b_s, dtype=torch.float32, device=a.device)
+    return torch._scaled_mm(a, b.T, scale_a=scale_a, scale_b=scale_b, use_fast_accum=fast_accum,
+                            out_dtype=torch.float32 if out_f32 else torch.bfloat16)
+
+
+@fp8_mm.register_fake
+def _(a, b, a_s, b_s, out_f32, fast_accum):
+    return a.new_empty(a.size(0), b.size(0), dtype=torch.float32 if out_f32 else torch.bfloat16)
+
+
+class FP8Linear(torch.autograd.Function):
+    """y = x w^T (bf16) for x [T, K] (bf16) and w [V, K] (fp32) through float8 operands; gradients likewise.
+    T, K, V must be multiples of 16."""
+
+    @staticmethod
+    def forward(ctx, x, w, x_s: float, w_s: float, grad_s: float):
+        x8 = x.div(x_s).to(torch.float8_e4m3fn)
+        w8 = w.div(w_s).to(torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, w8)
+        ctx.scales = (x_s, w_s, grad_s)
+        return fp8_mm(x8, w8, x_s, w_s, False, True)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x8, w8 = ctx.saved_tensors
+        x_s, w_s, grad_s = ctx.scales
+        g8 = grad_y.div(grad_s).to(torch.float8_e5m2)
+        grad_x = fp8_mm(g8, transpose_bytes(w8), grad_s, w_s, False, False)  # g w: [T, V] [V, K]
+        # w's gradient as (x^T g)^T: the [K, T] x [T, V] product is the faster cuBLAS shape for K << V.
+        grad_w = fp8_mm(transpose_bytes(x8), transpose_bytes(g8), x_s, grad_s, True, False).T
+        return grad_x, grad_w, None, None, None
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings (Su et al., arXiv 2104.09864) on half of the head dims; the other half carries
+    no position (the speedrun's "half-truncated RoPE")."""
+
+    def __init__(self, head_dim: int, max_seq_len: int):
+        super().__init__()
+        quarter = head_dim // 4
+        freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, quarter), torch.zeros(quarter)])
+        theta = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * freqs[None, :]
+        self.register_buffer("cos", theta.cos(), persistent=False)
+        self.register_buffer("sin", theta.sin(), persistent=False)
+
+    def forward(self, x_BTHD: torch.Tensor) -> torch.Tensor:
+        T = x_BTHD.size(1)
+        cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
+        x1, x2 = x_BTHD.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x_BTHD)
+
+
+def _init_linear_(w: torch.Tensor):
+    bound = 3 ** 0.5 * 0.5 / w.size(-1) ** 0.5  # uniform with std 0.5 / sqrt(fan_in)
+    with torch.no_grad():
+        w.uniform_(-bound, bound)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: QK-normed attention with value embeddings, then a ReLU^2 MLP."""
+
+    def __init__(self, hp: Hyperparameters, rotary: Rotary, has_attention: bool = True):
+        super().__init__()
+        hdim = hp.num_heads * hp.head_dim
+        self.num_heads, self.head_dim, self.attn_scale = hp.num_heads, hp.head_dim, hp.attn_scale
+        self.rotary = rotary
+        # q, k, v, o as one [4, hdim, dim] parameter; o is applied transposed. Muon sees 4 matrices.
+        self.qkvo_w = nn.Parameter(torch.empty(4, hdim, hp.model_dim)) if has_attention else None
+        self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))  # [hidden, dim]
+        self.mlp_proj = nn.Parameter(torch.zeros(hp.model_dim, hp.mlp_ratio * hp.model_dim))  # [dim, hidden]
+        _init_linear_(self.mlp_fc)
+        if has_attention:
+            _init_linear_(self.qkvo_w)
+            with torch.no_grad():
+                self.qkvo_w[3].zero_()  # zero-init output projections: each block starts as the identity
+
+    def matrices(self):
+        return [p for p in (self.qkvo_w, self.mlp_fc, self.mlp_proj) if p is not None]
+
+    def attention(self, x, ve, value_lambdas, mask):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        w = self.qkvo_w.type_as(x)
+        q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(B, T, 3 * H, D).chunk(3, dim=-2)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        v = value_lambdas[0] * v
+        if ve is not None:
+            v = v + value_lambdas[1] * ve.view_as(v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if isinstance(mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale)
+        else:
+            y = _flex_attention(q, k, v, mask, self.attn_scale)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return y @ w[3]
+
+    def forward(self, x, x0, ve, lambdas, value_lambdas, mask):
+        x = lambdas[0] * x + lambdas[1] * x0
+        if self.qkvo_w is not None:
+            x = x + self.attention(rms_norm(x), ve, value_lambdas, mask)
+        hidden = F.relu(F.linear(rms_norm(x), self.mlp_fc.type_as(x))).square()
+        return x + F.linear(hidden, self.mlp_proj.type_as(x))
+
+
+class GPT(nn.Module):
+    """GPT with value embeddings and U-net skips: the second half of the layers adds, with learned
+    weights, the outputs of the first half in reverse order. Returns the summed cross-entropy."""
+
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        L = hp.num_layers
+        self.hp = hp
+        self.embed = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.value_embeds = nn.ModuleList([nn.Embedding(hp.vocab_size, hp.model_dim)
+                                           for _ in range(hp.num_value_embeds)])
+        rotary = Rotary(hp.head_dim, max(hp.train_seq_len, hp.val_seq_len))
+        self.blocks = nn.ModuleList([Block(hp, rotary, kind != "-") for kind in hp.layer_attention])
+        self.lm_head_w = nn.Parameter(torch.zeros(hp.vocab_size, hp.model_dim))  # zero-init head
+        # scalars: L // 2 skip weights, then (x, x0) lambdas and (v, ve) lambdas for every layer
+        self.scalars = nn.Parameter(torch.cat([torch.ones(L // 2), torch.tensor([1.0, 0.0]).repeat(L),
+                                               torch.tensor([0.5, 0.5]).repeat(L)]))
+        self.ve_layer = [value_embed_index(i, L, hp.num_value_embeds) for i in range(L)]
+
+    def hidden_matrices(self):
+        return [p for b in self.blocks for p in b.matrices()]
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, window_blocks) -> torch.Tensor:
+        """inputs, targets [T] (targets -100 are ignored); window_blocks: long-window size in blocks
+        (int, or 0-d int tensor on GPU). Returns the sum of the token losses (fp32)."""
+        hp, L = self.hp, self.hp.num_layers
+        dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
+        docs = document_ids(inputs)
+        short_blocks = torch.clamp(window_blocks // 2, min=1) if isinstance(window_blocks, torch.Tensor) \
+            else max(window_blocks // 2, 1)
+        if inputs.is_cuda:
+            long_mask, short_mask = flex_block_mask(docs, window_blocks), flex_block_mask(docs, short_blocks)
+        else:
+            long_mask, short_mask = dense_attention_mask(docs, window_blocks), dense_attention_mask(docs, short_blocks)
+        skip_w = self.scalars[:L // 2]
+        lambdas = self.scalars[L // 2:L // 2 + 2 * L].view(L, 2)
+        value_lambdas = self.scalars[L // 2 + 2 * L:].view(L, 2)
+        x = x0 = rms_norm(self.embed(inputs).to(dtype)[None])
+        ves = [ve(inputs).to(dtype)[None] for ve in self.value_embeds]
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= L - L // 2 and skips:
+                x = x + skip_w[i - (L - L // 2)] * skips.pop()
+            ve = ves[self.ve_layer[i]] if self.ve_layer[i] is not None else None
+            mask = long_mask if hp.layer_attention[i] == "L" else short_mask
+            x = block(x, x0, ve, lambdas[i], value_lambdas[i], mask)
+            if i < L // 2:
+                skips.append(x)
+        x = rms_norm(x)[0]
+        if hp.fp8_head and x.is_cuda:
+            scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX, 1 / FP8_E4M3_MAX)
+            logits = FP8Linear.apply(x, self.lm_head_w, *scales).float()
+        else:
+            logits = F.linear(x, self.lm_head_w.type_as(x)).float()
+        # Softcap into (0, cap): the speedrun's 30 * sigmoid(z / (7.5 sqrt(dim))). The 1/sqrt(dim) also sets
+        # the head's effective Adam step (lr 0.22 / sqrt(768), about 0.008 per logit unit).
+        cap = hp.logit_softcap
+        logits = cap * torch.sigmoid(logits / (cap / 4 * hp.model_dim ** 0.5))
+        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+
+
+class DataError(RuntimeError):
+    """Missing, corrupt or exhausted data; the message names the file and what to do."""
+
+
+def read_shard(path: str, vocab_size: int) -> np.ndarray:
+    """Tokens of one shard (read-only memmap), after checking header, size and token range.
+
+    Format (modded-nanogpt): 256 little-endian int32 (magic 20240520, version 1, token count), then
+    the tokens as little-endian uint16.
+    """
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if header.size < HEADER_INTS:
+        raise DataError(f"{path}: truncated header ({size} bytes, need {4 * HEADER_INTS}); re-download the shard")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    count = int(header[2])
+    expected = 4 * HEADER_INTS + 2 * count
+    if size != expected:
+        raise DataError(f"{path}: size mismatch: header says {count} tokens ({expected} bytes), file has "
+                        f"{size} bytes; the file is truncated or corrupt, re-download it")
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(count,))
+    top = int(tokens.max()) if count else 0
+    if top >= vocab_size:
+        raise DataError(f"{path}: token id {top} >= vocab_size {vocab_size}; the shard is corrupt or not GPT-2 tokens")
+    return tokens
+
+
+def list_shards(pattern: str, flag: str) -> list[str]:
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise DataError(f"no files match --{flag}={pattern!r}; download FineWeb with "
+                        f"`python data/cached_fineweb10B.py 9` or point --{flag} at your shards")
+    return files
+
+
+class _ShardPrefetcher:
+    """Opens (reads, validates and indexes) the next shard on a background thread."""
+
+    def __init__(self, path, vocab_size):
+        self.result, self.error = None, None
+        self.thread = threading.Thread(target=self._run, args=(path, vocab_size), daemon=True)
+        self.thread.start()
+
+    def _run(self, path, vocab_size):
+        try:
+            tokens = read_shard(path, vocab_size)
+            self.result = (tokens, np.flatnonzero(tokens == BOS_ID))
+        except Exception as e:  # re-raised in the consumer's thread
+            self.error = e
+
+    def get(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class TrainStream:
+    """The global sequence of training micro-batches, independent of the world size.
+
+    Micro-batch j is seq_len + 1 tokens starting at a BOS token; the next one starts at the first BOS at
+    or after the previous start + seq_len (a document may continue across the boundary; the tail of a
+    shard that cannot hold a whole micro-batch is skipped). Rank r of W takes micro-batches j = r mod W.
+    """
+
+    def __init__(self, pattern: str, seq_len: int, vocab_size: int, cycle: bool, flag: str = "train_files"):
+        self.files = list_shards(pattern, flag)
+        self.pattern, self.seq_len, self.vocab_size, self.cycle = pattern, seq_len, vocab_size, cycle
+        self.file_index, self.pos, self.tokens_served = -1, 0, 0
+        self._next = _ShardPrefetcher(self.files[0], vocab_size)
+        self._advance_shard()
+
+    def _advance_shard(self):
+        self.file_index += 1
+        if self.file_index == len(self.files):
+            if not self.cycle:
+                raise DataError(f"training data exhausted after {self.tokens_served:,} tokens in "
+                                f"{len(self.files)} file(s) matching {self.pattern!r}; add shards "
+                                "(python data/cached_fineweb10B.py N) or pass --cycle_train_data=true")
+            self.file_index = 0
+        self.tokens, self.bos = self._next.get()
+        self.pos = 0
+        following = (self.file_index + 1) % len(self.files)
+        self._next = _ShardPrefetcher(self.files[following], self.vocab_size)
+
+    def next_micro_batch(self) -> np.ndarray:
+        for _ in range(2 * len(self.files) + 1):
+            i = np.searchsorted(self.bos, self.pos)
+            if i < len(self.bos) and self.bos[i] + self.seq_len + 1 <= len(self.tokens):
+                start = int(self.bos[i])
+                self.pos = start + self.seq_len
+                self.tokens_served += self.seq_len
+                return self.tokens[start:start + self.seq_len + 1]
+            self._advance_shard()
+        raise DataError(f"no shard in {self.pattern!r} holds a BOS-aligned sequence of {self.seq_len + 1} tokens")
+
+
+class DistributedTrainLoader:
+    """This rank's micro-batches as (inputs, targets) int64 tensors on `device`.
+
+    The next batch is staged while the current one computes (pinned host memory, non-blocking copy).
+    """
+
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
+        self.stream = TrainStream(hp.train_files, hp.train_seq_len, hp.vocab_size, hp.cycle_train_data)
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self._staged = self._stage()
+
+    def _stage(self):
+        mine = None
+        for r in range(self.world_size):
+            batch = self.stream.next_micro_batch()
+            if r == self.rank:
+                mine = batch
+        host = torch.from_numpy(mine.astype(np.int64))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        buf = host.to(self.device, non_blocking=True)
+        return buf[:-1], buf[1:]
+
+    def next_batch(self):
+        batch, self._staged = self._staged, self._stage()
+        return batch
+
+
+def load_validation_tokens(hp: Hyperparameters) -> np.ndarray:
+    """The first val_tokens tokens of the validation files (int64), read and checked once per run."""
+    files = list_shards(hp.val_files, "val_files")
+    need, parts, have = hp.val_tokens, [], 0
+    for path in files:
+        tokens = read_shard(path, hp.vocab_size)
+        parts.append(np.asarray(tokens[:need - have]))
+        have += parts[-1].size
+        if have == need:
+            break
+    if have < need:
+        raise DataError(f"validation files {hp.val_files!r} hold {have:,} tokens; --val_tokens={need:,} needed")
+    return np.concatenate(parts).astype(np.int64)
+
+
+def validation_chunks(stream: np.ndarray, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    """This rank's validation forwards over `stream` (load_validation_tokens): (inputs, targets), val_seq_len each.
+
+    The loss covers exactly the first val_tokens tokens of the validation stream: chunk c predicts
+    tokens c*L+1 .. (c+1)*L; the one target past val_tokens is ignored (-100), so every world size scores
+    the same val_tokens - 1 predictions. Chunk c goes to rank c mod world_size.
+    """
+    L = hp.val_seq_len
+    for c in range(rank, len(stream) // L, world_size):
+        inputs = torch.from_numpy(stream[c * L:(c + 1) * L])
+        targets = torch.full((L,), -100, dtype=torch.int64)
+        nxt = stream[c * L + 1:(c + 1) * L + 1]
+        targets[:nxt.size] = torch.from_numpy(nxt)
+        yield inputs.to(device), targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Logging
+# -----------------------------------------------------------------------------
+
+RULE = "=" * 100
+
+
+class RunLog:
+    """Rank 0 writes every line to stdout and to <log_dir>/<run_id>.txt, flushed as written."""
+
+    def __init__(self, hp: Hyperparameters, rank: int):
+        self.file = None
+        if rank == 0:
+            os.makedirs(hp.log_dir, exist_ok=True)
+            self.path = os.path.join(hp.log_dir, f"{hp.run_id or uuid.uuid4()}.txt")
+            self.file = open(self.path, "w", encoding="utf-8")
+
+    def __call__(self, line: str, console: bool = True):
+        if self.file is None:
+            return
+        if console:
+            print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def environment_report() -> str:
+    lines = [f"python {sys.version.split()[0]}", f"torch {torch.__version__} (cuda {torch.version.cuda})",
+             f"triton {triton.__version__ if HAS_TRITON else 'not installed'}"]
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        smi = "nvidia-smi: not available"
+    return "\n".join(lines + [smi])
+
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_factor(step: int, hp: Hyperparameters) -> float:
+    """Stable at 1, then linear cooldown to final_lr_frac over the last cooldown_frac of the steps."""
+    x = step / hp.num_iterations
+    if x < 1 - hp.cooldown_frac:
+        return 1.0
+    w = (1 - x) / hp.cooldown_frac
+    return w + (1 - w) * hp.final_lr_frac
+
+
+def muon_momentum(step: int, hp: Hyperparameters) -> float:
+    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
+
+
+def window_blocks(step: int, hp: Hyperparameters) -> int:
+    """Long-window size in ATTN_BLOCK blocks, growing linearly from window_start to window_end."""
+    lo, hi = hp.window_start // ATTN_BLOCK, hp.window_end // ATTN_BLOCK
+    return lo + math.ceil((hi - lo) * step / hp.num_iterations)
+
+
+class Trainer:
+    """Model, optimizers and data of one run; `train_step` and `evaluate` are the whole loop body."""
+
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
+        self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
+        self.derived = derive(hp, world_size)
+        torch.manual_seed(hp.seed)  # every rank seeds alike, so all start from the same weights
+        with device:
+            self.model = GPT(hp)
+        if world_size > 1:
+            for p in self.model.parameters():
+                dist.broadcast(p.detach(), 0)
+        use_compile = hp.compile and device.type == "cuda"
+        self.forward = torch.compile(self.model, dynamic=False) if use_compile else self.model
+        m = self.model
+        adam_params = ([(m.embed.weight, hp.adam_lr_embed)] + [(e.weight, hp.adam_lr_embed) for e in m.value_embeds]
+                       + [(m.lm_head_w, hp.adam_lr_head), (m.scalars, hp.adam_lr_scalar)])
+        self.adam = DistAdam(adam_params, (hp.adam_beta1, hp.adam_beta2), hp.adam_eps, rank, world_size)
+        self.muon = DistMuon(m.hidden_matrices(), hp, rank, world_size)
+        assert {id(p) for p, _ in adam_params} | {id(p) for p in m.hidden_matrices()} == \
+            {id(p) for p in m.parameters()}, "every parameter has exactly one optimizer"
+        self._window_cache = {}
+        self.last_val_predictions = 0
+        self._val_tokens = None
+
+    def window(self, step: int):
+        blocks = window_blocks(step, self.hp)
+        if self.device.type != "cuda":
+            return blocks
+        if blocks not in self._window_cache:  # a device tensor, so a new window does not recompile
+            self._window_cache[blocks] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
+        return self._window_cache[blocks]
+
+    def train_step(self, step: int, loader: DistributedTrainLoader) -> torch.Tensor:
+        """One optimizer step over batch_tokens tokens; returns this rank's mean train loss (device)."""
+        hp, accum = self.hp, self.derived.grad_accum
+        window = self.window(step)
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            inputs, targets = loader.next_batch()
+            loss_sum = self.forward(inputs, targets, window)
+            # Backward the summed loss averaged over micro-batches (and, by the reduce-scatter, over ranks):
+            # the same gradient for any world size, at a scale float8 gradients represent well.
+            (loss_sum / accum).backward()
+            total += loss_sum.detach() / (hp.train_seq_len * accum)
+        self.adam.reduce_grads()
+        self.muon.reduce_grads()
+        factor = lr_factor(step, hp)
+        self.adam.step(factor)
+        self.muon.step(factor, muon_momentum(step, hp))
+        self.adam.finish()
+        self.muon.finish()
+        self.model.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> float:
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        window = self.window(step)
+        for inputs, targets in validation_chunks(self.val_tokens, self.hp, self.rank, self.world_size, self.device):
+            loss_sum += self.forward(inputs, targets, window).double()
+            count += (targets != -100).sum()
+        if self.world_size > 1:
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(count)
+        self.last_val_predictions = int(count.item())  # val_tokens - 1 on every world size (tested)
+        return (loss_sum / count).item()
+
+    @property
+    def val_tokens(self) -> np.ndarray:
+        """The validation stream, read and checked at first use and kept for the run."""
+        if self._val_tokens is None:
+            self._val_tokens = load_validation_tokens(self.hp)
+        return self._val_tokens
+
+    def _state_tensors(self):
+        return list(self.model.parameters()) + self.adam.state_tensors() + self.muon.state_tensors()
+
+    def snapshot(self):
+        return [t.detach().clone() for t in self._state_tensors()], self.adam.t
+
+    def restore(self, snap):
+        saved, self.adam.t = snap
+        with torch.no_grad():
+            for t, s in zip(self._state_tensors(), saved, strict=True):
+                t.copy_(s)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _global_mean(x: torch.Tensor, world_size: int) -> float:
+    if world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world_size
+    return x.item()
+
+
+def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog,
+          launch_time: float) -> float:
+    """The whole run: warm-up (untimed, state restored), then the timed loop. Returns the final val loss."""
+    N = hp.num_iterations
+    trainer = Trainer(hp, rank, world_size, device)
+    d = trainer.derived
+    log(f"world_size:{world_size} grad_accum:{d.grad_accum} tokens_per_step:{hp.batch_tokens} "
+        f"device:{device.type} compile:{hp.compile and device.type == 'cuda'}")
+
+    # Untimed warm-up: compiles and tunes kernels on real batches, then restores the initial state.
+    t_compile = time.perf_counter()
+    if hp.warmup_steps:
+        snap = trainer.snapshot()
+        warm_loader = DistributedTrainLoader(hp, rank, world_size, device)
+        for step in range(hp.warmup_steps):
+            trainer.train_step(step, warm_loader)
+        inputs, targets = next(validation_chunks(trainer.val_tokens, hp, rank, world_size, device))
+        with torch.no_grad():
+            trainer.forward(inputs, targets, trainer.window(0))
+        trainer.restore(snap)
+        del warm_loader
+    _sync(device)
+    log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s "
+        f"startup_time:{time.perf_counter() - launch_time:.1f}s")
+
+    loader = DistributedTrainLoader(hp, rank, world_size, device)
+    train_ms, pending = 0.0, None
+    _sync(device)
+    t0 = time.perf_counter()
+    val_loss = float("nan")
+    for step in range(N + 1):
+        last = step == N
+        if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
+            _sync(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            val_loss = trainer.evaluate(step)
+            if not math.isfinite(val_loss):
+                raise NonFiniteLossError(f"non-finite val loss {val_loss} at step {step}")
+            avg = train_ms / max(step, 1)
+            log(f"step:{step}/{N} val_loss:{val_loss:.{VAL_LOSS_DECIMALS}f} train_time:{train_ms:.0f}ms step_avg:{avg:.2f}ms")
+            _sync(device)
+            t0 = time.perf_counter()
+        if last:
+            break
+        loss = trainer.train_step(step, loader)
+        if pending is not None:  # check the previous step's loss now, so the GPU never idles for it
+            prev_step, prev_loss = pending
+            value = _global_mean(prev_loss, world_size)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"non-finite train loss {value} at step {prev_step + 1}")
+        pending = (step, loss)
+        approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        log(f"step:{step + 1}/{N} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+    else:
+        import resource
+        log(f"peak memory allocated: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB "
+            "reserved: n/a (cpu, max resident set size)")
+    return val_loss
+
+
+# -----------------------------------------------------------------------------
+# main
+# -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    launch_time = time.perf_counter()
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    try:
+        hp = parse_args(argv)
+        rank, world_size, device = setup_distributed(hp)
+    except ConfigError as e:
+        print(f"error: {e}\n\n{help_text()}", file=sys.stderr)
+        return 2
+    log = RunLog(hp, rank)
+    status = 0
+    try:
+        with open(__file__, encoding="utf-8") as f:
+            log(f.read().rstrip("\n"), console=False)
+        log(RULE, console=False)
+        log(environment_report(), console=False)
+        log(RULE, console=False)
+        log("hyperparameters: " + json.dumps(dataclasses.asdict(hp)))
+        train(hp, rank, world_size, device, log, launch_time)
+    except (ConfigError, DataError, NonFiniteLossError) as e:
+        log(f"error: {e}")
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        status = 1
+    finally:
+        log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
