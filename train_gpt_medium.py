@@ -1128,9 +1128,9 @@ def _flex_attention(q, k, v, block_mask, scale):
 # float8 (e4m3 forward, e5m2 for gradients), multiplied with fp32 accumulation, and the product
 # rescaled. Scales map the expected range onto e4m3's largest finite value: x is RMS-normed, so
 # |x_i| <= sqrt(dim); |w| <= 24 covers the head's weights; gradients of the summed loss are small and
-# are scaled up by 448 before the cast. Only the matmul is an opaque op: the casts and transposes stay
-# in the traced graph, so the compiler fuses the gradient's cast into the loss backward instead of
-# making extra passes over the [tokens, vocab] gradient.
+# are scaled up by 448 before the cast. The casts stay in the traced graph, so the compiler fuses the
+# gradient's cast into the loss backward instead of making extra passes over the [tokens, vocab]
+# gradient; the matmuls (`fp8_mm`) and the K-major copies they need (`transpose_bytes`) are opaque ops.
 FP8_E4M3_MAX = 448.0
 FP8_HEAD_W_MAX = 24.0
 

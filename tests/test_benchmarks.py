@@ -47,3 +47,17 @@ def test_logs_from_before_the_layer_pattern_still_summarize(bench):
     logged["long_window_every"] = 4
     hp = bench.hyperparameters_of_log(logged)
     assert hp.layer_attention == "LSSSLSSSLSSL", "long windows at 0, 4, 8 and the last layer; attention in all"
+
+
+def test_profile_step_reports_every_phase_of_a_tiny_cpu_step(tiny_corpus, capsys):
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    argv = ["--warmup", "1", "--time_steps", "1", "--steps", "1", "--top", "3", "--start_step", "5", "--",
+            "--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}"]
+    assert profile_step.main(argv) == 0
+    out = capsys.readouterr().out
+    phases = dict(line.split()[:2] for line in out.split("by phase")[1].splitlines()[1:6])
+    assert set(phases) == {"adam", "forward", "muon", "backward+loss+other", "total"}, out
+    for name in ("adam", "forward", "muon", "backward+loss+other"):
+        assert 0 < float(phases[name]) < float(phases["total"]), f"phase {name} ran and is part of the step: {out}"
