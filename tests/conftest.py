@@ -18,6 +18,8 @@ TRAINER_MODULES = [name for name in ("train_gpt", "train_gpt_medium") if (ROOT /
 # Code the two files share line for line (tests/test_tracks.py checks it) is tested through train_gpt.py
 # alone: kernels, orthogonalization, optimizers, model, loader, the distributed and determinism runs.
 SHARED_CODE_MODULES = TRAINER_MODULES[:1]
+# Marks a test, or as `pytestmark` a whole test module, of that shared code: train_gpt.py only.
+shared_code_only = pytest.mark.parametrize("trainer", SHARED_CODE_MODULES, indirect=True)
 
 
 def write_shard(path, tokens, magic=SHARD_MAGIC, version=SHARD_VERSION, header_count=None):

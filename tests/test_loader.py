@@ -1,16 +1,13 @@
 """The trainer's data path: shard validation, BOS-aligned batches, world-size-independent streams."""
-import importlib
 
 import numpy as np
 import pytest
 import torch
-from conftest import BOS, SHARED_CODE_MODULES, synthetic_tokens, write_shard
+from conftest import BOS, shared_code_only, synthetic_tokens, write_shard
 
 
-@pytest.fixture(params=SHARED_CODE_MODULES)
-def trainer(request):
-    """train_gpt.py only: this file tests code that train_gpt_medium.py shares line for line."""
-    return importlib.import_module(request.param)
+# Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
+pytestmark = shared_code_only
 
 
 @pytest.fixture

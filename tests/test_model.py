@@ -1,17 +1,14 @@
 """The model: attention masks (GPU BlockMask == CPU dense mask), causality, document isolation, init."""
-import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_CODE_MODULES
+from conftest import shared_code_only
 
 
-@pytest.fixture(params=SHARED_CODE_MODULES)
-def trainer(request):
-    """train_gpt.py only: this file tests code that train_gpt_medium.py shares line for line."""
-    return importlib.import_module(request.param)
+# Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
+pytestmark = shared_code_only
 
 
 def _tokens_with_documents(n, bos_positions, bos_id, seed=0):

@@ -11,7 +11,6 @@ Tests run against train_gpt.py; train_gpt_medium.py shares this code line for li
 orthogonalizer then computes in float64 and `muon_update` rounds its output O to float32, so the
 remaining error is one float32 rounding of O (relative 6e-8) times lr.
 """
-import importlib
 import math
 import os
 import subprocess
@@ -20,16 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_CODE_MODULES
+from conftest import shared_code_only
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=SHARED_CODE_MODULES)
-def trainer(request):
-    """train_gpt.py only: this file tests code that train_gpt_medium.py shares line for line."""
-    return importlib.import_module(request.param)
+# Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
+pytestmark = shared_code_only
 
 # -----------------------------------------------------------------------------
 # Distributed equivalence

@@ -4,7 +4,6 @@ Tests run against train_gpt.py; train_gpt_medium.py shares this code line for li
 (tests/test_tracks.py). Accuracy claims are checked in float64 against an SVD polar factor; the Triton
 kernels run on CPU under the Triton interpreter and are held to float32 matmul accuracy.
 """
-import importlib
 import os
 import re
 import subprocess
@@ -13,13 +12,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import SHARED_CODE_MODULES
+from conftest import shared_code_only
 
 
-@pytest.fixture(params=SHARED_CODE_MODULES)
-def trainer(request):
-    """train_gpt.py only: this file tests code that train_gpt_medium.py shares line for line."""
-    return importlib.import_module(request.param)
+# Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
+pytestmark = shared_code_only
 
 F64 = torch.float64
 U32 = 2.0 ** -24  # float32 unit roundoff

@@ -8,13 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED_CODE_MODULES, write_shard
+from conftest import ROOT, shared_code_only, write_shard
 
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
 RULE = "=" * 100
-# The costliest runs exercise code the two trainer files share line for line (tests/test_tracks.py).
-shared_code_only = pytest.mark.parametrize("trainer", SHARED_CODE_MODULES, indirect=True)
 
 
 def _args(corpus, log_dir, run_id, *extra):
