@@ -1244,6 +1244,13 @@ class Block(nn.Module):
         return x + F.linear(hidden, self.mlp_proj.type_as(x))
 
 
+def short_window_blocks(long_blocks):
+    """The short ("S") layers' window: half the long window, at least one block (int or 0-d tensor)."""
+    if isinstance(long_blocks, torch.Tensor):
+        return torch.clamp(long_blocks // 2, min=1)
+    return max(long_blocks // 2, 1)
+
+
 class GPT(nn.Module):
     """GPT with value embeddings and U-net skips: the second half of the layers adds, with learned
     weights, the outputs of the first half in reverse order. Returns the summed cross-entropy."""
@@ -1272,8 +1279,7 @@ class GPT(nn.Module):
         hp, L = self.hp, self.hp.num_layers
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         docs = document_ids(inputs)
-        short_blocks = torch.clamp(window_blocks // 2, min=1) if isinstance(window_blocks, torch.Tensor) \
-            else max(window_blocks // 2, 1)
+        short_blocks = short_window_blocks(window_blocks)
         if inputs.is_cuda:
             long_mask, short_mask = flex_block_mask(docs, window_blocks), flex_block_mask(docs, short_blocks)
         else:

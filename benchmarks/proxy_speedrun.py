@@ -51,7 +51,8 @@ def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
     windows = []
     for step in range(hp.num_iterations):
         blocks = train_gpt.window_blocks(step, hp)
-        keys = sum(blocks if kind == "L" else max(blocks // 2, 1) for kind in hp.layer_attention if kind != "-")
+        short = train_gpt.short_window_blocks(blocks)
+        keys = sum(blocks if kind == "L" else short for kind in hp.layer_attention if kind != "-")
         windows.append(keys / L * train_gpt.ATTN_BLOCK)
     attended_keys = statistics.fmean(windows) / 2
     return 6 * matmul_weights + 12 * L * hdim * attended_keys
