@@ -1,7 +1,8 @@
-"""Profile train_gpt.py's training step on one device: where the time goes.
+"""Profile train_gpt.py's training step: where the time goes.
 
     python benchmarks/profile_step.py -- --train_files=DIR/proxy_train_*.bin --val_files=... [trainer flags]
     python benchmarks/profile_step.py --steps 2 --top 40 --trace trace.json -- ...
+    torchrun --standalone --nproc_per_node=8 benchmarks/profile_step.py -- ...   # several GPUs
 
 Builds the trainer as a one-process run with the given flags, runs --warmup steps (compilation),
 starting at step --start_step (the attention window grows with the step: profile late steps too),
@@ -9,6 +10,8 @@ times --time_steps steps (median wall ms, synchronized), then records --steps st
 torch.profiler. It prints the device time per step split into phases (the compiled forward, the
 optimizer, everything else = backward and the loss), then the top kernels by device time. The phases
 come from wrapping the trainer's methods in profiler ranges, so they need no change to the trainer.
+Under torchrun, rank 0 reports, and adds the communication kernels' device time per step and the part
+of it during which no other kernel ran (communication not hidden behind compute).
 """
 import argparse
 import statistics
@@ -48,6 +51,43 @@ def _self_device(event) -> float:
     return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
 
 
+def _merged(intervals):
+    """Sorted, disjoint union of (start, end) intervals."""
+    out = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return out
+
+
+def exposed_time(comm, compute) -> tuple[float, float]:
+    """(length of the union of `comm`, length of the part of it not covered by `compute`)."""
+    comm, compute = _merged(comm), _merged(compute)
+    total = sum(end - start for start, end in comm)
+    covered, j = 0.0, 0
+    for start, end in comm:
+        while j < len(compute) and compute[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(compute) and compute[k][0] < end:
+            covered += min(end, compute[k][1]) - max(start, compute[k][0])
+            k += 1
+    return total, total - covered
+
+
+def communication_ms(prof, steps: int) -> tuple[float, float]:
+    """(NCCL kernel ms per step, of it ms per step with no other kernel running) on this rank's GPU."""
+    comm, compute = [], []
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() != torch.autograd.DeviceType.CUDA or e.is_user_annotation():
+            continue
+        (comm if "nccl" in e.name().lower() else compute).append((e.start_ns(), e.end_ns()))
+    total, exposed = exposed_time(comm, compute)
+    return total / 1e6 / steps, exposed / 1e6 / steps
+
+
 def phase_table(prof, steps: int) -> list[tuple[str, float]]:
     """[(phase, device ms per step)], with 'backward+loss+other' the remainder of all kernel time.
 
@@ -80,9 +120,10 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", help="write a Chrome trace here")
     args = ap.parse_args(own)
     hp = train_gpt.parse_args(trainer_flags)
-    _, _, device = train_gpt.setup_distributed(hp)
-    trainer = train_gpt.Trainer(hp, 0, 1, device)
-    loader = train_gpt.DistributedTrainLoader(hp, 0, 1, device)
+    rank, world_size, device = train_gpt.setup_distributed(hp)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    trainer = train_gpt.Trainer(hp, rank, world_size, device)
+    loader = train_gpt.DistributedTrainLoader(hp, rank, world_size, device)
     step = args.start_step
 
     def run_step():
@@ -94,7 +135,7 @@ def main(argv=None) -> int:
     for _ in range(args.warmup):
         run_step()
     train_gpt._sync(device)
-    print(f"warm-up ({args.warmup} steps, compilation included): {time.perf_counter() - t0:.1f} s")
+    say(f"warm-up ({args.warmup} steps, compilation included): {time.perf_counter() - t0:.1f} s")
     times = []
     for _ in range(args.time_steps):
         t0 = time.perf_counter()
@@ -102,7 +143,7 @@ def main(argv=None) -> int:
         train_gpt._sync(device)
         times.append(1000 * (time.perf_counter() - t0))
     if times:
-        print(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
+        say(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
               f"all: {' '.join(f'{t:.1f}' for t in times)}")
     instrument(trainer)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -110,14 +151,19 @@ def main(argv=None) -> int:
         for _ in range(args.steps):
             run_step()
         train_gpt._sync(device)
-    print(f"\ndevice time per step by phase ({args.steps} steps profiled):")
+    say(f"\ndevice time per step by phase ({args.steps} steps profiled, rank 0 of {world_size}):")
     for name, ms in phase_table(prof, args.steps):
-        print(f"  {name:<22} {ms:9.2f} ms")
+        say(f"  {name:<22} {ms:9.2f} ms")
+    if world_size > 1 and device.type == "cuda":
+        comm, exposed = communication_ms(prof, args.steps)
+        say(f"  communication kernels  {comm:9.2f} ms, of which not overlapped with compute: {exposed:.2f} ms")
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_key, row_limit=args.top, max_name_column_width=90))
-    if args.trace:
+    say(prof.key_averages().table(sort_by=sort_key, row_limit=args.top, max_name_column_width=90))
+    if args.trace and rank == 0:
         prof.export_chrome_trace(args.trace)
-        print(f"trace: {args.trace}")
+        say(f"trace: {args.trace}")
+    if world_size > 1:
+        train_gpt.dist.destroy_process_group()
     return 0
 
 

@@ -49,10 +49,26 @@ def test_logs_from_before_the_layer_pattern_still_summarize(bench):
     assert hp.layer_attention == "LSSSLSSSLSSL", "long windows at 0, 4, 8 and the last layer; attention in all"
 
 
-def test_profile_step_reports_every_phase_of_a_tiny_cpu_step(tiny_corpus, capsys):
+@pytest.fixture(scope="module")
+def profile_step():
     spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
-    profile_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_step)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exposed_communication_is_the_part_no_compute_kernel_covers(profile_step):
+    comm = [(0, 10), (5, 12), (20, 30), (40, 50)]        # union: [0, 12], [20, 30], [40, 50] = 32
+    compute = [(2, 4), (3, 6), (11, 25), (29, 41), (60, 70)]
+    # compute covers [2, 6] 4 + [11, 12] 1 + [20, 25] 5 + [29, 30] 1 + [40, 41] 1 = 12 of it
+    total, exposed = profile_step.exposed_time(comm, compute)
+    assert (total, exposed) == (32, 20), (total, exposed)
+    assert profile_step.exposed_time(comm, []) == (32, 32), "nothing to hide behind: all exposed"
+    assert profile_step.exposed_time([], compute) == (0, 0)
+    assert profile_step.exposed_time([(0, 10)], [(-5, 20)]) == (10, 0), "fully hidden"
+
+
+def test_profile_step_reports_every_phase_of_a_tiny_cpu_step(profile_step, tiny_corpus, capsys):
     argv = ["--warmup", "1", "--time_steps", "1", "--steps", "1", "--top", "3", "--start_step", "5", "--",
             "--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}"]
     assert profile_step.main(argv) == 0
