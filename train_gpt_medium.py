@@ -847,12 +847,15 @@ class _Pending:
         return self.tensor
 
 
-def reduce_scatter_avg(full: torch.Tensor, world_size: int) -> _Pending:
-    """Average `full` [world_size * k, ...] over ranks; rank r receives rows r*k..(r+1)*k-1."""
+def reduce_scatter_sum(full: torch.Tensor, world_size: int) -> _Pending:
+    """Sum `full` [world_size * k, ...] over ranks; rank r receives rows r*k..(r+1)*k-1.
+
+    A sum, not an average: each rank's gradient is already divided by the step's micro-batch count
+    over all ranks (Trainer.train_step)."""
     if world_size == 1:
         return _Pending(full)
     out = torch.empty((full.size(0) // world_size, *full.shape[1:]), dtype=full.dtype, device=full.device)
-    return _Pending(out, dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True))
+    return _Pending(out, dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, async_op=True))
 
 
 def all_gather(shard: torch.Tensor, world_size: int) -> _Pending:
@@ -888,8 +891,8 @@ class DistAdam:
         return F.pad(flat, (0, pad)) if pad else flat
 
     def reduce_grads(self):
-        """Launch the gradient reduce-scatters (async)."""
-        self._reduced = [reduce_scatter_avg(self._padded(e["param"].grad.reshape(-1).float(), e["shard"]),
+        """Launch the gradient reduce-scatters (async): the sum over ranks is the step's mean gradient."""
+        self._reduced = [reduce_scatter_sum(self._padded(e["param"].grad.reshape(-1).float(), e["shard"]),
                                             self.world_size) for e in self.entries]
 
     def step(self, lr_factor: float):
@@ -1032,7 +1035,7 @@ class DistMuon:
 
     def reduce_grads(self):
         """Launch the stacked-gradient reduce-scatters of all shape groups (async)."""
-        self._reduced = [reduce_scatter_avg(self._stack([p.grad.float() for p in g["params"]], g), self.world_size)
+        self._reduced = [reduce_scatter_sum(self._stack([p.grad.float() for p in g["params"]], g), self.world_size)
                          for g in self.groups]
 
     def step(self, lr_factor: float, momentum: float):
@@ -1585,14 +1588,16 @@ class Trainer:
     def train_step(self, step: int, loader: DistributedTrainLoader) -> torch.Tensor:
         """One optimizer step over batch_tokens tokens; returns this rank's mean train loss (device)."""
         hp, accum = self.hp, self.derived.grad_accum
+        micro_batches = hp.batch_tokens // hp.train_seq_len  # in the whole step, all ranks together
         window = self.window(step)
         total = torch.zeros((), device=self.device)
         for _ in range(accum):
             inputs, targets = loader.next_batch()
             loss_sum = self.forward(inputs, targets, window)
-            # Backward the summed loss averaged over micro-batches (and, by the reduce-scatter, over ranks):
-            # the same gradient for any world size, at a scale float8 gradients represent well.
-            (loss_sum / accum).backward()
+            # Divided by the micro-batch count of the whole step, not of this rank, and summed over ranks by
+            # the reduce-scatter: every world size backpropagates the same values (the FP8 head's e5m2 cast
+            # of the logit gradient included, whose rounding depends on their scale) and gets the same mean.
+            (loss_sum / micro_batches).backward()
             total += loss_sum.detach() / (hp.train_seq_len * accum)
         self.adam.reduce_grads()
         self.muon.reduce_grads()

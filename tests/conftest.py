@@ -1,10 +1,13 @@
 """Shared test fixtures: tiny shard files in the FineWeb format, made in the test (no downloads)."""
 import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,3 +68,53 @@ def tiny_corpus(tmp_path_factory):
 def trainer(request):
     """Each trainer module in turn, so one test specifies both tracks."""
     return importlib.import_module(request.param)
+
+
+# One gloo rank of `run_gloo_ranks`: calls tests/<module>.<function>(rank, world_size, *args) inside an
+# initialized process group and saves what it returns.
+_GLOO_WORKER = r"""
+import datetime, importlib, sys
+import torch, torch.distributed as dist
+root, tests, target, rank, world_size, store, out, *args = sys.argv[1:]
+rank, world_size = int(rank), int(world_size)
+sys.path[:0] = [root, tests]
+torch.set_num_threads(1)
+module, function = target.split(":")
+work = getattr(importlib.import_module(module), function)
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world_size,
+                        timeout=datetime.timedelta(seconds=60))
+result = work(rank, world_size, *args)
+dist.destroy_process_group()
+torch.save(result, out)
+"""
+
+
+def run_gloo_ranks(target: str, world_size: int, tmp_path, *args: str, timeout: float = 180) -> list:
+    """Run `target` ("test_module:function") on `world_size` gloo ranks, one process each; returns
+    each rank's result. A rank that fails or hangs fails the test with its output."""
+    procs, logs = [], []
+    for rank in range(world_size):
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        argv = [str(ROOT), str(ROOT / "tests"), target, str(rank), str(world_size), str(tmp_path / "store"),
+                str(tmp_path / f"rank{rank}.pt"), *args]
+        procs.append(subprocess.Popen([sys.executable, "-c", _GLOO_WORKER, *argv], cwd=ROOT, stdout=log,
+                                      stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        logs.append(log)
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        report = "\n".join(f"--- rank {r} (exit {code}):\n{(tmp_path / f'rank{r}.log').read_text()[-3000:]}"
+                           for r, code in failed)
+        pytest.fail(f"gloo workers of {target} failed on {world_size} ranks:\n{report}")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]

@@ -11,18 +11,14 @@ Tests run against train_gpt.py; train_gpt_medium.py shares this code line for li
 orthogonalizer then computes in float64 and `muon_update` rounds its output O to float32, so the
 remaining error is one float32 rounding of O (relative 6e-8) times lr.
 """
+import importlib
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_code_only
+from conftest import run_gloo_ranks, shared_code_only
 
 F64 = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -56,35 +52,24 @@ VARIANTS = {
 }
 
 # Comparison tolerance of a distributed result against the single-process one (float32). The
-# rank-averaged gradient equals the single-process gradient exactly (see `_grad`), so the only
+# rank-summed gradient equals the single-process gradient exactly (see `_grad`), so the only
 # possible differences come from batched matmuls over a different number of stacked matrices and
 # from the thread count, i.e. float32 reduction order: ~1e-7 relative in O, at most a few 1e-6
 # after the iterations, times lr <= 0.05 in the parameters (measured on CPU: bitwise equal, 0.0). The failures this guards against (a wrong shard,
 # a lost padding row, state not carried to step 2, a rank stepping on its own gradient) move
 # parameters by ~lr * O(1) >= 1e-3; the negative control below checks the data are that far apart.
-# A sum in place of the average would not show in the steps: Adam and the orthogonalized updates
+# An average in place of the sum would not show in the steps: Adam and the orthogonalized updates
 # are invariant to the gradient's scale up to their eps. So the workers also record what the
-# collectives `reduce_scatter_avg` and `all_gather` return, and those are checked directly.
+# collectives `reduce_scatter_sum` and `all_gather` return, and those are checked directly.
 DIST_TOL = dict(rtol=1e-5, atol=1e-5)
 
-# One gloo rank: runs `two_steps` of every variant (this module, imported by name, so parameters
-# and gradients are built by the same code as the parent's reference) and saves the results.
-WORKER = r"""
-import datetime, importlib, sys
-import torch, torch.distributed as dist
-root, tests, module, rank, world_size, store, out = sys.argv[1:]
-rank, world_size = int(rank), int(world_size)
-sys.path[:0] = [root, tests]
-torch.set_num_threads(1)
-import test_optimizers as spec
-trainer = importlib.import_module(module)
-dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world_size,
-                        timeout=datetime.timedelta(seconds=60))
-results = {name: spec.two_steps(trainer, flags, rank, world_size) for name, flags in spec.VARIANTS.items()}
-results["collectives"] = spec.collectives(trainer, rank, world_size)
-dist.destroy_process_group()
-torch.save(results, out)
-"""
+def gloo_worker(rank, world_size, module):
+    """One gloo rank (conftest.run_gloo_ranks): `two_steps` of every variant and the collectives'
+    results, built by the same code as the parent's single-process reference."""
+    trainer = importlib.import_module(module)
+    results = {name: two_steps(trainer, flags, rank, world_size) for name, flags in VARIANTS.items()}
+    results["collectives"] = collectives(trainer, rank, world_size)
+    return results
 
 
 def _dyadic(shape, seed):
@@ -94,14 +79,16 @@ def _dyadic(shape, seed):
 
 
 def _grad(shape, step, index, rank, world_size):
-    """Rank r's gradient G + (r - (W-1)/2) D: different on every rank, with mean exactly G.
+    """Rank r's share of the step's gradient G: [r == 0] G + (r - (W-1)/2) D, different on every rank
+    and summing to exactly G over the ranks (the trainer divides each rank's loss by the step's
+    micro-batch count over all ranks, so the reduce-scatter sums).
 
     G and D are multiples of 2^-10 of size < 2^4 and the offsets are multiples of 1/2, so every
-    rank's gradient, their sum and the mean (sum / W, rounded: the exact G) are exact in float32.
+    rank's share and their sum are exact in float32.
     """
     G = _dyadic(shape, seed=1000 * step + 2 * index)
     D = _dyadic(shape, seed=1000 * step + 2 * index + 1)
-    return G + (rank - (world_size - 1) / 2) * D
+    return (rank == 0) * G + (rank - (world_size - 1) / 2) * D
 
 
 def _make_params():
@@ -144,9 +131,9 @@ def _rank_rows(rank, world_size):
 
 
 def collectives(trainer, rank, world_size):
-    """What this rank receives from reduce_scatter_avg of `_rank_rows` and all_gather of its row."""
+    """What this rank receives from reduce_scatter_sum of `_rank_rows` and all_gather of its row."""
     full = _rank_rows(rank, world_size)
-    return dict(reduce_scatter_avg=trainer.reduce_scatter_avg(full, world_size).wait().clone(),
+    return dict(reduce_scatter_sum=trainer.reduce_scatter_sum(full, world_size).wait().clone(),
                 all_gather=trainer.all_gather(full[:1] + 100 * rank, world_size).wait().clone())
 
 
@@ -156,36 +143,6 @@ def _param_name(i):
     return f"{kind} param {i} {list(shapes[i])}"
 
 
-def _run_ranks(trainer, world_size, tmp_path):
-    """Run WORKER on `world_size` gloo ranks (one process each); returns each rank's results."""
-    procs, logs = [], []
-    for rank in range(world_size):
-        log = open(tmp_path / f"rank{rank}.log", "w")
-        args = [str(ROOT), str(ROOT / "tests"), trainer.__name__, str(rank), str(world_size),
-                str(tmp_path / "store"), str(tmp_path / f"rank{rank}.pt")]
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, *args], cwd=ROOT, stdout=log,
-                                      stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}))
-        logs.append(log)
-    try:
-        for p in procs:
-            p.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        report = "\n".join(f"--- rank {r} (exit {code}):\n{(tmp_path / f'rank{r}.log').read_text()[-3000:]}"
-                           for r, code in failed)
-        pytest.fail(f"gloo workers failed on {world_size} ranks:\n{report}")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-
-
 # 8 ranks: the speedrun's 8-way sharding (every group padded, most ranks own one matrix or padding).
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
 def test_two_steps_of_every_variant_on_gloo_ranks_equal_the_single_process_steps(trainer, world_size, tmp_path):
@@ -193,14 +150,14 @@ def test_two_steps_of_every_variant_on_gloo_ranks_equal_the_single_process_steps
     single-process steps, and all ranks end with identical parameters. W = 1 is the reference itself:
     its path calls no collective. Two steps, so momentum, NorMuon's v and OrScale-LM's one-time
     calibration must persist correctly on each rank's shard."""
-    ranks = _run_ranks(trainer, world_size, tmp_path)
-    mean_rows = torch.stack([_rank_rows(r, world_size) for r in range(world_size)]).mean(dim=0)
+    ranks = run_gloo_ranks("test_optimizers:gloo_worker", world_size, tmp_path, trainer.__name__)
+    sum_rows = torch.stack([_rank_rows(r, world_size) for r in range(world_size)]).sum(dim=0)
     gathered = torch.cat([_rank_rows(r, world_size)[:1] + 100 * r for r in range(world_size)])
     for rank, results in enumerate(ranks):
-        torch.testing.assert_close(results["collectives"]["reduce_scatter_avg"], mean_rows[2 * rank:2 * rank + 2],
+        torch.testing.assert_close(results["collectives"]["reduce_scatter_sum"], sum_rows[2 * rank:2 * rank + 2],
                                    rtol=1e-6, atol=0, msg=lambda m: (
-                                       f"reduce_scatter_avg on rank {rank} of {world_size} must return rows "
-                                       f"{2 * rank}..{2 * rank + 1} of the mean over ranks\n{m}"))
+                                       f"reduce_scatter_sum on rank {rank} of {world_size} must return rows "
+                                       f"{2 * rank}..{2 * rank + 1} of the sum over ranks\n{m}"))
         assert torch.equal(results["collectives"]["all_gather"], gathered), (
             f"all_gather on rank {rank} of {world_size} must concatenate every rank's shard in rank order")
     for name, flags in VARIANTS.items():
@@ -240,13 +197,13 @@ def test_dist_muon_on_one_rank_applies_muon_update_to_every_matrix(trainer):
                 f"{name}: {_param_name(i)} after DistMuon(world_size=1) differs from muon_update on it alone\n{m}"))
 
 
-def test_distributed_equivalence_data_would_expose_a_missing_gradient_average(trainer):
-    """Negative control for the test above: had a rank stepped on its own gradient (no reduce-scatter
-    average), its parameters would miss the reference by far more than the tolerance, in every variant."""
+def test_distributed_equivalence_data_would_expose_a_missing_gradient_sum(trainer):
+    """Negative control for the test above: had a rank stepped on its own share of the gradient (no
+    reduce-scatter), its parameters would miss the reference by far more than the tolerance, in every variant."""
     for name, flags in VARIANTS.items():
         expected = two_steps(trainer, flags, 0, 1)
-        unaveraged = two_steps(trainer, flags, 0, 1, grads_of=(0, 4))
-        gap = max((a - b).abs().max().item() for a, b in zip(unaveraged, expected))
+        unreduced = two_steps(trainer, flags, 0, 1, grads_of=(0, 4))
+        gap = max((a - b).abs().max().item() for a, b in zip(unreduced, expected))
         assert gap > 100 * DIST_TOL["atol"], f"{name}: rank 0's own gradient moves params by only {gap:.2e}"
 
 

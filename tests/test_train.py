@@ -1,5 +1,6 @@
 """End to end on CPU: tiny runs learn, log in the speedrun format, are deterministic, give the same
 losses on 1 and 2 processes, and fail clearly (non-zero exit, log kept) on bad input and NaN loss."""
+import importlib
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, shared_code_only, write_shard
+from conftest import ROOT, run_gloo_ranks, shared_code_only, write_shard
 
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
@@ -80,6 +81,42 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
     for step in one:
         assert abs(one[step] - two[step]) < 2e-3, f"step {step}: 1 process {one[step]}, 2 processes {two[step]}"
     assert "world_size:2 grad_accum:1" in "\n".join(_log_lines(tmp_path, "two"))
+
+
+def first_backward_grads(rank, world_size, module, train_files, val_files):
+    """Every parameter's gradient after this rank's first micro-batch backward of step 0 (tiny preset,
+    2 micro-batches per step: gradient accumulation on 1 rank, one each on 2)."""
+    trainer = importlib.import_module(module)
+    hp = trainer.parse_args(["--preset=tiny", f"--train_files={train_files}", f"--val_files={val_files}"])
+    run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))
+    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"))
+    grads = {}
+
+    def record_first(name):
+        def hook(p):
+            if name not in grads:
+                grads[name] = p.grad.detach().clone()
+        return hook
+
+    for name, p in run.model.named_parameters():
+        p.register_post_accumulate_grad_hook(record_first(name))
+    run.train_step(0, loader)
+    return grads
+
+
+@shared_code_only
+def test_every_world_size_backpropagates_the_same_values(trainer, tiny_corpus, tmp_path):
+    """Micro-batch 0 of step 0 is rank 0's only micro-batch on 2 ranks and the first of two on 1 rank:
+    its backward must carry the same values in both, so that float8 and bf16 rounding on GPU (the FP8
+    head's e5m2 cast of the logit gradient) is the same at every world size, not just the mean gradient."""
+    files = (tiny_corpus["train"], tiny_corpus["val"])
+    single = first_backward_grads(0, 1, trainer.__name__, *files)
+    rank0 = run_gloo_ranks("test_train:first_backward_grads", 2, tmp_path, trainer.__name__, *files)[0]
+    assert single.keys() == rank0.keys() and len(single) > 10, sorted(single)
+    for name in single:
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-8, msg=lambda m: (
+            f"{name}: micro-batch 0's gradient on rank 0 of 2 differs from the same micro-batch's on 1 rank "
+            f"(scaled by the rank's micro-batch count instead of the step's?)\n{m}"))
 
 
 def test_corrupt_shard_fails_with_its_name_and_keeps_the_log(trainer, tiny_corpus, tmp_path, capsys):
