@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     if args.trace and rank == 0:
         prof.export_chrome_trace(args.trace)
         say(f"trace: {args.trace}")
-    if world_size > 1:
+    if train_gpt.dist.is_initialized():
         train_gpt.dist.destroy_process_group()
     return 0
 
