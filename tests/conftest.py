@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny shard files in the FineWeb format, made in the test (no downloads)."""
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -62,6 +63,18 @@ def tiny_corpus(tmp_path_factory):
     write_shard(d / "tiny_train_000002.bin", synthetic_tokens(200_000, seed=2))
     write_shard(d / "tiny_val_000000.bin", synthetic_tokens(32_768, seed=3))
     return {"dir": d, "train": str(d / "tiny_train_*.bin"), "val": str(d / "tiny_val_*.bin")}
+
+
+def load_script(relative_path: str, name: str):
+    """The repository's script at `relative_path` (records/, benchmarks/: folders of scripts, not
+    packages) as module `name`, loaded once per session and registered in sys.modules (dataclasses
+    look their module up there)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 @pytest.fixture(params=TRAINER_MODULES)

@@ -1,16 +1,11 @@
 """benchmarks/proxy_speedrun.py: FLOP accounting and the numbers it reads from a real training log."""
-import importlib.util
-
 import pytest
-from conftest import ROOT
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("proxy_speedrun", ROOT / "benchmarks" / "proxy_speedrun.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/proxy_speedrun.py", "proxy_speedrun")
 
 
 def test_flops_per_token_counts_weights_and_windowed_attention(bench):
@@ -51,10 +46,7 @@ def test_logs_from_before_the_layer_pattern_still_summarize(bench):
 
 @pytest.fixture(scope="module")
 def profile_step():
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/profile_step.py", "profile_step")
 
 
 def test_exposed_communication_is_the_part_no_compute_kernel_covers(profile_step):

@@ -2,7 +2,6 @@
 
 records/ holds record folders, not a package, so the tool is loaded from its path.
 """
-import importlib.util
 import json
 import math
 import os
@@ -14,19 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, load_script
 from scipy import stats
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_verify():
-    name = "records_verify"
-    if name not in sys.modules:  # one module object for both test files (dataclasses look it up)
-        spec = importlib.util.spec_from_file_location(name, ROOT / "records" / "verify.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("records/verify.py", "records_verify")  # one module object for both test files
 
 
 verify = load_verify()
