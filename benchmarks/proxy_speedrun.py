@@ -5,6 +5,8 @@ a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory an
         --val_loss_every=25 --cycle_train_data=true          # extra trainer flags after --
     python benchmarks/proxy_speedrun.py --trainer train_gpt_medium.py --data DIR -- --num_iterations=200
     python benchmarks/proxy_speedrun.py --logs logs/*.txt --target 2.04   # summarize existing logs
+    python benchmarks/proxy_speedrun.py --data DIR --nproc 1 --variant base= --variant ns5=--muon_ortho=newton_schulz5 \
+        -- --num_iterations=200       # configurations side by side, one GPU each (queued if GPUs run out)
 
 DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
 comes from the trainer's own log: training time excludes compilation, the untimed warm-up and
@@ -123,6 +125,55 @@ def measure_peak_tflops() -> float | None:
     return 2 * 8192 ** 3 / (statistics.median(times[5:]) / 1000) / 1e12
 
 
+def plan_runs(variants: list[str], runs: int) -> list[tuple[str, int, list[str]]]:
+    """(run_id, seed, trainer flags) for every variant "NAME=FLAGS" and seed 0..runs-1."""
+    jobs = []
+    for variant in variants:
+        name, sep, flags = variant.partition("=")
+        if not sep or not name or name.startswith("-"):
+            raise SystemExit(f"--variant {variant!r}: expected NAME=FLAGS (FLAGS may be empty)")
+        jobs += [(f"{name}_{seed}", seed, flags.split()) for seed in range(runs)]
+    run_ids = [run_id for run_id, _, _ in jobs]
+    if len(set(run_ids)) != len(run_ids):
+        raise SystemExit(f"--variant names must differ; run ids {run_ids}")
+    return jobs
+
+
+def gpu_groups(gpus: int, nproc: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES of each slot that can run one job: disjoint groups of `nproc` GPUs, or one
+    slot that keeps the environment's devices (CPU, or not enough GPUs for two jobs)."""
+    if gpus < 2 * nproc:
+        return [None]
+    return [",".join(str(g) for g in range(k, k + nproc)) for k in range(0, gpus - nproc + 1, nproc)]
+
+
+def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], log_dir: Path) -> dict[str, int]:
+    """Run every command, as many at once as there are GPU groups; the exit status of each. With one slot
+    the console output streams here; side by side it goes to <log_dir>/<run_id>.console."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running, free, status = list(commands), {}, list(groups), {}
+    while pending or running:
+        while pending and free:
+            run_id, group = pending.pop(0), free.pop(0)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            if group is not None:
+                env["CUDA_VISIBLE_DEVICES"] = group
+            out = None if len(groups) == 1 else open(log_dir / f"{run_id}.console", "w")
+            running[run_id] = (subprocess.Popen(commands[run_id], env=env, stdout=out, stderr=out), group,
+                               time.perf_counter(), out)
+        time.sleep(0.2)
+        for run_id, (proc, group, t0, out) in list(running.items()):
+            if proc.poll() is not None:
+                if out:
+                    out.close()
+                print(f"{run_id}: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s"
+                      + (f" on GPUs {group}" if group else ""), flush=True)
+                free.append(group)
+                status[run_id] = proc.returncode
+                del running[run_id]
+    return status
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -164,6 +215,9 @@ def main(argv=None):
     p.add_argument("--log_dir", default="logs/proxy_speedrun")
     p.add_argument("--name", default="run")
     p.add_argument("--logs", nargs="+", help="summarize these logs instead of running")
+    p.add_argument("--variant", action="append", metavar="NAME=FLAGS",
+                   help="a configuration to compare (repeatable): run name and the trainer flags that differ, "
+                        "after the common ones; variants and seeds run side by side, --nproc GPUs each")
     p.add_argument("--json", help="also write every number to this file")
     p.add_argument("--peak_tflops", type=float, help="matmul peak per GPU for MFU (default: measured here)")
     args = p.parse_args(argv)
@@ -174,18 +228,16 @@ def main(argv=None):
         if not args.data:
             p.error("--data is required unless --logs is given")
         import torch
-        nproc = args.nproc or max(torch.cuda.device_count(), 1)
-        logs = []
-        for i in range(args.runs):
-            run_id = f"{args.name}_{i}"
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(ROOT / args.trainer), f"--train_files={args.data}/proxy_train_*.bin",
-                   f"--val_files={args.data}/proxy_val_*.bin", f"--target_val_loss={args.target}",
-                   f"--seed={i}", f"--run_id={run_id}", f"--log_dir={args.log_dir}", *extra]
-            t0 = time.perf_counter()
-            status = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode
-            print(f"{run_id}: exit {status} after {time.perf_counter() - t0:.0f} s", flush=True)
-            logs.append(Path(args.log_dir) / f"{run_id}.txt")
+        gpus = torch.cuda.device_count()
+        nproc = args.nproc or max(gpus, 1)
+        jobs = plan_runs(args.variant or [f"{args.name}="], args.runs)
+        common = [f"--train_files={args.data}/proxy_train_*.bin", f"--val_files={args.data}/proxy_val_*.bin",
+                  f"--target_val_loss={args.target}", f"--log_dir={args.log_dir}"]
+        commands = {run_id: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", str(ROOT / args.trainer), *common, f"--seed={seed}",
+                             f"--run_id={run_id}", *extra, *flags] for run_id, seed, flags in jobs}
+        run_side_by_side(commands, gpu_groups(gpus, nproc), Path(args.log_dir))
+        logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id in commands]
     rows = [summarize_log(path, args.target, peak) for path in logs]
     if args.json:
         Path(args.json).write_text(json.dumps(dict(peak_tflops=peak, runs=rows), indent=1))

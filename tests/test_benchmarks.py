@@ -1,4 +1,7 @@
-"""benchmarks/proxy_speedrun.py: FLOP accounting and the numbers it reads from a real training log."""
+"""benchmarks/proxy_speedrun.py: FLOP accounting, the numbers it reads from a real training log, and how it
+runs configurations side by side."""
+import sys
+
 import pytest
 from conftest import load_script
 
@@ -42,6 +45,51 @@ def test_logs_from_before_the_layer_pattern_still_summarize(bench):
     logged["long_window_every"] = 4
     hp = bench.hyperparameters_of_log(logged)
     assert hp.layer_attention == "LSSSLSSSLSSL", "long windows at 0, 4, 8 and the last layer; attention in all"
+
+
+def test_variants_and_seeds_make_one_run_each_with_the_variant_flags_last(bench):
+    jobs = bench.plan_runs(["base=", "ns5=--muon_ortho=newton_schulz5 --normuon=false"], runs=2)
+    assert jobs == [("base_0", 0, []), ("base_1", 1, []),
+                    ("ns5_0", 0, ["--muon_ortho=newton_schulz5", "--normuon=false"]),
+                    ("ns5_1", 1, ["--muon_ortho=newton_schulz5", "--normuon=false"])]
+    with pytest.raises(SystemExit, match="NAME=FLAGS"):
+        bench.plan_runs(["--muon_ortho=newton_schulz5"], runs=1)
+    with pytest.raises(SystemExit, match="must differ"):
+        bench.plan_runs(["a=", "a=--seed=3"], runs=1)
+
+
+def test_gpu_groups_are_disjoint_and_one_slot_without_room_for_two(bench):
+    assert bench.gpu_groups(8, 1) == [str(g) for g in range(8)]
+    assert bench.gpu_groups(8, 2) == ["0,1", "2,3", "4,5", "6,7"]
+    assert bench.gpu_groups(8, 3) == ["0,1,2", "3,4,5"], "the two GPUs left over stay idle"
+    assert bench.gpu_groups(8, 8) == [None] and bench.gpu_groups(0, 1) == [None]
+
+
+def test_jobs_in_separate_slots_run_at_the_same_time(bench, tmp_path):
+    """Each job marks that it started, then waits for the other's mark: only concurrent jobs both pass."""
+    wait_for_other = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).touch(); "
+                      "end = time.time() + 20\nwhile not (d / sys.argv[3]).exists() and time.time() < end: "
+                      "time.sleep(0.05)\nsys.exit(0 if (d / sys.argv[3]).exists() else 1)")
+    commands = {"a": [sys.executable, "-c", wait_for_other, str(tmp_path), "a.mark", "b.mark"],
+                "b": [sys.executable, "-c", wait_for_other, str(tmp_path), "b.mark", "a.mark"]}
+    assert bench.run_side_by_side(commands, [None, None], tmp_path) == {"a": 0, "b": 0}
+    assert (tmp_path / "a.console").exists() and (tmp_path / "b.console").exists()
+
+
+def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsys):
+    import json
+    args = ["--data", str(tiny_corpus["dir"]), "--nproc", "1", "--target", "20", "--peak_tflops", "1",
+            "--log_dir", str(tmp_path), "--variant", "base=", "--variant", "ns5=--muon_ortho=newton_schulz5", "--",
+            "--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}",
+            "--num_iterations=2", "--val_loss_every=0", "--warmup_steps=0"]
+    assert bench.main(args) == 0
+    orthos = {}
+    for run_id in ("base_0", "ns5_0"):
+        line = next(x for x in (tmp_path / f"{run_id}.txt").read_text().splitlines()
+                    if x.startswith("hyperparameters: "))
+        orthos[run_id] = json.loads(line.split(": ", 1)[1])["muon_ortho"]
+    assert orthos == {"base_0": "polar_express", "ns5_0": "newton_schulz5"}
+    assert "| base_0 |" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
