@@ -135,6 +135,57 @@ def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer)
     assert model.blocks[3].mlp_proj.grad.abs().sum() > 0, "the attention-free layer's MLP gets a gradient"
 
 
+@pytest.mark.parametrize("num_layers, pattern", [(6, "LSS-SL"), (10, "LSSS-SSSSL")])
+def test_compiled_blocks_share_graphs_so_compile_work_does_not_grow_with_depth(trainer, num_layers, pattern):
+    """compile_per_block: 4 block kinds (first block, value embedding, plain attention, no attention) and the
+    head, each once for training and once for no-grad validation: 10 graphs at any depth, same loss."""
+    from torch._dynamo.utils import counters
+    hp = trainer.parse_args(["--preset=tiny", f"--num_layers={num_layers}", f"--layer_attention={pattern}"])
+    torch.manual_seed(0)
+    eager = trainer.GPT(hp)
+    compiled = trainer.GPT(hp)
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled.compile_per_block(backend="eager")
+    train, val = _tokens_with_documents(257, [0, 90, 200], trainer.BOS_ID), _tokens_with_documents(1025, [0, 500], trainer.BOS_ID)
+    window = torch.tensor(2)  # a tensor, as on GPU, so window changes do not recompile
+    for step in range(2):
+        loss = compiled(train[:-1], train[1:], window)
+        loss.backward()
+        torch.testing.assert_close(loss, eager(train[:-1], train[1:], window))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(val[:-1], val[1:], window), eager(val[:-1], val[1:], window))
+        window = torch.tensor(3)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 10, f"{graphs} compiled graphs for {num_layers} layers; identical blocks should share them"
+
+
+def test_a_compiled_block_takes_a_fresh_block_mask_every_call_without_recompiling(trainer):
+    """The GPU path builds new BlockMasks (new mask_mod closures) every forward; a per-block compiled graph
+    must treat them as inputs, or every step would recompile until dynamo gave up and ran eagerly."""
+    from torch._dynamo.utils import counters
+    hp = trainer.parse_args(["--preset=tiny"])
+    torch.manual_seed(0)
+    block = trainer.Block(hp, trainer.Rotary(hp.head_dim, 512))
+    with torch.no_grad():
+        block.qkvo_w.normal_(std=0.05)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(block, backend="eager", dynamic=False)
+    x, lam, vlam = torch.randn(1, 512, hp.model_dim), torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.5])
+    for window, bos in [(1, [0, 100]), (2, [0, 300, 301]), (4, [0])]:
+        docs = trainer.document_ids(_tokens_with_documents(512, bos, trainer.BOS_ID))
+        mask = trainer.flex_block_mask(docs, torch.tensor(window))
+        with torch.no_grad():  # FlexAttention has no CPU backward
+            torch.testing.assert_close(compiled(x, x, None, lam, vlam, mask),
+                                       block(x, x, None, lam, vlam, trainer.dense_attention_mask(docs, window)))
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 1, f"{graphs} graphs for one block kind: the BlockMask was guarded on, not taken as input"
+
+
 def test_every_parameter_belongs_to_exactly_one_optimizer(trainer):
     hp = trainer.parse_args(["--preset=tiny"])
     t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))

@@ -145,6 +145,18 @@ def test_nan_loss_stops_the_run_with_the_step_and_a_nonzero_exit(trainer, tiny_c
     assert any(STEP_LINE.match(line) for line in lines), "lines written before the failure are kept"
 
 
+def test_an_unexpected_exception_still_reaches_the_log_with_its_traceback(trainer, tiny_corpus, tmp_path,
+                                                                          monkeypatch):
+    def broken_train(*args):
+        raise RuntimeError("bug in the training loop")
+    monkeypatch.setattr(trainer, "train", broken_train)
+    with pytest.raises(RuntimeError, match="bug in the training loop"):
+        trainer.main(_args(tiny_corpus, tmp_path, "crash"))
+    text = (tmp_path / "crash.txt").read_text()
+    tail = text[text.rindex("crash:"):]
+    assert "Traceback" in tail and "RuntimeError: bug in the training loop" in tail, tail
+
+
 def test_warmup_restores_model_and_optimizer_state_exactly(trainer, tiny_corpus):
     hp = trainer.parse_args(_args(tiny_corpus, "unused", "unused"))
     t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
