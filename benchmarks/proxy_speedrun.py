@@ -238,11 +238,19 @@ def main(argv=None):
                              f"--run_id={run_id}", *extra, *flags] for run_id, seed, flags in jobs}
         run_side_by_side(commands, gpu_groups(gpus, nproc), Path(args.log_dir))
         logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id in commands]
-    rows = [summarize_log(path, args.target, peak) for path in logs]
+    rows, unusable = [], []
+    for path in logs:
+        try:
+            rows.append(summarize_log(path, args.target, peak))
+        except (OSError, ValueError) as e:  # a run that crashed early: report it, keep the others' table
+            unusable.append(path)
+            print(f"{path}: no usable log ({e})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(peak_tflops=peak, runs=rows), indent=1))
-    print(format_table(rows, args.target, peak))
-    return 0 if all(r["final_loss"] is not None and math.isfinite(r["final_loss"]) for r in rows) else 1
+    if rows:
+        print(format_table(rows, args.target, peak))
+    finished = all(r["final_loss"] is not None and math.isfinite(r["final_loss"]) for r in rows)
+    return 0 if rows and finished and not unusable else 1
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsy
     assert "| base_0 |" in capsys.readouterr().out
 
 
+def test_a_run_without_a_log_is_reported_and_the_others_still_get_their_table(bench, tiny_corpus, tmp_path,
+                                                                              capsys):
+    args = ["--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}",
+            f"--log_dir={tmp_path}", "--run_id=ok", "--num_iterations=2", "--val_loss_every=0", "--warmup_steps=0"]
+    import train_gpt
+    assert train_gpt.main(args) == 0
+    status = bench.main(["--logs", str(tmp_path / "ok.txt"), str(tmp_path / "crashed.txt"), "--peak_tflops", "1"])
+    out = capsys.readouterr().out
+    assert status == 1, "a missing log fails the command"
+    assert "crashed.txt: no usable log" in out and "| ok |" in out, out
+
+
 @pytest.fixture(scope="module")
 def profile_step():
     return load_script("benchmarks/profile_step.py", "profile_step")
