@@ -149,7 +149,8 @@ def gpu_groups(gpus: int, nproc: int) -> list[str | None]:
 
 def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], log_dir: Path) -> dict[str, int]:
     """Run every command, as many at once as there are GPU groups; the exit status of each. With one slot
-    the console output streams here; side by side it goes to <log_dir>/<run_id>.console."""
+    the console output streams here; side by side it goes to <log_dir>/<run_id>.console, which is kept
+    only for a run that failed (a finished run's log has every line worth keeping)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, free, status = list(commands), {}, list(groups), {}
     while pending or running:
@@ -166,6 +167,8 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
             if proc.poll() is not None:
                 if out:
                     out.close()
+                    if proc.returncode == 0:
+                        Path(out.name).unlink()
                 print(f"{run_id}: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s"
                       + (f" on GPUs {group}" if group else ""), flush=True)
                 free.append(group)

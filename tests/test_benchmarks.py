@@ -71,9 +71,11 @@ def test_jobs_in_separate_slots_run_at_the_same_time(bench, tmp_path):
                       "end = time.time() + 20\nwhile not (d / sys.argv[3]).exists() and time.time() < end: "
                       "time.sleep(0.05)\nsys.exit(0 if (d / sys.argv[3]).exists() else 1)")
     commands = {"a": [sys.executable, "-c", wait_for_other, str(tmp_path), "a.mark", "b.mark"],
-                "b": [sys.executable, "-c", wait_for_other, str(tmp_path), "b.mark", "a.mark"]}
-    assert bench.run_side_by_side(commands, [None, None], tmp_path) == {"a": 0, "b": 0}
-    assert (tmp_path / "a.console").exists() and (tmp_path / "b.console").exists()
+                "b": [sys.executable, "-c", wait_for_other, str(tmp_path), "b.mark", "a.mark"],
+                "c": [sys.executable, "-c", "import sys; print('what went wrong'); sys.exit(3)"]}
+    assert bench.run_side_by_side(commands, [None, None], tmp_path) == {"a": 0, "b": 0, "c": 3}
+    assert sorted(f.name for f in tmp_path.glob("*.console")) == ["c.console"], "console kept only on failure"
+    assert (tmp_path / "c.console").read_text() == "what went wrong\n"
 
 
 def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsys):
