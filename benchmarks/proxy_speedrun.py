@@ -182,14 +182,15 @@ def _fmt(x, spec):
 
 
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
-    head = ("| run | GPUs | time to <= {t} (s) | final loss | train time (s) | ms/step | tokens/s | MFU | "
-            "peak GiB | compile (s) | startup (s) |").format(t=target)
-    out = [f"model FLOPs per token: {rows[0]['flops_per_token'] / 1e6:.1f} M; bf16 matmul peak: "
-           f"{_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 11]
+    # Model FLOPs per token are per row: side-by-side variants can differ in size.
+    head = ("| run | GPUs | time to <= {t} (s) | final loss | train time (s) | ms/step | tokens/s | "
+            "MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |").format(t=target)
+    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 12]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
                    f"{_fmt(r['ms_per_step'], '.1f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+                   f"{_fmt(r['flops_per_token'] and r['flops_per_token'] / 1e6, '.1f')} | "
                    f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
                    f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} |")
     return "\n".join(out)
