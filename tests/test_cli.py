@@ -66,3 +66,19 @@ def test_a_layer_without_attention_may_not_read_a_value_embedding(trainer):
     pattern = "-" + trainer.parse_args([]).layer_attention[1:]  # layer 0 reads value embedding 0
     with pytest.raises(trainer.ConfigError, match="reads a value embedding"):
         trainer.parse_args([f"--layer_attention={pattern}"])
+
+
+def test_proxy_100s_preset_is_the_measured_recipe():
+    """README's 100-second numbers come from logs run with flags; the preset must rebuild exactly their
+    hyperparameters (apart from where the data, log and seed were), or the README's command measures something else."""
+    import json
+    from pathlib import Path
+
+    import train_gpt
+    log = Path(__file__).parent.parent / "benchmarks/results/2026-11-22_h100x1_proxy_100s_L7/seed0_0.txt"
+    line = next(l for l in log.read_text().splitlines() if l.startswith("hyperparameters: "))
+    logged = json.loads(line.removeprefix("hyperparameters: "))
+    preset = dataclasses.asdict(train_gpt.parse_args(["--preset=proxy_100s"]))
+    where = {"train_files", "val_files", "log_dir", "run_id", "seed"}
+    differ = {k: (logged[k], preset[k]) for k in logged if k not in where and logged[k] != preset[k]}
+    assert not differ, f"preset proxy_100s differs from the measured runs (logged, preset): {differ}"
