@@ -125,14 +125,14 @@ def measure_peak_tflops() -> float | None:
     return 2 * 8192 ** 3 / (statistics.median(times[5:]) / 1000) / 1e12
 
 
-def plan_runs(variants: list[str], runs: int) -> list[tuple[str, int, list[str]]]:
-    """(run_id, seed, trainer flags) for every variant "NAME=FLAGS" and seed 0..runs-1."""
+def plan_runs(variants: list[str], runs: int, first_seed: int = 0) -> list[tuple[str, int, list[str]]]:
+    """(run_id, seed, trainer flags) for every variant "NAME=FLAGS" and seed first_seed..first_seed+runs-1."""
     jobs = []
     for variant in variants:
         name, sep, flags = variant.partition("=")
         if not sep or not name or name.startswith("-"):
             raise SystemExit(f"--variant {variant!r}: expected NAME=FLAGS (FLAGS may be empty)")
-        jobs += [(f"{name}_{seed}", seed, flags.split()) for seed in range(runs)]
+        jobs += [(f"{name}_{seed}", seed, flags.split()) for seed in range(first_seed, first_seed + runs)]
     run_ids = [run_id for run_id, _, _ in jobs]
     if len(set(run_ids)) != len(run_ids):
         raise SystemExit(f"--variant names must differ; run ids {run_ids}")
@@ -212,6 +212,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="folder with proxy_train_*.bin and proxy_val_*.bin")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--first_seed", type=int, default=0,
+                   help="seeds first_seed.. (split one set of seeds over several calls; logs are NAME_SEED.txt)")
     p.add_argument("--trainer", default="train_gpt.py", choices=["train_gpt.py", "train_gpt_medium.py"],
                    help="which track's trainer to run")
     p.add_argument("--nproc", type=int, default=0, help="GPUs to use (default: all)")
@@ -234,7 +236,7 @@ def main(argv=None):
         import torch
         gpus = torch.cuda.device_count()
         nproc = args.nproc or max(gpus, 1)
-        jobs = plan_runs(args.variant or [f"{args.name}="], args.runs)
+        jobs = plan_runs(args.variant or [f"{args.name}="], args.runs, args.first_seed)
         common = [f"--train_files={args.data}/proxy_train_*.bin", f"--val_files={args.data}/proxy_val_*.bin",
                   f"--target_val_loss={args.target}", f"--log_dir={args.log_dir}"]
         commands = {run_id: [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -62,6 +62,8 @@ def test_variants_and_seeds_make_one_run_each_with_the_variant_flags_last(bench)
     assert jobs == [("base_0", 0, []), ("base_1", 1, []),
                     ("ns5_0", 0, ["--muon_ortho=newton_schulz5", "--normuon=false"]),
                     ("ns5_1", 1, ["--muon_ortho=newton_schulz5", "--normuon=false"])]
+    assert bench.plan_runs(["r="], runs=2, first_seed=5) == [("r_5", 5, []), ("r_6", 6, [])], \
+        "a later call continues the seeds; its logs must not overwrite the first call's"
     with pytest.raises(SystemExit, match="NAME=FLAGS"):
         bench.plan_runs(["--muon_ortho=newton_schulz5"], runs=1)
     with pytest.raises(SystemExit, match="must differ"):
