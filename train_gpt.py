@@ -172,7 +172,7 @@ PRESETS = {
                  window_start=128, window_end=256, layer_attention="LSSL", warmup_steps=2, muon_momentum_warmup_steps=10,
                  compile=False),
     # The 100-second proxy recipe (issue 6): 7 layers, a quarter of the default batch and 650 steps, for the
-    # offline proxy corpus (60M train tokens, so the 64M here wrap around once). 1xH100, 8 runs: 90.5 s,
+    # offline proxy corpus (60M train tokens, so the 64M here wrap around once). 1xH100, 8 runs: mean 90.6 s,
     # mean val 2.0370 (README, "The 100-second budget"). Runs as is on 1 or 2 GPUs (accumulation 2 / N).
     "proxy_100s": dict(num_layers=7, layer_attention="LSSLSSL", batch_tokens=2 * 48 * 1024, num_iterations=650,
                        cooldown_frac=0.7, muon_momentum=0.85, muon_momentum_start=0.85, val_loss_every=0,
