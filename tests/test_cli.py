@@ -69,13 +69,14 @@ def test_a_layer_without_attention_may_not_read_a_value_embedding(trainer):
 
 
 def test_proxy_100s_preset_is_the_measured_recipe():
-    """README's 100-second numbers come from logs run with flags; the preset must rebuild exactly their
+    """README's 100-second numbers come from the record's logs; the preset must rebuild exactly their
     hyperparameters (apart from where the data, log and seed were), or the README's command measures something else."""
     import json
     from pathlib import Path
 
     import train_gpt
-    log = Path(__file__).parent.parent / "benchmarks/results/2026-11-22_h100x1_proxy_100s_L7/seed0_0.txt"
+    log = (Path(__file__).parent.parent
+           / "records/track_1_short/2026-11-22_SevenLayers700Steps_H100x1_proxy/L7s700_0.txt")
     line = next(l for l in log.read_text().splitlines() if l.startswith("hyperparameters: "))
     logged = json.loads(line.removeprefix("hyperparameters: "))
     preset = dataclasses.asdict(train_gpt.parse_args(["--preset=proxy_100s"]))
