@@ -162,6 +162,34 @@ def test_compiled_blocks_share_graphs_so_compile_work_does_not_grow_with_depth(t
     assert graphs == 10, f"{graphs} compiled graphs for {num_layers} layers; identical blocks should share them"
 
 
+def test_whole_model_compile_traces_through_compiled_blocks_into_the_same_graph(trainer):
+    """The Trainer compiles blocks one by one for validation and the whole model for training: the training
+    compile must inline the compiled blocks into one graph, the same as the model without them (no graph
+    break per block, which would make training per-block and slower)."""
+    from torch._dynamo.utils import counters
+    hp = trainer.parse_args(["--preset=tiny", "--num_layers=6", "--layer_attention=LSS-SL"])
+    train = _tokens_with_documents(257, [0, 90, 200], trainer.BOS_ID)
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    for per_block_inside in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = trainer.GPT(hp)
+        if per_block_inside:
+            model.compile_per_block(backend="eager")
+        torch.compile(model, backend=keep_graph, dynamic=False)(train[:-1], train[1:], torch.tensor(2)).backward()
+        breaks = dict(counters["graph_break"])
+        assert not breaks, f"graph breaks with per_block_inside={per_block_inside}: {breaks}"
+    torch._dynamo.reset()
+    assert len(graphs) == 2, f"{len(graphs)} graphs for two whole-model compiles; expected one each"
+    assert graphs[0] == graphs[1], "compiled blocks inside changed the whole-model training graph"
+
+
 def test_a_compiled_block_takes_a_fresh_block_mask_every_call_without_recompiling(trainer):
     """The GPU path builds new BlockMasks (new mask_mod closures) every forward; a per-block compiled graph
     must treat them as inputs, or every step would recompile until dynamo gave up and ran eagerly."""

@@ -54,6 +54,11 @@ def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_pat
     assert decimals == {trainer.VAL_LOSS_DECIMALS}, f"val_loss printed with {decimals} decimals (track convention)"
     assert losses[20] < losses[10] < losses[0] - 3.0, f"loss should fall well below the uniform 10.83: {losses}"
     assert body[-1].startswith("peak memory allocated: "), "the log ends with peak memory"
+    startup = next(line for line in body if line.startswith("warmup_and_compile_time:"))
+    t = {k: float(v.rstrip("s")) for k, v in (f.split(":") for f in startup.split())}
+    assert t.keys() == {"warmup_and_compile_time", "first_train_step", "first_val_forward", "startup_time"}, startup
+    assert t["first_train_step"] + t["first_val_forward"] <= t["warmup_and_compile_time"] + 0.1 \
+        <= t["startup_time"] + 0.1, f"the compile phases are parts of the warm-up, the warm-up of startup: {startup}"
 
 
 @shared_code_only
