@@ -1699,7 +1699,9 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         snap = trainer.snapshot()
         warm_loader = DistributedTrainLoader(hp, rank, world_size, device)
         for step in range(hp.warmup_steps):
-            trainer.train_step(step, warm_loader)
+            # The timed loop's loss all-reduce too: a collective's first call can take seconds (2xH200: a
+            # 6.1 s second timed step when it first ran there), so each runs here first.
+            _global_mean(trainer.train_step(step, warm_loader), world_size)
             if step == 0:
                 _sync(device)
                 t_first = time.perf_counter() - t_compile

@@ -109,6 +109,57 @@ def first_backward_grads(rank, world_size, module, train_files, val_files):
     return grads
 
 
+def collectives_by_phase(rank, world_size, module, train_files, val_files, log_dir):
+    """(phase, collective, dtype, numel) of every collective of a tiny run: phase "before" (set-up and
+    warm-up), "timed" (the timed loop's train steps) or "validation"."""
+    import time
+
+    import torch.distributed as dist
+    trainer = importlib.import_module(module)
+    hp = trainer.parse_args(["--preset=tiny", f"--train_files={train_files}", f"--val_files={val_files}",
+                             f"--log_dir={log_dir}", "--num_iterations=4", "--val_loss_every=0", "--warmup_steps=2"])
+    phase, calls = ["before"], set()
+
+    def recorded(name):
+        original = getattr(dist, name)
+
+        def call(tensor, *args, **kwargs):
+            calls.add((phase[0], name, str(tensor.dtype), tensor.numel()))
+            return original(tensor, *args, **kwargs)
+        return call
+
+    for name in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast"):
+        setattr(dist, name, recorded(name))
+    evaluate = trainer.Trainer.evaluate
+
+    def marked_evaluate(self, step):
+        saved, phase[0] = phase[0], "validation"
+        try:
+            return evaluate(self, step)
+        finally:
+            phase[0] = saved
+    trainer.Trainer.evaluate = marked_evaluate
+
+    def log(line, console=True):
+        if line.startswith("warmup_and_compile_time:"):
+            phase[0] = "timed"
+    trainer.train(hp, rank, world_size, torch.device("cpu"), log, time.perf_counter())
+    return sorted(calls)
+
+
+@shared_code_only
+def test_warm_up_runs_every_collective_of_a_timed_step(trainer, tiny_corpus, tmp_path):
+    """A collective's first call can take seconds (on 2xH200 the second timed step once took 6.1 s when
+    the loss all-reduce first ran inside the timed loop): every collective a timed train step calls,
+    with its dtype and size, must already have run in the untimed warm-up."""
+    calls = run_gloo_ranks("test_train:collectives_by_phase", 2, tmp_path, trainer.__name__,
+                           tiny_corpus["train"], tiny_corpus["val"], str(tmp_path / "logs"))[0]
+    before = {c[1:] for c in calls if c[0] == "before"}
+    timed = {c[1:] for c in calls if c[0] == "timed"}
+    assert timed, f"no collectives recorded in the timed loop: {calls}"
+    assert timed <= before, f"first called inside the timed loop: {sorted(timed - before)}"
+
+
 @shared_code_only
 def test_every_world_size_backpropagates_the_same_values(trainer, tiny_corpus, tmp_path):
     """Micro-batch 0 of step 0 is rank 0's only micro-batch on 2 ranks and the first of two on 1 rank:
