@@ -6,9 +6,9 @@ Express / Turbo-Muon orthogonalization) on the hidden matrices.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py          # 8xH100, the record setting
     torchrun --standalone --nproc_per_node=1 train_gpt.py          # same math, gradient accumulation 8
-    python train_gpt.py --preset=tiny --train_files=... --val_files=...   # seconds, on CPU
+    python train_gpt.py --preset=tiny --train_files=... --val_files=...   # CPU smoke run
     torchrun --standalone --nproc_per_node=1 train_gpt.py --preset=proxy_100s --train_files=... --val_files=...
-                                                                    # the 98-second 1xH100 proxy recipe
+                                                                    # the 100-second proxy recipe (README)
     python train_gpt.py --help                                      # every hyperparameter
 
 Every run writes <log_dir>/<run_id>.txt, which begins with this file's source.
@@ -17,19 +17,20 @@ Importing this file has no side effects; tests import its pieces.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import glob
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,9 +54,11 @@ class Hyperparameters:
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of validation shards
     val_tokens: int = 10_485_760  # validation loss is measured over exactly these first tokens
     cycle_train_data: bool = False  # restart the training shards when exhausted (default: error)
+    tokenizer_vocab: int = 50257  # token ids in the shards must be below this (GPT-2's vocabulary)
+    bos_id: int = 50256  # the token that begins every document (GPT-2's <|endoftext|>)
     # track
-    track: str = "small"  # record track, read by records/verify.py
-    target_val_loss: float = 3.28  # the track's target (FineWeb); declare your own for other data
+    track: str = "small"  # record track: the target records/verify.py tests and the log's val_loss decimals
+    target_val_loss: float = 3.28  # the track's target on FineWeb; declare your own for other data
     # batch
     batch_tokens: int = 8 * 48 * 1024  # tokens per optimizer step, all ranks together
     train_seq_len: int = 48 * 1024  # tokens per micro-batch per GPU (one BOS-aligned packed sequence)
@@ -65,22 +68,19 @@ class Hyperparameters:
     cooldown_frac: float = 0.45  # fraction of steps in the final linear lr cooldown
     final_lr_frac: float = 0.1  # lr multiplier at the end of the cooldown
     # model
-    vocab_size: int = 50304  # GPT-2's 50257, padded to a multiple of 128
+    vocab_size: int = 50304  # rows of the embedding and head: tokenizer_vocab padded to a multiple of 128
     num_layers: int = 12
     model_dim: int = 768
     num_heads: int = 6
     head_dim: int = 128
     mlp_ratio: int = 4  # hidden width of the MLP, in units of model_dim
     num_value_embeds: int = 3  # value embeddings shared by the first and last layers (U-net pattern)
-    attn_scale: float = 0.12  # softmax scale for QK-normed heads (speedrun value, > 1/sqrt(128))
-    fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: 6% faster per step, same loss); CPU: fp32
+    attn_scale: float = 0.12  # softmax scale for QK-normed heads (the speedrun's value, above 1/sqrt(128))
+    fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
     logit_softcap: float = 30.0  # logits = softcap * sigmoid(z / (softcap / 4 * sqrt(model_dim)))
-    # attention windows, in tokens (multiples of ATTN_BLOCK); long layers see the full window
-    window_start: int = 128  # sliding window at step 0
-    window_end: int = 1792  # sliding window at the last step
-    # one letter per layer: L long window, S short (half) window, - no attention (MLP only; the speedrun
-    # drops layer 7's attention). Long windows at the ends and in the middle, as in the public records.
-    layer_attention: str = "LSSSLSS-SSSL"
+    window_start: int = 128  # long attention window at step 0, in tokens (a multiple of 128)
+    window_end: int = 1792  # long attention window at the last step, in tokens (a multiple of 128)
+    layer_attention: str = "LSSSLSS-SSSL"  # per layer: L long window, S half window, - no attention (MLP only)
     # Adam (embeddings, head, scalars)
     adam_lr_embed: float = 0.6
     adam_lr_head: float = 0.22
@@ -93,8 +93,8 @@ class Hyperparameters:
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85  # momentum warms up linearly from this value
     muon_momentum_warmup_steps: int = 300
-    muon_ortho: str = "polar_express"  # newton_schulz5 | polar_express | turbo_muon (README: loss vs speed)
-    muon_variant: str = "muon"  # muon | orscale | orscale_lm | scion
+    muon_ortho: str = "polar_express"  # orthogonalization (README: "Muon options")
+    muon_variant: str = "muon"  # update rule around the orthogonalized momentum (README: "Muon options")
     muon_weight_decay: float = 0.0  # coupled to the lr schedule: W -= lr_t * wd * W (masked if cautious)
     cautious_wd: bool = False  # decay only where update and weight agree in sign (arXiv 2510.12402)
     normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
@@ -107,21 +107,26 @@ class Hyperparameters:
     warmup_steps: int = 10  # untimed kernel warm-up steps; model and optimizer are restored after
     val_loss_every: int = 125  # validate every N steps (0: only at the end)
     seed: int = 0
-    log_dir: str = "logs"
-    run_id: str = ""  # log file name; default: a fresh uuid
+    log_dir: str = "logs"  # the log is <log_dir>/<run_id>.txt; an existing log is never overwritten
+    run_id: str = ""  # log file name: letters, digits, . _ - + = (not starting with .); default a fresh uuid
     compile: bool = True  # torch.compile the model (GPU only)
-    compile_per_block: bool = False  # train through the per-block graphs too (validation always does): 1xH100 cold start 50-62 s, steps 7.5-10% slower
-    device: str = "auto"  # auto | cuda | cpu
+    compile_per_block: bool = False  # train through per-block graphs: faster cold start, slower steps (README: "Compile time")
+    device: str = "auto"
 
     def __post_init__(self):
         positive = ["val_tokens", "batch_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
-                    "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio"]
+                    "tokenizer_vocab", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ["val_loss_every", "warmup_steps", "muon_momentum_warmup_steps", "num_value_embeds"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.tokenizer_vocab > self.vocab_size:
+            raise ConfigError(f"--vocab_size={self.vocab_size} must hold --tokenizer_vocab={self.tokenizer_vocab} "
+                              f"ids; use --vocab_size={-(-self.tokenizer_vocab // 128) * 128}")
+        if not 0 <= self.bos_id < self.tokenizer_vocab:
+            raise ConfigError(f"--bos_id={self.bos_id} must be a token id below --tokenizer_vocab={self.tokenizer_vocab}")
         if not 0.0 <= self.cooldown_frac <= 1.0:
             raise ConfigError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
         if 2 * self.num_value_embeds > self.num_layers:
@@ -146,11 +151,24 @@ class Hyperparameters:
         if self.muon_variant.startswith("orscale") and self.cautious_wd:
             raise ConfigError("--muon_variant=orscale* couples --muon_weight_decay into the trust ratio; "
                               "--cautious_wd does not apply")
-        choices = {"muon_ortho": ORTHO_METHODS, "muon_variant": MUON_VARIANTS, "device": ("auto", "cuda", "cpu"),
-                   "track": ("small", "medium")}
-        for name, allowed in choices.items():
+        for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if not self.log_dir:
+            raise ConfigError("--log_dir must not be empty (default: logs)")
+        if self.run_id and not RUN_ID_CHARS.fullmatch(self.run_id):
+            raise ConfigError(f"--run_id={self.run_id!r} must be a plain file name: letters, digits and . _ - + =, "
+                              "not starting with '.' (it names <log_dir>/<run_id>.txt)")
+
+
+FIELD_CHOICES = {  # fields that take one of a few words
+    "muon_ortho": ("newton_schulz5", "polar_express", "turbo_muon"),
+    "muon_variant": ("muon", "orscale", "orscale_lm", "scion"),
+    "device": ("auto", "cuda", "cpu"),
+    "track": ("small", "medium"),
+}
+RUN_ID_CHARS = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*")
+VAL_LOSS_DECIMALS = {"small": 4, "medium": 6}  # val_loss digits in the log: each track's public log convention
 
 
 def value_embed_index(layer: int, num_layers: int, num_value_embeds: int) -> int | None:
@@ -163,21 +181,22 @@ def value_embed_index(layer: int, num_layers: int, num_value_embeds: int) -> int
     return None
 
 
-VAL_LOSS_DECIMALS = 4  # how val_loss is printed: the small track's log convention (medium: 6)
-
+# Presets: named sets of flags, applied before the other flags (which win). A preset names the tracks it
+# is a recipe for; `--help` lists what each sets.
 PRESETS = {
-    # A few layers, small dim, short sequences: 20 steps in about 15 s on a 2-core CPU (tests, smoke runs).
-    "tiny": dict(num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=2, train_seq_len=256,
-                 batch_tokens=2 * 256, val_seq_len=1024, val_tokens=4096, num_iterations=20, val_loss_every=10,
-                 window_start=128, window_end=256, layer_attention="LSSL", warmup_steps=2, muon_momentum_warmup_steps=10,
-                 compile=False),
-    # The 100-second proxy recipe (issue 6): 7 layers, a quarter of the default batch and 700 steps, for the
-    # offline proxy corpus (60M train tokens, so the 69M here wrap around once). 1xH100, 10 runs: mean 97.6 s,
-    # mean val 2.0183 (records/track_1_short/2026-11-22_SevenLayers700Steps_H100x1_proxy). Runs as is on 1 or
-    # 2 GPUs (accumulation 2 / N).
-    "proxy_100s": dict(num_layers=7, layer_attention="LSSLSSL", batch_tokens=2 * 48 * 1024, num_iterations=700,
-                       cooldown_frac=0.7, muon_momentum=0.85, muon_momentum_start=0.85, val_loss_every=0,
-                       cycle_train_data=True, target_val_loss=2.04),
+    # CPU smoke runs and the tests: a few layers, a small width, short sequences.
+    "tiny": dict(tracks=("small", "medium"), flags=dict(
+        num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=2, train_seq_len=256,
+        batch_tokens=2 * 256, val_seq_len=1024, val_tokens=4096, num_iterations=20, val_loss_every=10,
+        window_start=128, window_end=256, layer_attention="LSSL", warmup_steps=2, muon_momentum_warmup_steps=10,
+        compile=False)),
+    # The 100-second recipe for the offline proxy corpus on one GPU: 7 layers, a quarter of the default batch,
+    # 700 steps (README: "Shorter schedules: the 100-second budget", and its record folder). The proxy's 60M
+    # training tokens are fewer than the 69M here, hence cycling.
+    "proxy_100s": dict(tracks=("small",), flags=dict(
+        num_layers=7, layer_attention="LSSLSSL", batch_tokens=2 * 48 * 1024, num_iterations=700,
+        cooldown_frac=0.7, muon_momentum=0.85, muon_momentum_start=0.85, val_loss_every=0,
+        cycle_train_data=True, target_val_loss=2.04)),
 }
 
 
@@ -195,16 +214,45 @@ def _parse_value(name: str, kind, text: str):
         raise ConfigError(f"--{name} expects {kind.__name__}, got {text!r}") from None
 
 
-def help_text() -> str:
-    lines = ["usage: train_gpt.py [--preset=NAME] [--FIELD=VALUE ...]", "",
-             f"presets: {', '.join(PRESETS)} (applied first; later flags override)", "", "fields (default):"]
-    for f in dataclasses.fields(Hyperparameters):
-        lines.append(f"  --{f.name}={f.default!r}  ({_field_type(f).__name__})")
-    return "\n".join(lines)
-
-
 def _field_type(f):
     return {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+
+
+def field_comments() -> dict[str, str]:
+    """Each Hyperparameters field's trailing comment, read from this file's source: the text --help shows."""
+    import inspect
+    import io
+    import tokenize
+
+    comments, pending = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(Hyperparameters)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and pending is None:
+            pending = tok.string  # a field's name at the class body's indent
+        elif tok.type == tokenize.COMMENT and pending is not None:
+            comments[pending] = tok.string.lstrip("# ")
+        if tok.type in (tokenize.NEWLINE, tokenize.NL):
+            pending = None
+    return comments
+
+
+def usage_line() -> str:
+    return f"usage: {os.path.basename(__file__)} [--preset=NAME] [--FIELD=VALUE ...]; --help lists every flag"
+
+
+def help_text() -> str:
+    lines = [usage_line(), "",
+             "presets (one at most, applied first; later flags override):"]
+    for preset, spec in PRESETS.items():
+        flags = " ".join(f"--{k}={v}" for k, v in spec["flags"].items())
+        lines.append(f"  {preset} (tracks: {', '.join(spec['tracks'])}): {flags}")
+    lines += ["", "flags (default, type): meaning"]
+    comments = field_comments()
+    for f in dataclasses.fields(Hyperparameters):
+        kind = _field_type(f)
+        allowed = FIELD_CHOICES.get(f.name)
+        values = " | ".join(allowed) if allowed else "true | false" if kind is bool else kind.__name__
+        lines.append(f"  --{f.name}={f.default!r}  ({values})" + (f": {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> Hyperparameters:
@@ -222,38 +270,49 @@ def parse_args(argv: list[str]) -> Hyperparameters:
             value, i = argv[i + 1], i + 1
         pairs.append((name, value))
         i += 1
+    presets = [value for name, value in pairs if name == "preset"]
+    if len(presets) > 1:
+        raise ConfigError(f"one --preset at most, got {', '.join(presets)}; pass the other's flags explicitly")
     overrides = {}
     for name, value in pairs:
-        if name == "preset":
-            if value not in PRESETS:
-                raise ConfigError(f"unknown preset {value!r}; presets: {', '.join(PRESETS)}")
-            overrides = {**PRESETS[value], **overrides}
-        elif name in fields:
+        if name in fields:
             overrides[name] = _parse_value(name, fields[name], value)
-        else:
+        elif name != "preset":
             raise ConfigError(f"unknown flag --{name}; valid flags: --preset, "
                               + ", ".join(f"--{n}" for n in fields))
+    if presets:
+        spec = PRESETS.get(presets[0])
+        if spec is None:
+            raise ConfigError(f"unknown preset {presets[0]!r}; presets: {', '.join(PRESETS)}")
+        track = fields_default("track")
+        if track not in spec["tracks"]:
+            raise ConfigError(f"preset {presets[0]!r} is a recipe for the {', '.join(spec['tracks'])} track, "
+                              f"not for this file's {track} track")
+        overrides = {**spec["flags"], **overrides}
     return Hyperparameters(**overrides)
+
+
+def fields_default(name: str):
+    return next(f.default for f in dataclasses.fields(Hyperparameters) if f.name == name)
 
 
 @dataclass(frozen=True)
 class Derived:
     """Quantities that follow from the hyperparameters and the world size, checked once."""
-    world_size: int
     grad_accum: int  # micro-batches per rank per optimizer step
-    val_chunks: int  # validation forwards, all ranks together
 
 
 def derive(hp: Hyperparameters, world_size: int) -> Derived:
     per_micro = world_size * hp.train_seq_len
     if hp.batch_tokens % per_micro:
         raise ConfigError(f"--batch_tokens={hp.batch_tokens} must be a multiple of world_size * train_seq_len "
-                          f"= {world_size} * {hp.train_seq_len}; pick a world size that divides "
-                          f"{hp.batch_tokens // hp.train_seq_len} or change --train_seq_len")
+                          f"= {world_size} * {hp.train_seq_len} = {per_micro}: e.g. --batch_tokens="
+                          f"{max(hp.batch_tokens // per_micro, 1) * per_micro}, or change --train_seq_len")
     if hp.val_tokens % hp.val_seq_len:
-        raise ConfigError(f"--val_tokens={hp.val_tokens} must be a multiple of --val_seq_len={hp.val_seq_len}")
-    return Derived(world_size=world_size, grad_accum=hp.batch_tokens // per_micro,
-                   val_chunks=hp.val_tokens // hp.val_seq_len)
+        raise ConfigError(f"--val_tokens={hp.val_tokens} must be a multiple of --val_seq_len={hp.val_seq_len}: "
+                          f"e.g. --val_tokens={max(hp.val_tokens // hp.val_seq_len, 1) * hp.val_seq_len}, "
+                          f"or --val_seq_len={hp.val_tokens} if it divides {hp.val_tokens} evenly")
+    return Derived(grad_accum=hp.batch_tokens // per_micro)
 
 
 # -----------------------------------------------------------------------------
@@ -299,8 +358,7 @@ except ImportError:  # CPU-only installs: the torch backend still works
 # Lines 2 and 3 take an optional row scale s [B, M]: they then act on X1 = diag(s) X and
 # A1 = diag(s) A diag(s) = X1 X1^T without materializing either. That is how the first iteration
 # applies the Frobenius normalization (s uniform) or Turbo-Muon's AOL scaling: no extra pass over
-# X or A (on an H100 a torch elementwise pass for AOL cost 0.4 ms of a 1.5 ms orthogonalize).
-# Names follow the Turbo-Muon PR (modded-nanogpt, seed 003) and microsoft/dion
+# X or A. Names follow the Turbo-Muon pull request to modded-nanogpt (by thib-s) and microsoft/dion
 # `dion/newton_schulz_triton.py`. Each Triton launcher has a plain-torch reference with the same
 # signature (`*_torch`); both validate inputs through the same `_check_line_*` helpers, so tests
 # and `orthogonalize` can swap one set of line ops for the other.
@@ -382,15 +440,11 @@ def ns_line_3_torch(B, X, a, scale=None):
     return torch.baddbmm(X, B, X, beta=a, alpha=1.0)
 
 
-# H100 launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), measured with
-# `benchmarks/bench_orthogonalize.py --sweep` (torch 2.11, triton 3.6, bf16, 10 candidates) on the
-# 124M model's stacks [48, 768, 768] and [24, 768, 3072] and their per-rank chunks for 2 and 8 GPUs:
-# - 128x128x64, 4 warps, 3 stages was fastest or within 5% of the fastest for every line and shape
-#   (8 warps cost 10-25% once the fused row sums, the beta term or a row scale add epilogue or
-#   in-loop work; 64-wide tiles cost 20-60% on the full stacks);
-# - except for the symmetric kernels (lines 1, 2) when their lower-triangle tiles over all matrices
-#   number at most half the 132 SMs (e.g. [3, 768, 3072]: 63 programs): 64x64x128 tiles, with 4x
-#   the programs, were 25-30% faster there.
+# Launch configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), chosen once on an H100 with
+# `benchmarks/bench_orthogonalize.py --sweep` over the 124M model's stacks and their per-rank chunks
+# (README: "Orthogonalization kernels"), so nothing autotunes at start-up: 128x128x64, 4 warps, 3
+# stages was at or near the fastest everywhere, except for the symmetric kernels (lines 1, 2) when
+# their lower-triangle tiles number at most half the SMs: smaller tiles give 4x the programs there.
 # min(M, K) < 256 does not occur in the 124M model; 64-wide tiles there are a guess.
 _H100_SMS = 132
 _NS_CONFIG = (128, 128, 64, 4, 3)
@@ -584,8 +638,7 @@ def _launch_sym(X, alpha, beta, add_x, rowsum_abs, scale):
     C = torch.empty((batch, M, M), device=X.device, dtype=X.dtype)
     # Row sums are fused (the kernel holds the fp32 tile anyway) but written as per-tile partials
     # instead of fp32 atomics: deterministic, and the follow-up sum reads B * T * M floats, a
-    # fraction 1/BLOCK_M of what an unfused |C|.sum(-1) pass over the M x M output would read
-    # (measured on an H100: +8 us on [48, 768, 768], where torch's unfused version adds 70 us).
+    # fraction 1/BLOCK_M of what an unfused |C|.sum(-1) pass over the M x M output would read.
     P = torch.empty((batch, tiles, M), device=X.device, dtype=torch.float32) if rowsum_abs else C
     s_ptr, stride_sb, stride_sm = _scale_args(scale, C)
     _ns_sym_kernel[(tiles * (tiles + 1) // 2, batch)](
@@ -715,9 +768,9 @@ POLAR_EXPRESS_COEFFS = (
 PE_SAFETY = 1.02  # X / (||X||_F * 1.02 + 1e-6): ||X||_F bounds ||X||_2; 2% cushion (paper's safety factor)
 PE_EPS = 1e-6
 
-# Turbo-Muon (arXiv 2512.04632; seed 003, modded-nanogpt PR by thib-s): AOL preconditioning
+# Turbo-Muon (arXiv 2512.04632; a modded-nanogpt pull request by thib-s): AOL preconditioning
 # (arXiv 2208.03160) s_i = (sum_j |A_ij|)^(-1/2) with A = X X^T gives ||diag(s) X||_2 <= 1; the
-# safety factor and eps enter as s = rsqrt(rowsum * 1.02 + 1e-6) (optimizers.md section 3; the
+# safety factor and eps enter as s = rsqrt(rowsum * 1.02 + 1e-6) (the Turbo-Muon reference; the
 # 1e-6 is taken relative to the mean squared row norm, see `aol_row_scale`). AOL
 # lifts small singular values, so the first Polar Express polynomial is dropped: PE5[1:] maps
 # [0.0082, 1] into [0.8589, 1.1411] with 4 iterations, the first reusing A.
@@ -725,7 +778,7 @@ AOL_SAFETY = 1.02
 AOL_EPS = 1e-6
 TURBO_COEFFS = POLAR_EXPRESS_COEFFS[1:]
 
-ORTHO_METHODS = ("newton_schulz5", "polar_express", "turbo_muon")
+ORTHO_METHODS = FIELD_CHOICES["muon_ortho"]
 ORTHO_BACKENDS = ("auto", "torch", "triton")
 _TORCH_LINES = (ns_line_1_torch, ns_line_2_torch, ns_line_3_torch)
 _TRITON_LINES = (ns_line_1, ns_line_2, ns_line_3)
@@ -796,7 +849,7 @@ def _polar_iterations(X, coeffs, lines, A, scale):
     return X
 
 
-def orthogonalize(G, method="turbo_muon", backend="auto"):
+def orthogonalize(G, method="polar_express", backend="auto"):
     """Approximate polar factor U V^T of G [B, m, n] or [m, n] (G = U S V^T).
 
     methods: "newton_schulz5" (Keller: X / (||X||_F + 1e-7), 5 quintic steps), "polar_express"
@@ -839,7 +892,7 @@ def orthogonalize(G, method="turbo_muon", backend="auto"):
 # Optimizers
 # -----------------------------------------------------------------------------
 
-MUON_VARIANTS = ("muon", "orscale", "orscale_lm", "scion")
+MUON_VARIANTS = FIELD_CHOICES["muon_variant"]
 
 
 class _Pending:
@@ -878,7 +931,8 @@ class DistAdam:
 
     Each parameter is flattened and padded to a multiple of world_size; rank r owns the r-th
     contiguous shard, holds the Adam state of that shard only (ZeRO-1), updates it, and all ranks
-    all-gather the updated shards. Gradients are averaged with a reduce-scatter.
+    all-gather the updated shards. Gradients are summed by a reduce-scatter (each rank's are already
+    divided by the step's micro-batch count over all ranks, so the sum is the mean gradient).
     """
 
     def __init__(self, params_and_lrs, betas, eps, rank, world_size):
@@ -954,7 +1008,7 @@ def muon_update(W: torch.Tensor, G: torch.Tensor, state: dict, hp: Hyperparamete
     """
     m, n = W.shape[-2:]
     M = state["momentum"]
-    M.lerp_(G, 1 - momentum)  # EMA momentum (optimizers.md section 1)
+    M.lerp_(G, 1 - momentum)  # EMA momentum, M <- b M + (1 - b) G (the speedrun's form)
     if hp.muon_variant == "scion":
         # Scion (arXiv 2502.07529, Emerging-Optimizers): no Nesterov, unit-RMS shape scale times the radius,
         # Frank-Wolfe step W <- (1 - lr) W - lr * update.
@@ -989,7 +1043,7 @@ class DistMuon:
     """Muon for hidden matrices, distributed the speedrun way.
 
     Parameters [..., m, n] are grouped by matrix shape and their matrices stacked ([P, m, n], padded to
-    a multiple of world_size with zero matrices). Gradients are reduce-scattered (average), so rank r
+    a multiple of world_size with zero matrices). Gradients are reduce-scattered (summed), so rank r
     owns stacked matrices r*k..(r+1)*k-1 (k = P_padded / world_size): it keeps their momentum,
     orthogonalizes only them, and the updated matrices are all-gathered. All reduce-scatters are
     launched before any compute, so one group's communication overlaps another's orthogonalization.
@@ -1073,7 +1127,6 @@ class DistMuon:
 # Model
 # -----------------------------------------------------------------------------
 
-BOS_ID = 50256  # <|endoftext|>, which starts every document
 ATTN_BLOCK = 128  # FlexAttention block size; sliding windows are counted in these blocks
 
 
@@ -1081,9 +1134,9 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+def document_ids(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
     """Document index of every position [T]: a new document starts at each BOS token."""
-    return (tokens == BOS_ID).cumsum(0)
+    return (tokens == bos_id).cumsum(0)
 
 
 def dense_attention_mask(docs: torch.Tensor, window_blocks: int) -> torch.Tensor:
@@ -1300,7 +1353,7 @@ class GPT(nn.Module):
         (int, or 0-d int tensor on GPU). Returns the sum of the token losses (fp32)."""
         hp, L = self.hp, self.hp.num_layers
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
-        docs = document_ids(inputs)
+        docs = document_ids(inputs, hp.bos_id)
         short_blocks = short_window_blocks(window_blocks)
         if inputs.is_cuda:
             long_mask, short_mask = flex_block_mask(docs, window_blocks), flex_block_mask(docs, short_blocks)
@@ -1349,8 +1402,8 @@ class DataError(RuntimeError):
     """Missing, corrupt or exhausted data; the message names the file and what to do."""
 
 
-def read_shard(path: str, vocab_size: int) -> np.ndarray:
-    """Tokens of one shard (read-only memmap), after checking header, size and token range.
+def read_shard_header(path: str) -> int:
+    """The token count of a shard, after checking its header and size against each other.
 
     Format (modded-nanogpt): 256 little-endian int32 (magic 20240520, version 1, token count), then
     the tokens as little-endian uint16.
@@ -1371,10 +1424,17 @@ def read_shard(path: str, vocab_size: int) -> np.ndarray:
     if size != expected:
         raise DataError(f"{path}: size mismatch: header says {count} tokens ({expected} bytes), file has "
                         f"{size} bytes; the file is truncated or corrupt, re-download it")
+    return count
+
+
+def read_shard(path: str, vocab: int) -> np.ndarray:
+    """Tokens of one shard (read-only memmap), after checking header, size and token range (ids < vocab)."""
+    count = read_shard_header(path)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=4 * HEADER_INTS, shape=(count,))
     top = int(tokens.max()) if count else 0
-    if top >= vocab_size:
-        raise DataError(f"{path}: token id {top} >= vocab_size {vocab_size}; the shard is corrupt or not GPT-2 tokens")
+    if top >= vocab:
+        raise DataError(f"{path}: token id {top} is not below --tokenizer_vocab={vocab}; the shard is corrupt or "
+                        "not made with this tokenizer (GPT-2 ids end at 50256)")
     return tokens
 
 
@@ -1386,18 +1446,40 @@ def list_shards(pattern: str, flag: str) -> list[str]:
     return files
 
 
+def next_row_start(bos: np.ndarray, pos: int, n_tokens: int, seq_len: int) -> int | None:
+    """Where the next training row (seq_len + 1 tokens) begins in a shard of n_tokens whose BOS positions are
+    `bos`, the previous row having ended at `pos`; None if no whole row fits in the rest of the shard.
+
+    A row begins at the first document start (BOS) at or after pos, so the tail of the document the last
+    row cut is skipped (the speedrun's BOS-aligned rows), unless that document runs on for a whole row or
+    more: then the row continues it from pos. Long documents are thus used whole, in row-sized pieces."""
+    i = int(np.searchsorted(bos, pos))
+    following = int(bos[i]) if i < len(bos) else n_tokens
+    start = pos if following - pos >= seq_len else following
+    return start if start + seq_len + 1 <= n_tokens else None
+
+
+def rows_in_shard(bos: np.ndarray, n_tokens: int, seq_len: int) -> int:
+    """How many rows one pass over a shard yields (the rule of next_row_start)."""
+    rows, pos = 0, 0
+    while (start := next_row_start(bos, pos, n_tokens, seq_len)) is not None:
+        rows, pos = rows + 1, start + seq_len
+    return rows
+
+
 class _ShardPrefetcher:
     """Opens (reads, validates and indexes) the next shard on a background thread."""
 
-    def __init__(self, path, vocab_size):
+    def __init__(self, path, vocab, bos_id, seq_len):
         self.result, self.error = None, None
-        self.thread = threading.Thread(target=self._run, args=(path, vocab_size), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(path, vocab, bos_id, seq_len), daemon=True)
         self.thread.start()
 
-    def _run(self, path, vocab_size):
+    def _run(self, path, vocab, bos_id, seq_len):
         try:
-            tokens = read_shard(path, vocab_size)
-            self.result = (tokens, np.flatnonzero(tokens == BOS_ID))
+            tokens = read_shard(path, vocab)
+            bos = np.flatnonzero(tokens == bos_id)
+            self.result = (tokens, bos, rows_in_shard(bos, len(tokens), seq_len))
         except Exception as e:  # re-raised in the consumer's thread
             self.error = e
 
@@ -1409,18 +1491,20 @@ class _ShardPrefetcher:
 
 
 class TrainStream:
-    """The global sequence of training micro-batches, independent of the world size.
+    """The global sequence of training rows (micro-batches), independent of the world size.
 
-    Micro-batch j is seq_len + 1 tokens starting at a BOS token; the next one starts at the first BOS at
-    or after the previous start + seq_len (a document may continue across the boundary; the tail of a
-    shard that cannot hold a whole micro-batch is skipped). Rank r of W takes micro-batches j = r mod W.
+    Row j is seq_len + 1 tokens; where each begins is next_row_start's rule. The tail of a shard that
+    cannot hold a whole row is skipped. Rank r of W takes rows j = r mod W. `on_shard(path, tokens, rows)`
+    is called as each shard is opened (the log's account of how much of the data the rows use).
     """
 
-    def __init__(self, pattern: str, seq_len: int, vocab_size: int, cycle: bool, flag: str = "train_files"):
+    def __init__(self, pattern: str, seq_len: int, *, vocab: int, bos_id: int, cycle: bool,
+                 flag: str = "train_files", on_shard=None):
         self.files = list_shards(pattern, flag)
-        self.pattern, self.seq_len, self.vocab_size, self.cycle = pattern, seq_len, vocab_size, cycle
+        self.pattern, self.seq_len, self.cycle, self.on_shard = pattern, seq_len, cycle, on_shard
         self.file_index, self.pos, self.tokens_served = -1, 0, 0
-        self._next = _ShardPrefetcher(self.files[0], vocab_size)
+        self._open = lambda path: _ShardPrefetcher(path, vocab, bos_id, seq_len)
+        self._next = self._open(self.files[0])
         self._advance_shard()
 
     def _advance_shard(self):
@@ -1429,23 +1513,26 @@ class TrainStream:
             if not self.cycle:
                 raise DataError(f"training data exhausted after {self.tokens_served:,} tokens in "
                                 f"{len(self.files)} file(s) matching {self.pattern!r}; add shards "
-                                "(python data/cached_fineweb10B.py N) or pass --cycle_train_data=true")
+                                "(python data/cached_fineweb10B.py N), lower --num_iterations, or pass "
+                                "--cycle_train_data=true")
             self.file_index = 0
-        self.tokens, self.bos = self._next.get()
+        self.tokens, self.bos, rows = self._next.get()
         self.pos = 0
+        if self.on_shard is not None:
+            self.on_shard(self.files[self.file_index], len(self.tokens), rows)
         following = (self.file_index + 1) % len(self.files)
-        self._next = _ShardPrefetcher(self.files[following], self.vocab_size)
+        self._next = self._open(self.files[following])
 
     def next_micro_batch(self) -> np.ndarray:
         for _ in range(2 * len(self.files) + 1):
-            i = np.searchsorted(self.bos, self.pos)
-            if i < len(self.bos) and self.bos[i] + self.seq_len + 1 <= len(self.tokens):
-                start = int(self.bos[i])
+            start = next_row_start(self.bos, self.pos, len(self.tokens), self.seq_len)
+            if start is not None:
                 self.pos = start + self.seq_len
                 self.tokens_served += self.seq_len
                 return self.tokens[start:start + self.seq_len + 1]
             self._advance_shard()
-        raise DataError(f"no shard in {self.pattern!r} holds a BOS-aligned sequence of {self.seq_len + 1} tokens")
+        raise DataError(f"no shard in {self.pattern!r} holds a row of {self.seq_len + 1} tokens "
+                        "(--train_seq_len + 1); lower --train_seq_len or add data")
 
 
 class DistributedTrainLoader:
@@ -1454,8 +1541,9 @@ class DistributedTrainLoader:
     The next batch is staged while the current one computes (pinned host memory, non-blocking copy).
     """
 
-    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
-        self.stream = TrainStream(hp.train_files, hp.train_seq_len, hp.vocab_size, hp.cycle_train_data)
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, on_shard=None):
+        self.stream = TrainStream(hp.train_files, hp.train_seq_len, vocab=hp.tokenizer_vocab, bos_id=hp.bos_id,
+                                  cycle=hp.cycle_train_data, on_shard=on_shard)
         self.rank, self.world_size, self.device = rank, world_size, device
         self._staged = self._stage()
 
@@ -1481,7 +1569,7 @@ def load_validation_tokens(hp: Hyperparameters) -> np.ndarray:
     files = list_shards(hp.val_files, "val_files")
     need, parts, have = hp.val_tokens, [], 0
     for path in files:
-        tokens = read_shard(path, hp.vocab_size)
+        tokens = read_shard(path, hp.tokenizer_vocab)
         parts.append(np.asarray(tokens[:need - have]))
         have += parts[-1].size
         if have == need:
@@ -1515,14 +1603,31 @@ RULE = "=" * 100
 
 
 class RunLog:
-    """Rank 0 writes every line to stdout and to <log_dir>/<run_id>.txt, flushed as written."""
+    """Rank 0 writes every line to stdout and to <log_dir>/<run_id>.txt, flushed as written.
+
+    The log file is created exclusively: an existing log (a finished run's, say) is never overwritten.
+    A folder or file that cannot be made is a ConfigError, raised before anything is trained or compiled.
+    """
 
     def __init__(self, hp: Hyperparameters, rank: int):
-        self.file = None
-        if rank == 0:
+        self.file, self.path = None, None
+        if rank != 0:
+            return
+        if os.path.exists(hp.log_dir) and not os.path.isdir(hp.log_dir):
+            raise ConfigError(f"--log_dir={hp.log_dir!r} is a file, not a folder; pass a folder for the run logs")
+        try:
             os.makedirs(hp.log_dir, exist_ok=True)
-            self.path = os.path.join(hp.log_dir, f"{hp.run_id or uuid.uuid4()}.txt")
-            self.file = open(self.path, "w", encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"--log_dir={hp.log_dir!r}: cannot create the folder ({e.strerror}); "
+                              "pass a writable folder") from None
+        self.path = os.path.join(hp.log_dir, f"{hp.run_id or uuid.uuid4()}.txt")
+        try:
+            self.file = open(self.path, "x", encoding="utf-8")
+        except FileExistsError:
+            raise ConfigError(f"{self.path} exists (--run_id={hp.run_id}); logs are never overwritten: pick another "
+                              "--run_id, or omit it for a fresh one") from None
+        except OSError as e:
+            raise ConfigError(f"cannot create the log {self.path} ({e.strerror}); pass a writable --log_dir") from None
 
     def __call__(self, line: str, console: bool = True):
         if self.file is None:
@@ -1579,7 +1684,8 @@ def window_blocks(step: int, hp: Hyperparameters) -> int:
 class Trainer:
     """Model, optimizers and data of one run; `train_step` and `evaluate` are the whole loop body."""
 
-    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
+                 val_tokens: np.ndarray | None = None):
         self.hp, self.rank, self.world_size, self.device = hp, rank, world_size, device
         self.derived = derive(hp, world_size)
         torch.manual_seed(hp.seed)  # every rank seeds alike, so all start from the same weights
@@ -1591,8 +1697,8 @@ class Trainer:
         self.forward = self.model  # the training forward; validation calls self.model
         if hp.compile and device.type == "cuda":
             # Blocks and head compiled one by one (in place) serve validation always, and training with
-            # --compile_per_block. Validation's forward-only graphs then compile in 8.5 s cold instead of
-            # 67.9 s for the whole unrolled model (7 layers, 1xH100). The whole-model compile for training
+            # --compile_per_block: validation's forward-only graphs then cost a few block compiles instead of
+            # a second whole-model compile (README: "Compile time"). The whole-model compile for training
             # traces through the compiled blocks into the same single graph as without them (tested).
             self.model.compile_per_block()
             if not hp.compile_per_block:
@@ -1606,7 +1712,7 @@ class Trainer:
             {id(p) for p in m.parameters()}, "every parameter has exactly one optimizer"
         self._window_cache = {}
         self.last_val_predictions = 0
-        self._val_tokens = None
+        self._val_tokens = val_tokens
 
     def window(self, step: int):
         blocks = window_blocks(step, self.hp)
@@ -1687,13 +1793,43 @@ def _global_mean(x: torch.Tensor, world_size: int) -> float:
     return x.item()
 
 
+def check_training_data(hp: Hyperparameters, log: RunLog) -> None:
+    """Fail before any compile if a training file is missing or has a bad header, or if they hold fewer
+    tokens than the run reads without --cycle_train_data (header counts: an upper bound on what the rows
+    use). Token ids are checked as each shard is opened (read_shard)."""
+    files = list_shards(hp.train_files, "train_files")
+    total = sum(read_shard_header(f) for f in files)
+    need = hp.num_iterations * hp.batch_tokens
+    log(f"train_data: {len(files)} file(s), {total:,} tokens; {hp.num_iterations} steps read {need:,}"
+        + (" (cycling)" if hp.cycle_train_data else ""))
+    if total < need and not hp.cycle_train_data:
+        raise DataError(f"the training files ({hp.train_files!r}) hold {total:,} tokens, fewer than the "
+                        f"{need:,} that --num_iterations={hp.num_iterations} steps of --batch_tokens={hp.batch_tokens} "
+                        f"read; add data, lower --num_iterations to at most {total // hp.batch_tokens}, or pass "
+                        "--cycle_train_data=true")
+
+
+def shard_reporter(log: RunLog, seq_len: int):
+    """on_shard callback for the timed loop's stream: one log line per shard opened, saying how many of
+    its tokens the rows use (a row is seq_len + 1 tokens; consecutive rows share one)."""
+    def report(path, tokens, rows):
+        log(f"train_shard: {path} tokens:{tokens} rows:{rows} tokens_in_rows:{rows * seq_len} "
+            f"({100 * rows * seq_len / max(tokens, 1):.1f}%)")
+    return report
+
+
+# The run did not learn if its final val loss is within this fraction of its first train loss.
+NO_LEARNING_FRACTION = 0.02
+
+
 def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog,
           launch_time: float) -> float:
     """The whole run: warm-up (untimed, state restored), then the timed loop. Returns the final val loss."""
     N = hp.num_iterations
-    trainer = Trainer(hp, rank, world_size, device)
-    d = trainer.derived
-    log(f"world_size:{world_size} grad_accum:{d.grad_accum} tokens_per_step:{hp.batch_tokens} "
+    check_training_data(hp, log)
+    val_tokens = load_validation_tokens(hp)  # every input is checked before anything compiles
+    trainer = Trainer(hp, rank, world_size, device, val_tokens=val_tokens)
+    log(f"world_size:{world_size} grad_accum:{trainer.derived.grad_accum} tokens_per_step:{hp.batch_tokens} "
         f"device:{device.type} compile:{hp.compile and device.type == 'cuda'}")
 
     # Untimed warm-up: compiles and tunes kernels on real batches, then restores the initial state. The
@@ -1704,8 +1840,8 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         snap = trainer.snapshot()
         warm_loader = DistributedTrainLoader(hp, rank, world_size, device)
         for step in range(hp.warmup_steps):
-            # The timed loop's loss all-reduce too: a collective's first call can take seconds (2xH200: a
-            # 6.1 s second timed step when it first ran there), so each runs here first.
+            # The timed loop's loss all-reduce too: a collective's first call can take seconds, so each
+            # collective of a timed step runs here first.
             _global_mean(trainer.train_step(step, warm_loader), world_size)
             if step == 0:
                 _sync(device)
@@ -1723,8 +1859,8 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
         f"startup_time:{time.perf_counter() - launch_time:.1f}s")
 
-    loader = DistributedTrainLoader(hp, rank, world_size, device)
-    train_ms, pending = 0.0, None
+    loader = DistributedTrainLoader(hp, rank, world_size, device, on_shard=shard_reporter(log, hp.train_seq_len))
+    train_ms, pending, first_train_loss = 0.0, None, None
     _sync(device)
     t0 = time.perf_counter()
     val_loss = float("nan")
@@ -1737,7 +1873,8 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             if not math.isfinite(val_loss):
                 raise NonFiniteLossError(f"non-finite val loss {val_loss} at step {step}")
             avg = train_ms / max(step, 1)
-            log(f"step:{step}/{N} val_loss:{val_loss:.{VAL_LOSS_DECIMALS}f} train_time:{train_ms:.0f}ms step_avg:{avg:.2f}ms")
+            log(f"step:{step}/{N} val_loss:{val_loss:.{VAL_LOSS_DECIMALS[hp.track]}f} train_time:{train_ms:.0f}ms "
+                f"step_avg:{avg:.2f}ms")
             _sync(device)
             t0 = time.perf_counter()
         if last:
@@ -1748,9 +1885,13 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             value = _global_mean(prev_loss, world_size)
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"non-finite train loss {value} at step {prev_step + 1}")
+            first_train_loss = value if first_train_loss is None else first_train_loss
         pending = (step, loss)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
         log(f"step:{step + 1}/{N} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
+    if first_train_loss is not None and val_loss > (1 - NO_LEARNING_FRACTION) * first_train_loss:
+        log(f"warning: the model did not learn: final val loss {val_loss:.4f} against a first train loss of "
+            f"{first_train_loss:.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
@@ -1766,7 +1907,18 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
 # -----------------------------------------------------------------------------
 
 
+class Terminated(BaseException):
+    """SIGTERM (what schedulers and torchrun send to stop a job), raised in the main thread so the run's
+    log records where it stopped, as it does for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 1 bad data or a non-finite loss (the log says which); 2 a bad flag or
+    configuration, found before any log is written or anything compiles; 143 SIGTERM."""
     launch_time = time.perf_counter()
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -1775,11 +1927,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hp = parse_args(argv)
         rank, world_size, device = setup_distributed(hp)
+        derive(hp, world_size)
+        log = RunLog(hp, rank)
     except ConfigError as e:
-        print(f"error: {e}\n\n{help_text()}", file=sys.stderr)
+        print(f"error: {e}\n{usage_line()}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 2
-    log = RunLog(hp, rank)
     status = 0
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
         with open(__file__, encoding="utf-8") as f:
             log(f.read().rstrip("\n"), console=False)
@@ -1788,15 +1945,20 @@ def main(argv: list[str] | None = None) -> int:
         log(RULE, console=False)
         log("hyperparameters: " + json.dumps(dataclasses.asdict(hp)))
         train(hp, rank, world_size, device, log, launch_time)
-    except (ConfigError, DataError, NonFiniteLossError) as e:
+    except (DataError, NonFiniteLossError) as e:
         log(f"error: {e}")
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         status = 1
+    except Terminated as e:
+        log(f"crash: {e}\n" + traceback.format_exc().rstrip("\n"), console=False)
+        status = 128 + signal.SIGTERM
     except BaseException:  # a bug or Ctrl-C: the traceback goes to the log too, then on as usual
         log("crash:\n" + traceback.format_exc().rstrip("\n"), console=False)
         raise
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         log.close()
         if dist.is_initialized():
             dist.destroy_process_group()

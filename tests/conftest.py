@@ -14,6 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BOS = 50256
+# End-to-end CPU runs use a small vocabulary: with GPT-2's 50,304-wide embedding and head, the tiny model's
+# time goes almost all into them. Shards of synthetic_tokens(..., bos=SMALL_BOS) hold ids below SMALL_VOCAB.
+SMALL_VOCAB, SMALL_BOS = 256, 255
+SMALL_VOCAB_FLAGS = [f"--vocab_size={SMALL_VOCAB}", f"--tokenizer_vocab={SMALL_VOCAB}", f"--bos_id={SMALL_BOS}"]
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 
@@ -38,15 +42,16 @@ def write_shard(path, tokens, magic=SHARD_MAGIC, version=SHARD_VERSION, header_c
     return Path(path)
 
 
-def synthetic_tokens(n_tokens, seed, alphabet=96):
-    """A learnable token stream: BOS-prefixed documents drawn from a fixed random bigram chain."""
+def synthetic_tokens(n_tokens, seed, alphabet=96, bos=BOS):
+    """A learnable token stream: `bos`-prefixed documents drawn from a fixed random bigram chain over
+    the ids 100 .. 100 + alphabet - 1."""
     rng = np.random.default_rng(seed)
     chain = np.random.default_rng(1234).integers(0, alphabet, size=(alphabet, 4))  # same chain for every split
     out = np.empty(n_tokens, dtype=np.int64)
     i = 0
     while i < n_tokens:
         doc_len = int(rng.integers(16, 300))
-        out[i] = BOS
+        out[i] = bos
         tok = int(rng.integers(0, alphabet))
         for j in range(i + 1, min(i + doc_len, n_tokens)):
             tok = int(chain[tok, rng.integers(0, 4)])
@@ -57,12 +62,15 @@ def synthetic_tokens(n_tokens, seed, alphabet=96):
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
-    """Train and val shards for CPU runs: 400k train tokens in two shards, 32k val tokens."""
+    """Train and val shards for CPU runs in the small vocabulary: 400k train tokens in two shards, 32k val
+    tokens. "flags" are the trainer flags that point a run at them (files and vocabulary)."""
     d = tmp_path_factory.mktemp("corpus")
-    write_shard(d / "tiny_train_000001.bin", synthetic_tokens(200_000, seed=1))
-    write_shard(d / "tiny_train_000002.bin", synthetic_tokens(200_000, seed=2))
-    write_shard(d / "tiny_val_000000.bin", synthetic_tokens(32_768, seed=3))
-    return {"dir": d, "train": str(d / "tiny_train_*.bin"), "val": str(d / "tiny_val_*.bin")}
+    write_shard(d / "tiny_train_000001.bin", synthetic_tokens(200_000, seed=1, bos=SMALL_BOS))
+    write_shard(d / "tiny_train_000002.bin", synthetic_tokens(200_000, seed=2, bos=SMALL_BOS))
+    write_shard(d / "tiny_val_000000.bin", synthetic_tokens(32_768, seed=3, bos=SMALL_BOS))
+    train, val = str(d / "tiny_train_*.bin"), str(d / "tiny_val_*.bin")
+    return {"dir": d, "train": train, "val": val,
+            "flags": [f"--train_files={train}", f"--val_files={val}", *SMALL_VOCAB_FLAGS]}
 
 
 def load_script(relative_path: str, name: str):

@@ -22,7 +22,7 @@ def test_flops_per_token_counts_weights_and_windowed_attention(bench):
 
 def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     import train_gpt
-    args = ["--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}",
+    args = ["--preset=tiny", *tiny_corpus["flags"],
             f"--log_dir={tmp_path}", "--run_id=r", "--num_iterations=4", "--val_loss_every=2", "--warmup_steps=0"]
     assert train_gpt.main(args) == 0
     log = tmp_path / "r.txt"
@@ -94,7 +94,7 @@ def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsy
     import json
     args = ["--data", str(tiny_corpus["dir"]), "--nproc", "1", "--target", "20", "--peak_tflops", "1",
             "--log_dir", str(tmp_path), "--variant", "base=", "--variant", "ns5=--muon_ortho=newton_schulz5", "--",
-            "--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}",
+            "--preset=tiny", *tiny_corpus["flags"],
             "--num_iterations=2", "--val_loss_every=0", "--warmup_steps=0"]
     assert bench.main(args) == 0
     orthos = {}
@@ -108,7 +108,7 @@ def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsy
 
 def test_a_run_without_a_log_is_reported_and_the_others_still_get_their_table(bench, tiny_corpus, tmp_path,
                                                                               capsys):
-    args = ["--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}",
+    args = ["--preset=tiny", *tiny_corpus["flags"],
             f"--log_dir={tmp_path}", "--run_id=ok", "--num_iterations=2", "--val_loss_every=0", "--warmup_steps=0"]
     import train_gpt
     assert train_gpt.main(args) == 0
@@ -136,7 +136,7 @@ def test_exposed_communication_is_the_part_no_compute_kernel_covers(profile_step
 
 def test_profile_step_reports_every_phase_of_a_tiny_cpu_step(profile_step, tiny_corpus, capsys):
     argv = ["--warmup", "1", "--time_steps", "1", "--steps", "1", "--top", "3", "--start_step", "5", "--",
-            "--preset=tiny", f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}"]
+            "--preset=tiny", *tiny_corpus["flags"]]
     assert profile_step.main(argv) == 0
     out = capsys.readouterr().out
     phases = dict(line.split()[:2] for line in out.split("by phase")[1].splitlines()[1:6])

@@ -18,7 +18,7 @@ def test_flags_override_fields_with_their_types(trainer):
 
 
 def test_preset_applies_first_and_later_flags_win(trainer):
-    tiny = trainer.PRESETS["tiny"]
+    tiny = trainer.PRESETS["tiny"]["flags"]
     hp = trainer.parse_args(["--num_iterations=7", "--preset=tiny"])
     assert hp.num_iterations == 7, "an explicit flag must override the preset, whatever the order"
     assert hp.model_dim == tiny["model_dim"]

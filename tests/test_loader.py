@@ -25,7 +25,7 @@ def shard_dir(tmp_path):
 def test_corrupt_header_fails_fast_naming_file_and_fault(trainer, tmp_path, corruption, words):
     path = write_shard(tmp_path / "bad.bin", np.arange(100), **corruption)
     with pytest.raises(trainer.DataError) as err:
-        trainer.read_shard(str(path), 50304)
+        trainer.read_shard(str(path), 50257)
     for w in [str(path)] + words:
         assert w in str(err.value)
 
@@ -34,20 +34,32 @@ def test_truncated_file_and_out_of_vocab_tokens_are_rejected(trainer, tmp_path):
     path = write_shard(tmp_path / "short.bin", np.arange(100))
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(trainer.DataError, match="truncated header"):
-        trainer.read_shard(str(path), 50304)
+        trainer.read_shard(str(path), 50257)
     path = write_shard(tmp_path / "vocab.bin", np.array([1, 2, 50303, 60000]))
-    with pytest.raises(trainer.DataError, match="token id 60000 >= vocab_size 50304"):
-        trainer.read_shard(str(path), 50304)
+    with pytest.raises(trainer.DataError, match="token id 60000 is not below --tokenizer_vocab=50257"):
+        trainer.read_shard(str(path), 50257)
+
+
+def test_padding_ids_between_the_tokenizer_and_the_padded_vocabulary_are_rejected(trainer, tmp_path):
+    """Ids 50257..50303 fit the model's padded 50,304 rows but are no GPT-2 token: such a shard is corrupt,
+    and must not train. The check uses the tokenizer's vocabulary; 50256 (BOS) is the largest valid id."""
+    hp = trainer.parse_args([])
+    assert (hp.tokenizer_vocab, hp.vocab_size) == (50257, 50304)
+    path = write_shard(tmp_path / "padding.bin", np.array([BOS, 5, 50257]))
+    with pytest.raises(trainer.DataError, match="token id 50257 is not below --tokenizer_vocab=50257"):
+        trainer.read_shard(str(path), hp.tokenizer_vocab)
+    ok = write_shard(tmp_path / "ok.bin", np.array([BOS, 5, 50256]))
+    assert list(trainer.read_shard(str(ok), hp.tokenizer_vocab)) == [BOS, 5, 50256], "negative control"
 
 
 def test_missing_files_name_the_flag_and_the_download_command(trainer, tmp_path):
     with pytest.raises(trainer.DataError) as err:
-        trainer.TrainStream(str(tmp_path / "none_*.bin"), 64, 50304, cycle=False)
+        trainer.TrainStream(str(tmp_path / "none_*.bin"), 64, vocab=50257, bos_id=BOS, cycle=False)
     assert "--train_files" in str(err.value) and "cached_fineweb10B.py" in str(err.value)
 
 
 def test_micro_batches_start_at_bos_and_cross_shards(trainer, shard_dir):
-    stream = trainer.TrainStream(str(shard_dir / "t_train_*.bin"), 512, 50304, cycle=False)
+    stream = trainer.TrainStream(str(shard_dir / "t_train_*.bin"), 512, vocab=50257, bos_id=BOS, cycle=False)
     batches = [stream.next_micro_batch() for _ in range(60)]
     assert all(b[0] == BOS and len(b) == 513 for b in batches)
     assert stream.file_index == 1, "60 batches of 512 tokens need the second shard"
@@ -72,12 +84,12 @@ def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_s
 
 def test_running_out_of_data_is_an_error_unless_cycling(trainer, shard_dir):
     pattern = str(shard_dir / "t_train_*.bin")
-    stream = trainer.TrainStream(pattern, 4096, 50304, cycle=False)
+    stream = trainer.TrainStream(pattern, 4096, vocab=50257, bos_id=BOS, cycle=False)
     with pytest.raises(trainer.DataError) as err:
         for _ in range(20):
             stream.next_micro_batch()
     assert pattern in str(err.value) and "--cycle_train_data=true" in str(err.value)
-    cycling = trainer.TrainStream(pattern, 4096, 50304, cycle=True)
+    cycling = trainer.TrainStream(pattern, 4096, vocab=50257, bos_id=BOS, cycle=True)
     first = cycling.next_micro_batch().copy()
     seen = [cycling.next_micro_batch() for _ in range(20)]
     assert any(np.array_equal(first, b) for b in seen), "cycling restarts from the first shard"
@@ -105,3 +117,46 @@ def test_too_little_validation_data_is_an_error(trainer, tmp_path):
     hp = trainer.parse_args(["--preset=tiny", f"--val_files={tmp_path}/v_val_*.bin", "--val_tokens=4096"])
     with pytest.raises(trainer.DataError, match="hold 3,000 tokens"):
         trainer.load_validation_tokens(hp)
+
+
+def _one_document_shard(path, length, bos=BOS):
+    tokens = np.full(length, 7, dtype=np.int64)
+    tokens[0] = bos
+    return write_shard(path, tokens)
+
+
+def test_a_document_longer_than_a_row_is_used_whole_in_row_sized_pieces(trainer, tmp_path):
+    """One 10,000-token document, 256-token rows: each row continues where the last ended, so a pass uses
+    all but the final partial row (BOS-aligned starts alone would use one row and skip the rest)."""
+    _one_document_shard(tmp_path / "long_train_000001.bin", 10_000)
+    stream = trainer.TrainStream(str(tmp_path / "long_train_*.bin"), 256, vocab=50257, bos_id=BOS, cycle=False)
+    rows = []
+    with pytest.raises(trainer.DataError, match="training data exhausted"):
+        while True:
+            rows.append(stream.next_micro_batch().copy())
+    assert len(rows) == (10_000 - 1) // 256, f"{len(rows)} rows of 256 from a 10,000-token document"
+    bos = np.flatnonzero(np.fromfile(tmp_path / "long_train_000001.bin", dtype="<u2", offset=1024) == BOS)
+    assert trainer.rows_in_shard(bos, 10_000, 256) == len(rows), "the shard's reported yield is what it yields"
+
+
+def test_a_short_tail_of_a_cut_document_is_skipped_so_rows_start_at_bos(trainer, tmp_path):
+    """Documents shorter than a row keep the speedrun's BOS-aligned rows: a row that cuts a document
+    leaves its tail (under a row long) and the next row starts at the next BOS."""
+    docs = [300, 200, 400, 150, 500]
+    tokens = np.concatenate([np.r_[BOS, np.full(n - 1, 9)] for n in docs])
+    write_shard(tmp_path / "s_train_000001.bin", tokens)
+    stream = trainer.TrainStream(str(tmp_path / "s_train_*.bin"), 256, vocab=50257, bos_id=BOS, cycle=False)
+    starts = np.cumsum([0] + docs[:-1])
+    first, second = stream.next_micro_batch(), stream.next_micro_batch()
+    assert first[0] == BOS and second[0] == BOS
+    assert np.array_equal(second, tokens[starts[1]:starts[1] + 257]), "row 2 starts at document 2, not at 256"
+
+
+def test_exhausted_data_names_the_fixes(trainer, tmp_path):
+    _one_document_shard(tmp_path / "x_train_000001.bin", 600)
+    stream = trainer.TrainStream(str(tmp_path / "x_train_*.bin"), 256, vocab=50257, bos_id=BOS, cycle=False)
+    with pytest.raises(trainer.DataError) as err:
+        for _ in range(5):
+            stream.next_micro_batch()
+    for fix in ("--num_iterations", "--cycle_train_data=true"):
+        assert fix in str(err.value), err.value

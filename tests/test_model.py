@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_code_only
+from conftest import BOS, shared_code_only
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -33,8 +33,8 @@ LAYOUTS = [
 def test_flex_block_mask_attends_exactly_like_the_dense_mask(trainer, layout, window_blocks):
     """FlexAttention with the BlockMask (GPU path) equals SDPA with the dense mask (CPU path)."""
     from torch.nn.attention.flex_attention import flex_attention
-    tokens = _tokens_with_documents(1024, layout, trainer.BOS_ID)
-    docs = trainer.document_ids(tokens)
+    tokens = _tokens_with_documents(1024, layout, BOS)
+    docs = trainer.document_ids(tokens, BOS)
     q, k, v = torch.randn(3, 1, 2, 1024, 32, generator=torch.Generator().manual_seed(1)).unbind(0)
     dense = trainer.dense_attention_mask(docs, window_blocks)
     block_mask = trainer.flex_block_mask(docs, window_blocks)
@@ -49,8 +49,8 @@ def test_block_lists_cover_the_dense_mask_and_full_blocks_need_no_mask(trainer, 
     """The fused kernel reads only the block lists: a block pair is listed iff the dense mask has any
     allowed pair in it, and a pair listed as full has every pair allowed (the mask_mod is skipped there)."""
     B = trainer.ATTN_BLOCK
-    tokens = _tokens_with_documents(1024, layout, trainer.BOS_ID)
-    docs = trainer.document_ids(tokens)
+    tokens = _tokens_with_documents(1024, layout, BOS)
+    docs = trainer.document_ids(tokens, BOS)
     dense = trainer.dense_attention_mask(docs, window_blocks)
     nb = 1024 // B
     tiles = dense.view(nb, B, nb, B).permute(0, 2, 1, 3)
@@ -79,7 +79,7 @@ def _tiny_model(trainer, **overrides):
 def test_initial_loss_is_uniform_over_the_padded_vocabulary(trainer):
     """The zero-initialized head gives equal logits, so the first loss is exactly ln(vocab_size)."""
     hp, model = _tiny_model(trainer)
-    tokens = _tokens_with_documents(257, [0, 100], trainer.BOS_ID)
+    tokens = _tokens_with_documents(257, [0, 100], BOS)
     loss = model(tokens[:-1], tokens[1:], 2) / 256
     assert abs(loss.item() - math.log(hp.vocab_size)) < 1e-4
 
@@ -98,7 +98,7 @@ def test_model_is_causal_and_documents_do_not_see_each_other(trainer):
             block.qkvo_w.normal_(std=0.05)
             block.mlp_fc.normal_(std=0.05)
             block.mlp_proj.normal_(std=0.05)
-    tokens = _tokens_with_documents(257, [0, 150], trainer.BOS_ID)
+    tokens = _tokens_with_documents(257, [0, 150], BOS)
     inputs, targets = tokens[:-1].clone(), tokens[1:].clone()
     before = _per_position_loss(trainer, model, inputs, targets, 100)
     changed = inputs.clone()
@@ -128,7 +128,7 @@ def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer)
     assert [b.qkvo_w is None for b in model.blocks] == [False, False, False, True, False, False]
     assert len(model.hidden_matrices()) == 5 * 3 + 2, "5 attention stacks and 6 MLPs x 2 go to Muon"
     inputs = torch.randint(0, 200, (256,))
-    inputs[0] = trainer.BOS_ID
+    inputs[0] = BOS
     with torch.no_grad():
         model.lm_head_w.normal_()  # the zero-initialized head would pass no gradient back
     model(inputs, torch.roll(inputs, -1), 2).backward()
@@ -148,7 +148,7 @@ def test_compiled_blocks_share_graphs_so_compile_work_does_not_grow_with_depth(t
     torch._dynamo.reset()
     counters.clear()
     compiled.compile_per_block(backend="eager")
-    train, val = _tokens_with_documents(257, [0, 90, 200], trainer.BOS_ID), _tokens_with_documents(1025, [0, 500], trainer.BOS_ID)
+    train, val = _tokens_with_documents(257, [0, 90, 200], BOS), _tokens_with_documents(1025, [0, 500], BOS)
     window = torch.tensor(2)  # a tensor, as on GPU, so window changes do not recompile
     for step in range(2):
         loss = compiled(train[:-1], train[1:], window)
@@ -168,7 +168,7 @@ def test_whole_model_compile_traces_through_compiled_blocks_into_the_same_graph(
     break per block, which would make training per-block and slower)."""
     from torch._dynamo.utils import counters
     hp = trainer.parse_args(["--preset=tiny", "--num_layers=6", "--layer_attention=LSS-SL"])
-    train = _tokens_with_documents(257, [0, 90, 200], trainer.BOS_ID)
+    train = _tokens_with_documents(257, [0, 90, 200], BOS)
     graphs = []
 
     def keep_graph(gm, example_inputs):
@@ -204,7 +204,7 @@ def test_a_compiled_block_takes_a_fresh_block_mask_every_call_without_recompilin
     compiled = torch.compile(block, backend="eager", dynamic=False)
     x, lam, vlam = torch.randn(1, 512, hp.model_dim), torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.5])
     for window, bos in [(1, [0, 100]), (2, [0, 300, 301]), (4, [0])]:
-        docs = trainer.document_ids(_tokens_with_documents(512, bos, trainer.BOS_ID))
+        docs = trainer.document_ids(_tokens_with_documents(512, bos, BOS), BOS)
         mask = trainer.flex_block_mask(docs, torch.tensor(window))
         with torch.no_grad():  # FlexAttention has no CPU backward
             torch.testing.assert_close(compiled(x, x, None, lam, vlam, mask),

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_gloo_ranks, shared_code_only, write_shard
+from conftest import SMALL_BOS, SMALL_VOCAB_FLAGS, ROOT, run_gloo_ranks, shared_code_only, synthetic_tokens, write_shard
 
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
@@ -17,7 +17,7 @@ RULE = "=" * 100
 
 
 def _args(corpus, log_dir, run_id, *extra):
-    return ["--preset=tiny", f"--train_files={corpus['train']}", f"--val_files={corpus['val']}",
+    return ["--preset=tiny", *corpus["flags"],
             f"--log_dir={log_dir}", f"--run_id={run_id}", "--num_iterations=6", "--val_loss_every=3",
             "--warmup_steps=1", *extra]
 
@@ -51,7 +51,8 @@ def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_pat
     losses = _val_losses(body)
     assert sorted(losses) == [0, 10, 20], "validation at step 0, every val_loss_every steps and at the end"
     decimals = {len(m[3].split(".")[1]) for m in map(VAL_LINE.match, body) if m}
-    assert decimals == {trainer.VAL_LOSS_DECIMALS}, f"val_loss printed with {decimals} decimals (track convention)"
+    track = trainer.parse_args([]).track
+    assert decimals == {trainer.VAL_LOSS_DECIMALS[track]}, f"val_loss printed with {decimals} decimals ({track} track)"
     assert losses[20] < losses[10] < losses[0] - 3.0, f"loss should fall well below the uniform 10.83: {losses}"
     assert body[-1].startswith("peak memory allocated: "), "the log ends with peak memory"
     startup = next(line for line in body if line.startswith("warmup_and_compile_time:"))
@@ -88,11 +89,11 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
     assert "world_size:2 grad_accum:1" in "\n".join(_log_lines(tmp_path, "two"))
 
 
-def first_backward_grads(rank, world_size, module, train_files, val_files):
+def first_backward_grads(rank, world_size, module, *corpus_flags):
     """Every parameter's gradient after this rank's first micro-batch backward of step 0 (tiny preset,
     2 micro-batches per step: gradient accumulation on 1 rank, one each on 2)."""
     trainer = importlib.import_module(module)
-    hp = trainer.parse_args(["--preset=tiny", f"--train_files={train_files}", f"--val_files={val_files}"])
+    hp = trainer.parse_args(["--preset=tiny", *corpus_flags])
     run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))
     loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"))
     grads = {}
@@ -109,15 +110,15 @@ def first_backward_grads(rank, world_size, module, train_files, val_files):
     return grads
 
 
-def collectives_by_phase(rank, world_size, module, train_files, val_files, log_dir):
+def collectives_by_phase(rank, world_size, module, log_dir, *corpus_flags):
     """(phase, collective, dtype, numel) of every collective of a tiny run: phase "before" (set-up and
     warm-up), "timed" (the timed loop's train steps) or "validation"."""
     import time
 
     import torch.distributed as dist
     trainer = importlib.import_module(module)
-    hp = trainer.parse_args(["--preset=tiny", f"--train_files={train_files}", f"--val_files={val_files}",
-                             f"--log_dir={log_dir}", "--num_iterations=4", "--val_loss_every=0", "--warmup_steps=2"])
+    hp = trainer.parse_args(["--preset=tiny", *corpus_flags, f"--log_dir={log_dir}", "--num_iterations=4",
+                             "--val_loss_every=0", "--warmup_steps=2"])
     phase, calls = ["before"], set()
 
     def recorded(name):
@@ -153,7 +154,7 @@ def test_warm_up_runs_every_collective_of_a_timed_step(trainer, tiny_corpus, tmp
     the loss all-reduce first ran inside the timed loop): every collective a timed train step calls,
     with its dtype and size, must already have run in the untimed warm-up."""
     calls = run_gloo_ranks("test_train:collectives_by_phase", 2, tmp_path, trainer.__name__,
-                           tiny_corpus["train"], tiny_corpus["val"], str(tmp_path / "logs"))[0]
+                           str(tmp_path / "logs"), *tiny_corpus["flags"])[0]
     before = {c[1:] for c in calls if c[0] == "before"}
     timed = {c[1:] for c in calls if c[0] == "timed"}
     assert timed, f"no collectives recorded in the timed loop: {calls}"
@@ -165,9 +166,8 @@ def test_every_world_size_backpropagates_the_same_values(trainer, tiny_corpus, t
     """Micro-batch 0 of step 0 is rank 0's only micro-batch on 2 ranks and the first of two on 1 rank:
     its backward must carry the same values in both, so that float8 and bf16 rounding on GPU (the FP8
     head's e5m2 cast of the logit gradient) is the same at every world size, not just the mean gradient."""
-    files = (tiny_corpus["train"], tiny_corpus["val"])
-    single = first_backward_grads(0, 1, trainer.__name__, *files)
-    rank0 = run_gloo_ranks("test_train:first_backward_grads", 2, tmp_path, trainer.__name__, *files)[0]
+    single = first_backward_grads(0, 1, trainer.__name__, *tiny_corpus["flags"])
+    rank0 = run_gloo_ranks("test_train:first_backward_grads", 2, tmp_path, trainer.__name__, *tiny_corpus["flags"])[0]
     assert single.keys() == rank0.keys() and len(single) > 10, sorted(single)
     for name in single:
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=1e-8, msg=lambda m: (
@@ -235,3 +235,112 @@ def test_validation_scores_val_tokens_minus_one_predictions(trainer, tiny_corpus
     loss = t.evaluate(0)
     assert t.last_val_predictions == hp.val_tokens - 1, "exactly the first val_tokens tokens are scored"
     assert abs(loss - np.log(hp.vocab_size)) < 1e-4, "the untrained model is uniform over the vocabulary"
+
+
+# -----------------------------------------------------------------------------
+# Nothing lost, nothing false: logs, early errors, exit codes, signals
+
+
+def test_a_reused_run_id_never_overwrites_a_finished_log(trainer, tiny_corpus, tmp_path, capsys):
+    """The second run with the same --run_id, even one that would fail at once on a typo, is refused
+    (exit 2) and the first run's log stays byte for byte."""
+    assert trainer.main(_args(tiny_corpus, tmp_path, "same")) == 0
+    finished = (tmp_path / "same.txt").read_bytes()
+    typo = _args(tiny_corpus, tmp_path, "same")
+    typo[2] = f"--val_files={tmp_path}/typo_*.bin"
+    assert trainer.main(typo) == 2
+    assert "same.txt exists" in capsys.readouterr().err
+    assert (tmp_path / "same.txt").read_bytes() == finished, "the finished log was changed"
+
+
+@pytest.mark.parametrize("run_id", ["../escaped", "a/b", ".hidden", ""])
+def test_run_ids_that_would_leave_the_log_folder_are_refused(trainer, tiny_corpus, tmp_path, run_id, capsys):
+    log_dir = tmp_path / "logs"
+    code = trainer.main(_args(tiny_corpus, log_dir, "x") + [f"--run_id={run_id}"])
+    if run_id == "":  # the default: a fresh uuid inside the folder
+        assert code == 0 and len(list(log_dir.glob("*.txt"))) == 1
+        return
+    assert code == 2, f"--run_id={run_id!r} must be a usage error"
+    assert "must be a plain file name" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.txt")), "nothing written anywhere"
+
+
+def _unwritable_log_dirs(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    return {"a file": str(a_file), "empty": "", "under a file": str(a_file / "sub"), "/proc": "/proc/x"}
+
+
+@pytest.mark.parametrize("case", ["a file", "empty", "under a file", "/proc"])
+def test_an_unusable_log_dir_is_one_clear_error_line(trainer, tiny_corpus, tmp_path, case, capsys):
+    log_dir = _unwritable_log_dirs(tmp_path)[case]
+    args = [a for a in _args(tiny_corpus, tmp_path, "r") if not a.startswith("--log_dir")] + [f"--log_dir={log_dir}"]
+    assert trainer.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --log_dir") or err.startswith("error: cannot create the log"), err
+    assert "Traceback" not in err
+
+
+def test_inputs_are_checked_before_anything_trains_or_compiles(trainer, tiny_corpus, tmp_path, monkeypatch):
+    """A typo in --val_files is reported before the warm-up (on a GPU: before minutes of compiling)."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("a train step ran before the inputs were checked")
+    monkeypatch.setattr(trainer.Trainer, "train_step", no_training)
+    args = _args(tiny_corpus, tmp_path, "typo")
+    args[2] = f"--val_files={tmp_path}/typo_*.bin"
+    assert trainer.main(args) == 1
+    assert _log_lines(tmp_path, "typo")[-1].startswith("error: no files match --val_files=")
+
+
+@pytest.mark.parametrize("flag, fix", [("--val_tokens=1000", "--val_tokens=1024"),
+                                       ("--batch_tokens=100", "--batch_tokens=256")])
+def test_sizes_that_do_not_divide_are_usage_errors_naming_a_value_that_works(trainer, tiny_corpus, tmp_path, flag,
+                                                                            fix, capsys):
+    assert trainer.main(_args(tiny_corpus, tmp_path, "size", flag)) == 2
+    err = capsys.readouterr().err
+    assert fix in err and "divides 0" not in err, err
+    assert not (tmp_path / "size.txt").exists(), "a usage error leaves no log"
+
+
+def test_too_little_training_data_fails_before_compiling_and_names_the_fixes(trainer, tmp_path, capsys):
+    small = tmp_path / "data"
+    small.mkdir()
+    write_shard(small / "s_train_000001.bin", synthetic_tokens(3000, seed=1, bos=SMALL_BOS))
+    write_shard(small / "s_val_000000.bin", synthetic_tokens(5000, seed=2, bos=SMALL_BOS))
+    args = ["--preset=tiny", f"--train_files={small}/s_train_*.bin", f"--val_files={small}/s_val_*.bin",
+            *SMALL_VOCAB_FLAGS, f"--log_dir={tmp_path}", "--run_id=short"]
+    assert trainer.main(args) == 1
+    err = capsys.readouterr().err
+    for fix in ("hold 3,000 tokens", "--num_iterations to at most 5", "--cycle_train_data=true"):
+        assert fix in err, err
+    assert trainer.main(args[:-1] + ["--run_id=cycled", "--cycle_train_data=true"]) == 0, "negative control"
+    shard_lines = [line for line in _log_lines(tmp_path, "cycled") if line.startswith("train_shard: ")]
+    assert shard_lines and "rows:" in shard_lines[0], "the log says how much of each shard the rows use"
+
+
+def test_sigterm_is_recorded_in_the_log_like_a_crash(trainer, tiny_corpus, tmp_path):
+    """Schedulers stop jobs with SIGTERM: the log records it (not just stops) and the exit status is 143."""
+    import signal
+    import time
+    cmd = [sys.executable, str(ROOT / f"{trainer.__name__}.py"),
+           *_args(tiny_corpus, tmp_path, "term", "--num_iterations=100000", "--val_loss_every=0",
+                 "--cycle_train_data=true")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "term.txt"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "step:2/" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    text = log.read_text()
+    assert "crash: terminated by signal SIGTERM" in text[text.rindex("step:"):], text[-1500:]
+
+
+def test_a_run_that_does_not_learn_warns(trainer, tiny_corpus, tmp_path, capsys):
+    args = _args(tiny_corpus, tmp_path, "stuck", "--adam_lr_embed=1e30", "--adam_lr_head=0", "--muon_lr=1e30")
+    assert trainer.main(args) == 0
+    assert any(line.startswith("warning: the model did not learn") for line in _log_lines(tmp_path, "stuck"))
+    assert trainer.main(_args(tiny_corpus, tmp_path, "learns")) == 0
+    assert not any(line.startswith("warning:") for line in _log_lines(tmp_path, "learns")), "negative control"

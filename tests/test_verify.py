@@ -453,8 +453,7 @@ def test_parses_logs_written_by_a_tiny_cpu_run_of_train_gpt(tiny_corpus, tmp_pat
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = []
     for seed in (0, 1):
-        cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny", f"--train_files={tiny_corpus['train']}",
-               f"--val_files={tiny_corpus['val']}", f"--log_dir={log_dir}", "--num_iterations=4",
+        cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny", *tiny_corpus["flags"], f"--log_dir={log_dir}", "--num_iterations=4",
                "--val_loss_every=2", f"--seed={seed}", f"--run_id=seed{seed}"]
         out = open(tmp_path / f"stdout{seed}.txt", "w")
         procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env), out))
