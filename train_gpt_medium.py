@@ -30,6 +30,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -58,14 +59,22 @@ class Hyperparameters:
     # track
     track: str = "medium"  # record track: the target records/verify.py tests and the log's val_loss decimals
     target_val_loss: float = 2.92  # the track's target on FineWeb; declare your own for other data
-    # batch
-    batch_tokens: int = 8 * 64 * 1024  # tokens per optimizer step, all ranks together
-    train_seq_len: int = 64 * 1024  # tokens per micro-batch per GPU (one BOS-aligned packed sequence)
+    # schedule: num_iterations steps in stages, then extension_steps at the last stage's settings and the lr
+    # floor. Per-stage lists have one entry per stage, comma-separated (README: "The staged schedule").
+    num_iterations: int = 5960  # scheduled optimizer steps; every stage boundary scales with it
+    extension_steps: int = 15  # steps after the schedule, at its final windows and the lr floor
+    stage_starts: str = ""  # where stages 2, 3, ... begin, as fractions of num_iterations
+    stage_batch_tokens: str = "524288"  # tokens per optimizer step in each stage, all ranks
+    stage_doc_clip: str = "2048"  # each document cut to this many tokens in a row (0: used whole)
+    stage_windows: str = "13:27"  # short:long attention window of each stage, in 128-token blocks
+    extension_windows: str = "6:13"  # short:long window of the extension steps
+    final_val_windows: str = "6:20"  # short:long window of the final validation only (no YaRN change)
+    stage_lr_mul: str = "1"  # lr multiplier of each stage: about (batch / first batch)^0.6, ^0.5
+    cooldown_frac: float = 0.7  # fraction of the scheduled steps in the final linear lr cooldown
+    final_lr_frac: float = 0.0  # lr multiplier (floor) at the end of the cooldown and in the extension
+    mtp_weights: str = "1"  # per stage (;): loss weights of the next 1, 2, .. tokens; a>b ramps
+    train_seq_len: int = 16 * 1024  # tokens per micro-batch (one packed row) per GPU; one shape for all stages
     val_seq_len: int = 64 * 1024  # tokens per validation forward per GPU
-    # schedule
-    num_iterations: int = 5960  # optimizer steps
-    cooldown_frac: float = 0.7  # fraction of steps in the final linear lr cooldown
-    final_lr_frac: float = 0.0  # lr multiplier at the end of the cooldown
     # model
     vocab_size: int = 50304  # rows of the embedding and head: tokenizer_vocab padded to a multiple of 128
     num_layers: int = 16
@@ -73,25 +82,37 @@ class Hyperparameters:
     num_heads: int = 8
     head_dim: int = 128
     mlp_ratio: int = 4  # hidden width of the MLP, in units of model_dim
-    num_value_embeds: int = 3  # value embeddings shared by the first and last layers (U-net pattern)
-    attn_scale: float = 0.12  # softmax scale for QK-normed heads (the speedrun's value, above 1/sqrt(128))
+    layer_attention: str = "SSSLSS-SSSLSSSSL"  # per layer: L long window, S short window, - no attention (MLP only)
+    attn_scale: float = 0.1  # softmax scale of the QK-normed heads at the first windows (YaRN raises it)
+    value_embed_layers: str = "1,2,13,14,15"  # layers whose values add a gated value embedding, one table each
+    xsa_layers: str = "1,3,4,7"  # layers whose heads remove a learned share of their own value (XSA)
+    attn_gate_layers: str = "3,15"  # layers with a sigmoid gate per head on the attention output
+    key_offset_layers: str = "3,15"  # layers whose keys' unrotated half comes from the previous token
+    skip_connection: str = "3>6"  # a>b: layer b's input adds a gated copy of layer a's output ("" for none)
+    cache_layer: int = 12  # later layers' attention reads this layer's output, subtracted at the end; -1: off
+    bigram_buckets: int = 377_280  # rows of the hashed bigram embedding added to the residual (0: off)
+    smear: bool = True  # each token's embedding adds a gated share of the previous token's
+    untie_stage: int = 0  # embedding tied to the head until this stage begins (1-based; 0: never tied)
+    logit_softcap: float = 23.0  # logits = softcap * sigmoid((z + logit_offset) / logit_temp)
+    logit_offset: float = 5.0
+    logit_temp: float = 7.5
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
-    logit_softcap: float = 30.0  # logits = softcap * sigmoid(z / (softcap / 4 * sqrt(model_dim)))
-    window_start: int = 128  # long attention window at step 0, in tokens (a multiple of 128)
-    window_end: int = 3456  # long attention window at the last step, in tokens (a multiple of 128)
-    layer_attention: str = "LSSSLSS-SSSLSSSL"  # per layer: L long window, S half window, - no attention (MLP only)
-    # Adam (embeddings, head, scalars)
-    adam_lr_embed: float = 0.6
-    adam_lr_head: float = 0.22
+    # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
+    adam_lr_embed: float = 0.008  # the untied token embedding
+    adam_lr_head: float = 0.008
+    adam_lr_value_embed: float = 0.6  # value embeddings and the bigram table
     adam_lr_scalar: float = 0.04
-    adam_beta1: float = 0.8
-    adam_beta2: float = 0.95
+    adam_lr_gate: float = 0.008
+    adam_betas_embed: str = "0.5,0.95"  # embedding and head: a rare token's large step is forgotten fast
+    adam_betas_value_embed: str = "0.75,0.95"
+    adam_betas_scalar: str = "0.9,0.99"  # scalars and gates
     adam_eps: float = 1e-10
     # Muon (hidden matrices)
     muon_lr: float = 0.025  # in units of spectral norm per step (times the shape scale)
     muon_momentum: float = 0.95
-    muon_momentum_start: float = 0.85  # momentum warms up linearly from this value
-    muon_momentum_warmup_steps: int = 300
+    muon_momentum_start: float = 0.85  # momentum warms up linearly from this value ...
+    muon_momentum_warmup_frac: float = 0.236  # ... over this fraction of the scheduled steps
+    muon_momentum_cooldown_frac: float = 0.039  # and falls back to the start value over the last fraction
     muon_ortho: str = "polar_express"  # orthogonalization (README: "Muon options")
     muon_variant: str = "muon"  # update rule around the orthogonalized momentum (README: "Muon options")
     muon_weight_decay: float = 0.0  # coupled to the lr schedule: W -= lr_t * wd * W (masked if cautious)
@@ -113,12 +134,12 @@ class Hyperparameters:
     device: str = "auto"
 
     def __post_init__(self):
-        positive = ["val_tokens", "batch_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
+        positive = ["val_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
                     "tokenizer_vocab", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ["val_loss_every", "warmup_steps", "muon_momentum_warmup_steps", "num_value_embeds"]:
+        for name in ["val_loss_every", "warmup_steps", "extension_steps", "bigram_buckets", "untie_stage"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.tokenizer_vocab > self.vocab_size:
@@ -126,24 +147,12 @@ class Hyperparameters:
                               f"ids; use --vocab_size={-(-self.tokenizer_vocab // 128) * 128}")
         if not 0 <= self.bos_id < self.tokenizer_vocab:
             raise ConfigError(f"--bos_id={self.bos_id} must be a token id below --tokenizer_vocab={self.tokenizer_vocab}")
-        if not 0.0 <= self.cooldown_frac <= 1.0:
-            raise ConfigError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
-        if 2 * self.num_value_embeds > self.num_layers:
-            raise ConfigError(f"--num_value_embeds={self.num_value_embeds} needs at least "
-                              f"{2 * self.num_value_embeds} layers (first and last layers share them)")
-        for name in ["window_start", "window_end"]:
-            value = getattr(self, name)
-            if value <= 0 or value % ATTN_BLOCK:
-                raise ConfigError(f"--{name} must be a positive multiple of {ATTN_BLOCK}, got {value}")
-        if self.window_start > self.window_end:
-            raise ConfigError("--window_start must not exceed --window_end")
+        for name in ["cooldown_frac", "muon_momentum_warmup_frac", "muon_momentum_cooldown_frac"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         if len(self.layer_attention) != self.num_layers or set(self.layer_attention) - set("LS-"):
             raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
                               f"S (short window), - (no attention); got {self.layer_attention!r}")
-        if any(c == "-" and value_embed_index(i, self.num_layers, self.num_value_embeds) is not None
-               for i, c in enumerate(self.layer_attention)):
-            raise ConfigError(f"--layer_attention={self.layer_attention!r} drops attention in a layer that reads a "
-                              f"value embedding (the first and last {self.num_value_embeds} layers)")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
             raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no --normuon, "
                               "--cautious_wd or --muon_weight_decay (pass --normuon=false: NorMuon is on by default)")
@@ -158,6 +167,7 @@ class Hyperparameters:
         if self.run_id and not RUN_ID_CHARS.fullmatch(self.run_id):
             raise ConfigError(f"--run_id={self.run_id!r} must be a plain file name: letters, digits and . _ - + =, "
                               "not starting with '.' (it names <log_dir>/<run_id>.txt)")
+        parse_recipe(self)  # the per-stage lists, layer sets and betas: a ConfigError names the flag
 
 
 FIELD_CHOICES = {  # fields that take one of a few words
@@ -168,34 +178,140 @@ FIELD_CHOICES = {  # fields that take one of a few words
 }
 RUN_ID_CHARS = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*")
 VAL_LOSS_DECIMALS = {"small": 4, "medium": 6}  # val_loss digits in the log: each track's public log convention
+ATTN_BLOCK = 128  # FlexAttention block size; attention windows are counted in these blocks
 
 
-def value_embed_index(layer: int, num_layers: int, num_value_embeds: int) -> int | None:
-    """Which value embedding a layer reads: the first k layers use embeddings 0..k-1 and the last k layers
-    the same 0..k-1 again (the speedrun's U-net pattern); middle layers use none."""
-    if layer < num_value_embeds:
-        return layer
-    if layer >= num_layers - num_value_embeds:
-        return layer - (num_layers - num_value_embeds)
-    return None
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the schedule: from step `start` on, these settings (lr_mul before the cooldown)."""
+    start: int
+    batch_tokens: int
+    doc_clip: int
+    windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
+    lr_mul: float
+    mtp: tuple[tuple[float, float], ...]  # per predicted offset 1, 2, ...: weight at the stage's start and end
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The structured content of the Hyperparameters' text fields, parsed and checked (parse_recipe)."""
+    stages: tuple[Stage, ...]
+    extension_windows: tuple[int, int]
+    final_val_windows: tuple[int, int]
+    value_embed_layers: tuple[int, ...]
+    xsa_layers: frozenset[int]
+    attn_gate_layers: frozenset[int]
+    key_offset_layers: frozenset[int]
+    skip: tuple[int, int] | None  # (from layer, to layer)
+    betas: dict  # group name -> (beta1, beta2)
+
+
+def _numbers(name: str, text: str, kind=float, sep=",") -> list:
+    try:
+        return [kind(Fraction(part.strip())) if kind is float else kind(part.strip()) for part in text.split(sep)]
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"--{name}={text!r}: expected {kind.__name__}s separated by {sep!r}") from None
+
+
+def _window_pair(name: str, text: str) -> tuple[int, int]:
+    pair = _numbers(name, text, int, ":")
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ConfigError(f"--{name}: {text!r} is not short:long, two positive block counts (blocks of {ATTN_BLOCK})")
+    return pair[0], pair[1]
+
+
+def _layer_set(hp, name: str, attention_only: bool = True) -> tuple[int, ...]:
+    text = getattr(hp, name).strip()
+    layers = _numbers(name, text, int) if text else []
+    for i in layers:
+        if not 0 <= i < hp.num_layers:
+            raise ConfigError(f"--{name}: layer {i} does not exist (--num_layers={hp.num_layers})")
+        if attention_only and hp.layer_attention[i] == "-":
+            raise ConfigError(f"--{name}: layer {i} has no attention (--layer_attention={hp.layer_attention!r})")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"--{name}={text!r} lists a layer twice")
+    return tuple(layers)
+
+
+def _mtp_ramps(hp, stages: int) -> list:
+    per_stage = [part.strip() for part in hp.mtp_weights.split(";")]
+    if len(per_stage) != stages:
+        raise ConfigError(f"--mtp_weights has {len(per_stage)} stage(s) (separated by ';'); the schedule has {stages}")
+    ramps = []
+    for part in per_stage:
+        weights = []
+        for item in part.split(","):
+            ends = _numbers("mtp_weights", item, float, ">")
+            if len(ends) > 2 or min(ends) < 0:
+                raise ConfigError(f"--mtp_weights: {item!r} is not a weight w >= 0 or a ramp a>b")
+            weights.append((ends[0], ends[-1]))
+        ramps.append(tuple(weights))
+    return ramps
+
+
+def parse_recipe(hp) -> Recipe:
+    """The stages, windows, layer sets and betas that the text fields spell, checked against each other."""
+    starts = _numbers("stage_starts", hp.stage_starts) if hp.stage_starts.strip() else []
+    if any(not 0 < b < 1 for b in starts) or starts != sorted(set(starts)):
+        raise ConfigError(f"--stage_starts={hp.stage_starts!r} must be increasing fractions strictly between 0 and 1")
+    n = len(starts) + 1
+    lists = {name: getattr(hp, name) for name in ("stage_batch_tokens", "stage_doc_clip", "stage_windows", "stage_lr_mul")}
+    for name, text in lists.items():
+        if len(text.split(",")) != n:
+            raise ConfigError(f"--{name}={text!r} needs {n} entries, one per stage (--stage_starts gives {n} stages)")
+    batches = _numbers("stage_batch_tokens", hp.stage_batch_tokens, int)
+    for b in batches:
+        if b <= 0 or b % hp.train_seq_len:
+            raise ConfigError(f"--stage_batch_tokens: {b} is not a positive multiple of --train_seq_len="
+                              f"{hp.train_seq_len} (a step is whole micro-batches)")
+    clips = _numbers("stage_doc_clip", hp.stage_doc_clip, int)
+    if min(clips) < 0:
+        raise ConfigError(f"--stage_doc_clip={hp.stage_doc_clip!r}: clips are >= 0 (0: documents used whole)")
+    first_steps = [0] + [round(f * hp.num_iterations) for f in starts]
+    if len(set(first_steps)) != n:
+        raise ConfigError(f"--num_iterations={hp.num_iterations} is too few steps for {n} stages")
+    ramps = _mtp_ramps(hp, n)
+    stages = tuple(Stage(start, batch, clip, _window_pair("stage_windows", w), lr, mtp) for start, batch, clip, w, lr, mtp
+                   in zip(first_steps, batches, clips, hp.stage_windows.split(","),
+                          _numbers("stage_lr_mul", hp.stage_lr_mul), ramps))
+    if hp.untie_stage > n:
+        raise ConfigError(f"--untie_stage={hp.untie_stage}: the schedule has {n} stages")
+    skip = None
+    if hp.skip_connection.strip():
+        pair = _numbers("skip_connection", hp.skip_connection, int, ">")
+        if len(pair) != 2 or not 0 <= pair[0] < pair[1] < hp.num_layers:
+            raise ConfigError(f"--skip_connection={hp.skip_connection!r} must be a>b with layers 0 <= a < b < "
+                              f"{hp.num_layers}, or empty")
+        skip = (pair[0], pair[1])
+    if not -1 <= hp.cache_layer < hp.num_layers - 1:
+        raise ConfigError(f"--cache_layer={hp.cache_layer} must be -1 (off) or a layer before the last")
+    betas = {}
+    for group in ("embed", "value_embed", "scalar"):
+        name = f"adam_betas_{group}"
+        pair = _numbers(name, getattr(hp, name))
+        if len(pair) != 2 or not all(0 <= b < 1 for b in pair):
+            raise ConfigError(f"--{name}={getattr(hp, name)!r} must be two betas in [0, 1), e.g. 0.9,0.95")
+        betas[group] = tuple(pair)
+    return Recipe(stages=stages, extension_windows=_window_pair("extension_windows", hp.extension_windows),
+                  final_val_windows=_window_pair("final_val_windows", hp.final_val_windows),
+                  value_embed_layers=_layer_set(hp, "value_embed_layers"),
+                  xsa_layers=frozenset(_layer_set(hp, "xsa_layers")),
+                  attn_gate_layers=frozenset(_layer_set(hp, "attn_gate_layers")),
+                  key_offset_layers=frozenset(_layer_set(hp, "key_offset_layers")), skip=skip, betas=betas)
 
 
 # Presets: named sets of flags, applied before the other flags (which win). A preset names the tracks it
 # is a recipe for; `--help` lists what each sets.
 PRESETS = {
-    # CPU smoke runs and the tests: a few layers, a small width, short sequences.
+    # CPU smoke runs and the tests: a few layers, a small width, short sequences, every recipe feature on.
     "tiny": dict(tracks=("small", "medium"), flags=dict(
-        num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=2, train_seq_len=256,
-        batch_tokens=2 * 256, val_seq_len=1024, val_tokens=4096, num_iterations=20, val_loss_every=10,
-        window_start=128, window_end=256, layer_attention="LSSL", warmup_steps=2, muon_momentum_warmup_steps=10,
-        compile=False)),
-    # The 100-second recipe for the offline proxy corpus on one GPU: 7 layers, a quarter of the default batch,
-    # 700 steps (README: "Shorter schedules: the 100-second budget", and its record folder). The proxy's 60M
-    # training tokens are fewer than the 69M here, hence cycling.
-    "proxy_100s": dict(tracks=("small",), flags=dict(
-        num_layers=7, layer_attention="LSSLSSL", batch_tokens=2 * 48 * 1024, num_iterations=700,
-        cooldown_frac=0.7, muon_momentum=0.85, muon_momentum_start=0.85, val_loss_every=0,
-        cycle_train_data=True, target_val_loss=2.04)),
+        num_layers=4, model_dim=64, num_heads=2, head_dim=32, layer_attention="SS-L", value_embed_layers="1,3",
+        xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", skip_connection="1>2", cache_layer=1,
+        bigram_buckets=1024, train_seq_len=256, stage_starts="1/3,2/3", stage_batch_tokens="512,1024,1024",
+        stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
+        stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
+        mtp_weights="1,0.5>0;1,0.25>0;1", num_iterations=20, extension_steps=2, val_seq_len=1024, val_tokens=4096,
+        val_loss_every=10, warmup_steps=2, compile=False)),
 }
 
 
@@ -298,20 +414,23 @@ def fields_default(name: str):
 @dataclass(frozen=True)
 class Derived:
     """Quantities that follow from the hyperparameters and the world size, checked once."""
-    grad_accum: int  # micro-batches per rank per optimizer step
+    recipe: Recipe
+    grad_accum: tuple[int, ...]  # micro-batches per rank per optimizer step, in each stage
 
 
 def derive(hp: Hyperparameters, world_size: int) -> Derived:
-    per_micro = world_size * hp.train_seq_len
-    if hp.batch_tokens % per_micro:
-        raise ConfigError(f"--batch_tokens={hp.batch_tokens} must be a multiple of world_size * train_seq_len "
-                          f"= {world_size} * {hp.train_seq_len} = {per_micro}: e.g. --batch_tokens="
-                          f"{max(hp.batch_tokens // per_micro, 1) * per_micro}, or change --train_seq_len")
+    recipe = parse_recipe(hp)
+    per_round = world_size * hp.train_seq_len
+    for stage in recipe.stages:
+        if stage.batch_tokens % per_round:
+            raise ConfigError(f"--stage_batch_tokens: {stage.batch_tokens} must be a multiple of world_size * "
+                              f"train_seq_len = {world_size} * {hp.train_seq_len} = {per_round}: e.g. "
+                              f"{max(stage.batch_tokens // per_round, 1) * per_round}, or change --train_seq_len")
     if hp.val_tokens % hp.val_seq_len:
         raise ConfigError(f"--val_tokens={hp.val_tokens} must be a multiple of --val_seq_len={hp.val_seq_len}: "
                           f"e.g. --val_tokens={max(hp.val_tokens // hp.val_seq_len, 1) * hp.val_seq_len}, "
                           f"or --val_seq_len={hp.val_tokens} if it divides {hp.val_tokens} evenly")
-    return Derived(grad_accum=hp.batch_tokens // per_micro)
+    return Derived(recipe=recipe, grad_accum=tuple(s.batch_tokens // per_round for s in recipe.stages))
 
 
 # -----------------------------------------------------------------------------
@@ -926,48 +1045,66 @@ def all_gather(shard: torch.Tensor, world_size: int) -> _Pending:
 
 
 class DistAdam:
-    """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction and no weight decay.
+    """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction and no weight decay, with
+    each parameter's own lr and betas.
 
     Each parameter is flattened and padded to a multiple of world_size; rank r owns the r-th
     contiguous shard, holds the Adam state of that shard only (ZeRO-1), updates it, and all ranks
     all-gather the updated shards. Gradients are summed by a reduce-scatter (each rank's are already
-    divided by the step's micro-batch count over all ranks, so the sum is the mean gradient).
+    divided by the step's micro-batch count over all ranks, so the sum is the mean gradient). A parameter
+    can be paused (`set_active`): it is then neither reduced nor updated, and its state stays as it was.
     """
 
-    def __init__(self, params_and_lrs, betas, eps, rank, world_size):
-        self.beta1, self.beta2 = betas
+    def __init__(self, params, eps, rank, world_size):
+        """params: (parameter, lr, (beta1, beta2)) triples."""
         self.eps, self.rank, self.world_size = eps, rank, world_size
         self.entries = []
-        for p, lr in params_and_lrs:
+        for p, lr, betas in params:
             shard = math.ceil(p.numel() / world_size)
-            self.entries.append(dict(param=p, lr=lr, shard=shard,
+            self.entries.append(dict(param=p, lr=lr, betas=betas, shard=shard, active=True,
                                      m=torch.zeros(shard, device=p.device, dtype=torch.float32),
                                      v=torch.zeros(shard, device=p.device, dtype=torch.float32)))
         self.t = 0
         self._reduced, self._gathers = [], []
 
+    def _entry(self, param):
+        return next(e for e in self.entries if e["param"] is param)
+
+    def set_active(self, param, active: bool):
+        self._entry(param)["active"] = active
+
+    def copy_state(self, source, target):
+        """target's moments become source's (same shape): the target continues source's optimization."""
+        src, dst = self._entry(source), self._entry(target)
+        dst["m"].copy_(src["m"])
+        dst["v"].copy_(src["v"])
+
     def _padded(self, flat, shard):
         pad = shard * self.world_size - flat.numel()
         return F.pad(flat, (0, pad)) if pad else flat
 
+    def _active(self):
+        return [e for e in self.entries if e["active"]]
+
     def reduce_grads(self):
         """Launch the gradient reduce-scatters (async): the sum over ranks is the step's mean gradient."""
         self._reduced = [reduce_scatter_sum(self._padded(e["param"].grad.reshape(-1).float(), e["shard"]),
-                                            self.world_size) for e in self.entries]
+                                            self.world_size) for e in self._active()]
 
     def step(self, lr_factor: float):
         """Update this rank's shards and launch their all-gathers (async)."""
         self.t += 1
-        bc1, bc2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
         self._gathers = []
-        for e, pending in zip(self.entries, self._reduced):
+        for e, pending in zip(self._active(), self._reduced, strict=True):
+            beta1, beta2 = e["betas"]
+            bc1, bc2 = 1 - beta1 ** self.t, 1 - beta2 ** self.t
             g = pending.wait()
             p, shard = e["param"], e["shard"]
             w = p.detach().reshape(-1)[self.rank * shard:(self.rank + 1) * shard]
             if w.numel() < shard:  # the last ranks' shards run past the end: pad them, not the whole parameter
                 w = F.pad(w, (0, shard - w.numel()))
-            e["m"].lerp_(g, 1 - self.beta1)
-            e["v"].lerp_(g * g, 1 - self.beta2)
+            e["m"].lerp_(g, 1 - beta1)
+            e["v"].lerp_(g * g, 1 - beta2)
             step_size = e["lr"] * lr_factor / bc1
             new_w = w - step_size * e["m"] / (e["v"].div(bc2).sqrt_() + self.eps)
             self._gathers.append((p, all_gather(new_w, self.world_size)))
@@ -1126,7 +1263,6 @@ class DistMuon:
 # Model
 # -----------------------------------------------------------------------------
 
-ATTN_BLOCK = 128  # FlexAttention block size; sliding windows are counted in these blocks
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1189,12 +1325,14 @@ def _flex_attention(q, k, v, block_mask, scale):
 # FP8 LM head (as in the public speedrun's records): operands are divided by a scale and cast to
 # float8 (e4m3 forward, e5m2 for gradients), multiplied with fp32 accumulation, and the product
 # rescaled. Scales map the expected range onto e4m3's largest finite value: x is RMS-normed, so
-# |x_i| <= sqrt(dim); |w| <= 24 covers the head's weights; gradients of the summed loss are small and
-# are scaled up by 448 before the cast. The casts stay in the traced graph, so the compiler fuses the
+# |x_i| <= sqrt(dim); |w| <= 1.6 covers the head's weights (initialized at std 0.005, trained at a small
+# lr); gradients of the summed loss are small and are scaled up by 448 before the cast. Casts saturate
+# (clamp) rather than overflow, so an outlier cannot turn into NaN. The casts stay in the traced graph, so the compiler fuses the
 # gradient's cast into the loss backward instead of making extra passes over the [tokens, vocab]
 # gradient; the matmuls (`fp8_mm`) and the K-major copies they need (`transpose_bytes`) are opaque ops.
 FP8_E4M3_MAX = 448.0
-FP8_HEAD_W_MAX = 24.0
+FP8_E5M2_MAX = 57344.0
+FP8_HEAD_W_MAX = 1.6  # |w| bound of the head's e4m3 cast (the speedrun's scale, records #55); larger clamps
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::fp8_mm", mutates_args=())
@@ -1218,8 +1356,8 @@ class FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, x_s: float, w_s: float, grad_s: float):
-        x8 = x.div(x_s).to(torch.float8_e4m3fn)
-        w8 = w.div(w_s).to(torch.float8_e4m3fn)
+        x8 = x.div(x_s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        w8 = w.div(w_s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
         ctx.save_for_backward(x8, w8)
         ctx.scales = (x_s, w_s, grad_s)
         return fp8_mm(x8, w8, x_s, w_s, False, True)
@@ -1228,7 +1366,7 @@ class FP8Linear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x8, w8 = ctx.saved_tensors
         x_s, w_s, grad_s = ctx.scales
-        g8 = grad_y.div(grad_s).to(torch.float8_e5m2)
+        g8 = grad_y.div(grad_s).clamp(-FP8_E5M2_MAX, FP8_E5M2_MAX).to(torch.float8_e5m2)
         grad_x = fp8_mm(g8, transpose_bytes(w8), grad_s, w_s, False, False)  # g w: [T, V] [V, K]
         # w's gradient as (x^T g)^T: the [K, T] x [T, V] product is the faster cuBLAS shape for K << V.
         grad_w = fp8_mm(transpose_bytes(x8), transpose_bytes(g8), x_s, grad_s, True, False).T
@@ -1236,16 +1374,30 @@ class FP8Linear(torch.autograd.Function):
 
 
 class Rotary(nn.Module):
-    """Rotary embeddings (Su et al., arXiv 2104.09864) on half of the head dims; the other half carries
-    no position (the speedrun's "half-truncated RoPE")."""
+    """Rotary position embeddings (Su et al., arXiv 2104.09864) on half of each head: dims (j, j + D/2)
+    form pair j, which turns by angle p * omega_j at position p. The first half of the pairs rotate, the
+    rest carry no position (the speedrun's "half-truncated RoPE"). `set_frequencies` rewrites the tables in
+    place (YaRN at window changes), so compiled graphs, which read them as inputs, need no recompile."""
 
     def __init__(self, head_dim: int, max_seq_len: int):
         super().__init__()
         quarter = head_dim // 4
-        freqs = torch.cat([(1 / 1024) ** torch.linspace(0, 1, quarter), torch.zeros(quarter)])
-        theta = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * freqs[None, :]
-        self.register_buffer("cos", theta.cos(), persistent=False)
-        self.register_buffer("sin", theta.sin(), persistent=False)
+        self.base = torch.cat([(1 / 1024) ** torch.linspace(0, 1, quarter, dtype=torch.float64),
+                               torch.zeros(quarter, dtype=torch.float64)])
+        self.max_seq_len = max_seq_len
+        self.register_buffer("cos", torch.empty(max_seq_len, 2 * quarter), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, 2 * quarter), persistent=False)
+        # Dims that carry no position: both members of each non-rotating pair.
+        self.register_buffer("unrotated", torch.cat([self.base == 0, self.base == 0]), persistent=False)
+        self.set_frequencies(self.base)
+
+    @torch.no_grad()
+    def set_frequencies(self, freqs: torch.Tensor):
+        device = self.cos.device
+        positions = torch.arange(self.max_seq_len, dtype=torch.float64, device=device)
+        theta = positions[:, None] * freqs.to(device, torch.float64)[None, :]
+        self.cos.copy_(theta.cos())
+        self.sin.copy_(theta.sin())
 
     def forward(self, x_BTHD: torch.Tensor) -> torch.Tensor:
         T = x_BTHD.size(1)
@@ -1254,128 +1406,274 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x_BTHD)
 
 
+YARN_BETA = 32  # pairs turning at least this often within the old window keep their frequency (YaRN's beta)
+ATTN_SCALE_GROWTH = 0.2  # softmax scale grows by 1 + 0.2 ln(new / old) per window change (the speedrun's, #31)
+
+
+def yarn_frequencies(base: torch.Tensor, long_windows: tuple[int, ...]) -> torch.Tensor:
+    """RoPE frequencies after YaRN steps (arXiv 2309.00071, "NTK-by-parts") at each change of the long window
+    old -> new (tokens), applied cumulatively: r_j = old omega_j / (2 pi) turns within the old window,
+    w_j = clamp((r_j - 1) / (beta - 1), 0, 1), omega_j <- omega_j (old/new + w_j (1 - old/new)). Fast pairs
+    keep their frequency; slow ones are compressed by old/new, so the longer window spans the angles the
+    shorter one trained on."""
+    freqs = base
+    for old, new in zip(long_windows, long_windows[1:]):
+        if new != old:
+            turns = old * freqs / (2 * math.pi)
+            w = ((turns - 1) / (YARN_BETA - 1)).clamp(0, 1)
+            freqs = freqs * (old / new + w * (1 - old / new))
+    return freqs
+
+
+def yarn_attention_scale(base: float, long_windows: tuple[int, ...]) -> float:
+    """The softmax scale after the long-window changes of `long_windows` (tokens): YaRN's temperature rule in
+    the speedrun's form, times 1 + 0.2 ln(new / old) per change."""
+    scale = base
+    for old, new in zip(long_windows, long_windows[1:]):
+        scale *= 1 + ATTN_SCALE_GROWTH * math.log(new / old)
+    return scale
+
+
+def shift_unrotated_keys(k: torch.Tensor, unrotated: torch.Tensor) -> torch.Tensor:
+    """Keys k [B, T, H, D] whose unrotated dims come from the previous position (position 0 keeps its own):
+    a query can then match on the token before a key, which lets one layer do induction (the speedrun's
+    partial key offset, records #49 and #62). Crosses document starts, as there."""
+    previous = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+    return torch.where(unrotated, previous, k)
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """y - tanh(alpha_h) (y . v / |v|^2) v per head and token, y, v [B, T, H, D], alpha [H]: each head removes
+    a learned share of its output along the token's own value vector (XSA, arXiv 2603.09078; the speedrun's
+    learnable form, records #82 and #86). alpha = 0 is the identity."""
+    along = (y * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(1e-8)
+    return y - torch.tanh(alpha)[:, None] * along * v
+
+
+GATE_DIMS = 12  # gates read the first 12 dims of their input (the speedrun's sparse gates, records #28, #34)
+VE_GATE_DIMS = 6  # value-embedding gates read 6 dims of the attention input and 6 of the value embedding
+RESIDUAL_INIT = 1.1 ** 0.5  # each sublayer scales the residual by this at init: 1.1 per layer (records #45)
+
+
 def _init_linear_(w: torch.Tensor):
     bound = 3 ** 0.5 * 0.5 / w.size(-1) ** 0.5  # uniform with std 0.5 / sqrt(fan_in)
     with torch.no_grad():
         w.uniform_(-bound, bound)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: QK-normed attention with value embeddings, then a ReLU^2 MLP."""
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer has (parse_recipe's layer sets, read for layer i)."""
+    attention: str  # "L", "S" or "-"
+    value_embed: int | None  # index of its value-embedding table
+    xsa: bool
+    attn_gate: bool
+    key_offset: bool
 
-    def __init__(self, hp: Hyperparameters, rotary: Rotary, has_attention: bool = True):
+
+def layer_specs(hp: Hyperparameters) -> list[LayerSpec]:
+    r = parse_recipe(hp)
+    return [LayerSpec(kind, r.value_embed_layers.index(i) if i in r.value_embed_layers else None,
+                      i in r.xsa_layers, i in r.attn_gate_layers, i in r.key_offset_layers)
+            for i, kind in enumerate(hp.layer_attention)]
+
+
+# The per-layer scalars, in the order of each row of GPT.layer_scalars, with their initial values: the
+# residual and sublayer weights of attention and MLP (x <- r x + p f(x)), the gates of x0 and of the bigram
+# embedding added after attention, and the scale of the values.
+LAYER_SCALARS = dict(resid_attn=RESIDUAL_INIT, post_attn=1.0, resid_mlp=RESIDUAL_INIT, post_mlp=1.0,
+                     x0_gate=0.0, bigram_gate=0.05, value_scale=0.5)
+# The model-wide scalars: the bigram gate before layer 0, the skip's sigmoid logit and gate (their product
+# starts near 0.09), the backout weight of the cached layer, and the smear weight (0: starts off).
+GLOBAL_SCALARS = dict(bigram_gate=0.05, skip_logit=-1.5, skip_gate=0.5, backout=0.5, smear=0.0)
+
+
+class Block(nn.Module):
+    """One layer: x <- r_a x + p_a attn(norm(x or the cached layer's output)) + g_0 x0 + g_b bigram, then
+    x <- r_m x + p_m mlp(norm(x)). Attention: QK-normed heads, half-truncated RoPE, optional value
+    embedding (gated per head), key offset, XSA and output gate; the MLP is ReLU^2."""
+
+    def __init__(self, hp: Hyperparameters, rotary: Rotary, spec: LayerSpec):
         super().__init__()
-        hdim = hp.num_heads * hp.head_dim
-        self.num_heads, self.head_dim, self.attn_scale = hp.num_heads, hp.head_dim, hp.attn_scale
-        self.rotary = rotary
+        hdim, H = hp.num_heads * hp.head_dim, hp.num_heads
+        self.num_heads, self.head_dim, self.spec, self.rotary = H, hp.head_dim, spec, rotary
+        attention = spec.attention != "-"
         # q, k, v, o as one [4, hdim, dim] parameter; o is applied transposed. Muon sees 4 matrices.
-        self.qkvo_w = nn.Parameter(torch.empty(4, hdim, hp.model_dim)) if has_attention else None
+        self.qkvo_w = nn.Parameter(torch.empty(4, hdim, hp.model_dim)) if attention else None
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))  # [hidden, dim]
         self.mlp_proj = nn.Parameter(torch.zeros(hp.model_dim, hp.mlp_ratio * hp.model_dim))  # [dim, hidden]
         _init_linear_(self.mlp_fc)
-        if has_attention:
+        if attention:
             _init_linear_(self.qkvo_w)
-            with torch.no_grad():
-                self.qkvo_w[3].zero_()  # zero-init output projections: each block starts as the identity
+        # Gates start neutral: 2 sigmoid(0) = 1 for the value embedding, sigmoid(0) = 1/2 on the output.
+        self.ve_gate = nn.Parameter(torch.zeros(H, 2 * VE_GATE_DIMS)) if spec.value_embed is not None else None
+        self.attn_gate = nn.Parameter(torch.zeros(H, GATE_DIMS)) if spec.attn_gate else None
+        self.xsa_alpha = nn.Parameter(torch.zeros(H)) if spec.xsa else None
 
     def matrices(self):
         return [p for p in (self.qkvo_w, self.mlp_fc, self.mlp_proj) if p is not None]
 
-    def attention(self, x, ve, value_lambdas, mask):
-        B, T, _ = x.shape
+    def attention(self, xhat, ve, value_scale, mask, attn_scale):
+        B, T, _ = xhat.shape
         H, D = self.num_heads, self.head_dim
-        w = self.qkvo_w.type_as(x)
-        q, k, v = F.linear(x, w[:3].flatten(0, 1)).view(B, T, 3 * H, D).chunk(3, dim=-2)
+        w = self.qkvo_w.type_as(xhat)
+        q, k, v = F.linear(xhat, w[:3].flatten(0, 1)).view(B, T, 3 * H, D).chunk(3, dim=-2)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        v = value_lambdas[0] * v
+        if self.spec.key_offset:
+            k = shift_unrotated_keys(k, self.rotary.unrotated)
+        v = value_scale * v
         if ve is not None:
-            v = v + value_lambdas[1] * ve.view_as(v)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+            gate_in = torch.cat([xhat[..., :VE_GATE_DIMS], ve[..., :VE_GATE_DIMS]], dim=-1)
+            gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate.type_as(xhat)))  # [B, T, H]
+            v = v + gate[..., None] * ve.view(B, T, H, D)
+        # The scale is folded into q (a tensor, so YaRN's changes of it do not recompile the graph).
+        q = q * attn_scale.type_as(q) if isinstance(attn_scale, torch.Tensor) else q * attn_scale
+        q, k, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn_scale)
+            y = F.scaled_dot_product_attention(q, k, vt, attn_mask=mask, scale=1.0)
         else:
-            y = _flex_attention(q, k, v, mask, self.attn_scale)
-        y = y.transpose(1, 2).reshape(B, T, H * D)
-        return y @ w[3]
+            y = _flex_attention(q, k, vt, mask, 1.0)
+        y = y.transpose(1, 2)  # [B, T, H, D]
+        if self.xsa_alpha is not None:
+            y = exclude_self_value(y, v, self.xsa_alpha.type_as(y))
+        if self.attn_gate is not None:
+            y = y * torch.sigmoid(F.linear(xhat[..., :GATE_DIMS], self.attn_gate.type_as(xhat)))[..., None]
+        return y.reshape(B, T, H * D) @ w[3]
 
-    def forward(self, x, x0, ve, lambdas, value_lambdas, mask):
-        x = lambdas[0] * x + lambdas[1] * x0
+    def forward(self, x, x0, bigram, ve, cached, scalars, mask, attn_scale):
+        """x, x0 [B, T, dim]; bigram (None at layer 0 or when off), ve, cached: [B, T, dim] or None;
+        scalars: this layer's row of LAYER_SCALARS; attn_scale: a float, or a 0-d tensor on GPU."""
+        r_a, p_a, r_m, p_m, g_x0, g_bigram, value_scale = scalars.unbind(0)
         if self.qkvo_w is not None:
-            x = x + self.attention(rms_norm(x), ve, value_lambdas, mask)
+            xhat = rms_norm(x if cached is None else cached)
+            x = r_a * x + p_a * self.attention(xhat, ve, value_scale, mask, attn_scale) + g_x0 * x0
+            if bigram is not None:
+                x = x + g_bigram * bigram
         hidden = F.relu(F.linear(rms_norm(x), self.mlp_fc.type_as(x))).square()
-        return x + F.linear(hidden, self.mlp_proj.type_as(x))
+        return r_m * x + p_m * F.linear(hidden, self.mlp_proj.type_as(x))
 
 
-def short_window_blocks(long_blocks):
-    """The short ("S") layers' window: half the long window, at least one block (int or 0-d tensor)."""
-    if isinstance(long_blocks, torch.Tensor):
-        return torch.clamp(long_blocks // 2, min=1)
-    return max(long_blocks // 2, 1)
+BIGRAM_HASH = (36313, 27191)  # multipliers of the current and previous token ids (the speedrun's, #62)
+BIGRAM_SIGN_ROWS = 8192  # rows of the fixed +-1 table that decorrelates colliding bigrams (#83)
+BIGRAM_SIGN_SEED = 1234  # the sign table is the same on every rank and run
+
+
+def bigram_indices(tokens: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hash row, sign row) of each position's bigram (previous, current token) of a row tokens [T]:
+    h_t = (36313 x_t XOR 27191 x_{t-1}) mod (buckets - 1), s_t = (x_{t-1} XOR x_t) mod 8192; position 0 has
+    no previous token and gets the reserved row buckets - 1 and sign row 0 (the speedrun's hash, records
+    #62, #83; the sign trick is Chen et al., arXiv 1504.04788)."""
+    x = tokens.long()
+    prev = torch.cat([x[:1], x[:-1]])
+    first = torch.arange(x.numel(), device=x.device) == 0
+    h = torch.where(first, buckets - 1, ((BIGRAM_HASH[0] * x) ^ (BIGRAM_HASH[1] * prev)) % (buckets - 1))
+    s = torch.where(first, 0, (prev ^ x) % BIGRAM_SIGN_ROWS)
+    return h, s
+
+
+def multi_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_t sum_k weights[k] CE(logits_t, targets_{t+k}) for logits [T, V] (fp32) and targets [T]; targets
+    of -100 and offsets past the row's end are skipped. k = 0 is the next token; k >= 1 train the same logits
+    to also predict later tokens (multi-token prediction without extra heads, the speedrun's #53)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    total = logits.new_zeros(())
+    for k in range(weights.numel()):
+        target = F.pad(targets[k:], (0, k), value=-100)
+        picked = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
+        total = total + weights[k] * torch.where(target >= 0, lse - picked, 0.0).sum()
+    return total
 
 
 class GPT(nn.Module):
-    """GPT with value embeddings and U-net skips: the second half of the layers adds, with learned
-    weights, the outputs of the first half in reverse order. Returns the summed cross-entropy."""
+    """The speedrun's 2026 architecture in the form the Hyperparameters' layer sets give it: token embedding
+    with smear, hashed bigram embedding, value embeddings, a skip connection, attention of the last layers
+    reading a cached layer's output (subtracted again at the end), and a softcapped head trained on several
+    next tokens. Returns the weighted sum of the token losses (fp32)."""
 
     def __init__(self, hp: Hyperparameters):
         super().__init__()
-        L = hp.num_layers
-        self.hp = hp
-        self.embed = nn.Embedding(hp.vocab_size, hp.model_dim)
-        self.value_embeds = nn.ModuleList([nn.Embedding(hp.vocab_size, hp.model_dim)
-                                           for _ in range(hp.num_value_embeds)])
+        self.hp, self.recipe, self.specs = hp, parse_recipe(hp), layer_specs(hp)
+        V, D, L = hp.vocab_size, hp.model_dim, hp.num_layers
+        # Head and embedding share one initial matrix (tied until --untie_stage; the speedrun's #51, #53).
+        self.lm_head_w = nn.Parameter(0.005 * torch.randn(V, D))
+        self.embed = nn.Embedding(V, D)
+        with torch.no_grad():
+            self.embed.weight.copy_(self.lm_head_w)
+        self.value_embeds = nn.ParameterList([nn.Parameter(0.01 * torch.randn(V, D))
+                                              for _ in self.recipe.value_embed_layers])
+        self.bigram = nn.Parameter(torch.zeros(hp.bigram_buckets, D)) if hp.bigram_buckets else None
+        if hp.bigram_buckets:
+            g = torch.Generator().manual_seed(BIGRAM_SIGN_SEED)
+            signs = 2 * torch.randint(0, 2, (BIGRAM_SIGN_ROWS, D), generator=g, device="cpu") - 1
+            self.register_buffer("bigram_signs", signs.to(torch.get_default_device(), torch.float32), persistent=False)
+        self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS)) if hp.smear else None
         rotary = Rotary(hp.head_dim, max(hp.train_seq_len, hp.val_seq_len))
-        self.blocks = nn.ModuleList([Block(hp, rotary, kind != "-") for kind in hp.layer_attention])
-        self.lm_head_w = nn.Parameter(torch.zeros(hp.vocab_size, hp.model_dim))  # zero-init head
-        # scalars: L // 2 skip weights, then (x, x0) lambdas and (v, ve) lambdas for every layer
-        self.scalars = nn.Parameter(torch.cat([torch.ones(L // 2), torch.tensor([1.0, 0.0]).repeat(L),
-                                               torch.tensor([0.5, 0.5]).repeat(L)]))
-        self.ve_layer = [value_embed_index(i, L, hp.num_value_embeds) for i in range(L)]
+        self.blocks = nn.ModuleList([Block(hp, rotary, spec) for spec in self.specs])
+        self.layer_scalars = nn.Parameter(torch.tensor(list(LAYER_SCALARS.values())).repeat(L, 1))
+        self.global_scalars = nn.Parameter(torch.tensor(list(GLOBAL_SCALARS.values())))
+
+    @property
+    def rotary(self) -> Rotary:
+        return self.blocks[0].rotary
 
     def hidden_matrices(self):
         return [p for b in self.blocks for p in b.matrices()]
 
     def compile_per_block(self, backend: str = "inductor"):
         """torch.compile each block and the head separately, in place (validation always; training with
-        `--compile_per_block`): blocks of one kind (attention or not, value embedding or not, the first
-        block, whose x is x0) share one compiled graph, so a cold start compiles four blocks and the
-        head instead of the whole unrolled model. A fresh BlockMask per call does not recompile a block."""
-        # The 4 kinds x (training, no-grad validation) graphs hang off Block.forward's one code object;
-        # dynamo's default limit of 8 per code object would leave no room for another.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        `--compile_per_block`): blocks of one kind share a compiled graph, and a fresh BlockMask per call
+        does not recompile a block."""
+        # Training and no-grad graphs of every layer kind hang off Block.forward's one code object; dynamo's
+        # default limit of 8 per code object is too few for them.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.blocks:
             block.compile(backend=backend, dynamic=False)
         self.head_loss = torch.compile(self.head_loss, backend=backend, dynamic=False)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, window_blocks) -> torch.Tensor:
-        """inputs, targets [T] (targets -100 are ignored); window_blocks: long-window size in blocks
-        (int, or 0-d int tensor on GPU). Returns the sum of the token losses (fp32)."""
-        hp, L = self.hp, self.hp.num_layers
+    def embed_tokens(self, inputs: torch.Tensor, dtype) -> torch.Tensor:
+        """The token embeddings [T, dim]; with smear, e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34)."""
+        e = self.embed(inputs).to(dtype)
+        if self.smear_gate is None:
+            return e
+        gate = torch.sigmoid(F.linear(e[1:, :GATE_DIMS], self.smear_gate.type_as(e)[None]))
+        smear = self.global_scalars[list(GLOBAL_SCALARS).index("smear")]
+        return torch.cat([e[:1], e[1:] + smear * gate * e[:-1]])
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, windows, attn_scale,
+                loss_weights: torch.Tensor) -> torch.Tensor:
+        """inputs, targets [T] (targets -100 are ignored); windows (short, long) in blocks (ints, or 0-d int
+        tensors on GPU); attn_scale the softmax scale (float or 0-d tensor); loss_weights [K] of
+        multi_token_loss. Returns the weighted sum of the token losses (fp32)."""
+        hp = self.hp
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         docs = document_ids(inputs, hp.bos_id)
-        short_blocks = short_window_blocks(window_blocks)
-        if inputs.is_cuda:
-            long_mask, short_mask = flex_block_mask(docs, window_blocks), flex_block_mask(docs, short_blocks)
-        else:
-            long_mask, short_mask = dense_attention_mask(docs, window_blocks), dense_attention_mask(docs, short_blocks)
-        skip_w = self.scalars[:L // 2]
-        lambdas = self.scalars[L // 2:L // 2 + 2 * L].view(L, 2)
-        value_lambdas = self.scalars[L // 2 + 2 * L:].view(L, 2)
-        x = x0 = rms_norm(self.embed(inputs).to(dtype)[None])
-        ves = [ve(inputs).to(dtype)[None] for ve in self.value_embeds]
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= L - L // 2 and skips:
-                x = x + skip_w[i - (L - L // 2)] * skips.pop()
-            ve = ves[self.ve_layer[i]] if self.ve_layer[i] is not None else None
-            mask = long_mask if hp.layer_attention[i] == "L" else short_mask
-            x = block(x, x0, ve, lambdas[i], value_lambdas[i], mask)
-            if i < L // 2:
-                skips.append(x)
-        return self.head_loss(x[0], targets)
+        make_mask = flex_block_mask if inputs.is_cuda else dense_attention_mask
+        masks = {"S": make_mask(docs, windows[0]), "L": make_mask(docs, windows[1]), "-": None}
+        g = dict(zip(GLOBAL_SCALARS, self.global_scalars.unbind(0)))
+        x = x0 = rms_norm(self.embed_tokens(inputs, dtype))[None]
+        bigram = None
+        if self.bigram is not None:
+            h, s = bigram_indices(inputs, hp.bigram_buckets)
+            bigram = (F.embedding(h, self.bigram).to(dtype) * self.bigram_signs[s].to(dtype))[None]
+            x = x + g["bigram_gate"] * bigram
+        ves = [F.embedding(inputs, table).to(dtype)[None] for table in self.value_embeds]
+        skip, cached, skip_saved = self.recipe.skip, None, None
+        for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
+            if skip is not None and i == skip[1]:
+                x = x + torch.sigmoid(g["skip_logit"]) * g["skip_gate"] * skip_saved
+            ve = ves[spec.value_embed] if spec.value_embed is not None else None
+            x = block(x, x0, bigram if i > 0 else None, ve, cached, self.layer_scalars[i], masks[spec.attention],
+                      attn_scale)
+            if skip is not None and i == skip[0]:
+                skip_saved = x
+            if i == hp.cache_layer:
+                cached = x
+        if cached is not None:
+            x = x - g["backout"] * cached
+        return self.head_loss(x[0], targets, loss_weights)
 
-    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of the softcapped logits of the final hidden states x [T, dim] (fp32)."""
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
+        """multi_token_loss of the softcapped logits of the final hidden states x [T, dim] (fp32)."""
         hp = self.hp
         x = rms_norm(x)
         if hp.fp8_head and x.is_cuda:
@@ -1383,11 +1681,9 @@ class GPT(nn.Module):
             logits = FP8Linear.apply(x, self.lm_head_w, *scales).float()
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x)).float()
-        # Softcap into (0, cap): the speedrun's 30 * sigmoid(z / (7.5 sqrt(dim))). The 1/sqrt(dim) also sets
-        # the head's effective Adam step (lr 0.22 / sqrt(768), about 0.008 per logit unit).
-        cap = hp.logit_softcap
-        logits = cap * torch.sigmoid(logits / (cap / 4 * hp.model_dim ** 0.5))
-        return F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        # Softcap into (0, cap), asymmetric around z = 0 (the speedrun's form since records #54).
+        logits = hp.logit_softcap * torch.sigmoid((logits + hp.logit_offset) / hp.logit_temp)
+        return multi_token_loss(logits, targets, loss_weights)
 
 
 # -----------------------------------------------------------------------------
@@ -1466,6 +1762,23 @@ def rows_in_shard(bos: np.ndarray, n_tokens: int, seq_len: int) -> int:
     return rows
 
 
+def clipped_row(bos: np.ndarray, pos: int, n_tokens: int, seq_len: int, clip: int):
+    """A row of seq_len + 1 tokens packed from the documents that begin at or after pos, each cut to at most
+    `clip` tokens (the rest of a document is dropped, the speedrun's clipping, records #29 and #72); the last
+    one is cut to fill the row. Returns (segments [(start, length)], end of the last segment), or None if
+    the shard's remaining documents cannot fill a row."""
+    i, need, segments = int(np.searchsorted(bos, pos)), seq_len + 1, []
+    while need:
+        if i >= len(bos):
+            return None
+        start = int(bos[i])
+        end = int(bos[i + 1]) if i + 1 < len(bos) else n_tokens
+        take = min(end - start, clip, need)
+        segments.append((start, take))
+        need, i = need - take, i + 1
+    return segments, segments[-1][0] + segments[-1][1]
+
+
 class _ShardPrefetcher:
     """Opens (reads, validates and indexes) the next shard on a background thread."""
 
@@ -1522,13 +1835,22 @@ class TrainStream:
         following = (self.file_index + 1) % len(self.files)
         self._next = self._open(self.files[following])
 
-    def next_micro_batch(self) -> np.ndarray:
+    def next_micro_batch(self, doc_clip: int = 0) -> np.ndarray:
+        """The next row of seq_len + 1 tokens: documents used whole (next_row_start), or each cut to doc_clip
+        tokens (clipped_row)."""
         for _ in range(2 * len(self.files) + 1):
-            start = next_row_start(self.bos, self.pos, len(self.tokens), self.seq_len)
-            if start is not None:
-                self.pos = start + self.seq_len
-                self.tokens_served += self.seq_len
-                return self.tokens[start:start + self.seq_len + 1]
+            if doc_clip:
+                found = clipped_row(self.bos, self.pos, len(self.tokens), self.seq_len, doc_clip)
+                if found is not None:
+                    segments, self.pos = found
+                    self.tokens_served += self.seq_len
+                    return np.concatenate([self.tokens[s:s + n] for s, n in segments])
+            else:
+                start = next_row_start(self.bos, self.pos, len(self.tokens), self.seq_len)
+                if start is not None:
+                    self.pos = start + self.seq_len
+                    self.tokens_served += self.seq_len
+                    return self.tokens[start:start + self.seq_len + 1]
             self._advance_shard()
         raise DataError(f"no shard in {self.pattern!r} holds a row of {self.seq_len + 1} tokens "
                         "(--train_seq_len + 1); lower --train_seq_len or add data")
@@ -1537,19 +1859,24 @@ class TrainStream:
 class DistributedTrainLoader:
     """This rank's micro-batches as (inputs, targets) int64 tensors on `device`.
 
-    The next batch is staged while the current one computes (pinned host memory, non-blocking copy).
+    `clips` gives the document clip of each round of world_size rows (one row per rank), in order: the
+    schedule's, so that the stream is the same at any world size. The next batch is staged while the
+    current one computes (pinned host memory, non-blocking copy).
     """
 
-    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, on_shard=None):
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, clips, on_shard=None):
         self.stream = TrainStream(hp.train_files, hp.train_seq_len, vocab=hp.tokenizer_vocab, bos_id=hp.bos_id,
                                   cycle=hp.cycle_train_data, on_shard=on_shard)
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.device, self.clips = rank, world_size, device, iter(clips)
         self._staged = self._stage()
 
     def _stage(self):
+        clip = next(self.clips, None)
+        if clip is None:  # the schedule's last micro-batch is staged: nothing follows
+            return None
         mine = None
         for r in range(self.world_size):
-            batch = self.stream.next_micro_batch()
+            batch = self.stream.next_micro_batch(clip)
             if r == self.rank:
                 mine = batch
         host = torch.from_numpy(mine.astype(np.int64))
@@ -1559,6 +1886,8 @@ class DistributedTrainLoader:
         return buf[:-1], buf[1:]
 
     def next_batch(self):
+        if self._staged is None:
+            raise RuntimeError("the loader was asked for more micro-batches than its clips schedule")
         batch, self._staged = self._staged, self._stage()
         return batch
 
@@ -1660,24 +1989,83 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def lr_factor(step: int, hp: Hyperparameters) -> float:
-    """Stable at 1, then linear cooldown to final_lr_frac over the last cooldown_frac of the steps."""
-    x = step / hp.num_iterations
-    if x < 1 - hp.cooldown_frac:
-        return 1.0
-    w = (1 - x) / hp.cooldown_frac
-    return w + (1 - w) * hp.final_lr_frac
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything the schedule fixes for one optimizer step."""
+    step: int
+    stage: int  # index into the recipe's stages; the extension steps belong to the last
+    micro_batches: int  # per rank
+    doc_clip: int
+    windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
+    long_windows: tuple[int, ...]  # the long window (tokens) of every stage so far: YaRN and the softmax scale
+    lr: float  # multiplier of every optimizer's lr
+    momentum: float  # Muon's
+    mtp: tuple[float, ...]  # loss weights of the next 1, 2, ... tokens (padded to the recipe's longest)
 
 
-def muon_momentum(step: int, hp: Hyperparameters) -> float:
-    frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
-    return (1 - frac) * hp.muon_momentum_start + frac * hp.muon_momentum
+def total_steps(hp: Hyperparameters) -> int:
+    return hp.num_iterations + hp.extension_steps
 
 
-def window_blocks(step: int, hp: Hyperparameters) -> int:
-    """Long-window size in ATTN_BLOCK blocks, growing linearly from window_start to window_end."""
-    lo, hi = hp.window_start // ATTN_BLOCK, hp.window_end // ATTN_BLOCK
-    return lo + math.ceil((hi - lo) * step / hp.num_iterations)
+def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
+    """The schedule at `step` (README: "The staged schedule"). lr: the stage's multiplier until the cooldown,
+    then a linear blend towards final_lr_frac, reached at num_iterations and kept in the extension. Muon
+    momentum: start -> momentum over the warm-up fraction, back to start over the last cooldown fraction.
+    MTP weights ramp linearly within each stage."""
+    N, stages = hp.num_iterations, derived.recipe.stages
+    k = max(i for i, s in enumerate(stages) if s.start <= min(step, N - 1))
+    stage, extension = stages[k], step >= N
+    windows = derived.recipe.extension_windows if extension else stage.windows
+    long_windows = tuple(ATTN_BLOCK * s.windows[1] for s in stages[:k + 1])
+    if extension:
+        long_windows += (ATTN_BLOCK * windows[1],)
+    cooldown_start = int(N * (1 - hp.cooldown_frac))
+    if extension:
+        lr = hp.final_lr_frac
+    elif step < cooldown_start:
+        lr = stage.lr_mul
+    else:
+        t = min((step - cooldown_start) / max(N - cooldown_start, 1), 1.0)
+        lr = stage.lr_mul * (1 - t) + hp.final_lr_frac * t
+    warm = hp.muon_momentum_warmup_frac * N
+    cool = round(hp.muon_momentum_cooldown_frac * N)
+    frac = min(step / warm, 1.0) if warm else 1.0
+    momentum = hp.muon_momentum_start + frac * (hp.muon_momentum - hp.muon_momentum_start)
+    if cool and step > total_steps(hp) - cool:
+        back = (step - (total_steps(hp) - cool)) / cool
+        momentum += back * (hp.muon_momentum_start - hp.muon_momentum)
+    end = stages[k + 1].start if k + 1 < len(stages) else N
+    progress = 1.0 if extension else (step - stage.start) / max(end - stage.start, 1)
+    width = max(len(s.mtp) for s in stages)
+    mtp = tuple(a + (b - a) * progress for a, b in stage.mtp) + (0.0,) * (width - len(stage.mtp))
+    return StepPlan(step, k, derived.grad_accum[k], stage.doc_clip, windows, long_windows, lr, momentum, mtp)
+
+
+def untie_step(hp: Hyperparameters, derived: Derived) -> int | None:
+    """The step whose update is the last tied one (the first of --untie_stage); None if never tied."""
+    return derived.recipe.stages[hp.untie_stage - 1].start if hp.untie_stage else None
+
+
+def warmup_step_list(hp: Hyperparameters, derived: Derived) -> list[int]:
+    """Steps the untimed warm-up runs: the first warmup_steps, the first two of every later stage, the untie
+    step and the first extension step, so every shape, window and code path the timed loop meets is
+    compiled (and every collective called) before the clock starts."""
+    if not hp.warmup_steps:
+        return []
+    steps = set(range(hp.warmup_steps))
+    for stage in derived.recipe.stages[1:]:
+        steps |= {stage.start, stage.start + 1}
+    untie = untie_step(hp, derived)
+    steps |= {untie, untie + 1} if untie is not None else set()
+    steps |= {hp.num_iterations} if hp.extension_steps else set()
+    return sorted(s for s in steps if s < total_steps(hp))
+
+
+def doc_clips(steps, hp: Hyperparameters, derived: Derived):
+    """The document clip of each round of micro-batches of `steps`, for DistributedTrainLoader."""
+    for step in steps:
+        plan = plan_step(step, hp, derived)
+        yield from [plan.doc_clip] * plan.micro_batches
 
 
 class Trainer:
@@ -1702,56 +2090,105 @@ class Trainer:
             self.model.compile_per_block()
             if not hp.compile_per_block:
                 self.forward = torch.compile(self.model, dynamic=False)
-        m = self.model
-        adam_params = ([(m.embed.weight, hp.adam_lr_embed)] + [(e.weight, hp.adam_lr_embed) for e in m.value_embeds]
-                       + [(m.lm_head_w, hp.adam_lr_head), (m.scalars, hp.adam_lr_scalar)])
-        self.adam = DistAdam(adam_params, (hp.adam_beta1, hp.adam_beta2), hp.adam_eps, rank, world_size)
+        m, betas = self.model, self.derived.recipe.betas
+        adam_params = [(m.embed.weight, hp.adam_lr_embed, betas["embed"]),
+                       (m.lm_head_w, hp.adam_lr_head, betas["embed"])]
+        adam_params += [(t, hp.adam_lr_value_embed, betas["value_embed"]) for t in m.value_embeds]
+        if m.bigram is not None:
+            adam_params.append((m.bigram, hp.adam_lr_value_embed, betas["value_embed"]))
+        adam_params += [(m.layer_scalars, hp.adam_lr_scalar, betas["scalar"]),
+                        (m.global_scalars, hp.adam_lr_scalar, betas["scalar"])]
+        if m.smear_gate is not None:  # the smear gate learns 100x slower than the other gates (records #52)
+            adam_params.append((m.smear_gate, hp.adam_lr_gate / 100, betas["scalar"]))
+        for b in m.blocks:
+            adam_params += [(g, hp.adam_lr_gate, betas["scalar"]) for g in (b.ve_gate, b.attn_gate) if g is not None]
+            if b.xsa_alpha is not None:
+                adam_params.append((b.xsa_alpha, hp.adam_lr_scalar, betas["scalar"]))
+        self.adam = DistAdam(adam_params, hp.adam_eps, rank, world_size)
         self.muon = DistMuon(m.hidden_matrices(), hp, rank, world_size)
-        assert {id(p) for p, _ in adam_params} | {id(p) for p in m.hidden_matrices()} == \
-            {id(p) for p in m.parameters()}, "every parameter has exactly one optimizer"
-        self._window_cache = {}
+        owned = [id(p) for p, _, _ in adam_params] + [id(p) for p in m.hidden_matrices()]
+        assert sorted(owned) == sorted(id(p) for p in m.parameters()), "every parameter has exactly one optimizer"
+        self.untie_step = untie_step(hp, self.derived)
+        self._set_tied(self.untie_step is not None)
+        self._scalar_cache = {}
+        self._attention_state = None
         self.last_val_predictions = 0
         self._val_tokens = val_tokens
 
-    def window(self, step: int):
-        blocks = window_blocks(step, self.hp)
+    def _set_tied(self, tied: bool):
+        """While tied, the embedding is the head's matrix: its gradient is added to the head's, only the head is
+        updated, and the embedding is then set to it (the speedrun's #51)."""
+        self.tied = tied
+        self.adam.set_active(self.model.embed.weight, not tied)
+
+    def plan(self, step: int) -> StepPlan:
+        return plan_step(step, self.hp, self.derived)
+
+    def _on_device(self, value, dtype):
+        """A Python number as a cached 0-d/1-d device tensor on GPU (a compiled graph then reads it as an
+        input, so a new value does not recompile); the number itself on CPU."""
         if self.device.type != "cuda":
-            return blocks
-        if blocks not in self._window_cache:  # a device tensor, so a new window does not recompile
-            self._window_cache[blocks] = torch.tensor(blocks, dtype=torch.int32, device=self.device)
-        return self._window_cache[blocks]
+            return torch.tensor(value, dtype=dtype) if isinstance(value, tuple) else value
+        key = (value, dtype)
+        if key not in self._scalar_cache:
+            self._scalar_cache[key] = torch.tensor(value, dtype=dtype, device=self.device)
+        return self._scalar_cache[key]
+
+    def _forward_inputs(self, plan: StepPlan, windows=None):
+        """(windows, attention scale, loss weights) for the forward at `plan`, after setting the rotary tables
+        to the plan's long-window history (YaRN)."""
+        if self._attention_state != plan.long_windows:
+            self.model.rotary.set_frequencies(yarn_frequencies(self.model.rotary.base, plan.long_windows))
+            self._attention_state = plan.long_windows
+        short, long = windows or plan.windows
+        scale = yarn_attention_scale(self.hp.attn_scale, plan.long_windows)
+        return ((self._on_device(short, torch.int32), self._on_device(long, torch.int32)),
+                self._on_device(scale, torch.float32), self._on_device(plan.mtp, torch.float32))
 
     def train_step(self, step: int, loader: DistributedTrainLoader) -> torch.Tensor:
-        """One optimizer step over batch_tokens tokens; returns this rank's mean train loss (device)."""
-        hp, accum = self.hp, self.derived.grad_accum
-        micro_batches = hp.batch_tokens // hp.train_seq_len  # in the whole step, all ranks together
-        window = self.window(step)
+        """One optimizer step over the stage's batch; returns this rank's mean weighted train loss (device)."""
+        hp, plan = self.hp, self.plan(step)
+        windows, scale, weights = self._forward_inputs(plan)
+        micro_batches = plan.micro_batches * self.world_size  # in the whole step, all ranks together
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for _ in range(plan.micro_batches):
             inputs, targets = loader.next_batch()
-            loss_sum = self.forward(inputs, targets, window)
+            loss_sum = self.forward(inputs, targets, windows, scale, weights)
             # Divided by the micro-batch count of the whole step, not of this rank, and summed over ranks by
             # the reduce-scatter: every world size backpropagates the same values (the FP8 head's e5m2 cast
             # of the logit gradient included, whose rounding depends on their scale) and gets the same mean.
             (loss_sum / micro_batches).backward()
-            total += loss_sum.detach() / (hp.train_seq_len * accum)
+            total += loss_sum.detach() / (hp.train_seq_len * plan.micro_batches)
+        embed, head = self.model.embed.weight, self.model.lm_head_w
+        if self.tied:
+            head.grad += embed.grad
+            embed.grad = None
         self.adam.reduce_grads()
         self.muon.reduce_grads()
-        factor = lr_factor(step, hp)
-        self.adam.step(factor)
-        self.muon.step(factor, muon_momentum(step, hp))
+        self.adam.step(plan.lr)
+        self.muon.step(plan.lr, plan.momentum)
         self.adam.finish()
         self.muon.finish()
+        if self.tied:
+            with torch.no_grad():
+                embed.copy_(head)
+            if step == self.untie_step:  # the embedding continues from here with the head's Adam state
+                self.adam.copy_state(head, embed)
+                self._set_tied(False)
         self.model.zero_grad(set_to_none=True)
         return total
 
     @torch.no_grad()
-    def evaluate(self, step: int) -> float:
+    def evaluate(self, step: int, final: bool = False) -> float:
+        """Mean next-token loss over the first val_tokens validation tokens, with the training windows of
+        `step` (the final validation: --final_val_windows, the rotary tables unchanged)."""
+        plan = self.plan(min(step, total_steps(self.hp) - 1))
+        windows, scale, _ = self._forward_inputs(plan, self.derived.recipe.final_val_windows if final else None)
+        weights = self._on_device((1.0,) + (0.0,) * (len(plan.mtp) - 1), torch.float32)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
-        window = self.window(step)
         for inputs, targets in validation_chunks(self.val_tokens, self.hp, self.rank, self.world_size, self.device):
-            loss_sum += self.model(inputs, targets, window).double()
+            loss_sum += self.model(inputs, targets, windows, scale, weights).double()
             count += (targets != -100).sum()
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
@@ -1770,10 +2207,11 @@ class Trainer:
         return list(self.model.parameters()) + self.adam.state_tensors() + self.muon.state_tensors()
 
     def snapshot(self):
-        return [t.detach().clone() for t in self._state_tensors()], self.adam.t
+        return [t.detach().clone() for t in self._state_tensors()], self.adam.t, self.tied
 
     def restore(self, snap):
-        saved, self.adam.t = snap
+        saved, self.adam.t, tied = snap
+        self._set_tied(tied)
         with torch.no_grad():
             for t, s in zip(self._state_tensors(), saved, strict=True):
                 t.copy_(s)
@@ -1792,64 +2230,71 @@ def _global_mean(x: torch.Tensor, world_size: int) -> float:
     return x.item()
 
 
-def check_training_data(hp: Hyperparameters, log: RunLog) -> None:
+def check_training_data(hp: Hyperparameters, derived: Derived, log: RunLog) -> None:
     """Fail before any compile if a training file is missing or has a bad header, or if they hold fewer
     tokens than the run reads without --cycle_train_data (header counts: an upper bound on what the rows
     use). Token ids are checked as each shard is opened (read_shard)."""
     files = list_shards(hp.train_files, "train_files")
     total = sum(read_shard_header(f) for f in files)
-    need = hp.num_iterations * hp.batch_tokens
-    log(f"train_data: {len(files)} file(s), {total:,} tokens; {hp.num_iterations} steps read {need:,}"
+    stages = derived.recipe.stages
+    reads = np.cumsum([stages[plan_step(s, hp, derived).stage].batch_tokens for s in range(total_steps(hp))])
+    need = int(reads[-1])
+    log(f"train_data: {len(files)} file(s), {total:,} tokens; {total_steps(hp)} steps read {need:,}"
         + (" (cycling)" if hp.cycle_train_data else ""))
     if total < need and not hp.cycle_train_data:
-        raise DataError(f"the training files ({hp.train_files!r}) hold {total:,} tokens, fewer than the "
-                        f"{need:,} that --num_iterations={hp.num_iterations} steps of --batch_tokens={hp.batch_tokens} "
-                        f"read; add data, lower --num_iterations to at most {total // hp.batch_tokens}, or pass "
-                        "--cycle_train_data=true")
+        raise DataError(f"the training files ({hp.train_files!r}) hold {total:,} tokens, fewer than the {need:,} "
+                        f"that {total_steps(hp)} steps read (they suffice for {int(np.searchsorted(reads, total, 'right'))} "
+                        "steps); add data, lower --num_iterations, or pass --cycle_train_data=true")
 
 
 def shard_reporter(log: RunLog, seq_len: int):
     """on_shard callback for the timed loop's stream: one log line per shard opened, saying how many of
-    its tokens the rows use (a row is seq_len + 1 tokens; consecutive rows share one)."""
+    its tokens rows of whole documents use (a row is seq_len + 1 tokens; consecutive rows share one)."""
     def report(path, tokens, rows):
         log(f"train_shard: {path} tokens:{tokens} rows:{rows} tokens_in_rows:{rows * seq_len} "
-            f"({100 * rows * seq_len / max(tokens, 1):.1f}%)")
+            f"({100 * rows * seq_len / max(tokens, 1):.1f}% with documents used whole)")
     return report
 
 
-# The run did not learn if its final val loss is within this fraction of its first train loss.
+# The run did not learn if its final val loss is within this fraction of a uniform prediction's, ln(vocab).
 NO_LEARNING_FRACTION = 0.02
 
 
 def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog,
           launch_time: float) -> float:
     """The whole run: warm-up (untimed, state restored), then the timed loop. Returns the final val loss."""
-    N = hp.num_iterations
-    check_training_data(hp, log)
+    derived = derive(hp, world_size)
+    N = total_steps(hp)
+    check_training_data(hp, derived, log)
     val_tokens = load_validation_tokens(hp)  # every input is checked before anything compiles
     trainer = Trainer(hp, rank, world_size, device, val_tokens=val_tokens)
-    log(f"world_size:{world_size} grad_accum:{trainer.derived.grad_accum} tokens_per_step:{hp.batch_tokens} "
-        f"device:{device.type} compile:{hp.compile and device.type == 'cuda'}")
+    stages = " ".join(f"{s.start}:{s.batch_tokens}" for s in derived.recipe.stages)
+    log(f"world_size:{world_size} grad_accum:{','.join(map(str, derived.grad_accum))} stages(step:tokens):{stages} "
+        f"total_steps:{N} device:{device.type} compile:{hp.compile and device.type == 'cuda'}")
 
-    # Untimed warm-up: compiles and tunes kernels on real batches, then restores the initial state. The
-    # first train step and the first validation forward carry the compiles; the log gives both.
+    # Untimed warm-up: compiles and tunes kernels on real batches at every stage, then restores the initial
+    # state. The first train step and the first validation forward carry the compiles; the log gives both.
     t_compile = time.perf_counter()
     phases = ""
-    if hp.warmup_steps:
+    warm_steps = warmup_step_list(hp, derived)
+    if warm_steps:
         snap = trainer.snapshot()
-        warm_loader = DistributedTrainLoader(hp, rank, world_size, device)
-        for step in range(hp.warmup_steps):
+        warm_loader = DistributedTrainLoader(hp, rank, world_size, device, doc_clips(warm_steps, hp, derived))
+        for i, step in enumerate(warm_steps):
             # The timed loop's loss all-reduce too: a collective's first call can take seconds, so each
             # collective of a timed step runs here first.
             _global_mean(trainer.train_step(step, warm_loader), world_size)
-            if step == 0:
+            if i == 0:
                 _sync(device)
                 t_first = time.perf_counter() - t_compile
         inputs, targets = next(validation_chunks(trainer.val_tokens, hp, rank, world_size, device))
         _sync(device)
         t_val = time.perf_counter()
-        with torch.no_grad():
-            trainer.model(inputs, targets, trainer.window(0))
+        for final in (False, True):
+            plan = trainer.plan(N - 1 if final else 0)
+            windows, scale, _ = trainer._forward_inputs(plan, derived.recipe.final_val_windows if final else None)
+            with torch.no_grad():
+                trainer.model(inputs, targets, windows, scale, trainer._on_device(plan.mtp, torch.float32))
         _sync(device)
         phases = f"first_train_step:{t_first:.1f}s first_val_forward:{time.perf_counter() - t_val:.1f}s "
         trainer.restore(snap)
@@ -1858,8 +2303,9 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
         f"startup_time:{time.perf_counter() - launch_time:.1f}s")
 
-    loader = DistributedTrainLoader(hp, rank, world_size, device, on_shard=shard_reporter(log, hp.train_seq_len))
-    train_ms, pending, first_train_loss = 0.0, None, None
+    loader = DistributedTrainLoader(hp, rank, world_size, device, doc_clips(range(N), hp, derived),
+                                    on_shard=shard_reporter(log, hp.train_seq_len))
+    train_ms, pending = 0.0, None
     _sync(device)
     t0 = time.perf_counter()
     val_loss = float("nan")
@@ -1868,7 +2314,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
             _sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
-            val_loss = trainer.evaluate(step)
+            val_loss = trainer.evaluate(step, final=last)
             if not math.isfinite(val_loss):
                 raise NonFiniteLossError(f"non-finite val loss {val_loss} at step {step}")
             avg = train_ms / max(step, 1)
@@ -1884,13 +2330,12 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             value = _global_mean(prev_loss, world_size)
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"non-finite train loss {value} at step {prev_step + 1}")
-            first_train_loss = value if first_train_loss is None else first_train_loss
         pending = (step, loss)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
         log(f"step:{step + 1}/{N} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
-    if first_train_loss is not None and val_loss > (1 - NO_LEARNING_FRACTION) * first_train_loss:
-        log(f"warning: the model did not learn: final val loss {val_loss:.4f} against a first train loss of "
-            f"{first_train_loss:.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")
+    if val_loss > (1 - NO_LEARNING_FRACTION) * math.log(hp.vocab_size):
+        log(f"warning: the model did not learn: final val loss {val_loss:.4f}, a uniform prediction's is "
+            f"{math.log(hp.vocab_size):.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")

@@ -65,18 +65,21 @@ def test_micro_batches_start_at_bos_and_cross_shards(trainer, shard_dir):
     assert stream.file_index == 1, "60 batches of 512 tokens need the second shard"
 
 
-def _rank_batches(trainer, hp, rank, world_size, steps):
-    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"))
-    return [loader.next_batch()[0] for _ in range(steps)]
+def _rank_batches(trainer, hp, rank, world_size, rows, clips):
+    """This rank's first `rows` micro-batches, each round of world_size rows cut with the next clip."""
+    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"), clips)
+    return [loader.next_batch()[0] for _ in range(rows)]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_size):
+@pytest.mark.parametrize("clip", [0, 100])
+def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_size, clip):
     """Rank r's k-th micro-batch is global micro-batch k*W + r, so the union over ranks of each
-    step's micro-batches is the single-process step's micro-batches."""
+    step's micro-batches is the single-process step's micro-batches, whole or clipped documents alike."""
     hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin", "--train_seq_len=256"])
-    single = _rank_batches(trainer, hp, 0, 1, 24)
-    per_rank = [_rank_batches(trainer, hp, r, world_size, 24 // world_size) for r in range(world_size)]
+    single = _rank_batches(trainer, hp, 0, 1, 24, [clip] * 24)
+    per_rank = [_rank_batches(trainer, hp, r, world_size, 24 // world_size, [clip] * (24 // world_size))
+                for r in range(world_size)]
     for k in range(24 // world_size):
         for r in range(world_size):
             assert torch.equal(per_rank[r][k], single[k * world_size + r])
@@ -160,3 +163,17 @@ def test_exhausted_data_names_the_fixes(trainer, tmp_path):
             stream.next_micro_batch()
     for fix in ("--num_iterations", "--cycle_train_data=true"):
         assert fix in str(err.value), err.value
+
+
+def test_clipped_rows_pack_document_prefixes_and_start_each_at_bos(trainer, tmp_path):
+    """With a document clip, a row is consecutive documents each cut to at most `clip` tokens (the rest of a
+    document is dropped), the last cut to fill the row; the next row starts at the next document."""
+    docs = [50, 300, 20, 400, 90, 150, 150]
+    tokens = np.concatenate([np.r_[BOS, np.full(n - 1, 10 + i)] for i, n in enumerate(docs)])
+    write_shard(tmp_path / "c_train_000001.bin", tokens)
+    stream = trainer.TrainStream(str(tmp_path / "c_train_*.bin"), 200, vocab=50257, bos_id=BOS, cycle=False)
+    row = stream.next_micro_batch(doc_clip=100)
+    expected = np.r_[BOS, np.full(49, 10), BOS, np.full(99, 11), BOS, np.full(19, 12), BOS, np.full(30, 13)]
+    assert np.array_equal(row, expected), "documents 0-3 cut to 100 tokens, the fourth cut to fill 201"
+    second = stream.next_micro_batch(doc_clip=100)
+    assert second[0] == BOS and second[1] == 14, "the next row starts at the next document, not inside the cut one"

@@ -36,6 +36,7 @@ MUON_SHAPES = [(4, 16, 8), (4, 16, 8), (2, 24, 8), (12, 20), (12, 20), (12, 20),
 # multiple of 3, so each world size pads some flat shard.
 ADAM_SHAPES = [(50,), (7, 9), (3,)]
 ADAM_LRS = [0.01, 0.02, 0.03]
+ADAM_BETAS = [(0.8, 0.95), (0.5, 0.95), (0.9, 0.99)]  # each parameter its own, as the recipe's groups
 # (lr_factor, momentum) of the two steps: different, so a step that ignores either is seen.
 STEPS = [(1.0, 0.85), (0.5, 0.9)]
 
@@ -109,8 +110,7 @@ def two_steps(trainer, flags, rank, world_size, grads_of=None):
     grad_rank, grad_world = grads_of or (rank, world_size)
     hp = _hp(trainer, *flags)
     muon_params, adam_params = _make_params()
-    adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS)), (hp.adam_beta1, hp.adam_beta2), hp.adam_eps,
-                            rank, world_size)
+    adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS, ADAM_BETAS)), hp.adam_eps, rank, world_size)
     muon = trainer.DistMuon(muon_params, hp, rank, world_size)
     params = muon_params + adam_params
     for step, (lr_factor, momentum) in enumerate(STEPS):
@@ -403,12 +403,13 @@ def test_ema_and_sum_momentum_give_the_same_orthogonalized_steps(trainer, method
 
 
 def test_dist_adam_on_one_rank_equals_torch_adam_for_three_steps(trainer):
-    """Adam with bias correction (arXiv 1412.6980, Algorithm 1), per-parameter lr, no weight decay."""
-    betas, eps = (0.8, 0.95), 1e-10
+    """Adam with bias correction (arXiv 1412.6980, Algorithm 1), per-parameter lr and betas, no weight decay."""
+    eps = 1e-10
     mine = [torch.nn.Parameter(_randn(*s, seed=i).float()) for i, s in enumerate(ADAM_SHAPES)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
-    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS)), betas, eps, rank=0, world_size=1)
-    torch_adam = torch.optim.Adam([dict(params=[p], lr=lr) for p, lr in zip(ref, ADAM_LRS)], betas=betas, eps=eps)
+    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS, ADAM_BETAS)), eps, rank=0, world_size=1)
+    torch_adam = torch.optim.Adam([dict(params=[p], lr=lr, betas=b) for p, lr, b in zip(ref, ADAM_LRS, ADAM_BETAS)],
+                                  eps=eps)
     for step in range(3):
         for i, (p, q) in enumerate(zip(mine, ref)):
             p.grad = _randn(*p.shape, seed=100 * step + i).float()
@@ -425,12 +426,12 @@ def test_dist_adam_on_one_rank_equals_torch_adam_for_three_steps(trainer):
 
 def test_dist_adam_lr_factor_scales_every_learning_rate(trainer):
     """lr_factor multiplies each parameter's lr; bias correction does not depend on lr."""
-    betas, eps, factor = (0.8, 0.95), 1e-10, 0.25
+    eps, factor = 1e-10, 0.25
     mine = [torch.nn.Parameter(_randn(*s, seed=i).float()) for i, s in enumerate(ADAM_SHAPES)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
-    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS)), betas, eps, rank=0, world_size=1)
-    torch_adam = torch.optim.Adam([dict(params=[p], lr=lr * factor) for p, lr in zip(ref, ADAM_LRS)],
-                                  betas=betas, eps=eps)
+    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS, ADAM_BETAS)), eps, rank=0, world_size=1)
+    torch_adam = torch.optim.Adam([dict(params=[p], lr=lr * factor, betas=b)
+                                   for p, lr, b in zip(ref, ADAM_LRS, ADAM_BETAS)], eps=eps)
     for step in range(2):
         for i, (p, q) in enumerate(zip(mine, ref)):
             p.grad = _randn(*p.shape, seed=100 * step + i).float()
@@ -448,3 +449,27 @@ def test_muon_shape_scale_is_sqrt_of_fan_out_over_fan_in_at_least_one(trainer):
     assert trainer.muon_shape_scale(3072, 768) == 2.0
     assert trainer.muon_shape_scale(768, 3072) == 1.0
     assert trainer.muon_shape_scale(768, 768) == 1.0
+
+
+def test_a_paused_adam_parameter_keeps_its_state_and_can_take_over_anothers(trainer):
+    """The tied embedding: while paused, a parameter is neither reduced nor updated and its moments stay; after
+    copy_state it continues from the other parameter's moments (the untie step)."""
+    a, b = (torch.nn.Parameter(_randn(4, 3, seed=s).float()) for s in (1, 2))
+    adam = trainer.DistAdam([(a, 0.1, (0.9, 0.99)), (b, 0.1, (0.9, 0.99))], 1e-10, rank=0, world_size=1)
+    adam.set_active(b, False)
+    b_before = b.detach().clone()
+    for step in range(2):
+        a.grad = _randn(4, 3, seed=10 + step).float()
+        adam.reduce_grads()
+        adam.step(1.0)
+        adam.finish()
+    assert torch.equal(b, b_before) and adam.entries[1]["m"].abs().sum() == 0, "a paused parameter moved"
+    adam.copy_state(a, b)
+    assert torch.equal(adam.entries[1]["m"], adam.entries[0]["m"]) and torch.equal(adam.entries[1]["v"],
+                                                                                   adam.entries[0]["v"])
+    adam.set_active(b, True)
+    a.grad, b.grad = torch.zeros(4, 3), torch.zeros(4, 3)
+    adam.reduce_grads()
+    adam.step(1.0)
+    adam.finish()
+    assert not torch.equal(b, b_before), "with a's moments and a zero gradient, b still moves (negative control)"

@@ -47,13 +47,16 @@ def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_pat
     after = lines[len(source):]
     assert after[0] == RULE and RULE in after[1:], "source, rule, versions and nvidia-smi, rule"
     body = after[after.index(RULE, 1) + 1:]
-    assert [int(m[1]) for m in map(STEP_LINE.match, body) if m] == list(range(1, 21)), "one line per step"
+    total = trainer.total_steps(trainer.parse_args(_args(tiny_corpus, tmp_path, "run", "--num_iterations=20")))
+    assert total == 20 + trainer.PRESETS["tiny"]["flags"]["extension_steps"], "the extension steps follow the 20"
+    assert [int(m[1]) for m in map(STEP_LINE.match, body) if m] == list(range(1, total + 1)), "one line per step"
     losses = _val_losses(body)
-    assert sorted(losses) == [0, 10, 20], "validation at step 0, every val_loss_every steps and at the end"
+    assert sorted(losses) == [0, 10, 20, total], "validation at step 0, every val_loss_every steps and at the end"
     decimals = {len(m[3].split(".")[1]) for m in map(VAL_LINE.match, body) if m}
     track = trainer.parse_args([]).track
     assert decimals == {trainer.VAL_LOSS_DECIMALS[track]}, f"val_loss printed with {decimals} decimals ({track} track)"
-    assert losses[20] < losses[10] < losses[0] - 3.0, f"loss should fall well below the uniform 10.83: {losses}"
+    assert losses[total] < losses[10] < losses[0] - 1.0 and losses[total] < losses[0] - 2.0, \
+        f"loss should fall well below the uniform ln(256): {losses}"
     assert body[-1].startswith("peak memory allocated: "), "the log ends with peak memory"
     startup = next(line for line in body if line.startswith("warmup_and_compile_time:"))
     t = {k: float(v.rstrip("s")) for k, v in (f.split(":") for f in startup.split())}
@@ -95,7 +98,8 @@ def first_backward_grads(rank, world_size, module, *corpus_flags):
     trainer = importlib.import_module(module)
     hp = trainer.parse_args(["--preset=tiny", *corpus_flags])
     run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))
-    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"))
+    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"),
+                                            trainer.doc_clips(range(1), hp, run.derived))
     grads = {}
 
     def record_first(name):
@@ -133,10 +137,10 @@ def collectives_by_phase(rank, world_size, module, log_dir, *corpus_flags):
         setattr(dist, name, recorded(name))
     evaluate = trainer.Trainer.evaluate
 
-    def marked_evaluate(self, step):
+    def marked_evaluate(self, step, final=False):
         saved, phase[0] = phase[0], "validation"
         try:
-            return evaluate(self, step)
+            return evaluate(self, step, final)
         finally:
             phase[0] = saved
     trainer.Trainer.evaluate = marked_evaluate
@@ -218,7 +222,7 @@ def test_warmup_restores_model_and_optimizer_state_exactly(trainer, tiny_corpus)
     t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
     before = [x.clone() for x in list(t.model.parameters()) + t.adam.state_tensors() + t.muon.state_tensors()]
     snap = t.snapshot()
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"))
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(range(2), hp, t.derived))
     for step in range(2):
         t.train_step(step, loader)
     after_training = list(t.model.parameters())
@@ -234,7 +238,7 @@ def test_validation_scores_val_tokens_minus_one_predictions(trainer, tiny_corpus
     t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
     loss = t.evaluate(0)
     assert t.last_val_predictions == hp.val_tokens - 1, "exactly the first val_tokens tokens are scored"
-    assert abs(loss - np.log(hp.vocab_size)) < 1e-4, "the untrained model is uniform over the vocabulary"
+    assert abs(loss - np.log(hp.vocab_size)) < 0.01, "the untrained model (head at std 0.005) is near uniform"
 
 
 # -----------------------------------------------------------------------------
@@ -293,7 +297,7 @@ def test_inputs_are_checked_before_anything_trains_or_compiles(trainer, tiny_cor
 
 
 @pytest.mark.parametrize("flag, fix", [("--val_tokens=1000", "--val_tokens=1024"),
-                                       ("--batch_tokens=100", "--batch_tokens=256")])
+                                       ("--stage_batch_tokens=100,1024,1024", "multiple of --train_seq_len=256")])
 def test_sizes_that_do_not_divide_are_usage_errors_naming_a_value_that_works(trainer, tiny_corpus, tmp_path, flag,
                                                                             fix, capsys):
     assert trainer.main(_args(tiny_corpus, tmp_path, "size", flag)) == 2
@@ -311,7 +315,7 @@ def test_too_little_training_data_fails_before_compiling_and_names_the_fixes(tra
             *SMALL_VOCAB_FLAGS, f"--log_dir={tmp_path}", "--run_id=short"]
     assert trainer.main(args) == 1
     err = capsys.readouterr().err
-    for fix in ("hold 3,000 tokens", "--num_iterations to at most 5", "--cycle_train_data=true"):
+    for fix in ("hold 3,000 tokens", "they suffice for 5 steps", "--num_iterations", "--cycle_train_data=true"):
         assert fix in err, err
     assert trainer.main(args[:-1] + ["--run_id=cycled", "--cycle_train_data=true"]) == 0, "negative control"
     shard_lines = [line for line in _log_lines(tmp_path, "cycled") if line.startswith("train_shard: ")]
@@ -339,7 +343,9 @@ def test_sigterm_is_recorded_in_the_log_like_a_crash(trainer, tiny_corpus, tmp_p
 
 
 def test_a_run_that_does_not_learn_warns(trainer, tiny_corpus, tmp_path, capsys):
-    args = _args(tiny_corpus, tmp_path, "stuck", "--adam_lr_embed=1e30", "--adam_lr_head=0", "--muon_lr=1e30")
+    frozen = [f"--{name}=0" for name in ("adam_lr_embed", "adam_lr_head", "adam_lr_value_embed", "adam_lr_scalar",
+                                         "adam_lr_gate", "muon_lr")]
+    args = _args(tiny_corpus, tmp_path, "stuck", *frozen)
     assert trainer.main(args) == 0
     assert any(line.startswith("warning: the model did not learn") for line in _log_lines(tmp_path, "stuck"))
     assert trainer.main(_args(tiny_corpus, tmp_path, "learns")) == 0

@@ -19,22 +19,32 @@ SMALL = ROOT / "train_gpt.py"
 MEDIUM = ROOT / "train_gpt_medium.py"
 
 # The medium recipe: Hyperparameters field -> default, as a Python expression. Sizes, batch, schedule and
-# Muon lr follow the public medium-track record; what is not listed is the small track's recipe.
+# Muon lr follow the public medium-track record; what is not listed is the small track's recipe. Not tuned.
 MEDIUM_RECIPE = {
     "train_files": '"data/fineweb100B/fineweb_train_*.bin"',
     "val_files": '"data/fineweb100B/fineweb_val_*.bin"',
     "track": '"medium"',
     "target_val_loss": "2.92",
-    "batch_tokens": "8 * 64 * 1024",
-    "train_seq_len": "64 * 1024",
+    # one stage: the public medium record's 524,288 tokens per step, 5960 steps, 70% cooldown to 0
     "num_iterations": "5960",
+    "stage_starts": '""',
+    "stage_batch_tokens": '"524288"',
+    "stage_doc_clip": '"2048"',
+    "stage_windows": '"13:27"',
+    "stage_lr_mul": '"1"',
+    "mtp_weights": '"1"',
+    "untie_stage": "0",
     "cooldown_frac": "0.7",
     "final_lr_frac": "0.0",
+    # 16 layers of width 1024; the small track's layer roles placed at the same depth from each end
     "num_layers": "16",
     "model_dim": "1024",
     "num_heads": "8",
-    "window_end": "3456",
-    "layer_attention": '"LSSSLSS-SSSLSSSL"',
+    "layer_attention": '"SSSLSS-SSSLSSSSL"',
+    "value_embed_layers": '"1,2,13,14,15"',
+    "attn_gate_layers": '"3,15"',
+    "key_offset_layers": '"3,15"',
+    "cache_layer": "12",
     "muon_lr": "0.025",
 }
 
