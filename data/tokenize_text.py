@@ -39,7 +39,7 @@ from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 from tqdm import tqdm
 
-from shard_format import BOS, read_shard_header, write_shard
+from shard_format import BOS, check_output_folder, read_shard_header, write_shard
 
 # sha256 of GPT-2's vocab.bpe and encoder.json: the values tiktoken's "gpt2" encoding checks
 # (tiktoken_ext/openai_public.py, gpt2()).
@@ -240,7 +240,11 @@ class ShardWriter:
 
     def _write(self, tokens):
         path = self.out_dir / f"{self.prefix}_{self.split}_{self.next_index:06d}.bin"
-        write_shard(path, tokens)
+        try:
+            write_shard(path, tokens)
+        except OSError as err:  # a full disk, say: the shards already written are an incomplete set
+            raise InputError(f"writing {path} failed ({err.strerror or err}); remove {self.out_dir}/{self.prefix}_*.bin, "
+                             "free space or choose another --out, and run again") from None
         if read_shard_header(path) != len(tokens):  # self-check with the reader the downloads use
             raise RuntimeError(f"{path}: header does not hold the {len(tokens)} tokens just written")
         self.paths.append(path)
@@ -280,7 +284,7 @@ def parse_args(argv):
         epilog="Example: python data/tokenize_text.py books/*.txt --out data/books",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="text or JSONL files")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for the shards")
+    parser.add_argument("--out", required=True, help="output folder for the shards (created if missing)")
     parser.add_argument("--prefix", default="text", help="shard name prefix: PREFIX_val_000000.bin ... (default text)")
     parser.add_argument("--format", choices=("auto", "text", "lines", "jsonl"), default="auto",
                         help="auto: .jsonl/.ndjson as jsonl, else text (default auto)")
@@ -318,10 +322,14 @@ def run(args):
             raise InputError(f"{path} is a folder; pass its files, e.g. {path}/*.txt")
         if not path.is_file():
             raise InputError(f"{path}: no such file")
-    existing = sorted(args.out.glob(f"{args.prefix}_*.bin"))
+    try:
+        out = check_output_folder(args.out)  # before the checking pass, which can take long
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    existing = sorted(out.glob(f"{args.prefix}_*.bin"))
     if existing:
         raise InputError(
-            f"{args.out} already holds {len(existing)} {args.prefix}_*.bin shards ({existing[0].name}, ...), which "
+            f"{out} already holds {len(existing)} {args.prefix}_*.bin shards ({existing[0].name}, ...), which "
             "the trainer's glob would mix with the new ones; remove them or choose another --out or --prefix"
         )
     encoding = load_gpt2_encoding(args.vocab_bpe, args.encoder_json)
@@ -331,13 +339,16 @@ def run(args):
     n_val = validation_doc_count(n_docs, args.val_docs, args.val_fraction)
     if n_val == 0:
         print("warning: no validation documents, so no val shard", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    writers = tokenize_to_shards(list(counts), args.out, encoding, prefix=args.prefix, n_val=n_val,
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # the folder changed since check_output_folder
+        raise InputError(f"--out {out}: {err.strerror}; choose another --out") from None
+    writers = tokenize_to_shards(list(counts), out, encoding, prefix=args.prefix, n_val=n_val,
                                  shard_tokens=args.shard_tokens, workers=args.workers, options=options, n_docs=n_docs)
     for split, n in (("val", n_val), ("train", n_docs - n_val)):
         w = writers[split]
         print(f"{split}: {n:,} documents, {w.n_tokens:,} tokens in {len(w.paths)} shards "
-              f"({args.out / f'{args.prefix}_{split}_*.bin'})")
+              f"({out / f'{args.prefix}_{split}_*.bin'})")
 
 
 def main(argv=None):

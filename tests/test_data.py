@@ -385,3 +385,66 @@ def test_validation_split_leaving_nothing_to_train_is_an_error(tmp_path, capsys)
     inputs = write_texts(tmp_path / "in", ["one whole book as one document"])
     assert tokenize(*inputs, "--out", tmp_path / "out") == 1
     assert "leaving none to train on" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Output folder: an unusable --out is one `error:` line, found before any long work
+
+def unusable_out(tmp_path, case):
+    """The --out text for each way an output folder can be unusable."""
+    (tmp_path / "afile").write_text("not a folder")
+    return {"file": str(tmp_path / "afile"), "under_file": str(tmp_path / "afile" / "sub"),
+            "proc": "/proc/x", "empty": ""}[case]
+
+
+OUT_CASES = ["file", "under_file", pytest.param("proc", marks=pytest.mark.skipif(
+    not os.path.isdir("/proc"), reason="needs Linux's /proc, where no folder can be created")), "empty"]
+OUT_REASONS = {"file": "not a folder", "under_file": "not a folder", "proc": "cannot create", "empty": "is empty"}
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+def test_tokenizer_refuses_an_unusable_out_before_the_checking_pass(tmp_path, capsys, monkeypatch, case):
+    def checking_pass(*args, **kwargs):
+        raise AssertionError("the checking pass ran before --out was checked")
+    monkeypatch.setattr(tokenize_text, "count_documents", checking_pass)
+    monkeypatch.chdir(tmp_path)  # an empty --out must not mean "here"
+    inputs = write_texts(tmp_path / "in", DOCS)
+    assert tokenize(*inputs, "--out", unusable_out(tmp_path, case)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and OUT_REASONS[case] in err and "choose" in err, err
+    assert not list(tmp_path.glob("text_*.bin")), "nothing may be written"
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+def test_download_refuses_an_unusable_out_before_fetching(tmp_path, case):
+    fill_hub_cache(tmp_path / "hf", REPO_10B, {"fineweb_val_000000.bin": valid([BOS, 1])})
+    out = unusable_out(tmp_path, case)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
+    result = subprocess.run([sys.executable, str(ROOT / "data" / "cached_fineweb10B.py"), "0", "--out", out],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out") and OUT_REASONS[case] in lines[0], result.stderr
+    assert "fineweb_val_000000.bin" not in os.listdir(tmp_path), "an empty --out must not mean the current folder"
+
+
+def test_tokenizer_script_reports_an_unusable_out_in_one_line(tmp_path):
+    """The command line as a user runs it: no traceback, one line, exit status 1."""
+    inputs = write_texts(tmp_path / "in", DOCS)
+    result = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_text.py"), *map(str, inputs),
+                             "--out", unusable_out(tmp_path, "under_file"), "--workers", "1",
+                             "--vocab-bpe", str(VOCAB_BPE), "--encoder-json", str(ENCODER_JSON)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: --out"), result.stderr
+
+
+def test_a_failed_shard_write_is_one_error_line_naming_the_leftovers(tmp_path, capsys, monkeypatch):
+    def full_disk(path, tokens):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tokenize_text, "write_shard", full_disk)
+    inputs = write_texts(tmp_path / "in", DOCS)
+    assert tokenize(*inputs, "--out", tmp_path / "out", "--val-docs", 1) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "No space left on device" in err and "text_*.bin" in err, err
+
