@@ -392,13 +392,14 @@ def parse_args(argv):
     if args.val_tokens < 0:
         parser.error(f"--val-tokens must be >= 0, got {args.val_tokens}")
     if args.val_docs is not None and args.val_docs < 0:
-        parser.error("--val-docs must be >= 0")
+        parser.error(f"--val-docs must be >= 0, got {args.val_docs}")
     if not 0 <= args.val_fraction < 1:
-        parser.error("--val-fraction must be in [0, 1)")
+        parser.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not 1 <= args.shard_tokens <= MAX_SHARD_TOKENS:
-        parser.error(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS}]")
+        parser.error(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS}] (the header's int32 count), "
+                     f"got {args.shard_tokens}")
     if args.workers < 1:
-        parser.error("--workers must be >= 1")
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     return args
 
 

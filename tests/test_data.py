@@ -544,3 +544,20 @@ def test_trainer_settings_the_next_command_relies_on_match_train_gpt():
     assert tokenize_text.TINY_VAL_TOKENS == tiny["val_tokens"]
     assert tokenize_text.TINY_VAL_SEQ_LEN == tiny["val_seq_len"]
 
+
+# -----------------------------------------------------------------------------
+# Size errors name the flag, the allowed values and the value given
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-docs", "-1"], "--val-docs must be >= 0, got -1"),
+    (["--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+    (["--val-tokens", "-5"], "--val-tokens must be >= 0, got -5"),
+    (["--shard-tokens", "0"], "--shard-tokens must be in [1, 2147483647] (the header's int32 count), got 0"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+])
+def test_tokenizer_size_errors_name_flag_range_and_value(tmp_path, capsys, args, message):
+    inputs = write_texts(tmp_path / "in", DOCS)
+    with pytest.raises(SystemExit) as info:
+        tokenize_text.main([*map(str, inputs), "--out", str(tmp_path / "out"), *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
