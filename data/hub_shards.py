@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from huggingface_hub import constants, hf_hub_download
-
 from shard_format import check_output_folder, read_shard_header, staged_file
 
 

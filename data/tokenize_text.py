@@ -43,11 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+from shard_format import BOS, check_output_folder, read_shard_header, write_shard
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
 from tqdm import tqdm
-
-from shard_format import BOS, check_output_folder, read_shard_header, write_shard
 
 # sha256 of GPT-2's vocab.bpe and encoder.json: the values tiktoken's "gpt2" encoding checks
 # (tiktoken_ext/openai_public.py, gpt2()).
@@ -94,7 +93,8 @@ def load_gpt2_encoding(vocab_bpe=None, encoder_json=None):
     if vocab_bpe is None and encoder_json is None:
         try:
             return tiktoken.get_encoding("gpt2")
-        except Exception as err:  # requests' network errors, a broken cache: all mean the files are unreachable
+        # Any failure: requests' network errors, a broken cache... all mean the files are unreachable.
+        except Exception as err:  # noqa: BLE001
             raise InputError(
                 f"could not load tiktoken's 'gpt2' encoding ({type(err).__name__}: {err}). It needs network "
                 "access or a tiktoken cache; offline, pass GPT-2's vocabulary files with "
@@ -235,14 +235,15 @@ def validation_doc_count(docs, n_docs, encoding, *, val_tokens, val_docs, val_fr
         n_val += 1
     if n_val < n_docs:
         return n_val
-    split_hint = "split the text into more documents (a text file is one document unless you pass --separator or " \
-                 "--format lines)"
+    split_hint = ("split the text into more documents (a text file is one document unless you pass --separator or "
+                  "--format lines)")
     if min_docs >= n_docs:
         flag = "--val-docs" if val_docs is not None else "--val-fraction"
         raise InputError(f"the validation split takes {min_docs} of the {n_docs} documents ({flag}), leaving none to "
                          f"train on. Lower {flag}, or {split_hint}")
     if n_tokens >= val_tokens:
-        problem, fix = f"only all {n_docs} documents together reach it ({n_tokens:,} tokens)", f"Give more text, {split_hint}"
+        problem = f"only all {n_docs} documents together reach it ({n_tokens:,} tokens)"
+        fix = f"Give more text, {split_hint}"
     else:
         problem, fix = f"all {n_docs} documents together hold only {n_tokens:,} tokens", "Give more text"
     raise InputError(
@@ -283,8 +284,9 @@ class ShardWriter:
         try:
             write_shard(path, tokens)
         except OSError as err:  # a full disk, say: the shards already written are an incomplete set
-            raise InputError(f"writing {path} failed ({err.strerror or err}); remove {self.out_dir}/{self.prefix}_*.bin, "
-                             "free space or choose another --out, and run again") from None
+            raise InputError(f"writing {path} failed ({err.strerror or err}); remove "
+                             f"{self.out_dir}/{self.prefix}_*.bin, free space or choose another --out, and run "
+                             "again") from None
         if read_shard_header(path) != len(tokens):  # self-check with the reader the downloads use
             raise RuntimeError(f"{path}: header does not hold the {len(tokens)} tokens just written")
         self.paths.append(path)
@@ -421,7 +423,7 @@ def run(args):
             "the trainer's glob would mix with the new ones; remove them or choose another --out or --prefix"
         )
     encoding = load_gpt2_encoding(args.vocab_bpe, args.encoder_json)
-    options = dict(fmt=args.format, text_field=args.text_field, separator=args.separator, errors=args.errors)
+    options = {"fmt": args.format, "text_field": args.text_field, "separator": args.separator, "errors": args.errors}
     counts = count_documents(args.inputs, options)
     n_docs = sum(counts.values())
     leading = itertools.chain.from_iterable(iter_documents(path, **options) for path in counts)

@@ -1,6 +1,7 @@
 """Specifications of data/: the shard format, the hub downloaders (run offline against a hub cache laid
 out here) and the text tokenizer (run with GPT-2's vocabulary files shipped in tests/data/gpt2/)."""
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -11,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import BOS, ROOT, write_shard
 
 sys.path.insert(0, str(ROOT / "data"))
-import hub_shards  # noqa: E402
-import shard_format  # noqa: E402
-import tokenize_text  # noqa: E402
+import hub_shards
+import shard_format
+import tokenize_text
 
 VOCAB_BPE = ROOT / "tests" / "data" / "gpt2" / "vocab.bpe"
 ENCODER_JSON = ROOT / "tests" / "data" / "gpt2" / "encoder.json"
@@ -33,7 +33,7 @@ def documents_of(tokens):
     """Split a BOS-prefixed token stream into its documents (token lists without the BOS)."""
     assert tokens[0] == BOS, f"stream must start with BOS {BOS}, starts with {tokens[:5]}"
     starts = [i for i, t in enumerate(tokens) if t == BOS] + [len(tokens)]
-    return [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
+    return [tokens[a + 1:b] for a, b in itertools.pairwise(starts)]
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,9 @@ def test_read_shard_header_returns_token_count_of_valid_shard(tmp_path):
 
 
 @pytest.mark.parametrize("defect, reason", [
-    (dict(magic=12345), "bad magic"),
-    (dict(version=2), "version"),
-    (dict(header_count=5), "does not match"),
+    ({"magic": 12345}, "bad magic"),
+    ({"version": 2}, "version"),
+    ({"header_count": 5}, "does not match"),
     ("truncated", "does not match"),
     ("short", "shorter than"),
 ])
@@ -81,10 +81,9 @@ def test_write_shard_matches_the_reference_layout(tmp_path):
 
 def test_staged_file_leaves_nothing_when_the_write_fails(tmp_path):
     target = tmp_path / "fineweb_val_000000.bin"
-    with pytest.raises(RuntimeError):
-        with shard_format.staged_file(target) as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), shard_format.staged_file(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == [], "an interrupted write must leave no file, complete-looking or temporary"
 
 
@@ -122,7 +121,7 @@ def run_download(script, hf_home, out, *args):
     """The real script in a fresh interpreter, so huggingface_hub reads HF_HUB_OFFLINE at import."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
     return subprocess.run([sys.executable, str(ROOT / "data" / script), *map(str, args), "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("script, repo_id", [("cached_fineweb10B.py", REPO_10B),
@@ -150,8 +149,8 @@ def test_download_rerun_skips_present_shards_without_the_hub(tmp_path):
     assert result.stdout.count("already present") == 2, result.stdout
 
 
-@pytest.mark.parametrize("corrupt, reason", [(dict(magic=999), "bad magic"),
-                                             (dict(header_count=50), "does not match")])
+@pytest.mark.parametrize("corrupt, reason", [({"magic": 999}, "bad magic"),
+                                             ({"header_count": 50}, "does not match")])
 def test_download_rejects_corrupt_cached_shard_and_leaves_no_complete_file(tmp_path, corrupt, reason):
     fill_hub_cache(tmp_path / "hf", REPO_10B, {
         "fineweb_val_000000.bin": valid([BOS, 1]),
@@ -234,7 +233,7 @@ def test_text_files_become_bos_prefixed_documents_that_decode_back(tmp_path, gpt
     assert [gpt2.decode(d) for d in val] == DOCS[:2], "the val shard holds the first documents, in order"
     assert [gpt2.decode(d) for d in train] == DOCS[2:]
     assert val[0] == [15496, 995]
-    assert BOS not in sum(train, []), "<|endoftext|> inside a text must be encoded as ordinary text"
+    assert BOS not in itertools.chain(*train), "<|endoftext|> inside a text must be encoded as ordinary text"
 
 
 def test_val_shards_are_written_before_train_shards(tmp_path, monkeypatch):
@@ -261,7 +260,7 @@ def test_shards_hold_exactly_shard_tokens_and_concatenate_to_the_stream(tmp_path
     train_paths = sorted(out.glob("text_train_*.bin"))
     sizes = [shard_format.read_shard_header(p) for p in train_paths]
     assert sizes[:-1] == [7] * (len(sizes) - 1) and 1 <= sizes[-1] <= 7, sizes
-    stream = sum((shard_tokens(p) for p in train_paths), [])
+    stream = [t for p in train_paths for t in shard_tokens(p)]
     assert stream == tokenize_text.tokenize_documents(gpt2, DOCS[1:]).tolist()
 
 
@@ -299,9 +298,10 @@ def test_script_runs_from_the_command_line(tmp_path):
     inputs = write_texts(tmp_path / "in", DOCS)
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_text.py"), *map(str, inputs),
-                             "--out", str(out), "--prefix", "mine", "--val-docs", "1", "--val-tokens", "0", "--workers", "2",
+                             "--out", str(out), "--prefix", "mine", "--val-docs", "1", "--val-tokens", "0",
+                             "--workers", "2",
                              "--vocab-bpe", str(VOCAB_BPE), "--encoder-json", str(ENCODER_JSON)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == ["mine_train_000001.bin", "mine_val_000000.bin"]
     assert "train: 4 documents" in result.stdout, result.stdout
@@ -423,7 +423,7 @@ def test_download_refuses_an_unusable_out_before_fetching(tmp_path, case):
     out = unusable_out(tmp_path, case)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
     result = subprocess.run([sys.executable, str(ROOT / "data" / "cached_fineweb10B.py"), "0", "--out", out],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, result
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --out") and OUT_REASONS[case] in lines[0], result.stderr
@@ -436,7 +436,7 @@ def test_tokenizer_script_reports_an_unusable_out_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_text.py"), *map(str, inputs),
                              "--out", unusable_out(tmp_path, "under_file"), "--workers", "1",
                              "--vocab-bpe", str(VOCAB_BPE), "--encoder-json", str(ENCODER_JSON)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: --out"), result.stderr
 
@@ -470,12 +470,14 @@ def printed_command(stdout):
     return commands[0]
 
 
-def test_default_val_split_is_the_fewest_leading_documents_holding_the_tiny_presets_val_tokens(tmp_path, capsys):
+def test_default_val_split_is_the_fewest_leading_documents_holding_the_tiny_presets_val_tokens(tmp_path, gpt2):
     inputs = write_texts(tmp_path / "in", [words(1500)] * 13)  # 1501 tokens each with BOS
     out = tmp_path / "out"
     assert tokenize(*inputs, "--out", out) == 0
     n_val, n_train = val_and_train_docs(out)
-    assert math.ceil(0.01 * 13) == 1 and 1501 < 4096, "negative control: the 1% rule alone takes one document, too few"
+    one_doc = len(tokenize_text.tokenize_documents(gpt2, [words(1500)]))
+    assert math.ceil(0.01 * 13) == 1 and one_doc == 1501 < tokenize_text.TINY_VAL_TOKENS, \
+        "negative control: the 1% rule alone takes one document, too few tokens"
     assert (n_val, n_train) == (3, 10), "3 x 1501 tokens is the first count of documents reaching 4096"
     assert shard_format.read_shard_header(out / "text_val_000000.bin") == 3 * 1501
 

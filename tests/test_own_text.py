@@ -5,6 +5,7 @@ The commands run in a scratch copy of the repository's data scripts and trainer,
 user would type them (offline: with the vocabulary flags README names). The copy keeps the test's
 shards and logs out of the checkout.
 """
+import itertools
 import random
 import shlex
 import shutil
@@ -13,25 +14,28 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import BOS, ROOT
 
 sys.path.insert(0, str(ROOT / "data"))
-import shard_format  # noqa: E402
-import tokenize_text  # noqa: E402
-from train_gpt import PRESETS  # noqa: E402
+import shard_format
+import tokenize_text
+
+from train_gpt import PRESETS
 
 # The commands README.md shows for your own text (test_readme_shows_these_commands keeps them in step).
 TOKENIZE = "python data/tokenize_text.py my/*.txt --out data/mine"
-TRAIN = 'python train_gpt.py --preset=tiny --train_files="data/mine/text_train_*.bin" --val_files="data/mine/text_val_*.bin"'
+TRAIN = ('python train_gpt.py --preset=tiny --train_files="data/mine/text_train_*.bin" '
+         '--val_files="data/mine/text_val_*.bin"')
 OFFLINE = "--vocab-bpe tests/data/gpt2/vocab.bpe --encoder-json tests/data/gpt2/encoder.json"
 N_FILES = 13
 TINY_VAL_TOKENS = PRESETS["tiny"]["val_tokens"]  # what README's train command validates on
 
-WORDS = ("licence software copy distribute modify terms conditions warranty notice permission granted "
-         "provided that the work source code object form any person obtaining this and or of to in a "
-         "without limitation rights use merge publish sublicense sell copies holders contributors liable "
-         "damages event shall be included all substantial portions files documentation").split()
+WORDS = ["licence", "software", "copy", "distribute", "modify", "terms", "conditions", "warranty", "notice",
+         "permission", "granted", "provided", "that", "the", "work", "source", "code", "object", "form", "any",
+         "person", "obtaining", "this", "and", "or", "of", "to", "in", "a", "without", "limitation", "rights",
+         "use", "merge", "publish", "sublicense", "sell", "copies", "holders", "contributors", "liable",
+         "damages", "event", "shall", "be", "included", "all", "substantial", "portions", "files",
+         "documentation"]
 
 
 def licence_like_text(seed, n_words):
@@ -49,7 +53,8 @@ def run_shell(command, cwd, timeout):
     """`command` as typed in bash, with this test's interpreter for its leading `python`."""
     assert command.startswith("python "), command
     command = f"{shlex.quote(sys.executable)} {command.removeprefix('python ')}"
-    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def shard_documents(path):
@@ -57,7 +62,7 @@ def shard_documents(path):
     tokens = np.fromfile(path, dtype="<u2", count=count, offset=shard_format.HEADER_BYTES).tolist()
     starts = [i for i, t in enumerate(tokens) if t == BOS] + [len(tokens)]
     assert starts[0] == 0, f"{path.name} must start with BOS"
-    return [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
+    return [tokens[a + 1:b] for a, b in itertools.pairwise(starts)]
 
 
 @pytest.fixture(scope="module")
