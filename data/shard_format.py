@@ -87,6 +87,7 @@ def check_output_folder(text, flag="--out"):
     removed at once, in the folder or in its nearest existing parent. Checking by writing, not by
     permission bits, also catches read-only mounts, /proc and root's unrestricted bits.
     """
+    text = os.fspath(text)
     if not text.strip():  # Path("") is ".": the shards would land wherever the command happened to run
         raise ValueError(f"{flag} is empty; choose the output folder, e.g. {flag} data/mine")
     out = Path(text)

@@ -364,7 +364,8 @@ def next_command_lines(out, prefix, val_tokens):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Tokenize text files with GPT-2 BPE into FineWeb-format shards for the trainer.",
+        description="Tokenize text files with GPT-2 BPE into FineWeb-format shards for the trainer. The val split is "
+        "the fewest leading documents that meet every val split minimum; the rest is the train split.",
         epilog="Example: python data/tokenize_text.py books/*.txt --out data/books",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="text or JSONL files")
@@ -375,12 +376,12 @@ def parse_args(argv):
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     parser.add_argument("--separator", help="split text files into documents at this string, e.g. $'\\n\\n\\n'")
     parser.add_argument("--val-tokens", type=int, default=DEFAULT_VAL_TOKENS,
-                        help="the val split takes leading documents until it holds at least this many tokens "
-                             f"(default {DEFAULT_VAL_TOKENS}: what the tiny preset validates on), and at least")
+                        help="val split minimum: tokens, BOS included "
+                             f"(default {DEFAULT_VAL_TOKENS}, what the trainer's tiny preset validates on)")
     val = parser.add_mutually_exclusive_group()
-    val.add_argument("--val-docs", type=int, help="N documents")
+    val.add_argument("--val-docs", type=int, help="val split minimum: documents (instead of --val-fraction)")
     val.add_argument("--val-fraction", type=float, default=0.01,
-                     help="or this fraction of the documents, rounded up (default 0.01)")
+                     help="val split minimum: this fraction of the documents, rounded up (default 0.01)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                         help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,}, as FineWeb)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: CPU count)")

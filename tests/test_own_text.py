@@ -29,6 +29,7 @@ TRAIN = ('python train_gpt.py --preset=tiny --train_files="data/mine/text_train_
 OFFLINE = "--vocab-bpe tests/data/gpt2/vocab.bpe --encoder-json tests/data/gpt2/encoder.json"
 N_FILES = 13
 TINY_VAL_TOKENS = PRESETS["tiny"]["val_tokens"]  # what README's train command validates on
+TINY_VAL_SEQ_LEN = PRESETS["tiny"]["val_seq_len"]
 
 WORDS = ["licence", "software", "copy", "distribute", "modify", "terms", "conditions", "warranty", "notice",
          "permission", "granted", "provided", "that", "the", "work", "source", "code", "object", "form", "any",
@@ -67,7 +68,7 @@ def shard_documents(path):
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory):
-    """A scratch repository with my/*.txt (13 files of a few KB), after README's tokenize command."""
+    """A scratch repository with my/*.txt (13 generated files of several KB), after README's tokenize command."""
     repo = tmp_path_factory.mktemp("repo")
     (repo / "data").mkdir()
     for name in ("tokenize_text.py", "shard_format.py"):
@@ -102,9 +103,9 @@ def test_readme_tokenize_command_writes_shards_and_prints_the_train_command(toke
         "negative control: one file is fewer tokens than the tiny preset validates on"
     assert val_tokens >= TINY_VAL_TOKENS > val_tokens - len(val[-1]) - 1, \
         f"the val split must be the fewest leading files holding {TINY_VAL_TOKENS} tokens"
-    assert sum(len(d) + 1 for d in train) > 10_000, "the test means tens of thousands of tokens in all"
+    assert val_tokens + sum(len(d) + 1 for d in train) > 10_000, "the input must be tens of thousands of tokens"
     commands = [line for line in result.stdout.splitlines() if line.startswith("python ")]
-    assert commands == [f"{TRAIN} --val_tokens={val_tokens // 1024 * 1024}"], result.stdout
+    assert commands == [f"{TRAIN} --val_tokens={val_tokens // TINY_VAL_SEQ_LEN * TINY_VAL_SEQ_LEN}"], result.stdout
     assert "multiple of --val_seq_len" in result.stdout, result.stdout
 
 
