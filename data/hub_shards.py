@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from huggingface_hub import constants, hf_hub_download
-
-from shard_format import read_shard_header, staged_file
+from shard_format import check_output_folder, read_shard_header, staged_file
 
 
 def shard_names(n_train):
@@ -71,26 +70,31 @@ def main(repo_id, out_dir_name, default_n, max_n, argv=None):
     )
     parser.add_argument("n", nargs="?", type=int, default=default_n, metavar="N",
                         help=f"number of training shards, 0 to {max_n} (default {default_n})")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / out_dir_name,
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / out_dir_name),
                         help=f"output folder (default: data/{out_dir_name} next to this script)")
     args = parser.parse_args(argv)
     if not 0 <= args.n <= max_n:
         parser.error(f"N must be between 0 and {max_n} ({repo_id} has {max_n} training shards), got {args.n}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = check_output_folder(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as err:  # OSError: the folder changed between the check and mkdir
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     names = shard_names(args.n)
     for i, name in enumerate(names, 1):
         t0 = time.perf_counter()
         try:
-            count, fetched = fetch_shard(repo_id, name, args.out)
+            count, fetched = fetch_shard(repo_id, name, out)
         except (OSError, ValueError) as err:
             offline = f" (HF_HUB_OFFLINE is set: only the cache {constants.HF_HUB_CACHE} was searched)"
             print(f"error: could not fetch {name} from {repo_id}{offline if constants.is_offline_mode() else ''}:"
                   f"\n{type(err).__name__}: {err}", file=sys.stderr)
             return 1
         seconds = time.perf_counter() - t0
-        size_mb = (args.out / name).stat().st_size / 1e6
+        size_mb = (out / name).stat().st_size / 1e6
         how = f"fetched in {seconds:.1f} s ({size_mb / max(seconds, 1e-9):.0f} MB/s)" if fetched else "already present"
         print(f"[{i}/{len(names)}] {name}: {count:,} tokens, {size_mb:.1f} MB, {how}", flush=True)
-    print(f"{len(names)} shards ready in {args.out}")
+    print(f"{len(names)} shards ready in {out}")
     return 0

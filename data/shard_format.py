@@ -5,9 +5,13 @@ header[0] = 20240520 (magic), header[1] = 1 (version), header[2] = token count n
 little-endian uint16 tokens. So a valid file has exactly 1024 + 2 * n bytes; a full FineWeb shard
 holds n = 100,000,000 tokens (200,001,024 bytes). Every document starts with <|endoftext|> = 50256,
 which the trainer uses as BOS.
+
+Also here, for every script that writes shards: `check_output_folder`, which refuses an unusable
+--out before any long work starts.
 """
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +73,35 @@ def write_shard(path, tokens):
         raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
-    with staged_file(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2").tobytes())
+    with staged_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
     return len(tokens)
+
+
+def check_output_folder(text, flag="--out"):
+    """Return `text` (the value of `flag`) as a Path if it names a folder this process can write shards into,
+    or one it can create; otherwise raise ValueError saying what is wrong and what to do.
+
+    Leaves nothing behind: the folder itself is not created, and the write test is a temporary folder,
+    removed at once, in the folder or in its nearest existing parent. Checking by writing, not by
+    permission bits, also catches read-only mounts, /proc and root's unrestricted bits.
+    """
+    text = os.fspath(text)
+    if not text.strip():  # Path("") is ".": the shards would land wherever the command happened to run
+        raise ValueError(f"{flag} is empty; choose the output folder, e.g. {flag} data/mine")
+    out = Path(text)
+    existing = out
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out else f" cannot be created: {existing}"
+        raise ValueError(f"{flag} {out}{where} is not a folder; choose another {flag}")
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-test-", dir=existing)
+    except OSError as err:
+        what = "write in" if existing == out else "create a folder in"
+        raise ValueError(f"{flag} {out}: cannot {what} {existing} ({err.strerror}); choose a folder you can "
+                         "write to") from None
+    os.rmdir(probe)
+    return out

@@ -1,21 +1,23 @@
 """Specifications of data/: the shard format, the hub downloaders (run offline against a hub cache laid
 out here) and the text tokenizer (run with GPT-2's vocabulary files shipped in tests/data/gpt2/)."""
 import hashlib
+import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import BOS, ROOT, write_shard
 
 sys.path.insert(0, str(ROOT / "data"))
-import hub_shards  # noqa: E402
-import shard_format  # noqa: E402
-import tokenize_text  # noqa: E402
+import hub_shards
+import shard_format
+import tokenize_text
 
 VOCAB_BPE = ROOT / "tests" / "data" / "gpt2" / "vocab.bpe"
 ENCODER_JSON = ROOT / "tests" / "data" / "gpt2" / "encoder.json"
@@ -31,7 +33,7 @@ def documents_of(tokens):
     """Split a BOS-prefixed token stream into its documents (token lists without the BOS)."""
     assert tokens[0] == BOS, f"stream must start with BOS {BOS}, starts with {tokens[:5]}"
     starts = [i for i, t in enumerate(tokens) if t == BOS] + [len(tokens)]
-    return [tokens[a + 1:b] for a, b in zip(starts, starts[1:])]
+    return [tokens[a + 1:b] for a, b in itertools.pairwise(starts)]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,9 @@ def test_read_shard_header_returns_token_count_of_valid_shard(tmp_path):
 
 
 @pytest.mark.parametrize("defect, reason", [
-    (dict(magic=12345), "bad magic"),
-    (dict(version=2), "version"),
-    (dict(header_count=5), "does not match"),
+    ({"magic": 12345}, "bad magic"),
+    ({"version": 2}, "version"),
+    ({"header_count": 5}, "does not match"),
     ("truncated", "does not match"),
     ("short", "shorter than"),
 ])
@@ -79,10 +81,9 @@ def test_write_shard_matches_the_reference_layout(tmp_path):
 
 def test_staged_file_leaves_nothing_when_the_write_fails(tmp_path):
     target = tmp_path / "fineweb_val_000000.bin"
-    with pytest.raises(RuntimeError):
-        with shard_format.staged_file(target) as tmp:
-            tmp.write_bytes(b"partial")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), shard_format.staged_file(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == [], "an interrupted write must leave no file, complete-looking or temporary"
 
 
@@ -120,7 +121,7 @@ def run_download(script, hf_home, out, *args):
     """The real script in a fresh interpreter, so huggingface_hub reads HF_HUB_OFFLINE at import."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
     return subprocess.run([sys.executable, str(ROOT / "data" / script), *map(str, args), "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("script, repo_id", [("cached_fineweb10B.py", REPO_10B),
@@ -148,8 +149,8 @@ def test_download_rerun_skips_present_shards_without_the_hub(tmp_path):
     assert result.stdout.count("already present") == 2, result.stdout
 
 
-@pytest.mark.parametrize("corrupt, reason", [(dict(magic=999), "bad magic"),
-                                             (dict(header_count=50), "does not match")])
+@pytest.mark.parametrize("corrupt, reason", [({"magic": 999}, "bad magic"),
+                                             ({"header_count": 50}, "does not match")])
 def test_download_rejects_corrupt_cached_shard_and_leaves_no_complete_file(tmp_path, corrupt, reason):
     fill_hub_cache(tmp_path / "hf", REPO_10B, {
         "fineweb_val_000000.bin": valid([BOS, 1]),
@@ -225,14 +226,14 @@ def test_local_vocab_files_give_the_gpt2_ids(gpt2, text, ids):
 def test_text_files_become_bos_prefixed_documents_that_decode_back(tmp_path, gpt2):
     inputs = write_texts(tmp_path / "in", DOCS)
     out = tmp_path / "out"
-    assert tokenize(*inputs, "--out", out, "--val-docs", 2) == 0
+    assert tokenize(*inputs, "--out", out, "--val-docs", 2, "--val-tokens", 0) == 0
     assert sorted(os.listdir(out)) == ["text_train_000001.bin", "text_val_000000.bin"]
     val = documents_of(shard_tokens(out / "text_val_000000.bin"))
     train = documents_of(shard_tokens(out / "text_train_000001.bin"))
     assert [gpt2.decode(d) for d in val] == DOCS[:2], "the val shard holds the first documents, in order"
     assert [gpt2.decode(d) for d in train] == DOCS[2:]
     assert val[0] == [15496, 995]
-    assert BOS not in sum(train, []), "<|endoftext|> inside a text must be encoded as ordinary text"
+    assert BOS not in itertools.chain(*train), "<|endoftext|> inside a text must be encoded as ordinary text"
 
 
 def test_val_shards_are_written_before_train_shards(tmp_path, monkeypatch):
@@ -245,7 +246,7 @@ def test_val_shards_are_written_before_train_shards(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tokenize_text, "write_shard", recording_write)
     inputs = write_texts(tmp_path / "in", DOCS)
-    assert tokenize(*inputs, "--out", tmp_path / "out", "--val-docs", 3, "--shard-tokens", 8) == 0
+    assert tokenize(*inputs, "--out", tmp_path / "out", "--val-docs", 3, "--val-tokens", 0, "--shard-tokens", 8) == 0
     val = [n for n in written if "_val_" in n]
     assert written[:len(val)] == val == [f"text_val_{i:06d}.bin" for i in range(len(val))], written
     assert written[len(val)] == "text_train_000001.bin", written
@@ -255,11 +256,11 @@ def test_val_shards_are_written_before_train_shards(tmp_path, monkeypatch):
 def test_shards_hold_exactly_shard_tokens_and_concatenate_to_the_stream(tmp_path, gpt2):
     inputs = write_texts(tmp_path / "in", DOCS)
     out = tmp_path / "out"
-    assert tokenize(*inputs, "--out", out, "--val-docs", 1, "--shard-tokens", 7) == 0
+    assert tokenize(*inputs, "--out", out, "--val-docs", 1, "--val-tokens", 0, "--shard-tokens", 7) == 0
     train_paths = sorted(out.glob("text_train_*.bin"))
     sizes = [shard_format.read_shard_header(p) for p in train_paths]
     assert sizes[:-1] == [7] * (len(sizes) - 1) and 1 <= sizes[-1] <= 7, sizes
-    stream = sum((shard_tokens(p) for p in train_paths), [])
+    stream = [t for p in train_paths for t in shard_tokens(p)]
     assert stream == tokenize_text.tokenize_documents(gpt2, DOCS[1:]).tolist()
 
 
@@ -273,7 +274,7 @@ def test_formats_split_documents(tmp_path, gpt2, fmt, suffix, content, extra, ex
     """Blank lines and blank documents are skipped; the rest are documents, in file order."""
     inputs = write_texts(tmp_path / "in", [content], suffix=suffix)
     out = tmp_path / "out"
-    assert tokenize(*inputs, "--out", out, "--format", fmt, "--val-docs", 1, *extra) == 0
+    assert tokenize(*inputs, "--out", out, "--format", fmt, "--val-docs", 1, "--val-tokens", 0, *extra) == 0
     docs = documents_of(shard_tokens(out / "text_val_000000.bin") + shard_tokens(out / "text_train_000001.bin"))
     assert [gpt2.decode(d) for d in docs] == expected
 
@@ -297,9 +298,10 @@ def test_script_runs_from_the_command_line(tmp_path):
     inputs = write_texts(tmp_path / "in", DOCS)
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_text.py"), *map(str, inputs),
-                             "--out", str(out), "--prefix", "mine", "--val-docs", "1", "--workers", "2",
+                             "--out", str(out), "--prefix", "mine", "--val-docs", "1", "--val-tokens", "0",
+                             "--workers", "2",
                              "--vocab-bpe", str(VOCAB_BPE), "--encoder-json", str(ENCODER_JSON)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out)) == ["mine_train_000001.bin", "mine_val_000000.bin"]
     assert "train: 4 documents" in result.stdout, result.stdout
@@ -310,7 +312,7 @@ def test_script_runs_from_the_command_line(tmp_path):
 
 def test_empty_files_are_skipped_with_a_warning(tmp_path, capsys):
     inputs = write_texts(tmp_path / "in", ["first", "", "second"])
-    assert tokenize(*inputs, "--out", tmp_path / "out", "--val-docs", 1) == 0
+    assert tokenize(*inputs, "--out", tmp_path / "out", "--val-docs", 1, "--val-tokens", 0) == 0
     assert f"{inputs[1]}: no documents" in capsys.readouterr().err
 
 
@@ -333,7 +335,7 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path, capsys, fmt):
 def test_errors_replace_substitutes_the_replacement_character(tmp_path, gpt2):
     inputs = write_texts(tmp_path / "in", ["fine", b"bad \xff byte"])
     out = tmp_path / "out"
-    assert tokenize(*inputs, "--out", out, "--val-docs", 1, "--errors", "replace") == 0
+    assert tokenize(*inputs, "--out", out, "--val-docs", 1, "--val-tokens", 0, "--errors", "replace") == 0
     assert gpt2.decode(documents_of(shard_tokens(out / "text_train_000001.bin"))[0]) == "bad \ufffd byte"
 
 
@@ -385,3 +387,179 @@ def test_validation_split_leaving_nothing_to_train_is_an_error(tmp_path, capsys)
     inputs = write_texts(tmp_path / "in", ["one whole book as one document"])
     assert tokenize(*inputs, "--out", tmp_path / "out") == 1
     assert "leaving none to train on" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Output folder: an unusable --out is one `error:` line, found before any long work
+
+def unusable_out(tmp_path, case):
+    """The --out text for each way an output folder can be unusable."""
+    (tmp_path / "afile").write_text("not a folder")
+    return {"file": str(tmp_path / "afile"), "under_file": str(tmp_path / "afile" / "sub"),
+            "proc": "/proc/x", "empty": ""}[case]
+
+
+OUT_CASES = ["file", "under_file", pytest.param("proc", marks=pytest.mark.skipif(
+    not os.path.isdir("/proc"), reason="needs Linux's /proc, where no folder can be created")), "empty"]
+OUT_REASONS = {"file": "not a folder", "under_file": "not a folder", "proc": "cannot create", "empty": "is empty"}
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+def test_tokenizer_refuses_an_unusable_out_before_the_checking_pass(tmp_path, capsys, monkeypatch, case):
+    def checking_pass(*args, **kwargs):
+        raise AssertionError("the checking pass ran before --out was checked")
+    monkeypatch.setattr(tokenize_text, "count_documents", checking_pass)
+    monkeypatch.chdir(tmp_path)  # an empty --out must not mean "here"
+    inputs = write_texts(tmp_path / "in", DOCS)
+    assert tokenize(*inputs, "--out", unusable_out(tmp_path, case)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and OUT_REASONS[case] in err and "choose" in err, err
+    assert not list(tmp_path.glob("text_*.bin")), "nothing may be written"
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+def test_download_refuses_an_unusable_out_before_fetching(tmp_path, case):
+    fill_hub_cache(tmp_path / "hf", REPO_10B, {"fineweb_val_000000.bin": valid([BOS, 1])})
+    out = unusable_out(tmp_path, case)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"))
+    result = subprocess.run([sys.executable, str(ROOT / "data" / "cached_fineweb10B.py"), "0", "--out", out],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out") and OUT_REASONS[case] in lines[0], result.stderr
+    assert "fineweb_val_000000.bin" not in os.listdir(tmp_path), "an empty --out must not mean the current folder"
+
+
+def test_tokenizer_script_reports_an_unusable_out_in_one_line(tmp_path):
+    """The command line as a user runs it: no traceback, one line, exit status 1."""
+    inputs = write_texts(tmp_path / "in", DOCS)
+    result = subprocess.run([sys.executable, str(ROOT / "data" / "tokenize_text.py"), *map(str, inputs),
+                             "--out", unusable_out(tmp_path, "under_file"), "--workers", "1",
+                             "--vocab-bpe", str(VOCAB_BPE), "--encoder-json", str(ENCODER_JSON)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: --out"), result.stderr
+
+
+def test_a_failed_shard_write_is_one_error_line_naming_the_leftovers(tmp_path, capsys, monkeypatch):
+    def full_disk(path, tokens):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tokenize_text, "write_shard", full_disk)
+    inputs = write_texts(tmp_path / "in", DOCS)
+    assert tokenize(*inputs, "--out", tmp_path / "out", "--val-docs", 1, "--val-tokens", 0) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "No space left on device" in err and "text_*.bin" in err, err
+
+
+
+# -----------------------------------------------------------------------------
+# Validation split: sized for the trainer, and the next command printed
+
+def words(n):
+    """A document of exactly n GPT-2 tokens ("word" then n - 1 times " word"), n + 1 with its BOS."""
+    return " ".join(["word"] * n)
+
+
+def val_and_train_docs(out):
+    return [len(documents_of(shard_tokens(p))) for p in (out / "text_val_000000.bin", out / "text_train_000001.bin")]
+
+
+def printed_command(stdout):
+    commands = [line for line in stdout.splitlines() if line.startswith("python ")]
+    assert len(commands) == 1, f"expected one command line to copy:\n{stdout}"
+    return commands[0]
+
+
+def test_default_val_split_is_the_fewest_leading_documents_holding_the_tiny_presets_val_tokens(tmp_path, gpt2):
+    inputs = write_texts(tmp_path / "in", [words(1500)] * 13)  # 1501 tokens each with BOS
+    out = tmp_path / "out"
+    assert tokenize(*inputs, "--out", out) == 0
+    n_val, n_train = val_and_train_docs(out)
+    one_doc = len(tokenize_text.tokenize_documents(gpt2, [words(1500)]))
+    assert math.ceil(0.01 * 13) == 1 and one_doc == 1501 < tokenize_text.TINY_VAL_TOKENS, \
+        "negative control: the 1% rule alone takes one document, too few tokens"
+    assert (n_val, n_train) == (3, 10), "3 x 1501 tokens is the first count of documents reaching 4096"
+    assert shard_format.read_shard_header(out / "text_val_000000.bin") == 3 * 1501
+
+
+@pytest.mark.parametrize("extra, n_val", [
+    (["--val-docs", "5"], 5),                        # more documents than the token minimum needs
+    (["--val-docs", "1"], 3),                        # the token minimum needs more than --val-docs
+    (["--val-fraction", "0.5"], 7),                  # ceil(0.5 * 13)
+    (["--val-tokens", "0", "--val-docs", "2"], 2),   # exactly --val-docs documents
+    (["--val-tokens", "1502"], 2),                   # 2 x 1501 tokens >= 1502 > 1501
+])
+def test_val_split_is_the_fewest_leading_documents_meeting_every_minimum(tmp_path, extra, n_val):
+    inputs = write_texts(tmp_path / "in", [words(1500)] * 13)
+    out = tmp_path / "out"
+    assert tokenize(*inputs, "--out", out, *extra) == 0
+    assert val_and_train_docs(out) == [n_val, 13 - n_val]
+
+
+def test_input_too_small_for_the_val_split_is_refused_naming_the_flag(tmp_path, capsys):
+    inputs = write_texts(tmp_path / "in", [words(1000)] * 4)  # 4004 tokens: under 4096 even all together
+    assert tokenize(*inputs, "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "4,004 tokens" in err and "leaving none to train on" in err and "--val-tokens" in err, err
+    assert "--val_seq_len" in err, f"the error must say what a smaller --val-tokens must still allow:\n{err}"
+    assert not (tmp_path / "out").exists(), "nothing may be written"
+
+
+def test_next_command_uses_the_val_split_rounded_down_to_the_tiny_val_seq_len(tmp_path, capsys):
+    inputs = write_texts(tmp_path / "in", [words(1500)] * 13)
+    out = tmp_path / "out"
+    assert tokenize(*inputs, "--out", out) == 0
+    stdout = capsys.readouterr().out
+    assert printed_command(stdout).endswith(
+        f'train_gpt.py --preset=tiny --train_files="{out}/text_train_*.bin" --val_files="{out}/text_val_*.bin" '
+        "--val_tokens=4096"), stdout  # 4503 val tokens, rounded down to a multiple of 1024
+    assert "multiple of --val_seq_len" in stdout, stdout
+
+
+@pytest.mark.parametrize("val_tokens, flag", [(4503, " --val_tokens=4096"), (10_485_759, " --val_tokens=10484736"),
+                                              (10_485_760, ""), (50_000_000, "")])
+def test_next_command_adds_val_tokens_only_below_the_trainer_default(val_tokens, flag):
+    lines = tokenize_text.next_command_lines(Path("data/mine"), "text", val_tokens)
+    command = printed_command("\n".join(lines))
+    assert command.endswith('--val_files="data/mine/text_val_*.bin"' + flag), command
+
+
+def test_val_split_too_small_to_validate_warns_and_prints_no_command(tmp_path, capsys):
+    inputs = write_texts(tmp_path / "in", DOCS)
+    assert tokenize(*inputs, "--out", tmp_path / "out", "--val-tokens", 0, "--val-docs", 1, "--val-tokens", 0) == 0
+    captured = capsys.readouterr()
+    assert "python " not in captured.out, "no command the trainer would refuse"
+    assert "warning: the val split holds 3 tokens" in captured.err and "--val-tokens" in captured.err, captured.err
+
+
+def test_next_command_quotes_paths_the_shell_would_change(tmp_path):
+    lines = tokenize_text.next_command_lines(Path("my data/$HOME"), "text", 5000)
+    assert "'--train_files=my data/$HOME/text_train_*.bin'" in printed_command("\n".join(lines))
+
+
+def test_trainer_settings_the_next_command_relies_on_match_train_gpt():
+    """tokenize_text cannot import the trainer (torch, CUDA setup); its copies of these values must agree."""
+    import train_gpt
+    defaults, tiny = train_gpt.Hyperparameters(), train_gpt.PRESETS["tiny"]
+    assert tokenize_text.TRAINER_VAL_TOKENS == defaults.val_tokens
+    assert tokenize_text.TRAINER_VAL_SEQ_LEN == defaults.val_seq_len
+    assert tokenize_text.TINY_VAL_TOKENS == tiny["val_tokens"]
+    assert tokenize_text.TINY_VAL_SEQ_LEN == tiny["val_seq_len"]
+
+
+# -----------------------------------------------------------------------------
+# Size errors name the flag, the allowed values and the value given
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-docs", "-1"], "--val-docs must be >= 0, got -1"),
+    (["--val-fraction", "1"], "--val-fraction must be in [0, 1), got 1.0"),
+    (["--val-tokens", "-5"], "--val-tokens must be >= 0, got -5"),
+    (["--shard-tokens", "0"], "--shard-tokens must be in [1, 2147483647] (the header's int32 count), got 0"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+])
+def test_tokenizer_size_errors_name_flag_range_and_value(tmp_path, capsys, args, message):
+    inputs = write_texts(tmp_path / "in", DOCS)
+    with pytest.raises(SystemExit) as info:
+        tokenize_text.main([*map(str, inputs), "--out", str(tmp_path / "out"), *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
