@@ -49,10 +49,24 @@ Running PyTorch 2.9.0+cu128 compiled for CUDA 12.8
 +-----------------------------------------------------------------------------------------+
 | NVIDIA-SMI 570.124.06             Driver Version: 570.124.06     CUDA Version: 12.8     |
 +-----------------------------------------------------------------------------------------+"""
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def environment(gpus=()):
+    """Versions and nvidia-smi as they stand between the rules: one GPU-table row pair per GPU, then the
+    process table, whose rows also start with a GPU index and must not count as GPUs."""
+    rows = []
+    for i, name in enumerate(gpus):
+        rows += [f"|   {i}  {name:<30}  On  |   00000000:{i + 6:02X}:00.0 Off |                    0 |",
+                 "| N/A   43C    P0            105W /  700W |    1183MiB /  81559MiB |      6%      Default |"]
+    if gpus:
+        rows += ["| Processes:                                                                              |",
+                 "|    0   N/A  N/A            1535      C   /opt/torch/.venv/bin/python            1174MiB |"]
+    return "\n".join([VERSIONS, *rows])
 
 
 def step_lines(final_loss, n_steps=1750, time_ms=175_000.0, decimals=4, val_every=500, stop_at=None,
-               nan_from=None):
+               nan_from=None, step_every=250):
     """The training-output grammar: step lines, val lines every `val_every` steps and at the end."""
     stop = n_steps if stop_at is None else stop_at
     lines = []
@@ -65,25 +79,33 @@ def step_lines(final_loss, n_steps=1750, time_ms=175_000.0, decimals=4, val_ever
                 loss = math.nan
             lines.append(f"step:{k}/{n_steps} val_loss:{loss:.{decimals}f} train_time:{t:.0f}ms "
                          f"step_avg:{t / max(k, 1):.2f}ms")
-        if k > 0 and k % 250 == 0:  # real logs print every step; every 250th keeps the files small
+        if k > 0 and k % step_every == 0:  # real logs print every step; every 250th keeps the files small
             lines.append(f"step:{k}/{n_steps} train_time:{t:.0f}ms step_avg:{t / k:.2f}ms")
     return lines
 
 
-def public_log(final_loss, **kw):
-    """A modded-nanogpt style log without the hyperparameters line (and here without a header)."""
-    lines = step_lines(final_loss, **kw)
+def public_log(final_loss, seed=None, header=False, source=FAKE_SOURCE, gpus=(), **kw):
+    """A modded-nanogpt style log without the hyperparameters line (so without a seed), with or without
+    the header of source, rule, versions and nvidia-smi, rule."""
+    lines = [source.rstrip("\n"), RULE, environment(gpus), RULE] if header else []
+    lines += step_lines(final_loss, **kw)
     if kw.get("stop_at") is None:
         lines.append("peak memory allocated: 31420 MiB reserved: 32550 MiB")
     return "\n".join(lines) + "\n"
 
 
-def our_log(final_loss, seed=0, track="small", target=3.28, decimals=4, error=None, **kw):
-    """A log in our trainers' format: source, rule, versions, rule, hyperparameters, steps."""
-    hp = {"track": track, "target_val_loss": target, "num_iterations": kw.get("n_steps", 1750), "seed": seed,
-          "train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
-          "val_tokens": 10485760}
-    lines = [FAKE_SOURCE.rstrip("\n"), RULE, VERSIONS, RULE, f"hyperparameters: {json.dumps(hp)}"]
+def our_log(final_loss, seed=0, track="small", target=3.28, decimals=4, error=None, source=FAKE_SOURCE, gpus=(),
+            world_size=1, hp=None, **kw):
+    """A log in our trainers' format: source, rule, versions and nvidia-smi, rule, hyperparameters, the
+    world_size and start-up lines, steps. `hp` overrides logged hyperparameters."""
+    logged = {"track": track, "target_val_loss": target, "num_iterations": kw.get("n_steps", 1750), "seed": seed,
+              "train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
+              "val_tokens": 10485760, "muon_lr": 0.05, "log_dir": "logs", "run_id": f"seed{seed}", **(hp or {})}
+    lines = [source.rstrip("\n"), RULE, environment(gpus), RULE, f"hyperparameters: {json.dumps(logged)}"]
+    if world_size is not None:
+        lines += [(f"world_size:{world_size} grad_accum:{max(8 // world_size, 1)} tokens_per_step:393216 "
+                   f"device:{'cuda' if gpus else 'cpu'} compile:{bool(gpus)}"),
+                  "warmup_and_compile_time:31.8s first_train_step:20.1s first_val_forward:5.2s startup_time:42.9s"]
     lines += step_lines(final_loss, decimals=decimals, **kw)
     if error:
         lines.append(error)
@@ -92,12 +114,12 @@ def our_log(final_loss, seed=0, track="small", target=3.28, decimals=4, error=No
     return "\n".join(lines) + "\n"
 
 
-def write_logs(folder, losses, make=public_log, **kw):
-    """One log per loss, run_00.txt, run_01.txt, ... with distinct times (so no two files are equal)."""
+def write_logs(folder, losses, make=public_log, first=0, **kw):
+    """One log per loss, run_00.txt, run_01.txt, ... with distinct times and seeds (so no two are one run)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for i, loss in enumerate(losses):
-        (folder / f"run_{i:02d}.txt").write_text(make(loss, time_ms=175_000.0 + 137.0 * i, **kw))
+    for i, loss in enumerate(losses, start=first):
+        (folder / f"run_{i:02d}.txt").write_text(make(loss, time_ms=175_000.0 + 137.0 * i, seed=i, **kw))
     return folder
 
 
