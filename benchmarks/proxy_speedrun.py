@@ -72,40 +72,28 @@ def hyperparameters_of_log(logged: dict) -> train_gpt.Hyperparameters:
 
 
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
-    """Numbers of one training log; None where the log does not have them."""
-    lines = verify.training_output_lines(Path(path).read_text(errors="replace"))
-    step_ms, val, info = {}, [], {}
-    for line in lines:
-        if m := verify.VAL_RE.fullmatch(line):
-            val.append((int(m[1]), float(m[3]), float(m[4])))
-        elif m := verify.STEP_RE.fullmatch(line):
-            step_ms[int(m[1])] = float(m[3])
-        elif line.startswith("hyperparameters: "):
-            info["hp"] = json.loads(line.split(": ", 1)[1])
-        elif line.startswith("world_size:"):
-            info["world_size"] = int(line.split()[0].split(":")[1])
-        elif line.startswith("warmup_and_compile_time:"):
-            fields = dict(f.split(":") for f in line.split())
-            info["compile_s"] = float(fields["warmup_and_compile_time"].rstrip("s"))
-            info["startup_s"] = float(fields["startup_time"].rstrip("s"))
-        elif m := verify.PEAK_RE.fullmatch(line):
-            info["peak_mib"] = int(m[1])
-    if "hp" not in info:
+    """Numbers of one training log, read by records/verify.py's reader; None where the log does not have them.
+    Raises ValueError for a log without a hyperparameters line, verify.VerifyError for an unreadable one."""
+    run = verify.parse_log(path)
+    if run.hyperparameters is None:
         raise ValueError(f"{path}: no hyperparameters line; not a train_gpt.py log")
-    hp = hyperparameters_of_log(info["hp"])
+    hp = hyperparameters_of_log(run.hyperparameters)
+    step_ms = {p.step: p.train_time_ms for p in run.step_points}
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
     increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
     ms = statistics.median(increments) if increments else None
     tokens_per_s = hp.batch_tokens / ms * 1000 if ms else None
     fpt = flops_per_token(hp)
-    world = info.get("world_size", 1)
+    world = run.world_size or 1
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if tokens_per_s and peak_tflops else None
-    reached = [ms_at for _, loss, ms_at in val if loss <= target]
+    reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
+    last_val = run.val_points[-1] if run.val_points else None
     return dict(log=str(path), world_size=world, ms_per_step=ms, tokens_per_s=tokens_per_s, flops_per_token=fpt,
                 mfu=mfu, time_to_target_s=reached[0] / 1000 if reached else None,
-                final_loss=val[-1][1] if val and val[-1][0] == hp.num_iterations else None,
-                train_time_s=val[-1][2] / 1000 if val else None, peak_gib=info.get("peak_mib", 0) / 1024 or None,
-                compile_s=info.get("compile_s"), startup_s=info.get("startup_s"))
+                final_loss=last_val.val_loss if last_val and last_val.step == hp.num_iterations else None,
+                train_time_s=last_val.train_time_ms / 1000 if last_val else None,
+                peak_gib=run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
+                compile_s=run.timings_s.get("warmup_and_compile_time"), startup_s=run.timings_s.get("startup_time"))
 
 
 def measure_peak_tflops() -> float | None:
@@ -248,7 +236,7 @@ def main(argv=None):
     for path in logs:
         try:
             rows.append(summarize_log(path, args.target, peak))
-        except (OSError, ValueError) as e:  # a run that crashed early: report it, keep the others' table
+        except (ValueError, verify.VerifyError) as e:  # a run that crashed early: report it, keep the others' table
             unusable.append(path)
             print(f"{path}: no usable log ({e})", flush=True)
     if args.json:

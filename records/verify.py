@@ -58,13 +58,23 @@ TABLE_END = "<!-- records-table:end -->"
 COMMAND_PREFIX = "python records/verify.py "
 
 # Line grammar of the training output (style.md, house rule 6). Every pattern is matched against a
-# whole line (fullmatch), so the f-string source lines at the top of a log never match.
+# whole line (fullmatch), so the f-string source lines at the top of a log never match, and lines the
+# trainer may add later (warnings, resume notes) are ignored rather than misread.
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _FLOAT = rf"(?:{_NUM}|[-+]?nan|[-+]?inf)"  # losses and averages may print as nan/inf
 VAL_RE = re.compile(rf"step:(\d+)/(\d+) val_loss:({_FLOAT}) train_time:({_NUM})ms step_avg:{_FLOAT}ms")
 STEP_RE = re.compile(rf"step:(\d+)/(\d+)(?: train_loss:{_FLOAT})? train_time:({_NUM})ms step_avg:{_FLOAT}ms")
 HPARAMS_RE = re.compile(r"hyperparameters: (\{.*\})")
+# `world_size:8 grad_accum:1 tokens_per_step:393216 device:cuda compile:True`: read as key:value fields,
+# so a field added later does not hide the world size
+RUN_INFO_RE = re.compile(r"world_size:\d+(?: \w+:\S+)*")
+# `warmup_and_compile_time:31.8s first_train_step:20.1s first_val_forward:5.2s startup_time:42.9s`
+TIMINGS_RE = re.compile(rf"warmup_and_compile_time:{_NUM}s(?: \w+:{_NUM}s)*")
 PEAK_RE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (?:(\d+) MiB|.*)")  # CPU runs: "n/a (...)"
+ERROR_PREFIXES = ("error:", "crash:", "Traceback")  # the trainer's failure lines (a crash adds its traceback)
+# A GPU row of nvidia-smi's device table: index, name, persistence mode, then two more cells. Its second
+# row starts with the fan speed and process rows have fewer cells, so neither matches.
+GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|[^|]*\|[^|]*\|")
 
 
 class VerifyError(Exception):
@@ -72,29 +82,93 @@ class VerifyError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Parsing
+# Parsing: the one reader of the log grammar
+
+@dataclass(frozen=True)
+class ValPoint:
+    """A `step:k/N val_loss:x train_time:Tms step_avg:Sms` line."""
+    step: int
+    num_iterations: int
+    val_loss: float
+    train_time_ms: float  # training time so far, validation excluded
+    decimals: int  # digits printed after the point (the track's convention)
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    """A `step:k/N train_time:Tms step_avg:Sms` line (public logs may add `train_loss:x`)."""
+    step: int
+    num_iterations: int
+    train_time_ms: float
+
 
 @dataclass(frozen=True)
 class RunLog:
-    """What one training log says. `final_loss` is the val loss at step N of N, if it was reached."""
+    """Everything one training log says, as `parse_log_text` reads it. A log is the trainer's source, a
+    rule of 100 '=', versions and nvidia-smi, a second rule, then the training output; public logs have
+    no `hyperparameters:`, `world_size:` or start-up lines, and some have no header at all."""
     path: Path
     sha256: str  # of the file bytes, to catch the same run submitted twice
+    source: str | None  # the text before the first rule: the trainer's own source; None without a rule
+    environment: tuple  # lines between the rules: versions and nvidia-smi
     hyperparameters: dict | None  # the `hyperparameters: {...}` line of our trainers; None in public logs
-    val_curve: tuple  # ((step, val_loss), ...) in log order
-    num_iterations: int | None  # N of the last `step:k/N` line
-    last_step: int | None  # k of the last `step:k/N` line
-    final_loss: float | None
-    train_time_ms: float | None  # of the final val line: training time excluding validation
+    val_points: tuple  # ValPoint per val line, in log order
+    step_points: tuple  # StepPoint per step line, in log order
+    run_info: dict  # fields of the `world_size:` line, as strings
+    timings_s: dict  # fields of the `warmup_and_compile_time:` line, in seconds
     peak_memory_mib: tuple | None  # (allocated, reserved or None)
-    errors: tuple = ()  # `error:` and `Traceback` lines
+    errors: tuple = ()  # `error:`, `crash:` and `Traceback` lines
+    last_step: int | None = None  # k of the last `step:k/N` line of either kind
+    num_iterations: int | None = None  # N of that line
+
+    @property
+    def val_curve(self):
+        """((step, val_loss), ...) in log order."""
+        return tuple((p.step, p.val_loss) for p in self.val_points)
+
+    @property
+    def final_point(self):
+        """The val line at step N of N, if the run reached it."""
+        finals = [p for p in self.val_points if p.step == p.num_iterations]
+        return finals[-1] if finals else None
+
+    @property
+    def final_loss(self):
+        return None if self.final_point is None else self.final_point.val_loss
+
+    @property
+    def train_time_ms(self):
+        """Training time of the final val line: validation, compilation and warm-up excluded."""
+        return None if self.final_point is None else self.final_point.train_time_ms
+
+    @property
+    def time_s(self):
+        return None if self.train_time_ms is None else self.train_time_ms / 1000
 
     @property
     def finished(self):
         return self.final_loss is not None and math.isfinite(self.final_loss)
 
     @property
-    def time_s(self):
-        return None if self.train_time_ms is None else self.train_time_ms / 1000
+    def world_size(self):
+        return int(self.run_info["world_size"]) if "world_size" in self.run_info else None
+
+    @property
+    def grad_accum(self):
+        return int(self.run_info["grad_accum"]) if "grad_accum" in self.run_info else None
+
+    @property
+    def device(self):
+        return self.run_info.get("device")
+
+    @property
+    def gpus(self):
+        """The GPU names nvidia-smi listed, one per GPU of the machine (the run may have used fewer)."""
+        return tuple(m[1] for line in self.environment if (m := GPU_ROW_RE.fullmatch(line.rstrip())))
+
+    @property
+    def seed(self):
+        return (self.hyperparameters or {}).get("seed")
 
     @property
     def logged_track(self):
@@ -127,49 +201,60 @@ class RunLog:
         return reason
 
 
-def training_output_lines(text):
-    """The lines after the header. A trainer log is source code, a rule of 100 '=', versions and
-    nvidia-smi, a second rule, then the training output; the source contains the format strings, so
-    only what follows the second rule is read. Logs without rules are read whole."""
+def split_log(text):
+    """(source, environment lines, training-output lines) of a log's text. The source contains the
+    format strings, so only what follows the second rule is training output. One rule: the log stopped
+    while printing the header. No rule: the whole text is read as training output."""
     lines = text.splitlines()
     rules = [i for i, line in enumerate(lines) if line.rstrip() == RULE]
-    if len(rules) >= 2:
-        return lines[rules[1] + 1:]
-    if len(rules) == 1:  # stopped while printing the header
-        return lines[rules[0] + 1:]
-    return lines
+    if not rules:
+        return None, (), lines
+    source = "\n".join(lines[:rules[0]])
+    if len(rules) == 1:
+        return source, (), lines[rules[0] + 1:]
+    return source, tuple(lines[rules[0] + 1:rules[1]]), lines[rules[1] + 1:]
+
+
+def _decimals(number_text):
+    return len(number_text.partition(".")[2]) if number_text[-1:].isdigit() else 0
 
 
 def parse_log_text(text, path=Path("<text>"), sha256=""):
-    """Parse the text of one log (see `parse_log`)."""
-    hyperparameters, curve, errors = None, [], []
-    num_iterations = last_step = final_loss = train_time_ms = peak = None
-    for line in training_output_lines(text):
+    """Read one log's text into a RunLog: the one reader of the trainer's log grammar. Lines that match
+    no known pattern are ignored. Raises VerifyError on a malformed hyperparameters line."""
+    source, environment, output = split_log(text)
+    hyperparameters, vals, steps, errors = None, [], [], []
+    run_info, timings, peak, last_step, num_iterations = {}, {}, None, None, None
+    for line in output:
         line = line.rstrip()
         if m := VAL_RE.fullmatch(line):
-            k, n, loss, ms = int(m[1]), int(m[2]), float(m[3]), float(m[4])
-            curve.append((k, loss))
+            k, n = int(m[1]), int(m[2])
+            vals.append(ValPoint(k, n, float(m[3]), float(m[4]), _decimals(m[3])))
             last_step, num_iterations = k, n
-            if k == n:
-                final_loss, train_time_ms = loss, ms
         elif m := STEP_RE.fullmatch(line):
-            last_step, num_iterations = int(m[1]), int(m[2])
+            k, n = int(m[1]), int(m[2])
+            steps.append(StepPoint(k, n, float(m[3])))
+            last_step, num_iterations = k, n
         elif m := HPARAMS_RE.fullmatch(line):
             try:
                 hyperparameters = json.loads(m[1])
             except json.JSONDecodeError as e:
                 raise VerifyError(f"{path}: malformed hyperparameters line ({e})") from None
+        elif RUN_INFO_RE.fullmatch(line):
+            run_info = dict(field.split(":", 1) for field in line.split())
+        elif TIMINGS_RE.fullmatch(line):
+            timings = {key: float(value.rstrip("s")) for key, value in (f.split(":", 1) for f in line.split())}
         elif m := PEAK_RE.fullmatch(line):
             peak = (int(m[1]), None if m[2] is None else int(m[2]))
-        elif line.startswith(("error:", "Traceback")):
+        elif line.startswith(ERROR_PREFIXES):
             errors.append(line)
-    return RunLog(path=Path(path), sha256=sha256, hyperparameters=hyperparameters, val_curve=tuple(curve),
-                  num_iterations=num_iterations, last_step=last_step, final_loss=final_loss,
-                  train_time_ms=train_time_ms, peak_memory_mib=peak, errors=tuple(errors))
+    return RunLog(path=Path(path), sha256=sha256, source=source, environment=environment, hyperparameters=hyperparameters,
+                  val_points=tuple(vals), step_points=tuple(steps), run_info=run_info, timings_s=timings,
+                  peak_memory_mib=peak, errors=tuple(errors), last_step=last_step, num_iterations=num_iterations)
 
 
 def parse_log(path):
-    """Read one log file. Raises VerifyError if it cannot be read."""
+    """Read one log file (see `parse_log_text`). Raises VerifyError if it cannot be read."""
     path = Path(path)
     try:
         data = path.read_bytes()

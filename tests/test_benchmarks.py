@@ -1,5 +1,7 @@
 """benchmarks/proxy_speedrun.py: FLOP accounting, the numbers it reads from a real training log, and how it
 runs configurations side by side."""
+import inspect
+import re
 import sys
 
 import pytest
@@ -34,6 +36,28 @@ def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     assert row["final_loss"] == float(finals[-1].split("val_loss:")[1].split()[0])
     assert row["compile_s"] is not None and row["startup_s"] >= row["compile_s"]
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
+
+
+def test_summary_reads_the_log_through_the_records_reader(bench, tmp_path):
+    """Every number of a summary comes from `verify.parse_log_text`, the one reader of the log grammar;
+    the script has no line patterns of its own."""
+    from test_verify import H100, our_log
+    text = our_log(2.0311, gpus=(H100,) * 8, world_size=8, n_steps=200, val_every=100, step_every=1, time_ms=18_000.0,
+                   hp={"num_layers": 4, "model_dim": 64, "num_heads": 2, "head_dim": 32, "num_value_embeds": 2,
+                       "layer_attention": "LSSL", "train_seq_len": 256, "batch_tokens": 2 * 256,
+                       "window_start": 128, "window_end": 256, "target_val_loss": 2.05})
+    log = tmp_path / "r.txt"
+    log.write_text(text)
+    run = bench.verify.parse_log_text(text)
+    row = bench.summarize_log(log, target=7.0, peak_tflops=None)
+    assert row["world_size"] == 8 and row["final_loss"] == 2.0311 == run.final_loss
+    assert row["train_time_s"] == 18.0 and row["peak_gib"] == 31420 / 1024
+    assert (row["compile_s"], row["startup_s"]) == (31.8, 42.9)
+    assert row["time_to_target_s"] == 9.0, "the first validation at or below 7.0 is step 100's (6.58)"
+    assert row["ms_per_step"] == 90.0
+    source = inspect.getsource(bench)
+    assert not re.search(r"_RE\b|fullmatch|startswith\(\"(step|hyper|world|warmup|peak)", source), \
+        "proxy_speedrun.py parses log lines itself"
 
 
 def test_table_gives_each_run_its_own_flops_per_token(bench):

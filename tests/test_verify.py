@@ -300,6 +300,38 @@ def test_unfinished_and_nan_runs_are_reported_and_the_rest_still_tested(tmp_path
     assert "skipped 2 run(s)" in out and "run_crash.txt: did not finish" in out
 
 
+def test_reader_gives_everything_a_log_says():
+    """`parse_log_text` is the one reader of the log grammar (records, benchmarks, tests): source, environment,
+    configuration, start-up times, world size, every step and val line, peak memory, errors."""
+    text = our_log(3.2755, seed=7, gpus=(H100,) * 8, world_size=8, stop_at=1600, error="error: a data error")
+    run = verify.parse_log_text(text, Path("r.txt"))
+    assert run.path == Path("r.txt")
+    assert run.source == FAKE_SOURCE.rstrip("\n") and run.environment[0].startswith("Running Python")
+    assert run.gpus == (H100,) * 8, "one GPU per table row; the process table is not counted"
+    assert run.hyperparameters["seed"] == 7 and run.seed == 7
+    assert (run.world_size, run.grad_accum, run.device) == (8, 1, "cuda")
+    assert run.timings_s == {"warmup_and_compile_time": 31.8, "first_train_step": 20.1, "first_val_forward": 5.2,
+                             "startup_time": 42.9}
+    assert [p.step for p in run.step_points] == [250, 500, 750, 1000, 1250, 1500]
+    assert run.step_points[0] == verify.StepPoint(step=250, num_iterations=1750, train_time_ms=25000.0)
+    assert [(p.step, p.decimals) for p in run.val_points] == [(0, 4), (500, 4), (1000, 4), (1500, 4)]
+    assert run.val_points[-1].train_time_ms == 150000.0
+    assert run.errors == ("error: a data error",) and run.peak_memory_mib is None
+    assert (run.last_step, run.num_iterations, run.finished) == (1500, 1750, False)
+
+
+def test_reader_ignores_lines_it_does_not_know():
+    """The trainer may print new lines (warnings, resume notes): the reader reads the same run."""
+    text = our_log(3.2755, seed=7)
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("step:500/"))
+    noisy = lines[:i] + ["warning: loss spike at step 499", "resumed_from: logs/x.txt step:499/1750"] + lines[i:]
+    noisy.append("note: step:1750/1750 val_loss:2.0000 train_time:1ms step_avg:1.00ms")  # not the grammar: ignored
+    plain, read = verify.parse_log_text(text), verify.parse_log_text("\n".join(noisy))
+    assert read.val_points == plain.val_points and read.step_points == plain.step_points
+    assert read.final_loss == 3.2755 and read.errors == ()
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI contract
 
