@@ -191,6 +191,9 @@ class RunLog:
             return f"final val_loss is {self.final_loss} at step {self.num_iterations}/{self.num_iterations} (diverged)"
         if self.last_step is None:
             reason = "did not finish: no step lines (not a training log, or it stopped before step 0)"
+        elif self.last_step == self.num_iterations:
+            n = self.num_iterations
+            reason = f"reached step {n}/{n} but has no final val_loss line (step:{n}/{n} val_loss:...)"
         else:
             reason = f"did not finish: last logged step {self.last_step}/{self.num_iterations}"
         nan_steps = [k for k, loss in self.val_curve if not math.isfinite(loss)]
@@ -263,16 +266,40 @@ def parse_log(path):
     return parse_log_text(data.decode("utf-8", errors="replace"), path, hashlib.sha256(data).hexdigest())
 
 
+def _logs_in(folder):
+    return sorted(f for f in Path(folder).glob("*.txt") if f.is_file() and f.name not in NOT_LOGS)
+
+
+def log_subfolders(folder):
+    """[(sub-folder, number of *.txt logs)] below `folder`, at any depth, sorted by path."""
+    counts = {}
+    for f in Path(folder).rglob("*.txt"):
+        if f.is_file() and f.parent != Path(folder) and f.name not in NOT_LOGS:
+            counts[f.parent] = counts.get(f.parent, 0) + 1
+    return sorted(counts.items())
+
+
+def _plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def collect_logs(paths):
-    """Expand PATH arguments: a file is taken as given; a folder gives its *.txt files (not recursive),
-    sorted by name. Raises VerifyError for missing paths and folders without logs."""
+    """Expand PATH arguments: a file is taken as given; a folder gives its *.txt files, sorted by name.
+    Sub-folders are not searched: a record keeps other runs there (the re-timed previous record in
+    baseline/), and pooling them with the claim would test neither. Raises VerifyError for missing paths
+    and folders without logs, naming the sub-folders that hold some."""
     files = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.glob("*.txt") if f.is_file() and f.name not in NOT_LOGS)
+            found = _logs_in(p)
             if not found:
-                raise VerifyError(f"{p}: no *.txt logs in this folder")
+                subs = log_subfolders(p)
+                hint = "" if not subs else (
+                    "; sub-folders hold logs: " + ", ".join(f"{d} ({_plural(n, 'log')})" for d, n in subs) +
+                    ". Sub-folders are not searched: pass the folder of the claim's runs as PATH (and re-timed "
+                    "runs of the previous record with --baseline)")
+                raise VerifyError(f"{p}: no *.txt logs in this folder{hint}")
             files += found
         elif p.is_file():
             files.append(p)
@@ -281,6 +308,13 @@ def collect_logs(paths):
     if not files:
         raise VerifyError("no logs given")
     return files
+
+
+def unread_log_folders(paths, read_paths=()):
+    """Sub-folders of folder PATHs that hold logs no PATH in `paths` or `read_paths` names: the CLI says
+    they were not read."""
+    read = {Path(p).resolve() for p in [*paths, *read_paths]}
+    return [(d, n) for p in paths if Path(p).is_dir() for d, n in log_subfolders(p) if d.resolve() not in read]
 
 
 def check_duplicates(runs):
@@ -863,7 +897,7 @@ def build_parser():
                     "scipy.stats.ttest_1samp(losses, target, alternative='less'), pass if p < alpha.",
         epilog="Exit status: 0 pass, 1 fail, 2 unusable input.")
     parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="a log file, or a folder whose *.txt files are logs (not recursive)")
+                        help="a log file, or a folder whose *.txt files are logs (sub-folders are not searched)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--target", type=float, help="target val loss (default: the logs' declared "
                        "target_val_loss if they agree, else the --track target)")
@@ -888,6 +922,10 @@ def build_parser():
 
 def _verify(args):
     a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline)
+    for folder, n in unread_log_folders(args.paths, args.baseline or ()):
+        print(f"verify.py: note: {folder} holds {_plural(n, 'log')} that are not read (sub-folders are not "
+              "searched); pass it as PATH to test it, or with --baseline if it holds re-timed runs of the "
+              "previous record", file=sys.stderr)
     if args.write:
         folder = Path(args.paths[0])
         if TRACK_DIRS.get(folder.resolve().parent.name):

@@ -377,6 +377,37 @@ def test_cli_rejects_duplicate_runs_naming_both_files(tmp_path, capsys):
     assert code == 2 and "run_02.txt: given twice" in err
 
 
+# --------------------------------------------------------------------------------------------------
+# Where logs are, and runs that stopped at the end
+
+def test_a_folder_whose_logs_are_in_sub_folders_says_which_to_pass(tmp_path, capsys):
+    write_logs(tmp_path / "rec" / "8xH100", PASSING)
+    write_logs(tmp_path / "rec" / "baseline", FAILING)
+    code, _, err = run_cli(capsys, tmp_path / "rec")
+    assert code == 2
+    assert str(tmp_path / "rec" / "8xH100") in err and str(tmp_path / "rec" / "baseline") in err, err
+    assert "8 logs" in err and "--baseline" in err, err
+
+
+def test_logs_in_a_sub_folder_next_to_the_claim_are_named_as_not_read(tmp_path, capsys):
+    folder = write_logs(tmp_path / "rec", PASSING)
+    write_logs(folder / "baseline", FAILING)
+    code, out, err = run_cli(capsys, folder, "--json")
+    assert code == 0 and json.loads(out)["n"] == len(PASSING), "sub-folders are not pooled with the claim"
+    assert f"{folder / 'baseline'} holds 5 logs that are not read" in err, err
+    code, _, err = run_cli(capsys, folder, "--baseline", folder / "baseline")
+    assert "not read" not in err, "negative control: given as --baseline, it is read"
+
+
+def test_a_run_that_reached_the_last_step_without_its_final_val_line_says_so(tmp_path):
+    text = our_log(3.2755)
+    cut = text.replace("step:1750/1750 val_loss:3.2755 train_time:175000ms step_avg:100.00ms\n", "")
+    assert cut != text
+    run = verify.parse_log_text(cut)
+    assert not run.finished and run.last_step == 1750
+    assert run.skip_reason == "reached step 1750/1750 but has no final val_loss line (step:1750/1750 val_loss:...)"
+
+
 def test_cli_rejects_a_log_whose_target_differs(tmp_path, capsys):
     folder = write_logs(tmp_path, PASSING, make=our_log)
     (folder / "run_medium.txt").write_text(our_log(2.91, track="medium", target=2.92))
