@@ -25,6 +25,7 @@ pieces `main` chains, and tests call them directly.
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -33,7 +34,7 @@ import re
 import shlex
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from scipy import stats
@@ -75,6 +76,7 @@ ERROR_PREFIXES = ("error:", "crash:", "Traceback")  # the trainer's failure line
 # A GPU row of nvidia-smi's device table: index, name, persistence mode, then two more cells. Its second
 # row starts with the fan speed and process rows have fewer cells, so neither matches.
 GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|[^|]*\|[^|]*\|")
+PER_RUN_FIELDS = ("seed", "run_id", "log_dir")  # hyperparameters that name one run, not what it ran
 
 
 class VerifyError(Exception):
@@ -103,12 +105,36 @@ class StepPoint:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """What a run ran, as far as its log says (None where it does not say): runs of one recipe are a
+    sample that one test may pool. The configuration is the logged hyperparameters but PER_RUN_FIELDS,
+    so it holds the data (train_files, val_files, val_tokens) and the target too."""
+    source_sha256: str | None  # of the trainer source at the top of the log
+    configuration: str | None  # sorted JSON of the hyperparameters but PER_RUN_FIELDS
+    steps: int | None  # num_iterations: logged, else N of the step lines
+    processes: int | None  # the world_size line; in public logs (no such line), the GPUs nvidia-smi lists
+    gpus: tuple | None  # the GPU models nvidia-smi lists
+    device: str | None  # of the world_size line: cuda or cpu
+
+    def agrees_with(self, other):
+        """Equal wherever both logs say something: a run that stopped before printing a line still
+        belongs to the recipe it started."""
+        return all(a is None or b is None or a == b for a, b in zip(astuple(self), astuple(other)))
+
+    @property
+    def hardware(self):
+        if self.gpus is None:
+            return "unknown" if self.processes is None and self.device is None else \
+                f"{self.processes or '?'}x {self.device or '?'} (no GPU listed)"
+        return f"{self.processes or '?'}x {' + '.join(self.gpus)}"
+
+
+@dataclass(frozen=True)
 class RunLog:
     """Everything one training log says, as `parse_log_text` reads it. A log is the trainer's source, a
     rule of 100 '=', versions and nvidia-smi, a second rule, then the training output; public logs have
     no `hyperparameters:`, `world_size:` or start-up lines, and some have no header at all."""
     path: Path
-    sha256: str  # of the file bytes, to catch the same run submitted twice
     source: str | None  # the text before the first rule: the trainer's own source; None without a rule
     environment: tuple  # lines between the rules: versions and nvidia-smi
     hyperparameters: dict | None  # the `hyperparameters: {...}` line of our trainers; None in public logs
@@ -170,6 +196,22 @@ class RunLog:
     def seed(self):
         return (self.hyperparameters or {}).get("seed")
 
+    @functools.cached_property
+    def recipe(self):
+        hp = self.hyperparameters
+        configuration = None if hp is None else json.dumps(
+            {k: v for k, v in hp.items() if k not in PER_RUN_FIELDS}, sort_keys=True)
+        steps = hp.get("num_iterations") if hp else None
+        gpus = self.gpus
+        processes = self.world_size
+        if processes is None and hp is None and gpus:
+            processes = len(gpus)  # public runs use every GPU of the machine
+        source = None if self.source is None else \
+            hashlib.sha256("\n".join(line.rstrip() for line in self.source.splitlines()).encode()).hexdigest()
+        return Recipe(source_sha256=source, configuration=configuration,
+                      steps=steps if steps is not None else self.num_iterations, processes=processes,
+                      gpus=tuple(sorted(set(gpus))) or None, device=self.device)
+
     @property
     def logged_track(self):
         return (self.hyperparameters or {}).get("track")
@@ -222,7 +264,7 @@ def _decimals(number_text):
     return len(number_text.partition(".")[2]) if number_text[-1:].isdigit() else 0
 
 
-def parse_log_text(text, path=Path("<text>"), sha256=""):
+def parse_log_text(text, path=Path("<text>")):
     """Read one log's text into a RunLog: the one reader of the trainer's log grammar. Lines that match
     no known pattern are ignored. Raises VerifyError on a malformed hyperparameters line."""
     source, environment, output = split_log(text)
@@ -251,7 +293,7 @@ def parse_log_text(text, path=Path("<text>"), sha256=""):
             peak = (int(m[1]), None if m[2] is None else int(m[2]))
         elif line.startswith(ERROR_PREFIXES):
             errors.append(line)
-    return RunLog(path=Path(path), sha256=sha256, source=source, environment=environment, hyperparameters=hyperparameters,
+    return RunLog(path=Path(path), source=source, environment=environment, hyperparameters=hyperparameters,
                   val_points=tuple(vals), step_points=tuple(steps), run_info=run_info, timings_s=timings,
                   peak_memory_mib=peak, errors=tuple(errors), last_step=last_step, num_iterations=num_iterations)
 
@@ -263,7 +305,7 @@ def parse_log(path):
         data = path.read_bytes()
     except OSError as e:
         raise VerifyError(f"{path}: cannot read ({e.strerror})") from None
-    return parse_log_text(data.decode("utf-8", errors="replace"), path, hashlib.sha256(data).hexdigest())
+    return parse_log_text(data.decode("utf-8", errors="replace"), path)
 
 
 def _logs_in(folder):
@@ -317,18 +359,35 @@ def unread_log_folders(paths, read_paths=()):
     return [(d, n) for p in paths if Path(p).is_dir() for d, n in log_subfolders(p) if d.resolve() not in read]
 
 
-def check_duplicates(runs):
-    """The same run counted twice would shrink the std and the p-value: reject it."""
-    seen_paths, seen_hashes = {}, {}
-    for run in runs:
+def check_duplicates(runs, baseline_runs=()):
+    """A run counted twice shrinks the std and the p-value. Refuse, naming both files: one file given
+    twice; two finished runs with the same val lines (step, loss and training time of every validation),
+    which is one run saved twice whatever else differs (whitespace, line endings, an edited header); two
+    finished runs of one recipe with the same seed (within the runs, or within the baseline runs), since
+    a repeated seed is not an independent sample. Unfinished runs do not count, so a crashed run may stay
+    next to its re-run."""
+    seen_paths, seen_vals = {}, {}
+    for run in [*runs, *baseline_runs]:
         key = run.path.resolve()
         if key in seen_paths:
             raise VerifyError(f"{run.path}: given twice (also as {seen_paths[key].path})")
         seen_paths[key] = run
-        if run.sha256 in seen_hashes:
-            raise VerifyError(f"duplicate run: {run.path} and {seen_hashes[run.sha256].path} have identical "
-                              "content (sha256); each run must be counted once")
-        seen_hashes[run.sha256] = run
+        if run.finished:
+            if (other := seen_vals.get(run.val_points)) is not None:
+                raise VerifyError(f"duplicate run: {other.path} and {run.path} have the same val lines (loss and "
+                                  "training time at every validation): one run saved twice, even if the files "
+                                  "differ elsewhere; each run counts once: remove one of them")
+            seen_vals[run.val_points] = run
+    for sample in (runs, baseline_runs):
+        seen_seeds = {}
+        for run in sample:
+            if run.finished and run.seed is not None:
+                key = (run.recipe, json.dumps(run.seed))
+                if (other := seen_seeds.get(key)) is not None:
+                    raise VerifyError(f"duplicate run: {other.path} and {run.path} ran the same recipe with the same "
+                                      f"seed {run.seed}; a repeated seed is not an independent sample: keep one of "
+                                      "them (a crashed run may stay: unfinished runs do not count)")
+                seen_seeds[key] = run
 
 
 def resolve_target(runs, target=None, track=None):
@@ -603,8 +662,8 @@ def analysis_dict(a):
         "ci95": [_json_number(x) for x in t.ci95], "zero_variance": t.zero_variance, "passed": a.passed,
         "mean_time_s": a.mean_time_s, "std_time_s": _json_number(a.std_time_s), "runs_needed": a.runs_needed,
         "messages": a.messages(),
-        "runs": [{"file": str(r.path), "val_loss": r.final_loss, "time_s": r.time_s, "steps": r.num_iterations,
-                  "sha256": r.sha256} for r in a.runs],
+        "runs": [{"file": str(r.path), "val_loss": r.final_loss, "time_s": r.time_s, "steps": r.num_iterations}
+                 for r in a.runs],
         "skipped": [{"file": str(r.path), "reason": r.skip_reason} for r in a.skipped],
     }
     if (b := a.baseline) is not None:
@@ -756,7 +815,7 @@ def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=N
     runs = [parse_log(p) for p in collect_logs(paths)]
     base_files = collect_logs(baseline) if baseline else []
     base_runs = [parse_log(p) for p in base_files]
-    check_duplicates(runs + base_runs)
+    check_duplicates(runs, base_runs)
     target, source = resolve_target(runs, target, track)
     check_targets(runs + base_runs, target, track)
     return analyze(runs, target, alpha, base_runs or None, source)

@@ -174,7 +174,7 @@ def test_zero_variance_is_a_failure_not_p_zero():
     assert not ref.pvalue > 0.01  # scipy alone would let this pass (p = 0 or nan, never a real p)
     got = verify.one_sample_test(losses, 3.28)
     assert got.zero_variance and not got.passed(0.01) and math.isnan(got.p)
-    a = verify.analyze([verify.parse_log_text(public_log(x, time_ms=1e5 + i), Path(f"r{i}.txt"), str(i))
+    a = verify.analyze([verify.parse_log_text(public_log(x, time_ms=1e5 + i), Path(f"r{i}.txt"))
                         for i, x in enumerate(losses)], 3.28)
     assert a.exit_status == 1
     assert "sample std is 0" in a.messages()[0] and "undefined" in a.messages()[0]
@@ -210,7 +210,7 @@ def test_welch_comparison_reproduces_scipy():
     new_l, base_l = rng.normal(3.276, 0.002, 7), rng.normal(3.277, 0.003, 5)
 
     def runs(times, losses, prefix):
-        return [verify.parse_log_text(public_log(float(l), time_ms=float(t) * 1000), Path(f"{prefix}{i}.txt"), f"{prefix}{i}")
+        return [verify.parse_log_text(public_log(float(l), time_ms=float(t) * 1000), Path(f"{prefix}{i}.txt"))
                 for i, (t, l) in enumerate(zip(times, losses))]
 
     new, base = runs(new_t, new_l, "n"), runs(base_t, base_l, "b")
@@ -375,6 +375,47 @@ def test_cli_rejects_duplicate_runs_naming_both_files(tmp_path, capsys):
     (folder / "run_99_copy.txt").unlink()
     code, out, err = run_cli(capsys, folder, "--baseline", folder / "run_02.txt", folder / "run_05.txt")
     assert code == 2 and "run_02.txt: given twice" in err
+
+
+NEAR = [3.2776, 3.2793, 3.2781, 3.2797, 3.2770]  # p = 0.015: fails; the same five counted twice, p = 0.0004
+
+
+@pytest.mark.parametrize("edit", ["extra newline", "CRLF line endings", "seed and run_id edited"])
+def test_a_copy_of_a_run_is_refused_whatever_its_bytes(tmp_path, capsys, edit):
+    """A copy differs from its original by a newline, line endings or an edited header: it is still one run,
+    and counting it twice would turn a failing claim into a pass."""
+    folder = write_logs(tmp_path, NEAR, make=our_log)
+    code, _, _ = run_cli(capsys, folder)
+    assert code == 1, "negative control: the runs alone fail"
+    for original in sorted(folder.glob("run_*.txt")):
+        text = original.read_text()
+        copy = {"extra newline": text + "\n", "CRLF line endings": text.replace("\n", "\r\n"),
+                "seed and run_id edited": text.replace(f'"seed": {int(original.stem[4:])},', '"seed": 99,')
+                .replace('"run_id": "seed', '"run_id": "copy')}[edit]
+        assert copy != text
+        (folder / f"copy_{original.name}").write_bytes(copy.encode())
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == "", f"a doubled sample must not be tested (exit {code}):\n{out}{err}"
+    assert "duplicate run" in err and "copy_run_00.txt" in err and "run_00.txt and" in err, err
+
+
+def test_two_runs_of_one_configuration_with_the_same_seed_are_refused(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING, make=our_log)
+    (folder / "rerun_03.txt").write_text(our_log(3.2750, seed=3, time_ms=176_001.0))
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == ""
+    assert "run_03.txt" in err and "rerun_03.txt" in err and "seed 3" in err, err
+    (folder / "rerun_03.txt").write_text(our_log(3.2750, seed=30, time_ms=176_001.0))
+    code, _, err = run_cli(capsys, folder)
+    assert code == 0, f"negative control: another seed is another run\n{err}"
+
+
+def test_a_crashed_run_and_its_rerun_with_the_same_seed_both_stay(tmp_path, capsys):
+    """The crashed log stays in the folder (it is listed, not counted), so it cannot double a sample."""
+    folder = write_logs(tmp_path, PASSING, make=our_log)
+    (folder / "run_03_crashed.txt").write_text(our_log(3.3, seed=3, stop_at=800, time_ms=171_000.0))
+    code, out, err = run_cli(capsys, folder)
+    assert code == 0 and "run_03_crashed.txt: did not finish" in out, err
 
 
 # --------------------------------------------------------------------------------------------------
