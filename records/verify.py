@@ -390,6 +390,106 @@ def check_duplicates(runs, baseline_runs=()):
                 seen_seeds[key] = run
 
 
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs of one recipe: what one test may pool."""
+    number: int  # 1-based; groups are numbered in the order of their first log
+    recipe: Recipe
+    runs: tuple
+
+
+def group_runs(runs):
+    """Split runs into groups of one recipe (source, configuration, steps, data, hardware). Finished runs
+    group by equal recipes; an unfinished run joins the first group its log agrees with (it may have
+    stopped before printing the world_size line), else it makes a group of its own."""
+    members = {}  # recipe -> runs, in insertion order
+    for run in runs:
+        if run.finished:
+            members.setdefault(run.recipe, []).append(run)
+    for run in runs:
+        if not run.finished:
+            home = next((recipe for recipe in members if run.recipe.agrees_with(recipe)), run.recipe)
+            members.setdefault(home, []).append(run)
+    position = {id(run): i for i, run in enumerate(runs)}
+    ordered = sorted(members.items(), key=lambda item: min(position[id(r)] for r in item[1]))
+    return [RunGroup(number, recipe, tuple(sorted(rs, key=lambda r: position[id(r)])))
+            for number, (recipe, rs) in enumerate(ordered, start=1)]
+
+
+def _recipe_fields(recipe):
+    """What a recipe says, for people: source hash, steps, hardware, and each logged hyperparameter."""
+    fields = {"source": recipe.source_sha256[:12] if recipe.source_sha256 else "none (no header)",
+              "steps": recipe.steps, "hardware": recipe.hardware}
+    if recipe.configuration is None:
+        return fields, None
+    return fields, json.loads(recipe.configuration)
+
+
+def group_differences(groups):
+    """The names of what differs between groups: source, steps, hardware, `hyperparameters` when some
+    groups log none, else each hyperparameter whose value differs."""
+    described = [_recipe_fields(g.recipe) for g in groups]
+    names = [k for k in described[0][0] if len({json.dumps(f[k]) for f, _ in described}) > 1]
+    configurations = [c for _, c in described]
+    if any(c is None for c in configurations):
+        if any(c is not None for c in configurations):
+            names.append("hyperparameters")
+    else:
+        keys = dict.fromkeys(k for c in configurations for k in c)
+        names += [k for k in keys if len({json.dumps(c.get(k, "(absent)")) for c in configurations}) > 1]
+    return names
+
+
+def _file_list(runs, limit=3):
+    names = [r.path.name for r in runs]
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def describe_group(group, names):
+    """One line: the group's number, its logs, and its value of each name in `names` (all if None)."""
+    fields, configuration = _recipe_fields(group.recipe)
+    if names is None:
+        shown = [f"source {fields['source']}", f"{fields['steps']} steps", fields["hardware"]]
+    else:
+        values = {**fields, **{k: json.dumps(v) for k, v in (configuration or {}).items()},
+                  "hyperparameters": "none (public log)" if configuration is None else "logged"}
+        shown = [f"{k} {values.get(k, '(absent)')}" for k in names]
+    return f"group {group.number}: {_plural(len(group.runs), 'log')} ({_file_list(group.runs)}): {', '.join(shown)}"
+
+
+def describe_groups(groups):
+    """Lines listing the groups by what differs between them (by what each ran, for a single group)."""
+    if len(groups) == 1:
+        return [describe_group(groups[0], None)]
+    names = group_differences(groups)
+    return [f"what differs: {', '.join(names)}"] + [describe_group(g, names) for g in groups]
+
+
+def select_group(groups, number=None, what="the logs", choose="pass --group N to test the claim's runs, or "
+                 "move the other runs into a sub-folder (baseline/ for re-timed runs of the previous record, "
+                 "given with --baseline)"):
+    """The group to test: the only one, or number `number`. Raises VerifyError listing the groups when
+    there are several and no number, or the number is not one of them."""
+    if number is None and len(groups) == 1:
+        return groups[0]
+    listing = "".join(f"\n  {line}" for line in describe_groups(groups))
+    if number is None:
+        raise VerifyError(f"{what} are {len(groups)} groups of runs that ran different things; one test pools one "
+                          f"group: {choose}:{listing}")
+    if not 1 <= number <= len(groups):
+        raise VerifyError(f"--group {number}: {what} are {_plural(len(groups), 'group')}:{listing}")
+    return groups[number - 1]
+
+
+def check_same_hardware(group, baseline_group):
+    """Welch's test of time compares machines too unless both sets of runs ran on the same one."""
+    a, b = group.recipe, baseline_group.recipe
+    pairs = ((a.processes, b.processes), (a.gpus, b.gpus), (a.device, b.device))
+    if not all(x is None or y is None or x == y for x, y in pairs):
+        raise VerifyError(f"the --baseline runs ran on {b.hardware}, the runs on {a.hardware}: comparing times needs "
+                          "the same machine; re-time the previous record where the new runs ran")
+
+
 def resolve_target(runs, target=None, track=None):
     """The target in use and where it came from: --target; else the logs' declared target when they
     all agree; else --track's target (small by default)."""
@@ -549,6 +649,17 @@ class Analysis:
     std_time_s: float
     runs_needed: int | None  # only computed when the test fails
     baseline: BaselineComparison | None = None
+    group: RunGroup | None = None  # the group tested
+    groups: tuple = ()  # every group of the logs given
+
+    def group_lines(self):
+        """Which group was tested; with several, the others and what differs."""
+        if self.group is None:
+            return []
+        if len(self.groups) <= 1:
+            return [f"runs: one group, {describe_group(self.group, None).split(': ', 2)[2]}"]
+        return [f"runs: group {self.group.number} of {len(self.groups)} (--group {self.group.number}); the others "
+                "are not part of this test"] + describe_groups(self.groups)
 
     @property
     def passed(self):
@@ -579,7 +690,7 @@ class Analysis:
                 "new runs scatter, so plan for more)."]
 
 
-def analyze(runs, target, alpha=DEFAULT_ALPHA, baseline_runs=None, target_source="--target"):
+def analyze(runs, target, alpha=DEFAULT_ALPHA, baseline_runs=None, target_source="--target", group=None, groups=()):
     """Test the finished runs against the target. Raises VerifyError below 2 finished runs."""
     finished = tuple(r for r in runs if r.finished)
     skipped = tuple(r for r in runs if not r.finished)
@@ -592,7 +703,7 @@ def analyze(runs, target, alpha=DEFAULT_ALPHA, baseline_runs=None, target_source
     baseline = compare_with_baseline(finished, baseline_runs) if baseline_runs else None
     return Analysis(target=float(target), target_source=target_source, alpha=alpha, runs=finished,
                     skipped=skipped, test=test, mean_time_s=mean_time, std_time_s=std_time,
-                    runs_needed=needed, baseline=baseline)
+                    runs_needed=needed, baseline=baseline, group=group, groups=tuple(groups))
 
 
 # -----------------------------------------------------------------------------
@@ -614,7 +725,7 @@ def _test_call(a):
 def format_report(a):
     """The human-readable report printed by the CLI."""
     t = a.test
-    out = [f"target {a.target} (from {a.target_source}), alpha {a.alpha}"]
+    out = [f"target {a.target} (from {a.target_source}), alpha {a.alpha}"] + a.group_lines()
     width = max(len(str(r.path)) for r in a.runs + a.skipped)
     out.append(f"  {'run':<{width}}  {'val_loss':>10}  {'time_s':>10}  {'steps':>6}")
     for r in a.runs:
@@ -665,6 +776,8 @@ def analysis_dict(a):
         "runs": [{"file": str(r.path), "val_loss": r.final_loss, "time_s": r.time_s, "steps": r.num_iterations}
                  for r in a.runs],
         "skipped": [{"file": str(r.path), "reason": r.skip_reason} for r in a.skipped],
+        "group": None if a.group is None else {"number": a.group.number, "of": len(a.groups),
+                                               "description": describe_group(a.group, None)},
     }
     if (b := a.baseline) is not None:
         d["baseline"] = {
@@ -691,11 +804,13 @@ def display_path(path):
         return path.as_posix()
 
 
-def canonical_command(folder, target, alpha=DEFAULT_ALPHA, baseline_paths=()):
+def canonical_command(folder, target, alpha=DEFAULT_ALPHA, baseline_paths=(), group=None):
     """The command that regenerates ANALYSIS.md, the same from any working directory."""
     parts = [display_path(folder), "--target", repr(float(target))]
     if alpha != DEFAULT_ALPHA:
         parts += ["--alpha", repr(float(alpha))]
+    if group is not None:
+        parts += ["--group", str(group)]
     if baseline_paths:
         parts += ["--baseline", *[display_path(p) for p in baseline_paths]]
     return COMMAND_PREFIX + shlex.join(parts + ["--write"])
@@ -715,6 +830,8 @@ def format_analysis_md(a, folder, command):
            f"{verdict}. One-sided one-sample t-test of the final val losses, H1: mean < {a.target!r}: "
            f"`{_test_call(a)}`.", ""]
     out += [f"- {m}" for m in a.messages()] + ([""] if a.messages() else [])
+    if len(a.groups) > 1:
+        out += [f"- {line}" for line in a.group_lines()] + [""]
     out += ["## Runs", "", "| file | final val_loss | train time (s) | steps |", "|---|---:|---:|---:|"]
     out += [f"| {r.path.name} | {r.final_loss!r} | {r.time_s!r} | {r.num_iterations} |" for r in runs]
     out.append("")
@@ -802,29 +919,42 @@ def record_track(folder):
     return track
 
 
-def record_target(folder):
-    """The target a record folder is tested against: the one its logs declare (`target_val_loss`, the
-    same in every log), else its track's. Runs on other data than FineWeb (the proxy corpus) declare
-    their own target in every log; the records table shows any target that is not the track's."""
+def record_target(folder, group=None):
+    """The target a record folder (its group `group`) is tested against: the one its logs declare
+    (`target_val_loss`, the same in every log), else its track's. Runs on other data than FineWeb (the
+    proxy corpus) declare their own target in every log; the records table shows any target that is not
+    the track's."""
     runs = [parse_log(p) for p in collect_logs([folder])]
-    return resolve_target(runs, None, record_track(folder))[0]
+    return resolve_target(select_group(group_runs(runs), group).runs, None, record_track(folder))[0]
 
 
-def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=None):
-    """parse -> check -> analyze for PATH arguments, as the CLI does."""
+def recorded_args(folder):
+    """The arguments of the command in the folder's ANALYSIS.md (None without one)."""
+    path = Path(folder) / ANALYSIS_NAME
+    return command_args(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=None, group=None):
+    """parse -> check duplicates -> group -> check target -> analyze for PATH arguments, as the CLI does."""
     runs = [parse_log(p) for p in collect_logs(paths)]
-    base_files = collect_logs(baseline) if baseline else []
-    base_runs = [parse_log(p) for p in base_files]
+    base_runs = [parse_log(p) for p in collect_logs(baseline)] if baseline else []
     check_duplicates(runs, base_runs)
-    target, source = resolve_target(runs, target, track)
-    check_targets(runs + base_runs, target, track)
-    return analyze(runs, target, alpha, base_runs or None, source)
+    groups = group_runs(runs)
+    chosen = select_group(groups, group)
+    base_group = None
+    if base_runs:
+        base_group = select_group(group_runs(base_runs), what="the --baseline logs",
+                                  choose="point --baseline at the logs of one recipe on the machine of the runs")
+        check_same_hardware(chosen, base_group)
+    target, source = resolve_target(chosen.runs, target, track)
+    check_targets(list(chosen.runs) + list(base_group.runs if base_group else ()), target, track)
+    return analyze(chosen.runs, target, alpha, base_group.runs if base_group else None, source, chosen, groups)
 
 
-def render_folder_analysis(folder, target, alpha=DEFAULT_ALPHA, baseline=None):
+def render_folder_analysis(folder, target, alpha=DEFAULT_ALPHA, baseline=None, group=None):
     """(Analysis, ANALYSIS.md text) for one folder of logs."""
-    a = verify_paths([folder], target=target, alpha=alpha, baseline=baseline)
-    return a, format_analysis_md(a, folder, canonical_command(folder, a.target, alpha, baseline or ()))
+    a = verify_paths([folder], target=target, alpha=alpha, baseline=baseline, group=group)
+    return a, format_analysis_md(a, folder, canonical_command(folder, a.target, alpha, baseline or (), group))
 
 
 def command_args(analysis_text):
@@ -859,14 +989,16 @@ def texts_match(expected, actual, rel_tol=1e-9):
 def check_record_folder(folder):
     """Problems with one record folder (empty list if its ANALYSIS.md matches its logs and it passes)."""
     folder = Path(folder)
+    recorded = recorded_args(folder)
+    group = recorded.group if recorded else None
     try:
-        target = record_target(folder)
+        target = record_target(folder, group)
     except VerifyError as e:
         return [f"{folder}: {e}"]
     problems = []
     if not (folder / "README.md").is_file():
         problems.append(f"{folder}: missing README.md (describe the change, hardware and how to run it)")
-    fresh = canonical_command(folder, target)
+    fresh = canonical_command(folder, target, group=group)
     analysis_path = folder / ANALYSIS_NAME
     if not analysis_path.is_file():
         return problems + [f"{folder}: missing {ANALYSIS_NAME}; run: {fresh}"]
@@ -886,12 +1018,12 @@ def check_record_folder(folder):
         return problems + command_problems
     baseline = [_resolve_recorded(p) for p in args.baseline] if args.baseline else None
     try:
-        a, expected = render_folder_analysis(folder, target, args.alpha, baseline)
+        a, expected = render_folder_analysis(folder, target, args.alpha, baseline, group)
     except VerifyError as e:
         return problems + [f"{folder}: {e}"]
     if not texts_match(expected, text):
         problems.append(f"{analysis_path} does not match its logs; regenerate: "
-                        f"{canonical_command(folder, target, args.alpha, baseline or ())}")
+                        f"{canonical_command(folder, target, args.alpha, baseline or (), group)}")
     if not a.passed:
         problems.append(f"{folder}: does not pass (p = {a.test.p}, alpha {a.alpha})")
     return problems
@@ -902,8 +1034,10 @@ def render_table(records_dir=RECORDS_DIR):
     rows = ["| track | record | target | mean time | mean val loss | p | runs |", "|---|---|---:|---:|---:|---:|---:|"]
     for folder in record_folders(records_dir):
         track = record_track(folder)
-        target = record_target(folder)
-        a = verify_paths([folder], target=target)
+        recorded = recorded_args(folder)
+        group = recorded.group if recorded else None
+        target = record_target(folder, group)
+        a = verify_paths([folder], target=target, group=group)
         runs = f"{a.test.n}" + (f" (+{len(a.skipped)} unfinished)" if a.skipped else "")
         link = f"[{folder.name}]({folder.parent.name}/{folder.name}/)"
         shown = f"{target:g}" if math.isclose(target, TRACK_TARGETS[track], abs_tol=1e-12) else \
@@ -962,6 +1096,9 @@ def build_parser():
                        "target_val_loss if they agree, else the --track target)")
     which.add_argument("--track", choices=sorted(TRACK_TARGETS),
                        help="small: target 3.28, medium: target 2.92 (default small)")
+    parser.add_argument("--group", type=int, metavar="N",
+                        help="test group N of the logs: runs that differ in source, configuration, steps, data "
+                             "or hardware are separate groups, listed when there is more than one")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help="significance level of the one-sided test (default 0.01, the speedrun rule)")
     parser.add_argument("--baseline", nargs="+", metavar="PATH",
@@ -980,7 +1117,7 @@ def build_parser():
 
 
 def _verify(args):
-    a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline)
+    a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline, args.group)
     for folder, n in unread_log_folders(args.paths, args.baseline or ()):
         print(f"verify.py: note: {folder} holds {_plural(n, 'log')} that are not read (sub-folders are not "
               "searched); pass it as PATH to test it, or with --baseline if it holds re-timed runs of the "
@@ -988,13 +1125,13 @@ def _verify(args):
     if args.write:
         folder = Path(args.paths[0])
         if TRACK_DIRS.get(folder.resolve().parent.name):
-            expected = record_target(folder)
+            expected = record_target(folder, args.group)
             if not math.isclose(a.target, expected, abs_tol=1e-12):
                 print(f"verify.py: warning: {folder} is a record folder whose logs declare the target {expected}, "
                       f"but the target here is {a.target}; --check will reject it", file=sys.stderr)
         if not write_val_loss_plot(a, folder / PLOT_NAME):
             print(f"verify.py: matplotlib is not installed; {PLOT_NAME} not written", file=sys.stderr)
-        command = canonical_command(folder, a.target, args.alpha, args.baseline or ())
+        command = canonical_command(folder, a.target, args.alpha, args.baseline or (), args.group)
         (folder / ANALYSIS_NAME).write_text(format_analysis_md(a, folder, command), encoding="utf-8")
         print(f"verify.py: wrote {folder / ANALYSIS_NAME}", file=sys.stderr)
     sys.stdout.write(format_json(a) if args.json else format_report(a))

@@ -3,7 +3,7 @@ what records/verify.py computes now. The check is `verify.check_records(records_
 fake records tree show that it catches tampering."""
 import pytest
 
-from test_verify import PASSING, ROOT, load_verify, our_log, write_logs
+from test_verify import H100, PASSING, ROOT, load_verify, our_log, write_logs
 
 verify = load_verify()
 
@@ -121,4 +121,21 @@ def test_a_record_on_other_data_is_tested_against_the_target_its_logs_declare(tm
     assert "2.08 (declared; not the track's 3.28)" in (records / "README.md").read_text()
     assert verify.main([str(folder), "--target", "2.1", "--write"]) == 2, "the logs declare 2.08, not 2.1"
     (folder / "run_09.txt").write_text(our_log(2.0681, target=2.1, time_ms=170_000.0))
-    assert verify.check_records(records)[0].startswith(f"{folder}: the logs declare different targets")
+    assert verify.check_records(records)[0].startswith(f"{folder}: the logs are 2 groups"), \
+        "a log declaring another target is another group"
+
+
+def test_a_record_folder_with_two_groups_records_its_group_and_check_honours_it(tmp_path, capsys):
+    records = tmp_path / "records"
+    folder = write_logs(records / "track_1_short" / "2026-01-05_Grouped", PASSING, make=our_log, gpus=(H100,) * 8,
+                        world_size=8)
+    write_logs(folder, [3.2799, 3.2801], make=our_log, first=20, gpus=(H100,), world_size=1)
+    (folder / "README.md").write_text("# Grouped\n")
+    assert verify.main([str(folder), "--write"]) == 2, "two groups: the tool must be told which is the claim"
+    assert verify.main([str(folder), "--group", "1", "--write"]) == 0
+    assert verify.main(["--table", "--records-dir", str(records)]) == 0
+    capsys.readouterr()
+    analysis = (folder / "ANALYSIS.md").read_text()
+    assert "--group 1 --write" in analysis and "group 1 of 2" in analysis, analysis
+    assert verify.check_records(records) == []
+    assert "| 8 |" in (records / "README.md").read_text(), "the table counts the claim's group only"

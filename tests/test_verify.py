@@ -419,6 +419,80 @@ def test_a_crashed_run_and_its_rerun_with_the_same_seed_both_stay(tmp_path, caps
 
 
 # --------------------------------------------------------------------------------------------------
+# Groups: one test pools the runs of one recipe on one machine
+
+REC = [3.2791, 3.2785, 3.2802, 3.2779, 3.2796]  # p = 0.04 against 3.28: fails
+LOWER = [3.2702, 3.2721, 3.2715, 3.2709]  # pooled with REC, p = 0.007: a pass neither set supports
+
+# How a second set of runs may differ from the claim's: (log maker's keyword arguments, what the tool names)
+DIFFERENCES = {
+    "source": ({"source": FAKE_SOURCE + "# another recipe\n"}, "source"),
+    "hyperparameter": ({"hp": {"muon_lr": 0.06}}, "muon_lr"),
+    "train data": ({"hp": {"train_files": "data/mine/text_train_*.bin"}}, "train_files"),
+    "val data": ({"hp": {"val_files": "data/mine/text_val_*.bin"}}, "val_files"),
+    "val tokens": ({"hp": {"val_tokens": 1048576}}, "val_tokens"),
+    "steps": ({"n_steps": 1500, "hp": {"num_iterations": 1500}}, "steps"),
+    "gpu model": ({"gpus": ("NVIDIA H200",) * 8, "world_size": 8}, "hardware"),
+    "gpu count": ({"gpus": (H100,), "world_size": 1}, "hardware"),
+}
+
+
+@pytest.mark.parametrize("difference", DIFFERENCES)
+def test_runs_that_ran_something_else_are_not_pooled(tmp_path, capsys, difference):
+    """Each way two sets of runs can differ makes two groups: without --group the tool refuses, naming
+    what differs and the files of each group; --group N tests that group alone."""
+    other, named = DIFFERENCES[difference]
+    folder = write_logs(tmp_path, REC, make=our_log, gpus=(H100,) * 8, world_size=8)
+    kw = {"gpus": (H100,) * 8, "world_size": 8, **other}
+    write_logs(folder, LOWER, make=our_log, first=len(REC), **kw)
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == "", f"mixed runs were tested (exit {code}):\n{out}"
+    assert "2 groups" in err and named in err and "--group" in err, err
+    assert re.search(r"group 1: 5 logs .*run_00\.txt", err) and re.search(r"group 2: 4 logs .*run_05\.txt", err), err
+    code, out, _ = run_cli(capsys, folder, "--group", 1, "--json")
+    assert code == 1 and json.loads(out)["n"] == len(REC), "the claim's own runs: p = 0.04, a failure"
+    code, out, _ = run_cli(capsys, folder, "--group", 2, "--json")
+    assert json.loads(out)["n"] == len(LOWER)
+
+
+def test_public_logs_without_hyperparameters_group_by_source_steps_and_hardware(tmp_path, capsys):
+    """A public record folder that also holds single-GPU runs of older code: pooled, they pass (p = 0.007)
+    where the record's own 8-GPU runs fail (p = 0.04)."""
+    folder = write_logs(tmp_path, REC, header=True, gpus=(H100,) * 8)
+    write_logs(folder, LOWER, first=len(REC), header=True, gpus=(H100,), source=FAKE_SOURCE + "# older\n")
+    assert stats.ttest_1samp(REC + LOWER, 3.28, alternative="less").pvalue < 0.01  # what pooling would claim
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and "2 groups" in err and "source" in err and "hardware" in err, err
+    assert "8x NVIDIA H100 80GB HBM3" in err and "1x NVIDIA H100 80GB HBM3" in err, err
+    code, out, _ = run_cli(capsys, folder, "--group", 1)
+    assert code == 1 and "group 1 of 2" in out, out
+    same = write_logs(tmp_path / "same", REC + LOWER, header=True, gpus=(H100,) * 8)
+    code, out, err = run_cli(capsys, same)
+    assert code == 0, f"negative control: one source, one machine, one group\n{err}"
+
+
+def test_group_number_out_of_range_lists_the_groups(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING, make=our_log)
+    code, _, err = run_cli(capsys, folder, "--group", 2)
+    assert code == 2 and "--group 2" in err and "1 group" in err, err
+
+
+def test_baseline_logs_must_be_one_group_on_the_same_hardware(tmp_path, capsys):
+    new = write_logs(tmp_path / "new", PASSING, make=our_log, gpus=(H100,) * 8, world_size=8)
+    base = write_logs(tmp_path / "base", [3.2771, 3.2760, 3.2783], make=our_log, gpus=(H100,) * 8, world_size=8,
+                      hp={"muon_lr": 0.04})
+    code, _, err = run_cli(capsys, new, "--baseline", base)
+    assert code == 0, f"negative control: a re-timed previous recipe on the same machine\n{err}"
+    write_logs(base, [3.2790, 3.2786], make=our_log, first=3, gpus=(H100,) * 8, world_size=8, hp={"muon_lr": 0.03})
+    code, _, err = run_cli(capsys, new, "--baseline", base)
+    assert code == 2 and "--baseline" in err and "2 groups" in err, err
+    other = write_logs(tmp_path / "other", [3.2771, 3.2760, 3.2783], make=our_log, gpus=("NVIDIA H200",) * 8,
+                       world_size=8, hp={"muon_lr": 0.04})
+    code, _, err = run_cli(capsys, new, "--baseline", other)
+    assert code == 2 and "8x NVIDIA H200" in err and "same machine" in err, err
+
+
+# --------------------------------------------------------------------------------------------------
 # Where logs are, and runs that stopped at the end
 
 def test_a_folder_whose_logs_are_in_sub_folders_says_which_to_pass(tmp_path, capsys):
@@ -454,8 +528,8 @@ def test_cli_rejects_a_log_whose_target_differs(tmp_path, capsys):
     (folder / "run_medium.txt").write_text(our_log(2.91, track="medium", target=2.92))
     code, _, err = run_cli(capsys, folder, "--target", 3.28)
     assert code == 2 and "run_medium.txt" in err and "2.92" in err
-    code, _, err = run_cli(capsys, folder)  # no --target: the logs disagree
-    assert code == 2 and "different targets" in err
+    code, _, err = run_cli(capsys, folder)  # no --target: two groups, their targets differ
+    assert code == 2 and "2 groups" in err and "target_val_loss" in err
 
 
 def test_cli_rejects_track_mismatch(tmp_path, capsys):
