@@ -10,9 +10,12 @@ With `--baseline`, the runs are also compared with re-timed runs of the previous
 t-test (`scipy.stats.ttest_ind(new, baseline, equal_var=False)`): time one-sided (new is faster),
 loss two-sided.
 
+The target is the one the logs declare (`target_val_loss`); --target or --track (small by default)
+gives it for logs that declare none, and is refused where it contradicts a log.
+
 Usage:
-    python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--alpha 0.01]
-                             [--baseline LOG_OR_FOLDER...] [--write] [--json]
+    python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--group N]
+                             [--alpha 0.01] [--baseline LOG_OR_FOLDER...] [--write] [--json]
     python records/verify.py --table     # rewrite the generated table block in records/README.md
     python records/verify.py --check     # every record's ANALYSIS.md and the table match the logs
 
@@ -491,33 +494,42 @@ def check_same_hardware(group, baseline_group):
 
 
 def resolve_target(runs, target=None, track=None):
-    """The target in use and where it came from: --target; else the logs' declared target when they
-    all agree; else --track's target (small by default)."""
-    if target is not None:
-        return float(target), "--target"
+    """The target the runs are tested against, and where it comes from. The rule: a run that declares its
+    target (`target_val_loss` in its hyperparameters line; our trainers always log one, the track's
+    unless set) is tested against that target, because the claim is what the runs were set up to reach,
+    not a target picked after seeing the losses. --target and --track give the target of logs that
+    declare none (public logs; --track small by default), and are refused where they contradict a log."""
+    for run in runs:
+        if track is not None and run.logged_track is not None and run.logged_track != track:
+            raise VerifyError(f"{run.path}: logged track {run.logged_track!r} but --track {track}; leave --track out "
+                              "(the logs say their track and target)")
     declared = {run.path: run.logged_target for run in runs if run.logged_target is not None}
     if len(set(declared.values())) > 1:
         by_target = {}
         for path, t in declared.items():
             by_target.setdefault(t, []).append(str(path))
         listing = "; ".join(f"{t}: {', '.join(paths)}" for t, paths in by_target.items())
-        raise VerifyError(f"the logs declare different targets ({listing}); pass --target to choose one")
+        raise VerifyError(f"the logs declare different targets ({listing}); test the logs of one target at a time")
     if declared:
-        return next(iter(declared.values())), "logs (hyperparameters)"
+        path, value = next(iter(declared.items()))
+        if target is not None and not math.isclose(target, value, abs_tol=1e-12):
+            raise VerifyError(f"{path}: the logs declare target_val_loss {value}, and runs are tested against the "
+                              f"target they declare; leave --target out (or pass --target {value})")
+        return value, "the logs' target_val_loss"
+    if target is not None:
+        return float(target), "--target"
     if track is None:
         return TRACK_TARGETS["small"], "--track small (the default)"
     return TRACK_TARGETS[track], f"--track {track}"
 
 
-def check_targets(runs, target, track=None):
-    """Reject a run whose declared target or track differs from the one being tested."""
-    for run in runs:
-        if track is not None and run.logged_track is not None and run.logged_track != track:
-            raise VerifyError(f"{run.path}: logged track {run.logged_track!r} but --track {track}")
+def check_baseline_targets(baseline_runs, target):
+    """A baseline is the previous record on the same track and data: a log declaring another target is not."""
+    for run in baseline_runs:
         if run.logged_target is not None and not math.isclose(run.logged_target, target, abs_tol=1e-12):
-            track_note = f" (track {run.logged_track})" if run.logged_track else ""
-            raise VerifyError(f"{run.path}: logged target_val_loss {run.logged_target}{track_note} but the target "
-                              f"in use is {target}; pass the matching --target/--track or leave this log out")
+            raise VerifyError(f"{run.path}: this --baseline log declares target_val_loss {run.logged_target}, the runs "
+                              f"are tested against {target}; give --baseline re-timed runs of the previous record "
+                              "on the same track and data")
 
 
 # -----------------------------------------------------------------------------
@@ -947,7 +959,8 @@ def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=N
                                   choose="point --baseline at the logs of one recipe on the machine of the runs")
         check_same_hardware(chosen, base_group)
     target, source = resolve_target(chosen.runs, target, track)
-    check_targets(list(chosen.runs) + list(base_group.runs if base_group else ()), target, track)
+    if base_group is not None:
+        check_baseline_targets(base_group.runs, target)
     return analyze(chosen.runs, target, alpha, base_group.runs if base_group else None, source, chosen, groups)
 
 
@@ -1092,10 +1105,11 @@ def build_parser():
     parser.add_argument("paths", nargs="*", metavar="PATH",
                         help="a log file, or a folder whose *.txt files are logs (sub-folders are not searched)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--target", type=float, help="target val loss (default: the logs' declared "
-                       "target_val_loss if they agree, else the --track target)")
+    which.add_argument("--target", type=float, help="target val loss for logs that declare none (public logs); "
+                       "a log's declared target_val_loss is its target, and a --target that contradicts it is "
+                       "refused")
     which.add_argument("--track", choices=sorted(TRACK_TARGETS),
-                       help="small: target 3.28, medium: target 2.92 (default small)")
+                       help="target of logs that declare none: small 3.28 (the default), medium 2.92")
     parser.add_argument("--group", type=int, metavar="N",
                         help="test group N of the logs: runs that differ in source, configuration, steps, data "
                              "or hardware are separate groups, listed when there is more than one")

@@ -1,6 +1,9 @@
 """The committed records agree with their logs: every ANALYSIS.md and the records/README.md table are
 what records/verify.py computes now. The check is `verify.check_records(records_dir)`; the tests on a
 fake records tree show that it catches tampering."""
+import re
+import shutil
+
 import pytest
 
 from test_verify import H100, PASSING, ROOT, load_verify, our_log, write_logs
@@ -123,6 +126,34 @@ def test_a_record_on_other_data_is_tested_against_the_target_its_logs_declare(tm
     (folder / "run_09.txt").write_text(our_log(2.0681, target=2.1, time_ms=170_000.0))
     assert verify.check_records(records)[0].startswith(f"{folder}: the logs are 2 groups"), \
         "a log declaring another target is another group"
+
+
+def documented_write_commands():
+    """The `--write` commands for a record folder that README.md and records/README.md give, as argument
+    lists with the folder first (placeholders such as <date>_<name> stand for any record folder)."""
+    commands = []
+    for readme in (ROOT / "README.md", ROOT / "records" / "README.md"):
+        text = readme.read_text().replace("\\\n", " ")  # shell line continuations
+        for m in re.finditer(r"python records/verify\.py (records/track_\w+/\S+)([^#\n]*?--write)", text):
+            commands.append((readme.relative_to(ROOT).as_posix(), m[2].split()))
+    return commands
+
+
+def test_the_documented_write_command_works_on_every_record_folder(tmp_path, capsys):
+    """README's command for ANALYSIS.md, run as written on each record folder (a copy), exits 0 and leaves
+    --check clean."""
+    commands = [(name, args) for name, args in documented_write_commands() if "--baseline" not in args]
+    assert commands, "README.md and records/README.md document the --write command"
+    records = tmp_path / "records"
+    shutil.copytree(ROOT / "records", records, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    folders = verify.record_folders(records)
+    assert folders, "the repository has record folders"
+    for name, args in commands:
+        for folder in folders:
+            code = verify.main([str(folder), *args])
+            err = capsys.readouterr().err
+            assert code == 0, f"{name}: records/verify.py {folder.name} {' '.join(args)} exited {code}:\n{err}"
+    assert verify.check_records(records) == []
 
 
 def test_a_record_folder_with_two_groups_records_its_group_and_check_honours_it(tmp_path, capsys):
