@@ -721,10 +721,6 @@ def analyze(runs, target, alpha=DEFAULT_ALPHA, baseline_runs=None, target_source
 # -----------------------------------------------------------------------------
 # Formatting
 
-def _p(x, spec):
-    return "nan" if x is None or math.isnan(x) else format(x, spec)
-
-
 def _pct(level):
     """0.99 -> '99%', 0.999 -> '99.9%' (format spec .0% would round the latter to 100%)."""
     return f"{level * 100:.10g}%"
@@ -734,72 +730,153 @@ def _test_call(a):
     return f'scipy.stats.ttest_1samp(losses, {a.target}, alternative="less")'
 
 
+@dataclass(frozen=True)
+class Row:
+    """One quantity of a summary. The report, ANALYSIS.md and --json render the same rows: the report
+    under `label` with `spec`, ANALYSIS.md under `label` at full precision (repr, so --check compares
+    every digit), JSON under `key`."""
+    key: str
+    label: str
+    value: object  # int, float, bool, str, Path, a (low, high) pair; None: not computed (left out, JSON null)
+    spec: str = ""  # format spec of the report
+
+
+def summary_rows(a):
+    """The one-sample test of the runs, one row per quantity."""
+    t = a.test
+    return [Row("n", "finished runs n", t.n), Row("target", "target", a.target), Row("alpha", "alpha", a.alpha),
+            Row("mean_loss", "mean final val_loss", t.mean, ".6f"),
+            Row("std_loss", "std final val_loss (ddof=1)", t.std, ".6f"),
+            Row("mean_time_s", "mean train time (s)", a.mean_time_s, ".3f"),
+            Row("std_time_s", "std train time (s, ddof=1)", a.std_time_s, ".3f"),
+            Row("t_statistic", "t statistic", t.t, ".4f"), Row("p_value", "p-value (one-sided)", t.p, ".4g"),
+            Row("upper_bound", f"{_pct(1 - a.alpha)} one-sided upper bound of the mean", t.upper_bound, ".6f"),
+            Row("ci95", f"{_pct(CI_LEVEL)} CI of the mean", t.ci95, ".6f"),
+            Row("passed", "passed (p < alpha)", a.passed),
+            Row("runs_needed", "runs for p < alpha at this mean and std", a.runs_needed)]
+
+
+def baseline_rows(a):
+    """Welch's tests against the baseline runs (empty without --baseline)."""
+    if (b := a.baseline) is None:
+        return []
+    return [Row("n", "baseline runs n", b.n),
+            Row("mean_time_s", "baseline mean train time (s)", b.mean_time_s, ".3f"),
+            Row("std_time_s", "baseline std train time (s, ddof=1)", b.std_time_s, ".3f"),
+            Row("mean_loss", "baseline mean final val_loss", b.mean_loss, ".6f"),
+            Row("std_loss", "baseline std final val_loss (ddof=1)", b.std_loss, ".6f"),
+            Row("time_diff_s", "time difference new - baseline (s)", b.time_diff_s, "+.3f"),
+            Row("time_diff_ci95", f"{_pct(CI_LEVEL)} Welch CI of the difference (s)", b.time_diff_ci95, "+.3f"),
+            Row("time_diff_df", "Welch-Satterthwaite df", b.time_diff_df, ".1f"),
+            Row("welch_time_p", 'time p, `ttest_ind(new, baseline, equal_var=False, alternative="less")`',
+                b.welch_time_p, ".4g"),
+            Row("welch_loss_p", "loss p, `ttest_ind(new, baseline, equal_var=False)` (two-sided)", b.welch_loss_p,
+                ".4g")]
+
+
+def run_rows(runs):
+    """One list of rows per finished run: the runs table."""
+    return [[Row("file", "file", r.path), Row("val_loss", "final val_loss", r.final_loss, ".6f"),
+             Row("time_s", "train time (s)", r.time_s, ".3f"), Row("steps", "steps", r.num_iterations)]
+            for r in runs]
+
+
+def skipped_rows(runs):
+    """One list of rows per run that did not count: the skipped table."""
+    return [[Row("file", "file", r.path), Row("reason", "reason", r.skip_reason)] for r in runs]
+
+
+def _text(value, spec=""):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_text(x, spec) for x in value) + "]"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def _markdown(value):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(x) for x in value) + "]"
+    if isinstance(value, Path):
+        return value.name  # ANALYSIS.md sits in the folder of its logs
+    if isinstance(value, str):
+        return value.replace("|", "&#124;")  # '|' would end the cell
+    return repr(value)
+
+
+def _json(value):
+    if isinstance(value, tuple):
+        return [_json(x) for x in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # nan and inf are not JSON
+    return value
+
+
+def _text_table(rows):
+    cells = [[_text(r.value, r.spec) for r in row] for row in rows]
+    header = [r.label for r in rows[0]]
+    widths = [max(len(x) for x in column) for column in zip(header, *cells)]
+    # text columns read left to right, numbers line up at the right
+    left = [isinstance(r.value, (Path, str)) for r in rows[0]]
+    return ["  " + "  ".join(x.ljust(w) if lj else x.rjust(w) for x, w, lj in zip(line, widths, left))
+            for line in [header, *cells]]
+
+
+def _markdown_table(rows):
+    numeric = [isinstance(r.value, (int, float)) and not isinstance(r.value, bool) for r in rows[0]]
+    return (["| " + " | ".join(r.label for r in rows[0]) + " |",
+             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+            + ["| " + " | ".join(_markdown(r.value) for r in row) + " |" for row in rows])
+
+
+def _markdown_quantities(rows):
+    return ["| quantity | value |", "|---|---|"] + [f"| {r.label} | {_markdown(r.value)} |" for r in rows
+                                                     if r.value is not None]
+
+
 def format_report(a):
     """The human-readable report printed by the CLI."""
     t = a.test
     out = [f"target {a.target} (from {a.target_source}), alpha {a.alpha}"] + a.group_lines()
-    width = max(len(str(r.path)) for r in a.runs + a.skipped)
-    out.append(f"  {'run':<{width}}  {'val_loss':>10}  {'time_s':>10}  {'steps':>6}")
-    for r in a.runs:
-        out.append(f"  {str(r.path):<{width}}  {r.final_loss:>10.6f}  {r.time_s:>10.3f}  {r.num_iterations:>6}")
+    out += _text_table(run_rows(a.runs))
     if a.skipped:
         out.append(f"skipped {len(a.skipped)} run(s):")
-        out += [f"  {r.path}: {r.skip_reason}" for r in a.skipped]
-    out.append(f"loss: n={t.n}  mean={t.mean:.6f}  std={_p(t.std, '.6f')} (ddof=1)")
-    out.append(f"time: mean={a.mean_time_s:.3f} s  std={_p(a.std_time_s, '.3f')} s")
-    out.append(f"H1: mean final val loss < {a.target}")
-    out.append(f"  {_test_call(a)}: t={_p(t.t, '.4f')}  p={_p(t.p, '.4g')}")
-    out.append(f"  {_pct(1 - a.alpha)} one-sided upper confidence bound of the mean: {_p(t.upper_bound, '.6f')}")
-    out.append(f"  {_pct(CI_LEVEL)} confidence interval of the mean: "
-               f"[{_p(t.ci95[0], '.6f')}, {_p(t.ci95[1], '.6f')}]")
+        out += [f"  {_text(file.value)}: {reason.value}" for file, reason in skipped_rows(a.skipped)]
+    out.append("summary:")
+    out += [f"  {r.label}: {_text(r.value, r.spec)}" for r in summary_rows(a) if r.value is not None]
     if (b := a.baseline) is not None:
-        lo, hi = b.time_diff_ci95
-        out.append(f"baseline: n={b.n}" + (f", skipped {len(b.skipped)} run(s):" if b.skipped else ""))
-        out += [f"  {r.path}: {r.skip_reason}" for r in b.skipped]
-        out.append(f"  time: {b.mean_time_s:.3f} s -> {a.mean_time_s:.3f} s, difference {b.time_diff_s:+.3f} s, "
-                   f"{_pct(CI_LEVEL)} Welch CI [{_p(lo, '+.3f')}, {_p(hi, '+.3f')}] s "
-                   f"(df {_p(b.time_diff_df, '.1f')})")
-        out.append("    scipy.stats.ttest_ind(new, baseline, equal_var=False, alternative=\"less\"): "
-                   f"p={_p(b.welch_time_p, '.4g')}")
-        out.append(f"  loss: {b.mean_loss:.6f} -> {t.mean:.6f}")
-        out.append(f"    scipy.stats.ttest_ind(new, baseline, equal_var=False), two-sided: p={_p(b.welch_loss_p, '.4g')}")
+        out.append("baseline: Welch's t-tests against the --baseline runs")
+        out += [f"  {r.label}: {_text(r.value, r.spec)}" for r in baseline_rows(a) if r.value is not None]
+        if b.skipped:
+            out.append(f"  skipped {len(b.skipped)} baseline run(s):")
+            out += [f"    {_text(file.value)}: {reason.value}" for file, reason in skipped_rows(b.skipped)]
+    out.append(f"H1: mean final val loss < {a.target}: {_test_call(a)}")
     if a.passed:
         out.append(f"PASS: p = {t.p:.4g} < alpha = {a.alpha}")
     else:
-        out.append(f"FAIL: p = {_p(t.p, '.4g')}, not < alpha = {a.alpha}")
+        out.append(f"FAIL: p = {_text(t.p, '.4g')}, not < alpha = {a.alpha}")
         out += [f"  {m}" for m in a.messages()]
     return "\n".join(out) + "\n"
 
 
-def _json_number(x):
-    return None if x is None or not math.isfinite(x) else x
-
-
 def analysis_dict(a):
-    """Everything in the report as plain JSON values (nan and inf become null)."""
-    t = a.test
-    d = {
-        "n": t.n, "target": a.target, "target_source": a.target_source, "alpha": a.alpha,
-        "mean_loss": t.mean, "std_loss": _json_number(t.std), "t_statistic": _json_number(t.t),
-        "p_value": _json_number(t.p), "upper_bound": _json_number(t.upper_bound),
-        "ci95": [_json_number(x) for x in t.ci95], "zero_variance": t.zero_variance, "passed": a.passed,
-        "mean_time_s": a.mean_time_s, "std_time_s": _json_number(a.std_time_s), "runs_needed": a.runs_needed,
-        "messages": a.messages(),
-        "runs": [{"file": str(r.path), "val_loss": r.final_loss, "time_s": r.time_s, "steps": r.num_iterations}
-                 for r in a.runs],
-        "skipped": [{"file": str(r.path), "reason": r.skip_reason} for r in a.skipped],
-        "group": None if a.group is None else {"number": a.group.number, "of": len(a.groups),
-                                               "description": describe_group(a.group, None)},
-    }
-    if (b := a.baseline) is not None:
-        d["baseline"] = {
-            "n": b.n, "mean_time_s": b.mean_time_s, "std_time_s": _json_number(b.std_time_s),
-            "mean_loss": b.mean_loss, "std_loss": _json_number(b.std_loss),
-            "welch_time_p": _json_number(b.welch_time_p), "welch_loss_p": _json_number(b.welch_loss_p),
-            "time_diff_s": b.time_diff_s, "time_diff_ci95": [_json_number(x) for x in b.time_diff_ci95],
-            "time_diff_df": _json_number(b.time_diff_df),
-            "skipped": [{"file": str(r.path), "reason": r.skip_reason} for r in b.skipped],
-        }
+    """The report's rows as plain JSON values (nan and inf become null), with the runs, the skipped runs,
+    the group tested and the failure messages."""
+    d = {r.key: _json(r.value) for r in summary_rows(a)}
+    d.update(target_source=a.target_source, zero_variance=a.test.zero_variance, messages=a.messages(),
+             runs=[{r.key: _json(r.value) for r in row} for row in run_rows(a.runs)],
+             skipped=[{r.key: _json(r.value) for r in row} for row in skipped_rows(a.skipped)],
+             group=None if a.group is None else {"number": a.group.number, "of": len(a.groups),
+                                                  "description": describe_group(a.group, None)})
+    if a.baseline is not None:
+        d["baseline"] = {r.key: _json(r.value) for r in baseline_rows(a)}
+        d["baseline"]["skipped"] = [{r.key: _json(r.value) for r in row} for row in skipped_rows(a.baseline.skipped)]
     return d
 
 
@@ -828,12 +905,14 @@ def canonical_command(folder, target, alpha=DEFAULT_ALPHA, baseline_paths=(), gr
     return COMMAND_PREFIX + shlex.join(parts + ["--write"])
 
 
+def _by_name(runs):
+    return sorted(runs, key=lambda r: r.path.name)
+
+
 def format_analysis_md(a, folder, command):
     """ANALYSIS.md of a record folder: deterministic (no dates, runs sorted by file name, floats
     written with repr) so `--check` can regenerate and compare it."""
     t = a.test
-    runs = sorted(a.runs, key=lambda r: r.path.name)
-    skipped = sorted(a.skipped, key=lambda r: r.path.name)
     verdict = (f"**PASS**: p = {t.p!r} < alpha = {a.alpha!r}" if a.passed
                else f"**FAIL**: p = {t.p!r}, not < alpha = {a.alpha!r}")
     out = [f"# Verification of `{display_path(folder)}`", "",
@@ -844,34 +923,13 @@ def format_analysis_md(a, folder, command):
     out += [f"- {m}" for m in a.messages()] + ([""] if a.messages() else [])
     if len(a.groups) > 1:
         out += [f"- {line}" for line in a.group_lines()] + [""]
-    out += ["## Runs", "", "| file | final val_loss | train time (s) | steps |", "|---|---:|---:|---:|"]
-    out += [f"| {r.path.name} | {r.final_loss!r} | {r.time_s!r} | {r.num_iterations} |" for r in runs]
-    out.append("")
-    if skipped:
-        out += ["Skipped (did not finish):", "", "| file | reason |", "|---|---|"]
-        out += [f"| {r.path.name} | {r.skip_reason.replace('|', '&#124;')} |" for r in skipped]  # '|' ends a cell
-        out.append("")
-    out += ["## Summary", "", "| quantity | value |", "|---|---|",
-            f"| finished runs n | {t.n} |", f"| target | {a.target!r} |", f"| alpha | {a.alpha!r} |",
-            f"| mean final val_loss | {t.mean!r} |", f"| std final val_loss (ddof=1) | {t.std!r} |",
-            f"| mean train time (s) | {a.mean_time_s!r} |", f"| std train time (s, ddof=1) | {a.std_time_s!r} |",
-            f"| t statistic | {t.t!r} |", f"| p-value (one-sided) | {t.p!r} |",
-            f"| {_pct(1 - a.alpha)} one-sided upper bound of the mean | {t.upper_bound!r} |",
-            f"| {_pct(CI_LEVEL)} CI of the mean | [{t.ci95[0]!r}, {t.ci95[1]!r}] |",
-            f"| passed (p < alpha) | {'yes' if a.passed else 'no'} |"]
-    if a.runs_needed is not None:
-        out.append(f"| runs for p < alpha at this mean and std | {a.runs_needed} |")
-    out.append("")
-    if (b := a.baseline) is not None:
+    out += ["## Runs", "", *_markdown_table(run_rows(_by_name(a.runs))), ""]
+    if a.skipped:
+        out += ["Skipped (did not finish):", "", *_markdown_table(skipped_rows(_by_name(a.skipped))), ""]
+    out += ["## Summary", "", *_markdown_quantities(summary_rows(a)), ""]
+    if a.baseline is not None:
         out += ["## Baseline", "", "Welch's t-tests against the baseline runs named in the command.", "",
-                "| quantity | value |", "|---|---|", f"| baseline runs n | {b.n} |",
-                f"| baseline mean train time (s) | {b.mean_time_s!r} |",
-                f"| baseline mean final val_loss | {b.mean_loss!r} |",
-                f"| time difference new - baseline (s) | {b.time_diff_s!r} |",
-                f"| {_pct(CI_LEVEL)} Welch CI of the difference (s) | [{b.time_diff_ci95[0]!r}, {b.time_diff_ci95[1]!r}] |",
-                f"| Welch-Satterthwaite df | {b.time_diff_df!r} |",
-                f"| time p, `ttest_ind(new, baseline, equal_var=False, alternative=\"less\")` | {b.welch_time_p!r} |",
-                f"| loss p, `ttest_ind(new, baseline, equal_var=False)` (two-sided) | {b.welch_loss_p!r} |", ""]
+                *_markdown_quantities(baseline_rows(a)), ""]
     if (Path(folder) / PLOT_NAME).exists():
         out += ["## Validation loss", "", f"![val loss curves of all runs]({PLOT_NAME})", ""]
     return "\n".join(out)

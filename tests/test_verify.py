@@ -551,7 +551,7 @@ def test_target_comes_from_logs_then_track(tmp_path, capsys):
 
 def test_report_names_the_confidence_levels_exactly(tmp_path, capsys):
     code, out, _ = run_cli(capsys, write_logs(tmp_path, PASSING), "--alpha", "0.001")
-    assert code == 0 and "99.9% one-sided upper confidence bound" in out and "95% confidence interval" in out
+    assert code == 0 and "99.9% one-sided upper bound of the mean" in out and "95% CI of the mean" in out
 
 
 def test_json_output_has_the_documented_keys(tmp_path, capsys):
@@ -563,6 +563,27 @@ def test_json_output_has_the_documented_keys(tmp_path, capsys):
     assert result["p_value"] == pytest.approx(stats.ttest_1samp(PASSING, 3.28, alternative="less").pvalue, rel=1e-12)
     assert result["passed"] is True and result["skipped"] == [] and len(result["runs"]) == 8
     assert result["runs"][0]["val_loss"] == PASSING[0] and result["runs"][0]["time_s"] == 175.0
+
+
+def test_report_analysis_md_and_json_show_one_list_of_summary_rows(tmp_path, capsys):
+    """The three renderers read one list of rows: each row is in the report and ANALYSIS.md under its label
+    and in the JSON under its key, with the same value."""
+    new = write_logs(tmp_path / "new", PASSING, make=our_log)
+    base = write_logs(tmp_path / "new" / "baseline", [3.2771, 3.2760, 3.2783], make=our_log, hp={"muon_lr": 0.04})
+    a = verify.verify_paths([new], baseline=[base])
+    rows = verify.summary_rows(a) + verify.baseline_rows(a)
+    assert {r.key for r in verify.summary_rows(a)} >= {"n", "mean_loss", "std_loss", "p_value", "upper_bound", "ci95"}
+    assert {r.key for r in verify.baseline_rows(a)} >= {"welch_time_p", "welch_loss_p", "time_diff_s", "time_diff_ci95"}
+    report, md = verify.format_report(a), verify.format_analysis_md(a, new, "cmd")
+    result = verify.analysis_dict(a)
+    for r in rows:
+        if r.value is None:
+            continue
+        assert f"{r.label}: " in report, f"report lacks {r.label!r}"
+        assert f"| {r.label} | " in md, f"ANALYSIS.md lacks {r.label!r}"
+        got = result["baseline"][r.key] if r in verify.baseline_rows(a) else result[r.key]
+        want = list(r.value) if isinstance(r.value, tuple) else r.value
+        assert got == want, f"JSON {r.key}: {got!r}, row: {r.value!r}"
 
 
 def test_json_is_valid_when_statistics_are_undefined(tmp_path, capsys):
@@ -591,7 +612,7 @@ def test_baseline_json_matches_scipy_welch(tmp_path, capsys):
     assert b["time_diff_ci95"] == pytest.approx([ci.low, ci.high], rel=1e-9)
     assert set(b) >= {"n", "mean_time_s", "mean_loss", "welch_time_p", "welch_loss_p", "time_diff_s", "time_diff_ci95"}
     code, out, _ = run_cli(capsys, new, "--baseline", base)
-    assert "baseline: n=5" in out and "Welch CI" in out
+    assert "baseline runs n: 5" in out and "Welch CI" in out
 
 
 def test_write_is_deterministic_and_records_a_canonical_command(tmp_path, capsys, monkeypatch):
