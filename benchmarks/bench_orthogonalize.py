@@ -30,6 +30,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, also when loaded by path (tests)
+from proxy_speedrun import PEAK_MATMUL_N, measure_peak_tflops
+
 import train_gpt  # noqa: E402  (the sweep patches its _ns_config)
 from train_gpt import (  # noqa: E402
     ORTHO_METHODS,
@@ -57,7 +60,6 @@ VARIANTS = [
     ("triton turbo_muon", "turbo_muon", "triton"),
 ]
 ERROR_SAMPLE = 4  # matrices of each stack compared with the fp64 SVD polar factor
-PEAK_N = 8192
 
 
 def shapes():
@@ -138,14 +140,6 @@ def bench_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def measure_peak():
-    """Median bf16 torch.matmul TFLOP/s at 8192^3: the ceiling the fractions refer to."""
-    a = torch.randn(PEAK_N, PEAK_N, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(PEAK_N, PEAK_N, device="cuda", dtype=torch.bfloat16)
-    ms = bench_ms(lambda: a @ b)
-    return 2 * PEAK_N**3 / ms / 1e9
-
-
 def polar_error(O, P):
     """||O - UV^T||_F / ||UV^T||_F over the first ERROR_SAMPLE matrices, P = polar_factor_fp64(G[:ERROR_SAMPLE])."""
     return ((O[:ERROR_SAMPLE].double() - P).norm() / P.norm()).item()
@@ -174,7 +168,7 @@ def run_timings(peak):
 
 
 def markdown(rows, peak):
-    lines = [f"bf16 matmul peak ({PEAK_N}^3, median): {peak:.0f} TFLOP/s; useful dense-equivalent FLOPs (see docstring);",
+    lines = [f"bf16 matmul peak ({PEAK_MATMUL_N}^3, median): {peak:.0f} TFLOP/s; useful dense-equivalent FLOPs (see docstring);",
              "ms: do_bench median of eager calls; graph ms: CUDA-graph replay (GPU time only); host ms: CPU time to",
              "enqueue one call. TFLOP/s, % peak and speedups use ms.",
              "",
@@ -352,7 +346,7 @@ def main():
     else:
         out["launch_overhead_us"] = launch_overhead_us()
         print("host us per call: " + ", ".join(f"{k} {v:.1f}" for k, v in out["launch_overhead_us"].items()))
-        peak = measure_peak()
+        peak = measure_peak_tflops()
         out["peak_tflops"] = peak
         out["timings"] = run_timings(peak)
         print(markdown(out["timings"], peak))

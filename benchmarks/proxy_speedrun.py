@@ -43,6 +43,7 @@ def _load_verify():
 
 
 verify = _load_verify()
+PEAK_MATMUL_N = 8192  # square bf16 matmul of the peak measurement: large enough that launch overhead does not count
 
 
 def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
@@ -97,11 +98,14 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
 
 
 def measure_peak_tflops() -> float | None:
-    """Median bf16 8192^3 matmul rate on this GPU, or None without one."""
+    """Median bf16 PEAK_MATMUL_N^3 torch.matmul rate on this GPU in TFLOP/s, or None without one: the ceiling
+    MFU here and the % peak of bench_orthogonalize.py refer to. Timed with CUDA events per call, the first
+    calls dropped as warm-up."""
     import torch
     if not torch.cuda.is_available():
         return None
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    n = PEAK_MATMUL_N
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     times = []
     for _ in range(30):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -110,7 +114,7 @@ def measure_peak_tflops() -> float | None:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return 2 * 8192 ** 3 / (statistics.median(times[5:]) / 1000) / 1e12
+    return 2 * n ** 3 / (statistics.median(times[5:]) / 1000) / 1e12
 
 
 def plan_runs(variants: list[str], runs: int, first_seed: int = 0) -> list[tuple[str, int, list[str]]]:

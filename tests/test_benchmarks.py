@@ -5,7 +5,7 @@ import re
 import sys
 
 import pytest
-from conftest import load_script
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,17 @@ def test_summary_reads_the_log_through_the_records_reader(bench, tmp_path):
     source = inspect.getsource(bench)
     assert not re.search(r"_RE\b|fullmatch|startswith\(\"(step|hyper|world|warmup|peak)", source), \
         "proxy_speedrun.py parses log lines itself"
+
+
+def test_the_matmul_peak_is_measured_by_one_function(bench):
+    """bench_orthogonalize.py and proxy_speedrun.py divide by the same measured peak."""
+    ortho = load_script("benchmarks/bench_orthogonalize.py", "bench_orthogonalize")
+    assert ortho.measure_peak_tflops is bench.measure_peak_tflops
+    defined = [p.name for p in (ROOT / "benchmarks").glob("*.py") if "def measure_peak" in p.read_text()]
+    assert defined == ["proxy_speedrun.py"], defined
+    import torch
+    if not torch.cuda.is_available():
+        assert bench.measure_peak_tflops() is None, "no GPU, no peak"
 
 
 def test_table_gives_each_run_its_own_flops_per_token(bench):
