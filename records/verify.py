@@ -10,8 +10,12 @@ With `--baseline`, the runs are also compared with re-timed runs of the previous
 t-test (`scipy.stats.ttest_ind(new, baseline, equal_var=False)`): time one-sided (new is faster),
 loss two-sided.
 
-The target is the one the logs declare (`target_val_loss`); --target or --track (small by default)
-gives it for logs that declare none, and is refused where it contradicts a log.
+What is pooled: each run once (a copy of a log, however its bytes differ, and a second finished run
+of one recipe with the same seed are refused), and only runs of one recipe: the same source,
+configuration (hyperparameters but seed/run_id/log_dir), steps, data and hardware. Logs of several
+recipes are listed as groups and tested only with `--group N`. The target is the one the logs
+declare (`target_val_loss`); --target or --track (small by default) gives it for logs that declare
+none, and is refused where it contradicts a log.
 
 Usage:
     python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--group N]
@@ -20,11 +24,13 @@ Usage:
     python records/verify.py --check     # every record's ANALYSIS.md and the table match the logs
 
 Exit status: 0 the claim holds (p < alpha), 1 it does not (or --check found stale files),
-2 the input is unusable (no logs, fewer than 2 finished runs, duplicate logs, target mismatch,
-unreadable path). Messages go to stderr.
+2 the input is unusable (no logs, fewer than 2 finished runs, one run counted twice, logs of several
+groups without --group, a target that contradicts the logs, unreadable path). Messages go to stderr.
 
-The module does nothing at import; `parse_log`, `analyze` and the `format_*` functions are the
-pieces `main` chains, and tests call them directly.
+The module does nothing at import. `parse_log_text(text, path)` is the one reader of the trainer's
+log grammar (benchmarks/proxy_speedrun.py and the tests use it); `group_runs`, `analyze`, the
+`*_rows` functions and the `format_*` renderers are the pieces `main` chains, and tests call them
+directly.
 """
 import argparse
 import contextlib
@@ -1199,8 +1205,9 @@ def _verify(args):
         if TRACK_DIRS.get(folder.resolve().parent.name):
             expected = record_target(folder, args.group)
             if not math.isclose(a.target, expected, abs_tol=1e-12):
-                print(f"verify.py: warning: {folder} is a record folder whose logs declare the target {expected}, "
-                      f"but the target here is {a.target}; --check will reject it", file=sys.stderr)
+                print(f"verify.py: warning: {folder} is a record folder tested against {expected} (the target its "
+                      f"logs declare, else its track's), but the target here is {a.target}; --check will reject it",
+                      file=sys.stderr)
         if not write_val_loss_plot(a, folder / PLOT_NAME):
             print(f"verify.py: matplotlib is not installed; {PLOT_NAME} not written", file=sys.stderr)
         command = canonical_command(folder, a.target, args.alpha, args.baseline or (), args.group)
