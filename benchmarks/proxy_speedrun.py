@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_gpt  # noqa: E402
+import train_gpt
 
 
 def _load_verify():
@@ -89,12 +89,12 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if tokens_per_s and peak_tflops else None
     reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
     last_val = run.val_points[-1] if run.val_points else None
-    return dict(log=str(path), world_size=world, ms_per_step=ms, tokens_per_s=tokens_per_s, flops_per_token=fpt,
-                mfu=mfu, time_to_target_s=reached[0] / 1000 if reached else None,
-                final_loss=last_val.val_loss if last_val and last_val.step == hp.num_iterations else None,
-                train_time_s=last_val.train_time_ms / 1000 if last_val else None,
-                peak_gib=run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
-                compile_s=run.timings_s.get("warmup_and_compile_time"), startup_s=run.timings_s.get("startup_time"))
+    return {"log": str(path), "world_size": world, "ms_per_step": ms, "tokens_per_s": tokens_per_s,
+            "flops_per_token": fpt, "mfu": mfu, "time_to_target_s": reached[0] / 1000 if reached else None,
+            "final_loss": last_val.val_loss if last_val and last_val.step == hp.num_iterations else None,
+            "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
+            "peak_gib": run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
+            "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time")}
 
 
 def measure_peak_tflops() -> float | None:
@@ -151,7 +151,8 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if group is not None:
                 env["CUDA_VISIBLE_DEVICES"] = group
-            out = None if len(groups) == 1 else open(log_dir / f"{run_id}.console", "w")
+            # closed when the run ends (below): the file outlives this loop iteration
+            out = None if len(groups) == 1 else open(log_dir / f"{run_id}.console", "w")  # noqa: SIM115
             running[run_id] = (subprocess.Popen(commands[run_id], env=env, stdout=out, stderr=out), group,
                                time.perf_counter(), out)
         time.sleep(0.2)
@@ -175,8 +176,8 @@ def _fmt(x, spec):
 
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
-    head = ("| run | GPUs | time to <= {t} (s) | final loss | train time (s) | ms/step | tokens/s | "
-            "MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |").format(t=target)
+    head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | tokens/s | "
+            "MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |")
     out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 12]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
@@ -244,7 +245,7 @@ def main(argv=None):
             unusable.append(path)
             print(f"{path}: no usable log ({e})", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(peak_tflops=peak, runs=rows), indent=1))
+        Path(args.json).write_text(json.dumps({"peak_tflops": peak, "runs": rows}, indent=1))
     if rows:
         print(format_table(rows, args.target, peak))
     finished = all(r["final_loss"] is not None and math.isfinite(r["final_loss"]) for r in rows)

@@ -73,8 +73,8 @@ def test_the_matmul_peak_is_measured_by_one_function(bench):
 
 def test_table_gives_each_run_its_own_flops_per_token(bench):
     """Side-by-side variants can differ in size: one FLOPs figure for the table would be wrong for all but one."""
-    base = dict(world_size=1, time_to_target_s=None, final_loss=2.0, train_time_s=90.0, ms_per_step=140.0,
-                tokens_per_s=7e5, mfu=0.5, peak_gib=20.0, compile_s=10.0, startup_s=12.0)
+    base = {"world_size": 1, "time_to_target_s": None, "final_loss": 2.0, "train_time_s": 90.0, "ms_per_step": 140.0,
+                "tokens_per_s": 7e5, "mfu": 0.5, "peak_gib": 20.0, "compile_s": 10.0, "startup_s": 12.0}
     rows = [dict(base, log="L7_0.txt", flops_per_token=552.1e6), dict(base, log="L12_0.txt", flops_per_token=759.2e6)]
     lines = bench.format_table(rows, target=2.04, peak=798.0).splitlines()
     cells = {line.split("|")[1].strip(): line.split("|")[8].strip() for line in lines if line.startswith("| L")}
@@ -84,6 +84,7 @@ def test_table_gives_each_run_its_own_flops_per_token(bench):
 def test_logs_from_before_the_layer_pattern_still_summarize(bench):
     """benchmarks/results holds logs that name `long_window_every` instead of `layer_attention`."""
     import dataclasses
+
     import train_gpt
     logged = dataclasses.asdict(train_gpt.parse_args([]))
     del logged["layer_attention"]

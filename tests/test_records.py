@@ -5,7 +5,6 @@ import re
 import shutil
 
 import pytest
-
 from test_verify import H100, PASSING, ROOT, load_verify, our_log, write_logs
 
 verify = load_verify()
@@ -70,8 +69,8 @@ def test_check_rejects_a_record_analyzed_against_a_looser_target(tmp_path, capsy
     assert verify.main(["--table", "--records-dir", str(records)]) == 0
     capsys.readouterr()
     assert verify.check_records(records) == [
-        f"{folder / 'ANALYSIS.md'}: its command uses --target 3.3; this record is tested against 3.28 "
-        "(the target its logs declare, else the track's)"]
+        (f"{folder / 'ANALYSIS.md'}: its command uses --target 3.3; this record is tested against 3.28 "
+         "(the target its logs declare, else the track's)")]
 
 
 def test_check_reports_missing_analysis_and_readme(fake_records):

@@ -2,6 +2,7 @@
 
 records/ holds record folders, not a package, so the tool is loaded from its path.
 """
+import contextlib
 import json
 import math
 import os
@@ -70,7 +71,7 @@ def step_lines(final_loss, n_steps=1750, time_ms=175_000.0, decimals=4, val_ever
     """The training-output grammar: step lines, val lines every `val_every` steps and at the end."""
     stop = n_steps if stop_at is None else stop_at
     lines = []
-    for k in range(0, stop + 1):
+    for k in range(stop + 1):
         t = time_ms * k / n_steps
         if k % val_every == 0 or k == n_steps:
             frac = k / n_steps
@@ -558,6 +559,7 @@ def test_json_output_has_the_documented_keys(tmp_path, capsys):
     folder = write_logs(tmp_path, PASSING)
     code, out, _ = run_cli(capsys, folder, "--json")
     result = json.loads(out)
+    assert code == 0
     for key in ("n", "mean_loss", "std_loss", "p_value", "alpha", "target", "passed", "mean_time_s", "runs", "skipped"):
         assert key in result
     assert result["p_value"] == pytest.approx(stats.ttest_1samp(PASSING, 3.28, alternative="less").pvalue, rel=1e-12)
@@ -660,7 +662,7 @@ def test_write_draws_val_loss_png_when_matplotlib_is_installed(tmp_path, capsys)
 def test_script_runs_from_any_directory_with_exit_status(tmp_path):
     folder = write_logs(tmp_path / "weak", FAILING)
     proc = subprocess.run([sys.executable, str(ROOT / "records" / "verify.py"), str(folder)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False)
     assert proc.returncode == 1 and "FAIL" in proc.stdout
 
 
@@ -673,16 +675,17 @@ def test_parses_logs_written_by_a_tiny_cpu_run_of_train_gpt(tiny_corpus, tmp_pat
     log_dir = tmp_path / "logs"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = []
-    for seed in (0, 1):
-        cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny", f"--train_files={tiny_corpus['train']}",
-               f"--val_files={tiny_corpus['val']}", f"--log_dir={log_dir}", "--num_iterations=4",
-               "--val_loss_every=2", f"--seed={seed}", f"--run_id=seed{seed}"]
-        out = open(tmp_path / f"stdout{seed}.txt", "w")
-        procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env), out))
-    for proc, out in procs:
-        code = proc.wait(timeout=300)
-        out.close()
-        assert code == 0, Path(out.name).read_text()[-3000:]
+    with contextlib.ExitStack() as outputs:
+        for seed in (0, 1):
+            cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny",
+                   f"--train_files={tiny_corpus['train']}", f"--val_files={tiny_corpus['val']}",
+                   f"--log_dir={log_dir}", "--num_iterations=4", "--val_loss_every=2", f"--seed={seed}",
+                   f"--run_id=seed{seed}"]
+            out = outputs.enter_context(open(tmp_path / f"stdout{seed}.txt", "w"))
+            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env), out))
+        for proc, out in procs:
+            code = proc.wait(timeout=300)
+            assert code == 0, Path(out.name).read_text()[-3000:]
     logs = sorted(log_dir.glob("*.txt"))
     assert [p.name for p in logs] == ["seed0.txt", "seed1.txt"]
     text = logs[0].read_text()
