@@ -146,6 +146,7 @@ class RunLog:
     path: Path
     source: str | None  # the text before the first rule: the trainer's own source; None without a rule
     environment: tuple  # lines between the rules: versions and nvidia-smi
+    output: tuple  # the training-output lines as written (after the second rule), right-stripped
     hyperparameters: dict | None  # the `hyperparameters: {...}` line of our trainers; None in public logs
     val_points: tuple  # ValPoint per val line, in log order
     step_points: tuple  # StepPoint per step line, in log order
@@ -279,8 +280,8 @@ def parse_log_text(text, path=Path("<text>")):
     source, environment, output = split_log(text)
     hyperparameters, vals, steps, errors = None, [], [], []
     run_info, timings, peak, last_step, num_iterations = {}, {}, None, None, None
+    output = tuple(line.rstrip() for line in output)
     for line in output:
-        line = line.rstrip()
         if m := VAL_RE.fullmatch(line):
             k, n = int(m[1]), int(m[2])
             vals.append(ValPoint(k, n, float(m[3]), float(m[4]), _decimals(m[3])))
@@ -302,7 +303,8 @@ def parse_log_text(text, path=Path("<text>")):
             peak = (int(m[1]), None if m[2] is None else int(m[2]))
         elif line.startswith(ERROR_PREFIXES):
             errors.append(line)
-    return RunLog(path=Path(path), source=source, environment=environment, hyperparameters=hyperparameters,
+    return RunLog(path=Path(path), source=source, environment=environment, output=output,
+                  hyperparameters=hyperparameters,
                   val_points=tuple(vals), step_points=tuple(steps), run_info=run_info, timings_s=timings,
                   peak_memory_mib=peak, errors=tuple(errors), last_step=last_step, num_iterations=num_iterations)
 

@@ -318,6 +318,7 @@ def test_reader_gives_everything_a_log_says():
     assert [(p.step, p.decimals) for p in run.val_points] == [(0, 4), (500, 4), (1000, 4), (1500, 4)]
     assert run.val_points[-1].train_time_ms == 150000.0
     assert run.errors == ("error: a data error",) and run.peak_memory_mib is None
+    assert run.output[0].startswith("hyperparameters: ") and run.output[-1] == "error: a data error"
     assert (run.last_step, run.num_iterations, run.finished) == (1500, 1750, False)
 
 
