@@ -456,11 +456,18 @@ def _file_list(runs, limit=3):
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def recipe_summary(recipe):
+    """What a group ran, in brief: source hash, steps, hardware."""
+    fields, _ = _recipe_fields(recipe)
+    return f"source {fields['source']}, {fields['steps']} steps, {fields['hardware']}"
+
+
 def describe_group(group, names):
-    """One line: the group's number, its logs, and its value of each name in `names` (all if None)."""
+    """One line: the group's number, its logs, and its value of each name in `names` (the recipe summary
+    if None)."""
     fields, configuration = _recipe_fields(group.recipe)
     if names is None:
-        shown = [f"source {fields['source']}", f"{fields['steps']} steps", fields["hardware"]]
+        shown = [recipe_summary(group.recipe)]
     else:
         values = {**fields, **{k: json.dumps(v) for k, v in (configuration or {}).items()},
                   "hyperparameters": "none (public log)" if configuration is None else "logged"}
@@ -677,7 +684,7 @@ class Analysis:
         if self.group is None:
             return []
         if len(self.groups) <= 1:
-            return [f"runs: one group, {describe_group(self.group, None).split(': ', 2)[2]}"]
+            return [f"runs: one group, {recipe_summary(self.group.recipe)}"]
         head = (f"runs: group {self.group.number} of {len(self.groups)} (--group {self.group.number}); the others "
                 "are not part of this test")
         return [head, *describe_groups(self.groups)]
