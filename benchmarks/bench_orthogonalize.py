@@ -21,6 +21,7 @@ achieved TFLOP/s (useful FLOPs / time) may exceed what the tensor cores execute.
 4 iterations (its AOL Gram matrix is the first one's line 1), NS5 and Polar Express 5.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,8 +31,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_gpt  # noqa: E402  (the sweep patches its _ns_config)
-from train_gpt import (  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, also when loaded by path (tests)
+from proxy_speedrun import PEAK_MATMUL_N, measure_peak_tflops
+
+import train_gpt  # (the sweep patches its _ns_config)
+from train_gpt import (
     ORTHO_METHODS,
     ns_line_1,
     ns_line_1_torch,
@@ -57,7 +61,6 @@ VARIANTS = [
     ("triton turbo_muon", "turbo_muon", "triton"),
 ]
 ERROR_SAMPLE = 4  # matrices of each stack compared with the fp64 SVD polar factor
-PEAK_N = 8192
 
 
 def shapes():
@@ -93,7 +96,7 @@ def graph_ms(fn):
 
     try:
         return do_bench_cudagraph(fn, rep=100, return_mode="median")
-    except Exception as e:  # capture can fail on some stacks; report rather than stop
+    except Exception as e:  # noqa: BLE001  (capture can fail on some stacks in many ways; report rather than stop)
         print(f"  graph capture failed: {type(e).__name__}: {e}")
         return float("nan")
 
@@ -138,14 +141,6 @@ def bench_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def measure_peak():
-    """Median bf16 torch.matmul TFLOP/s at 8192^3: the ceiling the fractions refer to."""
-    a = torch.randn(PEAK_N, PEAK_N, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(PEAK_N, PEAK_N, device="cuda", dtype=torch.bfloat16)
-    ms = bench_ms(lambda: a @ b)
-    return 2 * PEAK_N**3 / ms / 1e9
-
-
 def polar_error(O, P):
     """||O - UV^T||_F / ||UV^T||_F over the first ERROR_SAMPLE matrices, P = polar_factor_fp64(G[:ERROR_SAMPLE])."""
     return ((O[:ERROR_SAMPLE].double() - P).norm() / P.norm()).item()
@@ -158,13 +153,13 @@ def run_timings(peak):
         P = polar_factor_fp64(G[:ERROR_SAMPLE])
         base = {}
         for label, method, backend in VARIANTS:
-            fn = lambda: run_variant(G, method, backend)
+            fn = functools.partial(run_variant, G, method, backend)
             ms = bench_ms(fn)
             flops = useful_flops(method, b, m, n)
             tflops = flops / ms / 1e9
-            row = dict(shape=shape_name, B=b, m=m, n=n, variant=label, ms=ms, host_ms=host_ms(fn), graph_ms=graph_ms(fn),
-                       gflop=flops / 1e9,
-                       tflops=tflops, frac_peak=tflops / peak, polar_error=polar_error(fn(), P))
+            row = {"shape": shape_name, "B": b, "m": m, "n": n, "variant": label, "ms": ms, "host_ms": host_ms(fn),
+                   "graph_ms": graph_ms(fn), "gflop": flops / 1e9, "tflops": tflops, "frac_peak": tflops / peak,
+                   "polar_error": polar_error(fn(), P)}
             base.setdefault(label, ms)
             rows.append(row)
         for row in rows[-len(VARIANTS):]:
@@ -174,7 +169,7 @@ def run_timings(peak):
 
 
 def markdown(rows, peak):
-    lines = [f"bf16 matmul peak ({PEAK_N}^3, median): {peak:.0f} TFLOP/s; useful dense-equivalent FLOPs (see docstring);",
+    lines = [f"bf16 matmul peak ({PEAK_MATMUL_N}^3, median): {peak:.0f} TFLOP/s; useful dense-equivalent FLOPs (see docstring);",
              "ms: do_bench median of eager calls; graph ms: CUDA-graph replay (GPU time only); host ms: CPU time to",
              "enqueue one call. TFLOP/s, % peak and speedups use ms.",
              "",
@@ -212,7 +207,7 @@ def run_check():
     results = []
 
     def record(name, err, err_torch, ok):
-        results.append(dict(check=name, err_triton=err, err_torch=err_torch, ok=ok))
+        results.append({"check": name, "err_triton": err, "err_torch": err_torch, "ok": ok})
         print(f"{'ok  ' if ok else 'FAIL'} {name:58s} triton {err:.2e}  torch {err_torch:.2e}")
         if not ok:
             failures.append(name)
@@ -304,8 +299,8 @@ def run_sweep():
             references = {1: ns_line_1_torch, 2: ns_line_2_torch, 3: ns_line_3_torch}
             for op_name, op_args in args.items():
                 line = int(op_name[5])
-                fn = lambda line=line, op_args=op_args: kernels[line](*op_args)
-                reference_ms = bench_ms(lambda: references[line](*op_args))
+                fn = functools.partial(kernels[line], *op_args)
+                reference_ms = bench_ms(functools.partial(references[line], *op_args))
                 timings = {}
                 for cfg in SWEEP_CONFIGS:
                     if line != 3 and cfg[1] != cfg[0]:
@@ -313,15 +308,15 @@ def run_sweep():
                     train_gpt._ns_config = lambda *shape, cfg=cfg, **kind: cfg
                     try:
                         timings[cfg] = bench_ms(fn)
-                    except Exception as e:  # e.g. out of shared memory for this config
+                    except Exception as e:  # noqa: BLE001  (any failing config, e.g. out of shared memory, is skipped)
                         print(f"  {shape_name} {op_name} {cfg}: {type(e).__name__}")
                     finally:
                         train_gpt._ns_config = original
                 default_ms = bench_ms(fn)
                 best = min(timings, key=timings.get)
-                rows.append(dict(shape=shape_name, op=op_name, torch_ms=reference_ms, default_ms=default_ms,
-                                 best_cfg=list(best), best_ms=timings[best],
-                                 all={str(k): v for k, v in timings.items()}))
+                rows.append({"shape": shape_name, "op": op_name, "torch_ms": reference_ms, "default_ms": default_ms,
+                             "best_cfg": list(best), "best_ms": timings[best],
+                             "all": {str(k): v for k, v in timings.items()}})
                 print(f"{shape_name:10s} {op_name:14s} torch {reference_ms:.3f} ms  default {default_ms:.3f} ms  "
                       f"best {timings[best]:.3f} ms {best}")
     finally:
@@ -339,9 +334,9 @@ def main():
         sys.exit("bench_orthogonalize needs a CUDA GPU")
     import triton
 
-    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}")
-    out = dict(info=info)
+    out = {"info": info}
     status = 0
     if args.check:
         out["check"], failures = run_check()
@@ -352,7 +347,7 @@ def main():
     else:
         out["launch_overhead_us"] = launch_overhead_us()
         print("host us per call: " + ", ".join(f"{k} {v:.1f}" for k, v in out["launch_overhead_us"].items()))
-        peak = measure_peak()
+        peak = measure_peak_tflops()
         out["peak_tflops"] = peak
         out["timings"] = run_timings(peak)
         print(markdown(out["timings"], peak))

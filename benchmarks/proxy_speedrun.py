@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_gpt  # noqa: E402
+import train_gpt
 
 
 def _load_verify():
@@ -43,6 +43,7 @@ def _load_verify():
 
 
 verify = _load_verify()
+PEAK_MATMUL_N = 8192  # square bf16 matmul of the peak measurement: large enough that launch overhead does not count
 
 
 def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
@@ -72,48 +73,39 @@ def hyperparameters_of_log(logged: dict) -> train_gpt.Hyperparameters:
 
 
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
-    """Numbers of one training log; None where the log does not have them."""
-    lines = verify.training_output_lines(Path(path).read_text(errors="replace"))
-    step_ms, val, info = {}, [], {}
-    for line in lines:
-        if m := verify.VAL_RE.fullmatch(line):
-            val.append((int(m[1]), float(m[3]), float(m[4])))
-        elif m := verify.STEP_RE.fullmatch(line):
-            step_ms[int(m[1])] = float(m[3])
-        elif line.startswith("hyperparameters: "):
-            info["hp"] = json.loads(line.split(": ", 1)[1])
-        elif line.startswith("world_size:"):
-            info["world_size"] = int(line.split()[0].split(":")[1])
-        elif line.startswith("warmup_and_compile_time:"):
-            fields = dict(f.split(":") for f in line.split())
-            info["compile_s"] = float(fields["warmup_and_compile_time"].rstrip("s"))
-            info["startup_s"] = float(fields["startup_time"].rstrip("s"))
-        elif m := verify.PEAK_RE.fullmatch(line):
-            info["peak_mib"] = int(m[1])
-    if "hp" not in info:
+    """Numbers of one training log, read by records/verify.py's reader; None where the log does not have them.
+    Raises ValueError for a log without a hyperparameters line, verify.VerifyError for an unreadable one."""
+    run = verify.parse_log(path)
+    if run.hyperparameters is None:
         raise ValueError(f"{path}: no hyperparameters line; not a train_gpt.py log")
-    hp = hyperparameters_of_log(info["hp"])
+    hp = hyperparameters_of_log(run.hyperparameters)
+    step_ms = {p.step: p.train_time_ms for p in run.step_points}
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
     increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
     ms = statistics.median(increments) if increments else None
     tokens_per_s = hp.batch_tokens / ms * 1000 if ms else None
     fpt = flops_per_token(hp)
-    world = info.get("world_size", 1)
+    world = run.world_size or 1
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if tokens_per_s and peak_tflops else None
-    reached = [ms_at for _, loss, ms_at in val if loss <= target]
-    return dict(log=str(path), world_size=world, ms_per_step=ms, tokens_per_s=tokens_per_s, flops_per_token=fpt,
-                mfu=mfu, time_to_target_s=reached[0] / 1000 if reached else None,
-                final_loss=val[-1][1] if val and val[-1][0] == hp.num_iterations else None,
-                train_time_s=val[-1][2] / 1000 if val else None, peak_gib=info.get("peak_mib", 0) / 1024 or None,
-                compile_s=info.get("compile_s"), startup_s=info.get("startup_s"))
+    reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
+    last_val = run.val_points[-1] if run.val_points else None
+    return {"log": str(path), "world_size": world, "ms_per_step": ms, "tokens_per_s": tokens_per_s,
+            "flops_per_token": fpt, "mfu": mfu, "time_to_target_s": reached[0] / 1000 if reached else None,
+            "final_loss": last_val.val_loss if last_val and last_val.step == hp.num_iterations else None,
+            "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
+            "peak_gib": run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
+            "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time")}
 
 
 def measure_peak_tflops() -> float | None:
-    """Median bf16 8192^3 matmul rate on this GPU, or None without one."""
+    """Median bf16 PEAK_MATMUL_N^3 torch.matmul rate on this GPU in TFLOP/s, or None without one: the ceiling
+    MFU here and the % peak of bench_orthogonalize.py refer to. Timed with CUDA events per call, the first
+    calls dropped as warm-up."""
     import torch
     if not torch.cuda.is_available():
         return None
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    n = PEAK_MATMUL_N
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     times = []
     for _ in range(30):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,7 +114,7 @@ def measure_peak_tflops() -> float | None:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return 2 * 8192 ** 3 / (statistics.median(times[5:]) / 1000) / 1e12
+    return 2 * n ** 3 / (statistics.median(times[5:]) / 1000) / 1e12
 
 
 def plan_runs(variants: list[str], runs: int, first_seed: int = 0) -> list[tuple[str, int, list[str]]]:
@@ -159,7 +151,8 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if group is not None:
                 env["CUDA_VISIBLE_DEVICES"] = group
-            out = None if len(groups) == 1 else open(log_dir / f"{run_id}.console", "w")
+            # closed when the run ends (below): the file outlives this loop iteration
+            out = None if len(groups) == 1 else open(log_dir / f"{run_id}.console", "w")  # noqa: SIM115
             running[run_id] = (subprocess.Popen(commands[run_id], env=env, stdout=out, stderr=out), group,
                                time.perf_counter(), out)
         time.sleep(0.2)
@@ -183,8 +176,8 @@ def _fmt(x, spec):
 
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
-    head = ("| run | GPUs | time to <= {t} (s) | final loss | train time (s) | ms/step | tokens/s | "
-            "MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |").format(t=target)
+    head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | tokens/s | "
+            "MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |")
     out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 12]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
@@ -248,11 +241,11 @@ def main(argv=None):
     for path in logs:
         try:
             rows.append(summarize_log(path, args.target, peak))
-        except (OSError, ValueError) as e:  # a run that crashed early: report it, keep the others' table
+        except (ValueError, verify.VerifyError) as e:  # a run that crashed early: report it, keep the others' table
             unusable.append(path)
             print(f"{path}: no usable log ({e})", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(peak_tflops=peak, runs=rows), indent=1))
+        Path(args.json).write_text(json.dumps({"peak_tflops": peak, "runs": rows}, indent=1))
     if rows:
         print(format_table(rows, args.target, peak))
     finished = all(r["final_loss"] is not None and math.isfinite(r["final_loss"]) for r in rows)

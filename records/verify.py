@@ -10,21 +10,31 @@ With `--baseline`, the runs are also compared with re-timed runs of the previous
 t-test (`scipy.stats.ttest_ind(new, baseline, equal_var=False)`): time one-sided (new is faster),
 loss two-sided.
 
+What is pooled: each run once (a copy of a log, however its bytes differ, and a second finished run
+of one recipe with the same seed are refused), and only runs of one recipe: the same source,
+configuration (hyperparameters but seed/run_id/log_dir), steps, data and hardware. Logs of several
+recipes are listed as groups and tested only with `--group N`. The target is the one the logs
+declare (`target_val_loss`); --target or --track (small by default) gives it for logs that declare
+none, and is refused where it contradicts a log.
+
 Usage:
-    python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--alpha 0.01]
-                             [--baseline LOG_OR_FOLDER...] [--write] [--json]
+    python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--group N]
+                             [--alpha 0.01] [--baseline LOG_OR_FOLDER...] [--write] [--json]
     python records/verify.py --table     # rewrite the generated table block in records/README.md
     python records/verify.py --check     # every record's ANALYSIS.md and the table match the logs
 
 Exit status: 0 the claim holds (p < alpha), 1 it does not (or --check found stale files),
-2 the input is unusable (no logs, fewer than 2 finished runs, duplicate logs, target mismatch,
-unreadable path). Messages go to stderr.
+2 the input is unusable (no logs, fewer than 2 finished runs, one run counted twice, logs of several
+groups without --group, a target that contradicts the logs, unreadable path). Messages go to stderr.
 
-The module does nothing at import; `parse_log`, `analyze` and the `format_*` functions are the
-pieces `main` chains, and tests call them directly.
+The module does nothing at import. `parse_log_text(text, path)` is the one reader of the trainer's
+log grammar (benchmarks/proxy_speedrun.py and the tests use it); `group_runs`, `analyze`, the
+`*_rows` functions and the `format_*` renderers are the pieces `main` chains, and tests call them
+directly.
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -33,7 +43,7 @@ import re
 import shlex
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from scipy import stats
@@ -58,13 +68,24 @@ TABLE_END = "<!-- records-table:end -->"
 COMMAND_PREFIX = "python records/verify.py "
 
 # Line grammar of the training output (style.md, house rule 6). Every pattern is matched against a
-# whole line (fullmatch), so the f-string source lines at the top of a log never match.
+# whole line (fullmatch), so the f-string source lines at the top of a log never match, and lines the
+# trainer may add later (warnings, resume notes) are ignored rather than misread.
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _FLOAT = rf"(?:{_NUM}|[-+]?nan|[-+]?inf)"  # losses and averages may print as nan/inf
 VAL_RE = re.compile(rf"step:(\d+)/(\d+) val_loss:({_FLOAT}) train_time:({_NUM})ms step_avg:{_FLOAT}ms")
 STEP_RE = re.compile(rf"step:(\d+)/(\d+)(?: train_loss:{_FLOAT})? train_time:({_NUM})ms step_avg:{_FLOAT}ms")
 HPARAMS_RE = re.compile(r"hyperparameters: (\{.*\})")
+# `world_size:8 grad_accum:1 tokens_per_step:393216 device:cuda compile:True`: read as key:value fields,
+# so a field added later does not hide the world size
+RUN_INFO_RE = re.compile(r"world_size:\d+(?: \w+:\S+)*")
+# `warmup_and_compile_time:31.8s first_train_step:20.1s first_val_forward:5.2s startup_time:42.9s`
+TIMINGS_RE = re.compile(rf"warmup_and_compile_time:{_NUM}s(?: \w+:{_NUM}s)*")
 PEAK_RE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (?:(\d+) MiB|.*)")  # CPU runs: "n/a (...)"
+ERROR_PREFIXES = ("error:", "crash:", "Traceback")  # the trainer's failure lines (a crash adds its traceback)
+# A GPU row of nvidia-smi's device table: index, name, persistence mode, then two more cells. Its second
+# row starts with the fan speed and process rows have fewer cells, so neither matches.
+GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|[^|]*\|[^|]*\|")
+PER_RUN_FIELDS = ("seed", "run_id", "log_dir")  # hyperparameters that name one run, not what it ran
 
 
 class VerifyError(Exception):
@@ -72,29 +93,134 @@ class VerifyError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# Parsing
+# Parsing: the one reader of the log grammar
+
+@dataclass(frozen=True)
+class ValPoint:
+    """A `step:k/N val_loss:x train_time:Tms step_avg:Sms` line."""
+    step: int
+    num_iterations: int
+    val_loss: float
+    train_time_ms: float  # training time so far, validation excluded
+    decimals: int  # digits printed after the point (the track's convention)
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    """A `step:k/N train_time:Tms step_avg:Sms` line (public logs may add `train_loss:x`)."""
+    step: int
+    num_iterations: int
+    train_time_ms: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a run ran, as far as its log says (None where it does not say): runs of one recipe are a
+    sample that one test may pool. The configuration is the logged hyperparameters but PER_RUN_FIELDS,
+    so it holds the data (train_files, val_files, val_tokens) and the target too."""
+    source_sha256: str | None  # of the trainer source at the top of the log
+    configuration: str | None  # sorted JSON of the hyperparameters but PER_RUN_FIELDS
+    steps: int | None  # num_iterations: logged, else N of the step lines
+    processes: int | None  # the world_size line; in public logs (no such line), the GPUs nvidia-smi lists
+    gpus: tuple | None  # the GPU models nvidia-smi lists
+    device: str | None  # of the world_size line: cuda or cpu
+
+    def agrees_with(self, other):
+        """Equal wherever both logs say something: a run that stopped before printing a line still
+        belongs to the recipe it started."""
+        return all(a is None or b is None or a == b for a, b in zip(astuple(self), astuple(other)))
+
+    @property
+    def hardware(self):
+        if self.gpus is None:
+            return "unknown" if self.processes is None and self.device is None else \
+                f"{self.processes or '?'}x {self.device or '?'} (no GPU listed)"
+        return f"{self.processes or '?'}x {' + '.join(self.gpus)}"
+
 
 @dataclass(frozen=True)
 class RunLog:
-    """What one training log says. `final_loss` is the val loss at step N of N, if it was reached."""
+    """Everything one training log says, as `parse_log_text` reads it. A log is the trainer's source, a
+    rule of 100 '=', versions and nvidia-smi, a second rule, then the training output; public logs have
+    no `hyperparameters:`, `world_size:` or start-up lines, and some have no header at all."""
     path: Path
-    sha256: str  # of the file bytes, to catch the same run submitted twice
+    source: str | None  # the text before the first rule: the trainer's own source; None without a rule
+    environment: tuple  # lines between the rules: versions and nvidia-smi
+    output: tuple  # the training-output lines as written (after the second rule), right-stripped
     hyperparameters: dict | None  # the `hyperparameters: {...}` line of our trainers; None in public logs
-    val_curve: tuple  # ((step, val_loss), ...) in log order
-    num_iterations: int | None  # N of the last `step:k/N` line
-    last_step: int | None  # k of the last `step:k/N` line
-    final_loss: float | None
-    train_time_ms: float | None  # of the final val line: training time excluding validation
+    val_points: tuple  # ValPoint per val line, in log order
+    step_points: tuple  # StepPoint per step line, in log order
+    run_info: dict  # fields of the `world_size:` line, as strings
+    timings_s: dict  # fields of the `warmup_and_compile_time:` line, in seconds
     peak_memory_mib: tuple | None  # (allocated, reserved or None)
-    errors: tuple = ()  # `error:` and `Traceback` lines
+    errors: tuple = ()  # `error:`, `crash:` and `Traceback` lines
+    last_step: int | None = None  # k of the last `step:k/N` line of either kind
+    num_iterations: int | None = None  # N of that line
+
+    @property
+    def val_curve(self):
+        """((step, val_loss), ...) in log order."""
+        return tuple((p.step, p.val_loss) for p in self.val_points)
+
+    @property
+    def final_point(self):
+        """The val line at step N of N, if the run reached it."""
+        finals = [p for p in self.val_points if p.step == p.num_iterations]
+        return finals[-1] if finals else None
+
+    @property
+    def final_loss(self):
+        return None if self.final_point is None else self.final_point.val_loss
+
+    @property
+    def train_time_ms(self):
+        """Training time of the final val line: validation, compilation and warm-up excluded."""
+        return None if self.final_point is None else self.final_point.train_time_ms
+
+    @property
+    def time_s(self):
+        return None if self.train_time_ms is None else self.train_time_ms / 1000
 
     @property
     def finished(self):
         return self.final_loss is not None and math.isfinite(self.final_loss)
 
     @property
-    def time_s(self):
-        return None if self.train_time_ms is None else self.train_time_ms / 1000
+    def world_size(self):
+        return int(self.run_info["world_size"]) if "world_size" in self.run_info else None
+
+    @property
+    def grad_accum(self):
+        return int(self.run_info["grad_accum"]) if "grad_accum" in self.run_info else None
+
+    @property
+    def device(self):
+        return self.run_info.get("device")
+
+    @property
+    def gpus(self):
+        """The GPU names nvidia-smi listed, one per GPU of the machine (the run may have used fewer)."""
+        return tuple(m[1] for line in self.environment if (m := GPU_ROW_RE.fullmatch(line.rstrip())))
+
+    @property
+    def seed(self):
+        return (self.hyperparameters or {}).get("seed")
+
+    @functools.cached_property
+    def recipe(self):
+        hp = self.hyperparameters
+        configuration = None if hp is None else json.dumps(
+            {k: v for k, v in hp.items() if k not in PER_RUN_FIELDS}, sort_keys=True)
+        steps = hp.get("num_iterations") if hp else None
+        gpus = self.gpus
+        processes = self.world_size
+        if processes is None and hp is None and gpus:
+            processes = len(gpus)  # public runs use every GPU of the machine
+        source = None if self.source is None else \
+            hashlib.sha256("\n".join(line.rstrip() for line in self.source.splitlines()).encode()).hexdigest()
+        return Recipe(source_sha256=source, configuration=configuration,
+                      steps=steps if steps is not None else self.num_iterations, processes=processes,
+                      gpus=tuple(sorted(set(gpus))) or None, device=self.device)
 
     @property
     def logged_track(self):
@@ -117,6 +243,9 @@ class RunLog:
             return f"final val_loss is {self.final_loss} at step {self.num_iterations}/{self.num_iterations} (diverged)"
         if self.last_step is None:
             reason = "did not finish: no step lines (not a training log, or it stopped before step 0)"
+        elif self.last_step == self.num_iterations:
+            n = self.num_iterations
+            reason = f"reached step {n}/{n} but has no final val_loss line (step:{n}/{n} val_loss:...)"
         else:
             reason = f"did not finish: last logged step {self.last_step}/{self.num_iterations}"
         nan_steps = [k for k, loss in self.val_curve if not math.isfinite(loss)]
@@ -127,67 +256,103 @@ class RunLog:
         return reason
 
 
-def training_output_lines(text):
-    """The lines after the header. A trainer log is source code, a rule of 100 '=', versions and
-    nvidia-smi, a second rule, then the training output; the source contains the format strings, so
-    only what follows the second rule is read. Logs without rules are read whole."""
+def split_log(text):
+    """(source, environment lines, training-output lines) of a log's text. The source contains the
+    format strings, so only what follows the second rule is training output. One rule: the log stopped
+    while printing the header. No rule: the whole text is read as training output."""
     lines = text.splitlines()
     rules = [i for i, line in enumerate(lines) if line.rstrip() == RULE]
-    if len(rules) >= 2:
-        return lines[rules[1] + 1:]
-    if len(rules) == 1:  # stopped while printing the header
-        return lines[rules[0] + 1:]
-    return lines
+    if not rules:
+        return None, (), lines
+    source = "\n".join(lines[:rules[0]])
+    if len(rules) == 1:
+        return source, (), lines[rules[0] + 1:]
+    return source, tuple(lines[rules[0] + 1:rules[1]]), lines[rules[1] + 1:]
 
 
-def parse_log_text(text, path=Path("<text>"), sha256=""):
-    """Parse the text of one log (see `parse_log`)."""
-    hyperparameters, curve, errors = None, [], []
-    num_iterations = last_step = final_loss = train_time_ms = peak = None
-    for line in training_output_lines(text):
-        line = line.rstrip()
+def _decimals(number_text):
+    return len(number_text.partition(".")[2]) if number_text[-1:].isdigit() else 0
+
+
+def parse_log_text(text, path=Path("<text>")):
+    """Read one log's text into a RunLog: the one reader of the trainer's log grammar. Lines that match
+    no known pattern are ignored. Raises VerifyError on a malformed hyperparameters line."""
+    source, environment, output = split_log(text)
+    hyperparameters, vals, steps, errors = None, [], [], []
+    run_info, timings, peak, last_step, num_iterations = {}, {}, None, None, None
+    output = tuple(line.rstrip() for line in output)
+    for line in output:
         if m := VAL_RE.fullmatch(line):
-            k, n, loss, ms = int(m[1]), int(m[2]), float(m[3]), float(m[4])
-            curve.append((k, loss))
+            k, n = int(m[1]), int(m[2])
+            vals.append(ValPoint(k, n, float(m[3]), float(m[4]), _decimals(m[3])))
             last_step, num_iterations = k, n
-            if k == n:
-                final_loss, train_time_ms = loss, ms
         elif m := STEP_RE.fullmatch(line):
-            last_step, num_iterations = int(m[1]), int(m[2])
+            k, n = int(m[1]), int(m[2])
+            steps.append(StepPoint(k, n, float(m[3])))
+            last_step, num_iterations = k, n
         elif m := HPARAMS_RE.fullmatch(line):
             try:
                 hyperparameters = json.loads(m[1])
             except json.JSONDecodeError as e:
                 raise VerifyError(f"{path}: malformed hyperparameters line ({e})") from None
+        elif RUN_INFO_RE.fullmatch(line):
+            run_info = dict(field.split(":", 1) for field in line.split())
+        elif TIMINGS_RE.fullmatch(line):
+            timings = {key: float(value.rstrip("s")) for key, value in (f.split(":", 1) for f in line.split())}
         elif m := PEAK_RE.fullmatch(line):
             peak = (int(m[1]), None if m[2] is None else int(m[2]))
-        elif line.startswith(("error:", "Traceback")):
+        elif line.startswith(ERROR_PREFIXES):
             errors.append(line)
-    return RunLog(path=Path(path), sha256=sha256, hyperparameters=hyperparameters, val_curve=tuple(curve),
-                  num_iterations=num_iterations, last_step=last_step, final_loss=final_loss,
-                  train_time_ms=train_time_ms, peak_memory_mib=peak, errors=tuple(errors))
+    return RunLog(path=Path(path), source=source, environment=environment, output=output,
+                  hyperparameters=hyperparameters,
+                  val_points=tuple(vals), step_points=tuple(steps), run_info=run_info, timings_s=timings,
+                  peak_memory_mib=peak, errors=tuple(errors), last_step=last_step, num_iterations=num_iterations)
 
 
 def parse_log(path):
-    """Read one log file. Raises VerifyError if it cannot be read."""
+    """Read one log file (see `parse_log_text`). Raises VerifyError if it cannot be read."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise VerifyError(f"{path}: cannot read ({e.strerror})") from None
-    return parse_log_text(data.decode("utf-8", errors="replace"), path, hashlib.sha256(data).hexdigest())
+    return parse_log_text(data.decode("utf-8", errors="replace"), path)
+
+
+def _logs_in(folder):
+    return sorted(f for f in Path(folder).glob("*.txt") if f.is_file() and f.name not in NOT_LOGS)
+
+
+def log_subfolders(folder):
+    """[(sub-folder, number of *.txt logs)] below `folder`, at any depth, sorted by path."""
+    counts = {}
+    for f in Path(folder).rglob("*.txt"):
+        if f.is_file() and f.parent != Path(folder) and f.name not in NOT_LOGS:
+            counts[f.parent] = counts.get(f.parent, 0) + 1
+    return sorted(counts.items())
+
+
+def _plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def collect_logs(paths):
-    """Expand PATH arguments: a file is taken as given; a folder gives its *.txt files (not recursive),
-    sorted by name. Raises VerifyError for missing paths and folders without logs."""
+    """Expand PATH arguments: a file is taken as given; a folder gives its *.txt files, sorted by name.
+    Sub-folders are not searched: a record keeps other runs there (the re-timed previous record in
+    baseline/), and pooling them with the claim would test neither. Raises VerifyError for missing paths
+    and folders without logs, naming the sub-folders that hold some."""
     files = []
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            found = sorted(f for f in p.glob("*.txt") if f.is_file() and f.name not in NOT_LOGS)
+            found = _logs_in(p)
             if not found:
-                raise VerifyError(f"{p}: no *.txt logs in this folder")
+                subs = log_subfolders(p)
+                hint = "" if not subs else (
+                    "; sub-folders hold logs: " + ", ".join(f"{d} ({_plural(n, 'log')})" for d, n in subs) +
+                    ". Sub-folders are not searched: pass the folder of the claim's runs as PATH (and re-timed "
+                    "runs of the previous record with --baseline)")
+                raise VerifyError(f"{p}: no *.txt logs in this folder{hint}")
             files += found
         elif p.is_file():
             files.append(p)
@@ -198,48 +363,188 @@ def collect_logs(paths):
     return files
 
 
-def check_duplicates(runs):
-    """The same run counted twice would shrink the std and the p-value: reject it."""
-    seen_paths, seen_hashes = {}, {}
-    for run in runs:
+def unread_log_folders(paths, read_paths=()):
+    """Sub-folders of folder PATHs that hold logs no PATH in `paths` or `read_paths` names: the CLI says
+    they were not read."""
+    read = {Path(p).resolve() for p in [*paths, *read_paths]}
+    return [(d, n) for p in paths if Path(p).is_dir() for d, n in log_subfolders(p) if d.resolve() not in read]
+
+
+def check_duplicates(runs, baseline_runs=()):
+    """A run counted twice shrinks the std and the p-value. Refuse, naming both files: one file given
+    twice; two finished runs with the same val lines (step, loss and training time of every validation),
+    which is one run saved twice whatever else differs (whitespace, line endings, an edited header); two
+    finished runs of one recipe with the same seed (within the runs, or within the baseline runs), since
+    a repeated seed is not an independent sample. Unfinished runs do not count, so a crashed run may stay
+    next to its re-run."""
+    seen_paths, seen_vals = {}, {}
+    for run in [*runs, *baseline_runs]:
         key = run.path.resolve()
         if key in seen_paths:
             raise VerifyError(f"{run.path}: given twice (also as {seen_paths[key].path})")
         seen_paths[key] = run
-        if run.sha256 in seen_hashes:
-            raise VerifyError(f"duplicate run: {run.path} and {seen_hashes[run.sha256].path} have identical "
-                              "content (sha256); each run must be counted once")
-        seen_hashes[run.sha256] = run
+        if run.finished:
+            if (other := seen_vals.get(run.val_points)) is not None:
+                raise VerifyError(f"duplicate run: {other.path} and {run.path} have the same val lines (loss and "
+                                  "training time at every validation): one run saved twice, even if the files "
+                                  "differ elsewhere; each run counts once: remove one of them")
+            seen_vals[run.val_points] = run
+    for sample in (runs, baseline_runs):
+        seen_seeds = {}
+        for run in sample:
+            if run.finished and run.seed is not None:
+                key = (run.recipe, json.dumps(run.seed))
+                if (other := seen_seeds.get(key)) is not None:
+                    raise VerifyError(f"duplicate run: {other.path} and {run.path} ran the same recipe with the same "
+                                      f"seed {run.seed}; a repeated seed is not an independent sample: keep one of "
+                                      "them (a crashed run may stay: unfinished runs do not count)")
+                seen_seeds[key] = run
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs of one recipe: what one test may pool."""
+    number: int  # 1-based; groups are numbered in the order of their first log
+    recipe: Recipe
+    runs: tuple
+
+
+def group_runs(runs):
+    """Split runs into groups of one recipe (source, configuration, steps, data, hardware). Finished runs
+    group by equal recipes; an unfinished run joins the first group its log agrees with (it may have
+    stopped before printing the world_size line), else it makes a group of its own."""
+    members = {}  # recipe -> runs, in insertion order
+    for run in runs:
+        if run.finished:
+            members.setdefault(run.recipe, []).append(run)
+    for run in runs:
+        if not run.finished:
+            home = next((recipe for recipe in members if run.recipe.agrees_with(recipe)), run.recipe)
+            members.setdefault(home, []).append(run)
+    position = {id(run): i for i, run in enumerate(runs)}
+    ordered = sorted(members.items(), key=lambda item: min(position[id(r)] for r in item[1]))
+    return [RunGroup(number, recipe, tuple(sorted(rs, key=lambda r: position[id(r)])))
+            for number, (recipe, rs) in enumerate(ordered, start=1)]
+
+
+def _recipe_fields(recipe):
+    """What a recipe says, for people: source hash, steps, hardware, and each logged hyperparameter."""
+    fields = {"source": recipe.source_sha256[:12] if recipe.source_sha256 else "none (no header)",
+              "steps": recipe.steps, "hardware": recipe.hardware}
+    if recipe.configuration is None:
+        return fields, None
+    return fields, json.loads(recipe.configuration)
+
+
+def group_differences(groups):
+    """The names of what differs between groups: source, steps, hardware, `hyperparameters` when some
+    groups log none, else each hyperparameter whose value differs."""
+    described = [_recipe_fields(g.recipe) for g in groups]
+    names = [k for k in described[0][0] if len({json.dumps(f[k]) for f, _ in described}) > 1]
+    configurations = [c for _, c in described]
+    if any(c is None for c in configurations):
+        if any(c is not None for c in configurations):
+            names.append("hyperparameters")
+    else:
+        keys = dict.fromkeys(k for c in configurations for k in c)
+        names += [k for k in keys if len({json.dumps(c.get(k, "(absent)")) for c in configurations}) > 1]
+    return names
+
+
+def _file_list(runs, limit=3):
+    names = [r.path.name for r in runs]
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def recipe_summary(recipe):
+    """What a group ran, in brief: source hash, steps, hardware."""
+    fields, _ = _recipe_fields(recipe)
+    return f"source {fields['source']}, {fields['steps']} steps, {fields['hardware']}"
+
+
+def describe_group(group, names):
+    """One line: the group's number, its logs, and its value of each name in `names` (the recipe summary
+    if None)."""
+    fields, configuration = _recipe_fields(group.recipe)
+    if names is None:
+        shown = [recipe_summary(group.recipe)]
+    else:
+        values = {**fields, **{k: json.dumps(v) for k, v in (configuration or {}).items()},
+                  "hyperparameters": "none (public log)" if configuration is None else "logged"}
+        shown = [f"{k} {values.get(k, '(absent)')}" for k in names]
+    return f"group {group.number}: {_plural(len(group.runs), 'log')} ({_file_list(group.runs)}): {', '.join(shown)}"
+
+
+def describe_groups(groups):
+    """Lines listing the groups by what differs between them (by what each ran, for a single group)."""
+    if len(groups) == 1:
+        return [describe_group(groups[0], None)]
+    names = group_differences(groups)
+    return [f"what differs: {', '.join(names)}"] + [describe_group(g, names) for g in groups]
+
+
+def select_group(groups, number=None, what="the logs", choose="pass --group N to test the claim's runs, or "
+                 "move the other runs into a sub-folder (baseline/ for re-timed runs of the previous record, "
+                 "given with --baseline)"):
+    """The group to test: the only one, or number `number`. Raises VerifyError listing the groups when
+    there are several and no number, or the number is not one of them."""
+    if number is None and len(groups) == 1:
+        return groups[0]
+    listing = "".join(f"\n  {line}" for line in describe_groups(groups))
+    if number is None:
+        raise VerifyError(f"{what} are {len(groups)} groups of runs that ran different things; one test pools one "
+                          f"group: {choose}:{listing}")
+    if not 1 <= number <= len(groups):
+        raise VerifyError(f"--group {number}: {what} are {_plural(len(groups), 'group')}:{listing}")
+    return groups[number - 1]
+
+
+def check_same_hardware(group, baseline_group):
+    """Welch's test of time compares machines too unless both sets of runs ran on the same one."""
+    a, b = group.recipe, baseline_group.recipe
+    pairs = ((a.processes, b.processes), (a.gpus, b.gpus), (a.device, b.device))
+    if not all(x is None or y is None or x == y for x, y in pairs):
+        raise VerifyError(f"the --baseline runs ran on {b.hardware}, the runs on {a.hardware}: comparing times needs "
+                          "the same machine; re-time the previous record where the new runs ran")
 
 
 def resolve_target(runs, target=None, track=None):
-    """The target in use and where it came from: --target; else the logs' declared target when they
-    all agree; else --track's target (small by default)."""
-    if target is not None:
-        return float(target), "--target"
+    """The target the runs are tested against, and where it comes from. The rule: a run that declares its
+    target (`target_val_loss` in its hyperparameters line; our trainers always log one, the track's
+    unless set) is tested against that target, because the claim is what the runs were set up to reach,
+    not a target picked after seeing the losses. --target and --track give the target of logs that
+    declare none (public logs; --track small by default), and are refused where they contradict a log."""
+    for run in runs:
+        if track is not None and run.logged_track is not None and run.logged_track != track:
+            raise VerifyError(f"{run.path}: logged track {run.logged_track!r} but --track {track}; leave --track out "
+                              "(the logs say their track and target)")
     declared = {run.path: run.logged_target for run in runs if run.logged_target is not None}
     if len(set(declared.values())) > 1:
         by_target = {}
         for path, t in declared.items():
             by_target.setdefault(t, []).append(str(path))
         listing = "; ".join(f"{t}: {', '.join(paths)}" for t, paths in by_target.items())
-        raise VerifyError(f"the logs declare different targets ({listing}); pass --target to choose one")
+        raise VerifyError(f"the logs declare different targets ({listing}); test the logs of one target at a time")
     if declared:
-        return next(iter(declared.values())), "logs (hyperparameters)"
+        path, value = next(iter(declared.items()))
+        if target is not None and not math.isclose(target, value, abs_tol=1e-12):
+            raise VerifyError(f"{path}: the logs declare target_val_loss {value}, and runs are tested against the "
+                              f"target they declare; leave --target out (or pass --target {value})")
+        return value, "the logs' target_val_loss"
+    if target is not None:
+        return float(target), "--target"
     if track is None:
         return TRACK_TARGETS["small"], "--track small (the default)"
     return TRACK_TARGETS[track], f"--track {track}"
 
 
-def check_targets(runs, target, track=None):
-    """Reject a run whose declared target or track differs from the one being tested."""
-    for run in runs:
-        if track is not None and run.logged_track is not None and run.logged_track != track:
-            raise VerifyError(f"{run.path}: logged track {run.logged_track!r} but --track {track}")
+def check_baseline_targets(baseline_runs, target):
+    """A baseline is the previous record on the same track and data: a log declaring another target is not."""
+    for run in baseline_runs:
         if run.logged_target is not None and not math.isclose(run.logged_target, target, abs_tol=1e-12):
-            track_note = f" (track {run.logged_track})" if run.logged_track else ""
-            raise VerifyError(f"{run.path}: logged target_val_loss {run.logged_target}{track_note} but the target "
-                              f"in use is {target}; pass the matching --target/--track or leave this log out")
+            raise VerifyError(f"{run.path}: this --baseline log declares target_val_loss {run.logged_target}, the runs "
+                              f"are tested against {target}; give --baseline re-timed runs of the previous record "
+                              "on the same track and data")
 
 
 # -----------------------------------------------------------------------------
@@ -371,6 +676,18 @@ class Analysis:
     std_time_s: float
     runs_needed: int | None  # only computed when the test fails
     baseline: BaselineComparison | None = None
+    group: RunGroup | None = None  # the group tested
+    groups: tuple = ()  # every group of the logs given
+
+    def group_lines(self):
+        """Which group was tested; with several, the others and what differs."""
+        if self.group is None:
+            return []
+        if len(self.groups) <= 1:
+            return [f"runs: one group, {recipe_summary(self.group.recipe)}"]
+        head = (f"runs: group {self.group.number} of {len(self.groups)} (--group {self.group.number}); the others "
+                "are not part of this test")
+        return [head, *describe_groups(self.groups)]
 
     @property
     def passed(self):
@@ -384,24 +701,24 @@ class Analysis:
         """Plain-language explanation of a failure (empty when the test passes)."""
         t, target = self.test, self.target
         if t.zero_variance:
-            return [f"all {t.n} finished runs have the same final val loss {t.mean!r}: the sample std is 0, "
-                    "so the t statistic is undefined (scipy would report t=-inf, p=0 below the target, "
-                    "which is no evidence). Treated as a failure: real runs vary with the seed; check "
-                    "that these logs are not copies of one run, and submit runs that show their spread."]
+            return [(f"all {t.n} finished runs have the same final val loss {t.mean!r}: the sample std is 0, "
+                     "so the t statistic is undefined (scipy would report t=-inf, p=0 below the target, "
+                     "which is no evidence). Treated as a failure: real runs vary with the seed; check "
+                     "that these logs are not copies of one run, and submit runs that show their spread.")]
         if self.passed:
             return []
         if not t.mean < target:
-            return [f"the mean final val loss {t.mean:.6f} is not below the target {target}: "
-                    "no number of runs will give p < alpha."]
+            return [(f"the mean final val loss {t.mean:.6f} is not below the target {target}: "
+                     "no number of runs will give p < alpha.")]
         if self.runs_needed is None:
-            return [f"at the observed mean {t.mean:.6f} and std {t.std:.6f}, more than "
-                    f"{MAX_RUNS_REPORTED} runs would be needed for p < {self.alpha}."]
-        return [f"at the observed mean {t.mean:.6f} and std {t.std:.6f}, about {self.runs_needed} runs "
-                f"would reach p < {self.alpha} (this is where the observed effect becomes significant; "
-                "new runs scatter, so plan for more)."]
+            return [(f"at the observed mean {t.mean:.6f} and std {t.std:.6f}, more than "
+                     f"{MAX_RUNS_REPORTED} runs would be needed for p < {self.alpha}.")]
+        return [(f"at the observed mean {t.mean:.6f} and std {t.std:.6f}, about {self.runs_needed} runs "
+                 f"would reach p < {self.alpha} (this is where the observed effect becomes significant; "
+                 "new runs scatter, so plan for more).")]
 
 
-def analyze(runs, target, alpha=DEFAULT_ALPHA, baseline_runs=None, target_source="--target"):
+def analyze(runs, target, alpha=DEFAULT_ALPHA, baseline_runs=None, target_source="--target", group=None, groups=()):
     """Test the finished runs against the target. Raises VerifyError below 2 finished runs."""
     finished = tuple(r for r in runs if r.finished)
     skipped = tuple(r for r in runs if not r.finished)
@@ -414,15 +731,11 @@ def analyze(runs, target, alpha=DEFAULT_ALPHA, baseline_runs=None, target_source
     baseline = compare_with_baseline(finished, baseline_runs) if baseline_runs else None
     return Analysis(target=float(target), target_source=target_source, alpha=alpha, runs=finished,
                     skipped=skipped, test=test, mean_time_s=mean_time, std_time_s=std_time,
-                    runs_needed=needed, baseline=baseline)
+                    runs_needed=needed, baseline=baseline, group=group, groups=tuple(groups))
 
 
 # -----------------------------------------------------------------------------
 # Formatting
-
-def _p(x, spec):
-    return "nan" if x is None or math.isnan(x) else format(x, spec)
-
 
 def _pct(level):
     """0.99 -> '99%', 0.999 -> '99.9%' (format spec .0% would round the latter to 100%)."""
@@ -433,70 +746,153 @@ def _test_call(a):
     return f'scipy.stats.ttest_1samp(losses, {a.target}, alternative="less")'
 
 
+@dataclass(frozen=True)
+class Row:
+    """One quantity of a summary. The report, ANALYSIS.md and --json render the same rows: the report
+    under `label` with `spec`, ANALYSIS.md under `label` at full precision (repr, so --check compares
+    every digit), JSON under `key`."""
+    key: str
+    label: str
+    value: object  # int, float, bool, str, Path, a (low, high) pair; None: not computed (left out, JSON null)
+    spec: str = ""  # format spec of the report
+
+
+def summary_rows(a):
+    """The one-sample test of the runs, one row per quantity."""
+    t = a.test
+    return [Row("n", "finished runs n", t.n), Row("target", "target", a.target), Row("alpha", "alpha", a.alpha),
+            Row("mean_loss", "mean final val_loss", t.mean, ".6f"),
+            Row("std_loss", "std final val_loss (ddof=1)", t.std, ".6f"),
+            Row("mean_time_s", "mean train time (s)", a.mean_time_s, ".3f"),
+            Row("std_time_s", "std train time (s, ddof=1)", a.std_time_s, ".3f"),
+            Row("t_statistic", "t statistic", t.t, ".4f"), Row("p_value", "p-value (one-sided)", t.p, ".4g"),
+            Row("upper_bound", f"{_pct(1 - a.alpha)} one-sided upper bound of the mean", t.upper_bound, ".6f"),
+            Row("ci95", f"{_pct(CI_LEVEL)} CI of the mean", t.ci95, ".6f"),
+            Row("passed", "passed (p < alpha)", a.passed),
+            Row("runs_needed", "runs for p < alpha at this mean and std", a.runs_needed)]
+
+
+def baseline_rows(a):
+    """Welch's tests against the baseline runs (empty without --baseline)."""
+    if (b := a.baseline) is None:
+        return []
+    return [Row("n", "baseline runs n", b.n),
+            Row("mean_time_s", "baseline mean train time (s)", b.mean_time_s, ".3f"),
+            Row("std_time_s", "baseline std train time (s, ddof=1)", b.std_time_s, ".3f"),
+            Row("mean_loss", "baseline mean final val_loss", b.mean_loss, ".6f"),
+            Row("std_loss", "baseline std final val_loss (ddof=1)", b.std_loss, ".6f"),
+            Row("time_diff_s", "time difference new - baseline (s)", b.time_diff_s, "+.3f"),
+            Row("time_diff_ci95", f"{_pct(CI_LEVEL)} Welch CI of the difference (s)", b.time_diff_ci95, "+.3f"),
+            Row("time_diff_df", "Welch-Satterthwaite df", b.time_diff_df, ".1f"),
+            Row("welch_time_p", 'time p, `ttest_ind(new, baseline, equal_var=False, alternative="less")`',
+                b.welch_time_p, ".4g"),
+            Row("welch_loss_p", "loss p, `ttest_ind(new, baseline, equal_var=False)` (two-sided)", b.welch_loss_p,
+                ".4g")]
+
+
+def run_rows(runs):
+    """One list of rows per finished run: the runs table."""
+    return [[Row("file", "file", r.path), Row("val_loss", "final val_loss", r.final_loss, ".6f"),
+             Row("time_s", "train time (s)", r.time_s, ".3f"), Row("steps", "steps", r.num_iterations)]
+            for r in runs]
+
+
+def skipped_rows(runs):
+    """One list of rows per run that did not count: the skipped table."""
+    return [[Row("file", "file", r.path), Row("reason", "reason", r.skip_reason)] for r in runs]
+
+
+def _text(value, spec=""):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_text(x, spec) for x in value) + "]"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return format(value, spec)
+
+
+def _markdown(value):
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(repr(x) for x in value) + "]"
+    if isinstance(value, Path):
+        return value.name  # ANALYSIS.md sits in the folder of its logs
+    if isinstance(value, str):
+        return value.replace("|", "&#124;")  # '|' would end the cell
+    return repr(value)
+
+
+def _json(value):
+    if isinstance(value, tuple):
+        return [_json(x) for x in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # nan and inf are not JSON
+    return value
+
+
+def _text_table(rows):
+    cells = [[_text(r.value, r.spec) for r in row] for row in rows]
+    header = [r.label for r in rows[0]]
+    widths = [max(len(x) for x in column) for column in zip(header, *cells)]
+    # text columns read left to right, numbers line up at the right
+    left = [isinstance(r.value, (Path, str)) for r in rows[0]]
+    return ["  " + "  ".join(x.ljust(w) if lj else x.rjust(w) for x, w, lj in zip(line, widths, left))
+            for line in [header, *cells]]
+
+
+def _markdown_table(rows):
+    numeric = [isinstance(r.value, (int, float)) and not isinstance(r.value, bool) for r in rows[0]]
+    return (["| " + " | ".join(r.label for r in rows[0]) + " |",
+             "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+            + ["| " + " | ".join(_markdown(r.value) for r in row) + " |" for row in rows])
+
+
+def _markdown_quantities(rows):
+    return ["| quantity | value |", "|---|---|"] + [f"| {r.label} | {_markdown(r.value)} |" for r in rows
+                                                     if r.value is not None]
+
+
 def format_report(a):
     """The human-readable report printed by the CLI."""
     t = a.test
-    out = [f"target {a.target} (from {a.target_source}), alpha {a.alpha}"]
-    width = max(len(str(r.path)) for r in a.runs + a.skipped)
-    out.append(f"  {'run':<{width}}  {'val_loss':>10}  {'time_s':>10}  {'steps':>6}")
-    for r in a.runs:
-        out.append(f"  {str(r.path):<{width}}  {r.final_loss:>10.6f}  {r.time_s:>10.3f}  {r.num_iterations:>6}")
+    out = [f"target {a.target} (from {a.target_source}), alpha {a.alpha}"] + a.group_lines()
+    out += _text_table(run_rows(a.runs))
     if a.skipped:
         out.append(f"skipped {len(a.skipped)} run(s):")
-        out += [f"  {r.path}: {r.skip_reason}" for r in a.skipped]
-    out.append(f"loss: n={t.n}  mean={t.mean:.6f}  std={_p(t.std, '.6f')} (ddof=1)")
-    out.append(f"time: mean={a.mean_time_s:.3f} s  std={_p(a.std_time_s, '.3f')} s")
-    out.append(f"H1: mean final val loss < {a.target}")
-    out.append(f"  {_test_call(a)}: t={_p(t.t, '.4f')}  p={_p(t.p, '.4g')}")
-    out.append(f"  {_pct(1 - a.alpha)} one-sided upper confidence bound of the mean: {_p(t.upper_bound, '.6f')}")
-    out.append(f"  {_pct(CI_LEVEL)} confidence interval of the mean: "
-               f"[{_p(t.ci95[0], '.6f')}, {_p(t.ci95[1], '.6f')}]")
+        out += [f"  {_text(file.value)}: {reason.value}" for file, reason in skipped_rows(a.skipped)]
+    out.append("summary:")
+    out += [f"  {r.label}: {_text(r.value, r.spec)}" for r in summary_rows(a) if r.value is not None]
     if (b := a.baseline) is not None:
-        lo, hi = b.time_diff_ci95
-        out.append(f"baseline: n={b.n}" + (f", skipped {len(b.skipped)} run(s):" if b.skipped else ""))
-        out += [f"  {r.path}: {r.skip_reason}" for r in b.skipped]
-        out.append(f"  time: {b.mean_time_s:.3f} s -> {a.mean_time_s:.3f} s, difference {b.time_diff_s:+.3f} s, "
-                   f"{_pct(CI_LEVEL)} Welch CI [{_p(lo, '+.3f')}, {_p(hi, '+.3f')}] s "
-                   f"(df {_p(b.time_diff_df, '.1f')})")
-        out.append("    scipy.stats.ttest_ind(new, baseline, equal_var=False, alternative=\"less\"): "
-                   f"p={_p(b.welch_time_p, '.4g')}")
-        out.append(f"  loss: {b.mean_loss:.6f} -> {t.mean:.6f}")
-        out.append(f"    scipy.stats.ttest_ind(new, baseline, equal_var=False), two-sided: p={_p(b.welch_loss_p, '.4g')}")
+        out.append("baseline: Welch's t-tests against the --baseline runs")
+        out += [f"  {r.label}: {_text(r.value, r.spec)}" for r in baseline_rows(a) if r.value is not None]
+        if b.skipped:
+            out.append(f"  skipped {len(b.skipped)} baseline run(s):")
+            out += [f"    {_text(file.value)}: {reason.value}" for file, reason in skipped_rows(b.skipped)]
+    out.append(f"H1: mean final val loss < {a.target}: {_test_call(a)}")
     if a.passed:
         out.append(f"PASS: p = {t.p:.4g} < alpha = {a.alpha}")
     else:
-        out.append(f"FAIL: p = {_p(t.p, '.4g')}, not < alpha = {a.alpha}")
+        out.append(f"FAIL: p = {_text(t.p, '.4g')}, not < alpha = {a.alpha}")
         out += [f"  {m}" for m in a.messages()]
     return "\n".join(out) + "\n"
 
 
-def _json_number(x):
-    return None if x is None or not math.isfinite(x) else x
-
-
 def analysis_dict(a):
-    """Everything in the report as plain JSON values (nan and inf become null)."""
-    t = a.test
-    d = {
-        "n": t.n, "target": a.target, "target_source": a.target_source, "alpha": a.alpha,
-        "mean_loss": t.mean, "std_loss": _json_number(t.std), "t_statistic": _json_number(t.t),
-        "p_value": _json_number(t.p), "upper_bound": _json_number(t.upper_bound),
-        "ci95": [_json_number(x) for x in t.ci95], "zero_variance": t.zero_variance, "passed": a.passed,
-        "mean_time_s": a.mean_time_s, "std_time_s": _json_number(a.std_time_s), "runs_needed": a.runs_needed,
-        "messages": a.messages(),
-        "runs": [{"file": str(r.path), "val_loss": r.final_loss, "time_s": r.time_s, "steps": r.num_iterations,
-                  "sha256": r.sha256} for r in a.runs],
-        "skipped": [{"file": str(r.path), "reason": r.skip_reason} for r in a.skipped],
-    }
-    if (b := a.baseline) is not None:
-        d["baseline"] = {
-            "n": b.n, "mean_time_s": b.mean_time_s, "std_time_s": _json_number(b.std_time_s),
-            "mean_loss": b.mean_loss, "std_loss": _json_number(b.std_loss),
-            "welch_time_p": _json_number(b.welch_time_p), "welch_loss_p": _json_number(b.welch_loss_p),
-            "time_diff_s": b.time_diff_s, "time_diff_ci95": [_json_number(x) for x in b.time_diff_ci95],
-            "time_diff_df": _json_number(b.time_diff_df),
-            "skipped": [{"file": str(r.path), "reason": r.skip_reason} for r in b.skipped],
-        }
+    """The report's rows as plain JSON values (nan and inf become null), with the runs, the skipped runs,
+    the group tested and the failure messages."""
+    d = {r.key: _json(r.value) for r in summary_rows(a)}
+    d.update(target_source=a.target_source, zero_variance=a.test.zero_variance, messages=a.messages(),
+             runs=[{r.key: _json(r.value) for r in row} for row in run_rows(a.runs)],
+             skipped=[{r.key: _json(r.value) for r in row} for row in skipped_rows(a.skipped)],
+             group=None if a.group is None else {"number": a.group.number, "of": len(a.groups),
+                                                  "description": describe_group(a.group, None)})
+    if a.baseline is not None:
+        d["baseline"] = {r.key: _json(r.value) for r in baseline_rows(a)}
+        d["baseline"]["skipped"] = [{r.key: _json(r.value) for r in row} for row in skipped_rows(a.baseline.skipped)]
     return d
 
 
@@ -513,58 +909,43 @@ def display_path(path):
         return path.as_posix()
 
 
-def canonical_command(folder, target, alpha=DEFAULT_ALPHA, baseline_paths=()):
+def canonical_command(folder, target, alpha=DEFAULT_ALPHA, baseline_paths=(), group=None):
     """The command that regenerates ANALYSIS.md, the same from any working directory."""
     parts = [display_path(folder), "--target", repr(float(target))]
     if alpha != DEFAULT_ALPHA:
         parts += ["--alpha", repr(float(alpha))]
+    if group is not None:
+        parts += ["--group", str(group)]
     if baseline_paths:
         parts += ["--baseline", *[display_path(p) for p in baseline_paths]]
     return COMMAND_PREFIX + shlex.join(parts + ["--write"])
+
+
+def _by_name(runs):
+    return sorted(runs, key=lambda r: r.path.name)
 
 
 def format_analysis_md(a, folder, command):
     """ANALYSIS.md of a record folder: deterministic (no dates, runs sorted by file name, floats
     written with repr) so `--check` can regenerate and compare it."""
     t = a.test
-    runs = sorted(a.runs, key=lambda r: r.path.name)
-    skipped = sorted(a.skipped, key=lambda r: r.path.name)
     verdict = (f"**PASS**: p = {t.p!r} < alpha = {a.alpha!r}" if a.passed
                else f"**FAIL**: p = {t.p!r}, not < alpha = {a.alpha!r}")
     out = [f"# Verification of `{display_path(folder)}`", "",
            "Generated by `records/verify.py` from the logs in this folder; do not edit by hand. Command:",
            "", "```", command, "```", "",
-           f"{verdict}. One-sided one-sample t-test of the final val losses, H1: mean < {a.target!r}: "
-           f"`{_test_call(a)}`.", ""]
+           (f"{verdict}. One-sided one-sample t-test of the final val losses, H1: mean < {a.target!r}: "
+            f"`{_test_call(a)}`."), ""]
     out += [f"- {m}" for m in a.messages()] + ([""] if a.messages() else [])
-    out += ["## Runs", "", "| file | final val_loss | train time (s) | steps |", "|---|---:|---:|---:|"]
-    out += [f"| {r.path.name} | {r.final_loss!r} | {r.time_s!r} | {r.num_iterations} |" for r in runs]
-    out.append("")
-    if skipped:
-        out += ["Skipped (did not finish):", "", "| file | reason |", "|---|---|"]
-        out += [f"| {r.path.name} | {r.skip_reason.replace('|', '&#124;')} |" for r in skipped]  # '|' ends a cell
-        out.append("")
-    out += ["## Summary", "", "| quantity | value |", "|---|---|",
-            f"| finished runs n | {t.n} |", f"| target | {a.target!r} |", f"| alpha | {a.alpha!r} |",
-            f"| mean final val_loss | {t.mean!r} |", f"| std final val_loss (ddof=1) | {t.std!r} |",
-            f"| mean train time (s) | {a.mean_time_s!r} |", f"| std train time (s, ddof=1) | {a.std_time_s!r} |",
-            f"| t statistic | {t.t!r} |", f"| p-value (one-sided) | {t.p!r} |",
-            f"| {_pct(1 - a.alpha)} one-sided upper bound of the mean | {t.upper_bound!r} |",
-            f"| {_pct(CI_LEVEL)} CI of the mean | [{t.ci95[0]!r}, {t.ci95[1]!r}] |",
-            f"| passed (p < alpha) | {'yes' if a.passed else 'no'} |"]
-    if a.runs_needed is not None:
-        out.append(f"| runs for p < alpha at this mean and std | {a.runs_needed} |")
-    out.append("")
-    if (b := a.baseline) is not None:
+    if len(a.groups) > 1:
+        out += [f"- {line}" for line in a.group_lines()] + [""]
+    out += ["## Runs", "", *_markdown_table(run_rows(_by_name(a.runs))), ""]
+    if a.skipped:
+        out += ["Skipped (did not finish):", "", *_markdown_table(skipped_rows(_by_name(a.skipped))), ""]
+    out += ["## Summary", "", *_markdown_quantities(summary_rows(a)), ""]
+    if a.baseline is not None:
         out += ["## Baseline", "", "Welch's t-tests against the baseline runs named in the command.", "",
-                "| quantity | value |", "|---|---|", f"| baseline runs n | {b.n} |",
-                f"| baseline mean train time (s) | {b.mean_time_s!r} |",
-                f"| baseline mean final val_loss | {b.mean_loss!r} |",
-                f"| time difference new - baseline (s) | {b.time_diff_s!r} |",
-                f"| {_pct(CI_LEVEL)} Welch CI of the difference (s) | [{b.time_diff_ci95[0]!r}, {b.time_diff_ci95[1]!r}] |",
-                f"| Welch-Satterthwaite df | {b.time_diff_df!r} |",
-                f"| time p, `ttest_ind(new, baseline, equal_var=False, alternative=\"less\")` | {b.welch_time_p!r} |",
-                f"| loss p, `ttest_ind(new, baseline, equal_var=False)` (two-sided) | {b.welch_loss_p!r} |", ""]
+                *_markdown_quantities(baseline_rows(a)), ""]
     if (Path(folder) / PLOT_NAME).exists():
         out += ["## Validation loss", "", f"![val loss curves of all runs]({PLOT_NAME})", ""]
     return "\n".join(out)
@@ -585,7 +966,7 @@ def write_val_loss_plot(a, path):
     half = max(r.num_iterations or 0 for r in a.runs) / 2
     for run in sorted(a.runs + a.skipped, key=lambda r: r.path.name):
         points = [(k, loss) for k, loss in run.val_curve if math.isfinite(loss)]
-        style = dict(lw=1, ls="-" if run.finished else "--")
+        style = {"lw": 1, "ls": "-" if run.finished else "--"}
         if points:
             line, = whole.plot(*zip(*points), label=run.path.name, **style)
             late = [(k, loss) for k, loss in points if k >= half]
@@ -624,29 +1005,43 @@ def record_track(folder):
     return track
 
 
-def record_target(folder):
-    """The target a record folder is tested against: the one its logs declare (`target_val_loss`, the
-    same in every log), else its track's. Runs on other data than FineWeb (the proxy corpus) declare
-    their own target in every log; the records table shows any target that is not the track's."""
+def record_target(folder, group=None):
+    """The target a record folder (its group `group`) is tested against: the one its logs declare
+    (`target_val_loss`, the same in every log), else its track's. Runs on other data than FineWeb (the
+    proxy corpus) declare their own target in every log; the records table shows any target that is not
+    the track's."""
     runs = [parse_log(p) for p in collect_logs([folder])]
-    return resolve_target(runs, None, record_track(folder))[0]
+    return resolve_target(select_group(group_runs(runs), group).runs, None, record_track(folder))[0]
 
 
-def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=None):
-    """parse -> check -> analyze for PATH arguments, as the CLI does."""
+def recorded_args(folder):
+    """The arguments of the command in the folder's ANALYSIS.md (None without one)."""
+    path = Path(folder) / ANALYSIS_NAME
+    return command_args(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=None, group=None):
+    """parse -> check duplicates -> group -> check target -> analyze for PATH arguments, as the CLI does."""
     runs = [parse_log(p) for p in collect_logs(paths)]
-    base_files = collect_logs(baseline) if baseline else []
-    base_runs = [parse_log(p) for p in base_files]
-    check_duplicates(runs + base_runs)
-    target, source = resolve_target(runs, target, track)
-    check_targets(runs + base_runs, target, track)
-    return analyze(runs, target, alpha, base_runs or None, source)
+    base_runs = [parse_log(p) for p in collect_logs(baseline)] if baseline else []
+    check_duplicates(runs, base_runs)
+    groups = group_runs(runs)
+    chosen = select_group(groups, group)
+    base_group = None
+    if base_runs:
+        base_group = select_group(group_runs(base_runs), what="the --baseline logs",
+                                  choose="point --baseline at the logs of one recipe on the machine of the runs")
+        check_same_hardware(chosen, base_group)
+    target, source = resolve_target(chosen.runs, target, track)
+    if base_group is not None:
+        check_baseline_targets(base_group.runs, target)
+    return analyze(chosen.runs, target, alpha, base_group.runs if base_group else None, source, chosen, groups)
 
 
-def render_folder_analysis(folder, target, alpha=DEFAULT_ALPHA, baseline=None):
+def render_folder_analysis(folder, target, alpha=DEFAULT_ALPHA, baseline=None, group=None):
     """(Analysis, ANALYSIS.md text) for one folder of logs."""
-    a = verify_paths([folder], target=target, alpha=alpha, baseline=baseline)
-    return a, format_analysis_md(a, folder, canonical_command(folder, a.target, alpha, baseline or ()))
+    a = verify_paths([folder], target=target, alpha=alpha, baseline=baseline, group=group)
+    return a, format_analysis_md(a, folder, canonical_command(folder, a.target, alpha, baseline or (), group))
 
 
 def command_args(analysis_text):
@@ -681,14 +1076,16 @@ def texts_match(expected, actual, rel_tol=1e-9):
 def check_record_folder(folder):
     """Problems with one record folder (empty list if its ANALYSIS.md matches its logs and it passes)."""
     folder = Path(folder)
+    recorded = recorded_args(folder)
+    group = recorded.group if recorded else None
     try:
-        target = record_target(folder)
+        target = record_target(folder, group)
     except VerifyError as e:
         return [f"{folder}: {e}"]
     problems = []
     if not (folder / "README.md").is_file():
         problems.append(f"{folder}: missing README.md (describe the change, hardware and how to run it)")
-    fresh = canonical_command(folder, target)
+    fresh = canonical_command(folder, target, group=group)
     analysis_path = folder / ANALYSIS_NAME
     if not analysis_path.is_file():
         return problems + [f"{folder}: missing {ANALYSIS_NAME}; run: {fresh}"]
@@ -708,12 +1105,12 @@ def check_record_folder(folder):
         return problems + command_problems
     baseline = [_resolve_recorded(p) for p in args.baseline] if args.baseline else None
     try:
-        a, expected = render_folder_analysis(folder, target, args.alpha, baseline)
+        a, expected = render_folder_analysis(folder, target, args.alpha, baseline, group)
     except VerifyError as e:
         return problems + [f"{folder}: {e}"]
     if not texts_match(expected, text):
         problems.append(f"{analysis_path} does not match its logs; regenerate: "
-                        f"{canonical_command(folder, target, args.alpha, baseline or ())}")
+                        f"{canonical_command(folder, target, args.alpha, baseline or (), group)}")
     if not a.passed:
         problems.append(f"{folder}: does not pass (p = {a.test.p}, alpha {a.alpha})")
     return problems
@@ -724,8 +1121,10 @@ def render_table(records_dir=RECORDS_DIR):
     rows = ["| track | record | target | mean time | mean val loss | p | runs |", "|---|---|---:|---:|---:|---:|---:|"]
     for folder in record_folders(records_dir):
         track = record_track(folder)
-        target = record_target(folder)
-        a = verify_paths([folder], target=target)
+        recorded = recorded_args(folder)
+        group = recorded.group if recorded else None
+        target = record_target(folder, group)
+        a = verify_paths([folder], target=target, group=group)
         runs = f"{a.test.n}" + (f" (+{len(a.skipped)} unfinished)" if a.skipped else "")
         link = f"[{folder.name}]({folder.parent.name}/{folder.name}/)"
         shown = f"{target:g}" if math.isclose(target, TRACK_TARGETS[track], abs_tol=1e-12) else \
@@ -778,12 +1177,16 @@ def build_parser():
                     "scipy.stats.ttest_1samp(losses, target, alternative='less'), pass if p < alpha.",
         epilog="Exit status: 0 pass, 1 fail, 2 unusable input.")
     parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="a log file, or a folder whose *.txt files are logs (not recursive)")
+                        help="a log file, or a folder whose *.txt files are logs (sub-folders are not searched)")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--target", type=float, help="target val loss (default: the logs' declared "
-                       "target_val_loss if they agree, else the --track target)")
+    which.add_argument("--target", type=float, help="target val loss for logs that declare none (public logs); "
+                       "a log's declared target_val_loss is its target, and a --target that contradicts it is "
+                       "refused")
     which.add_argument("--track", choices=sorted(TRACK_TARGETS),
-                       help="small: target 3.28, medium: target 2.92 (default small)")
+                       help="target of logs that declare none: small 3.28 (the default), medium 2.92")
+    parser.add_argument("--group", type=int, metavar="N",
+                        help="test group N of the logs: runs that differ in source, configuration, steps, data "
+                             "or hardware are separate groups, listed when there is more than one")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help="significance level of the one-sided test (default 0.01, the speedrun rule)")
     parser.add_argument("--baseline", nargs="+", metavar="PATH",
@@ -802,17 +1205,22 @@ def build_parser():
 
 
 def _verify(args):
-    a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline)
+    a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline, args.group)
+    for folder, n in unread_log_folders(args.paths, args.baseline or ()):
+        print(f"verify.py: note: {folder} holds {_plural(n, 'log')} that are not read (sub-folders are not "
+              "searched); pass it as PATH to test it, or with --baseline if it holds re-timed runs of the "
+              "previous record", file=sys.stderr)
     if args.write:
         folder = Path(args.paths[0])
         if TRACK_DIRS.get(folder.resolve().parent.name):
-            expected = record_target(folder)
+            expected = record_target(folder, args.group)
             if not math.isclose(a.target, expected, abs_tol=1e-12):
-                print(f"verify.py: warning: {folder} is a record folder whose logs declare the target {expected}, "
-                      f"but the target here is {a.target}; --check will reject it", file=sys.stderr)
+                print(f"verify.py: warning: {folder} is a record folder tested against {expected} (the target its "
+                      f"logs declare, else its track's), but the target here is {a.target}; --check will reject it",
+                      file=sys.stderr)
         if not write_val_loss_plot(a, folder / PLOT_NAME):
             print(f"verify.py: matplotlib is not installed; {PLOT_NAME} not written", file=sys.stderr)
-        command = canonical_command(folder, a.target, args.alpha, args.baseline or ())
+        command = canonical_command(folder, a.target, args.alpha, args.baseline or (), args.group)
         (folder / ANALYSIS_NAME).write_text(format_analysis_md(a, folder, command), encoding="utf-8")
         print(f"verify.py: wrote {folder / ANALYSIS_NAME}", file=sys.stderr)
     sys.stdout.write(format_json(a) if args.json else format_report(a))

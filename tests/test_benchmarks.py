@@ -1,9 +1,11 @@
 """benchmarks/proxy_speedrun.py: FLOP accounting, the numbers it reads from a real training log, and how it
 runs configurations side by side."""
+import inspect
+import re
 import sys
 
 import pytest
-from conftest import load_script
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +38,43 @@ def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
 
 
+def test_summary_reads_the_log_through_the_records_reader(bench, tmp_path):
+    """Every number of a summary comes from `verify.parse_log_text`, the one reader of the log grammar;
+    the script has no line patterns of its own."""
+    from test_verify import H100, our_log
+    text = our_log(2.0311, gpus=(H100,) * 8, world_size=8, n_steps=200, val_every=100, step_every=1, time_ms=18_000.0,
+                   hp={"num_layers": 4, "model_dim": 64, "num_heads": 2, "head_dim": 32, "num_value_embeds": 2,
+                       "layer_attention": "LSSL", "train_seq_len": 256, "batch_tokens": 2 * 256,
+                       "window_start": 128, "window_end": 256, "target_val_loss": 2.05})
+    log = tmp_path / "r.txt"
+    log.write_text(text)
+    run = bench.verify.parse_log_text(text)
+    row = bench.summarize_log(log, target=7.0, peak_tflops=None)
+    assert row["world_size"] == 8 and row["final_loss"] == 2.0311 == run.final_loss
+    assert row["train_time_s"] == 18.0 and row["peak_gib"] == 31420 / 1024
+    assert (row["compile_s"], row["startup_s"]) == (31.8, 42.9)
+    assert row["time_to_target_s"] == 9.0, "the first validation at or below 7.0 is step 100's (6.58)"
+    assert row["ms_per_step"] == 90.0
+    source = inspect.getsource(bench)
+    assert not re.search(r"_RE\b|fullmatch|startswith\(\"(step|hyper|world|warmup|peak)", source), \
+        "proxy_speedrun.py parses log lines itself"
+
+
+def test_the_matmul_peak_is_measured_by_one_function(bench):
+    """bench_orthogonalize.py and proxy_speedrun.py divide by the same measured peak."""
+    ortho = load_script("benchmarks/bench_orthogonalize.py", "bench_orthogonalize")
+    assert ortho.measure_peak_tflops is bench.measure_peak_tflops
+    defined = [p.name for p in (ROOT / "benchmarks").glob("*.py") if "def measure_peak" in p.read_text()]
+    assert defined == ["proxy_speedrun.py"], defined
+    import torch
+    if not torch.cuda.is_available():
+        assert bench.measure_peak_tflops() is None, "no GPU, no peak"
+
+
 def test_table_gives_each_run_its_own_flops_per_token(bench):
     """Side-by-side variants can differ in size: one FLOPs figure for the table would be wrong for all but one."""
-    base = dict(world_size=1, time_to_target_s=None, final_loss=2.0, train_time_s=90.0, ms_per_step=140.0,
-                tokens_per_s=7e5, mfu=0.5, peak_gib=20.0, compile_s=10.0, startup_s=12.0)
+    base = {"world_size": 1, "time_to_target_s": None, "final_loss": 2.0, "train_time_s": 90.0, "ms_per_step": 140.0,
+                "tokens_per_s": 7e5, "mfu": 0.5, "peak_gib": 20.0, "compile_s": 10.0, "startup_s": 12.0}
     rows = [dict(base, log="L7_0.txt", flops_per_token=552.1e6), dict(base, log="L12_0.txt", flops_per_token=759.2e6)]
     lines = bench.format_table(rows, target=2.04, peak=798.0).splitlines()
     cells = {line.split("|")[1].strip(): line.split("|")[8].strip() for line in lines if line.startswith("| L")}
@@ -49,6 +84,7 @@ def test_table_gives_each_run_its_own_flops_per_token(bench):
 def test_logs_from_before_the_layer_pattern_still_summarize(bench):
     """benchmarks/results holds logs that name `long_window_every` instead of `layer_attention`."""
     import dataclasses
+
     import train_gpt
     logged = dataclasses.asdict(train_gpt.parse_args([]))
     del logged["layer_attention"]

@@ -1,9 +1,11 @@
 """The committed records agree with their logs: every ANALYSIS.md and the records/README.md table are
 what records/verify.py computes now. The check is `verify.check_records(records_dir)`; the tests on a
 fake records tree show that it catches tampering."""
-import pytest
+import re
+import shutil
 
-from test_verify import PASSING, ROOT, load_verify, our_log, write_logs
+import pytest
+from test_verify import H100, PASSING, ROOT, load_verify, our_log, write_logs
 
 verify = load_verify()
 
@@ -67,8 +69,8 @@ def test_check_rejects_a_record_analyzed_against_a_looser_target(tmp_path, capsy
     assert verify.main(["--table", "--records-dir", str(records)]) == 0
     capsys.readouterr()
     assert verify.check_records(records) == [
-        f"{folder / 'ANALYSIS.md'}: its command uses --target 3.3; this record is tested against 3.28 "
-        "(the target its logs declare, else the track's)"]
+        (f"{folder / 'ANALYSIS.md'}: its command uses --target 3.3; this record is tested against 3.28 "
+         "(the target its logs declare, else the track's)")]
 
 
 def test_check_reports_missing_analysis_and_readme(fake_records):
@@ -121,4 +123,49 @@ def test_a_record_on_other_data_is_tested_against_the_target_its_logs_declare(tm
     assert "2.08 (declared; not the track's 3.28)" in (records / "README.md").read_text()
     assert verify.main([str(folder), "--target", "2.1", "--write"]) == 2, "the logs declare 2.08, not 2.1"
     (folder / "run_09.txt").write_text(our_log(2.0681, target=2.1, time_ms=170_000.0))
-    assert verify.check_records(records)[0].startswith(f"{folder}: the logs declare different targets")
+    assert verify.check_records(records)[0].startswith(f"{folder}: the logs are 2 groups"), \
+        "a log declaring another target is another group"
+
+
+def documented_write_commands():
+    """The `--write` commands for a record folder that README.md and records/README.md give, as argument
+    lists with the folder first (placeholders such as <date>_<name> stand for any record folder)."""
+    commands = []
+    for readme in (ROOT / "README.md", ROOT / "records" / "README.md"):
+        text = readme.read_text().replace("\\\n", " ")  # shell line continuations
+        for m in re.finditer(r"python records/verify\.py (records/track_\w+/\S+)([^#\n]*?--write)", text):
+            commands.append((readme.relative_to(ROOT).as_posix(), m[2].split()))
+    return commands
+
+
+def test_the_documented_write_command_works_on_every_record_folder(tmp_path, capsys):
+    """README's command for ANALYSIS.md, run as written on each record folder (a copy), exits 0 and leaves
+    --check clean."""
+    commands = [(name, args) for name, args in documented_write_commands() if "--baseline" not in args]
+    assert commands, "README.md and records/README.md document the --write command"
+    records = tmp_path / "records"
+    shutil.copytree(ROOT / "records", records, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    folders = verify.record_folders(records)
+    assert folders, "the repository has record folders"
+    for name, args in commands:
+        for folder in folders:
+            code = verify.main([str(folder), *args])
+            err = capsys.readouterr().err
+            assert code == 0, f"{name}: records/verify.py {folder.name} {' '.join(args)} exited {code}:\n{err}"
+    assert verify.check_records(records) == []
+
+
+def test_a_record_folder_with_two_groups_records_its_group_and_check_honours_it(tmp_path, capsys):
+    records = tmp_path / "records"
+    folder = write_logs(records / "track_1_short" / "2026-01-05_Grouped", PASSING, make=our_log, gpus=(H100,) * 8,
+                        world_size=8)
+    write_logs(folder, [3.2799, 3.2801], make=our_log, first=20, gpus=(H100,), world_size=1)
+    (folder / "README.md").write_text("# Grouped\n")
+    assert verify.main([str(folder), "--write"]) == 2, "two groups: the tool must be told which is the claim"
+    assert verify.main([str(folder), "--group", "1", "--write"]) == 0
+    assert verify.main(["--table", "--records-dir", str(records)]) == 0
+    capsys.readouterr()
+    analysis = (folder / "ANALYSIS.md").read_text()
+    assert "--group 1 --write" in analysis and "group 1 of 2" in analysis, analysis
+    assert verify.check_records(records) == []
+    assert "| 8 |" in (records / "README.md").read_text(), "the table counts the claim's group only"

@@ -2,6 +2,7 @@
 
 records/ holds record folders, not a package, so the tool is loaded from its path.
 """
+import contextlib
 import json
 import math
 import os
@@ -49,14 +50,28 @@ Running PyTorch 2.9.0+cu128 compiled for CUDA 12.8
 +-----------------------------------------------------------------------------------------+
 | NVIDIA-SMI 570.124.06             Driver Version: 570.124.06     CUDA Version: 12.8     |
 +-----------------------------------------------------------------------------------------+"""
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def environment(gpus=()):
+    """Versions and nvidia-smi as they stand between the rules: one GPU-table row pair per GPU, then the
+    process table, whose rows also start with a GPU index and must not count as GPUs."""
+    rows = []
+    for i, name in enumerate(gpus):
+        rows += [f"|   {i}  {name:<30}  On  |   00000000:{i + 6:02X}:00.0 Off |                    0 |",
+                 "| N/A   43C    P0            105W /  700W |    1183MiB /  81559MiB |      6%      Default |"]
+    if gpus:
+        rows += ["| Processes:                                                                              |",
+                 "|    0   N/A  N/A            1535      C   /opt/torch/.venv/bin/python            1174MiB |"]
+    return "\n".join([VERSIONS, *rows])
 
 
 def step_lines(final_loss, n_steps=1750, time_ms=175_000.0, decimals=4, val_every=500, stop_at=None,
-               nan_from=None):
+               nan_from=None, step_every=250):
     """The training-output grammar: step lines, val lines every `val_every` steps and at the end."""
     stop = n_steps if stop_at is None else stop_at
     lines = []
-    for k in range(0, stop + 1):
+    for k in range(stop + 1):
         t = time_ms * k / n_steps
         if k % val_every == 0 or k == n_steps:
             frac = k / n_steps
@@ -65,25 +80,33 @@ def step_lines(final_loss, n_steps=1750, time_ms=175_000.0, decimals=4, val_ever
                 loss = math.nan
             lines.append(f"step:{k}/{n_steps} val_loss:{loss:.{decimals}f} train_time:{t:.0f}ms "
                          f"step_avg:{t / max(k, 1):.2f}ms")
-        if k > 0 and k % 250 == 0:  # real logs print every step; every 250th keeps the files small
+        if k > 0 and k % step_every == 0:  # real logs print every step; every 250th keeps the files small
             lines.append(f"step:{k}/{n_steps} train_time:{t:.0f}ms step_avg:{t / k:.2f}ms")
     return lines
 
 
-def public_log(final_loss, **kw):
-    """A modded-nanogpt style log without the hyperparameters line (and here without a header)."""
-    lines = step_lines(final_loss, **kw)
+def public_log(final_loss, seed=None, header=False, source=FAKE_SOURCE, gpus=(), **kw):
+    """A modded-nanogpt style log without the hyperparameters line (so without a seed), with or without
+    the header of source, rule, versions and nvidia-smi, rule."""
+    lines = [source.rstrip("\n"), RULE, environment(gpus), RULE] if header else []
+    lines += step_lines(final_loss, **kw)
     if kw.get("stop_at") is None:
         lines.append("peak memory allocated: 31420 MiB reserved: 32550 MiB")
     return "\n".join(lines) + "\n"
 
 
-def our_log(final_loss, seed=0, track="small", target=3.28, decimals=4, error=None, **kw):
-    """A log in our trainers' format: source, rule, versions, rule, hyperparameters, steps."""
-    hp = {"track": track, "target_val_loss": target, "num_iterations": kw.get("n_steps", 1750), "seed": seed,
-          "train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
-          "val_tokens": 10485760}
-    lines = [FAKE_SOURCE.rstrip("\n"), RULE, VERSIONS, RULE, f"hyperparameters: {json.dumps(hp)}"]
+def our_log(final_loss, seed=0, track="small", target=3.28, decimals=4, error=None, source=FAKE_SOURCE, gpus=(),
+            world_size=1, hp=None, **kw):
+    """A log in our trainers' format: source, rule, versions and nvidia-smi, rule, hyperparameters, the
+    world_size and start-up lines, steps. `hp` overrides logged hyperparameters."""
+    logged = {"track": track, "target_val_loss": target, "num_iterations": kw.get("n_steps", 1750), "seed": seed,
+              "train_files": "data/fineweb10B/fineweb_train_*.bin", "val_files": "data/fineweb10B/fineweb_val_*.bin",
+              "val_tokens": 10485760, "muon_lr": 0.05, "log_dir": "logs", "run_id": f"seed{seed}", **(hp or {})}
+    lines = [source.rstrip("\n"), RULE, environment(gpus), RULE, f"hyperparameters: {json.dumps(logged)}"]
+    if world_size is not None:
+        lines += [(f"world_size:{world_size} grad_accum:{max(8 // world_size, 1)} tokens_per_step:393216 "
+                   f"device:{'cuda' if gpus else 'cpu'} compile:{bool(gpus)}"),
+                  "warmup_and_compile_time:31.8s first_train_step:20.1s first_val_forward:5.2s startup_time:42.9s"]
     lines += step_lines(final_loss, decimals=decimals, **kw)
     if error:
         lines.append(error)
@@ -92,12 +115,12 @@ def our_log(final_loss, seed=0, track="small", target=3.28, decimals=4, error=No
     return "\n".join(lines) + "\n"
 
 
-def write_logs(folder, losses, make=public_log, **kw):
-    """One log per loss, run_00.txt, run_01.txt, ... with distinct times (so no two files are equal)."""
+def write_logs(folder, losses, make=public_log, first=0, **kw):
+    """One log per loss, run_00.txt, run_01.txt, ... with distinct times and seeds (so no two are one run)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for i, loss in enumerate(losses):
-        (folder / f"run_{i:02d}.txt").write_text(make(loss, time_ms=175_000.0 + 137.0 * i, **kw))
+    for i, loss in enumerate(losses, start=first):
+        (folder / f"run_{i:02d}.txt").write_text(make(loss, time_ms=175_000.0 + 137.0 * i, seed=i, **kw))
     return folder
 
 
@@ -152,7 +175,7 @@ def test_zero_variance_is_a_failure_not_p_zero():
     assert not ref.pvalue > 0.01  # scipy alone would let this pass (p = 0 or nan, never a real p)
     got = verify.one_sample_test(losses, 3.28)
     assert got.zero_variance and not got.passed(0.01) and math.isnan(got.p)
-    a = verify.analyze([verify.parse_log_text(public_log(x, time_ms=1e5 + i), Path(f"r{i}.txt"), str(i))
+    a = verify.analyze([verify.parse_log_text(public_log(x, time_ms=1e5 + i), Path(f"r{i}.txt"))
                         for i, x in enumerate(losses)], 3.28)
     assert a.exit_status == 1
     assert "sample std is 0" in a.messages()[0] and "undefined" in a.messages()[0]
@@ -188,7 +211,7 @@ def test_welch_comparison_reproduces_scipy():
     new_l, base_l = rng.normal(3.276, 0.002, 7), rng.normal(3.277, 0.003, 5)
 
     def runs(times, losses, prefix):
-        return [verify.parse_log_text(public_log(float(l), time_ms=float(t) * 1000), Path(f"{prefix}{i}.txt"), f"{prefix}{i}")
+        return [verify.parse_log_text(public_log(float(l), time_ms=float(t) * 1000), Path(f"{prefix}{i}.txt"))
                 for i, (t, l) in enumerate(zip(times, losses))]
 
     new, base = runs(new_t, new_l, "n"), runs(base_t, base_l, "b")
@@ -278,6 +301,39 @@ def test_unfinished_and_nan_runs_are_reported_and_the_rest_still_tested(tmp_path
     assert "skipped 2 run(s)" in out and "run_crash.txt: did not finish" in out
 
 
+def test_reader_gives_everything_a_log_says():
+    """`parse_log_text` is the one reader of the log grammar (records, benchmarks, tests): source, environment,
+    configuration, start-up times, world size, every step and val line, peak memory, errors."""
+    text = our_log(3.2755, seed=7, gpus=(H100,) * 8, world_size=8, stop_at=1600, error="error: a data error")
+    run = verify.parse_log_text(text, Path("r.txt"))
+    assert run.path == Path("r.txt")
+    assert run.source == FAKE_SOURCE.rstrip("\n") and run.environment[0].startswith("Running Python")
+    assert run.gpus == (H100,) * 8, "one GPU per table row; the process table is not counted"
+    assert run.hyperparameters["seed"] == 7 and run.seed == 7
+    assert (run.world_size, run.grad_accum, run.device) == (8, 1, "cuda")
+    assert run.timings_s == {"warmup_and_compile_time": 31.8, "first_train_step": 20.1, "first_val_forward": 5.2,
+                             "startup_time": 42.9}
+    assert [p.step for p in run.step_points] == [250, 500, 750, 1000, 1250, 1500]
+    assert run.step_points[0] == verify.StepPoint(step=250, num_iterations=1750, train_time_ms=25000.0)
+    assert [(p.step, p.decimals) for p in run.val_points] == [(0, 4), (500, 4), (1000, 4), (1500, 4)]
+    assert run.val_points[-1].train_time_ms == 150000.0
+    assert run.errors == ("error: a data error",) and run.peak_memory_mib is None
+    assert run.output[0].startswith("hyperparameters: ") and run.output[-1] == "error: a data error"
+    assert (run.last_step, run.num_iterations, run.finished) == (1500, 1750, False)
+
+
+def test_reader_ignores_lines_it_does_not_know():
+    """The trainer may print new lines (warnings, resume notes): the reader reads the same run."""
+    text = our_log(3.2755, seed=7)
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("step:500/"))
+    noisy = lines[:i] + ["warning: loss spike at step 499", "resumed_from: logs/x.txt step:499/1750"] + lines[i:]
+    noisy.append("note: step:1750/1750 val_loss:2.0000 train_time:1ms step_avg:1.00ms")  # not the grammar: ignored
+    plain, read = verify.parse_log_text(text), verify.parse_log_text("\n".join(noisy))
+    assert read.val_points == plain.val_points and read.step_points == plain.step_points
+    assert read.final_loss == 3.2755 and read.errors == ()
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI contract
 
@@ -323,13 +379,159 @@ def test_cli_rejects_duplicate_runs_naming_both_files(tmp_path, capsys):
     assert code == 2 and "run_02.txt: given twice" in err
 
 
+NEAR = [3.2776, 3.2793, 3.2781, 3.2797, 3.2770]  # p = 0.015: fails; the same five counted twice, p = 0.0004
+
+
+@pytest.mark.parametrize("edit", ["extra newline", "CRLF line endings", "seed and run_id edited"])
+def test_a_copy_of_a_run_is_refused_whatever_its_bytes(tmp_path, capsys, edit):
+    """A copy differs from its original by a newline, line endings or an edited header: it is still one run,
+    and counting it twice would turn a failing claim into a pass."""
+    folder = write_logs(tmp_path, NEAR, make=our_log)
+    code, _, _ = run_cli(capsys, folder)
+    assert code == 1, "negative control: the runs alone fail"
+    for original in sorted(folder.glob("run_*.txt")):
+        text = original.read_text()
+        copy = {"extra newline": text + "\n", "CRLF line endings": text.replace("\n", "\r\n"),
+                "seed and run_id edited": text.replace(f'"seed": {int(original.stem[4:])},', '"seed": 99,')
+                .replace('"run_id": "seed', '"run_id": "copy')}[edit]
+        assert copy != text
+        (folder / f"copy_{original.name}").write_bytes(copy.encode())
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == "", f"a doubled sample must not be tested (exit {code}):\n{out}{err}"
+    assert "duplicate run" in err and "copy_run_00.txt" in err and "run_00.txt and" in err, err
+
+
+def test_two_runs_of_one_configuration_with_the_same_seed_are_refused(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING, make=our_log)
+    (folder / "rerun_03.txt").write_text(our_log(3.2750, seed=3, time_ms=176_001.0))
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == ""
+    assert "run_03.txt" in err and "rerun_03.txt" in err and "seed 3" in err, err
+    (folder / "rerun_03.txt").write_text(our_log(3.2750, seed=30, time_ms=176_001.0))
+    code, _, err = run_cli(capsys, folder)
+    assert code == 0, f"negative control: another seed is another run\n{err}"
+
+
+def test_a_crashed_run_and_its_rerun_with_the_same_seed_both_stay(tmp_path, capsys):
+    """The crashed log stays in the folder (it is listed, not counted), so it cannot double a sample."""
+    folder = write_logs(tmp_path, PASSING, make=our_log)
+    (folder / "run_03_crashed.txt").write_text(our_log(3.3, seed=3, stop_at=800, time_ms=171_000.0))
+    code, out, err = run_cli(capsys, folder)
+    assert code == 0 and "run_03_crashed.txt: did not finish" in out, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups: one test pools the runs of one recipe on one machine
+
+REC = [3.2791, 3.2785, 3.2802, 3.2779, 3.2796]  # p = 0.04 against 3.28: fails
+LOWER = [3.2702, 3.2721, 3.2715, 3.2709]  # pooled with REC, p = 0.007: a pass neither set supports
+
+# How a second set of runs may differ from the claim's: (log maker's keyword arguments, what the tool names)
+DIFFERENCES = {
+    "source": ({"source": FAKE_SOURCE + "# another recipe\n"}, "source"),
+    "hyperparameter": ({"hp": {"muon_lr": 0.06}}, "muon_lr"),
+    "train data": ({"hp": {"train_files": "data/mine/text_train_*.bin"}}, "train_files"),
+    "val data": ({"hp": {"val_files": "data/mine/text_val_*.bin"}}, "val_files"),
+    "val tokens": ({"hp": {"val_tokens": 1048576}}, "val_tokens"),
+    "steps": ({"n_steps": 1500, "hp": {"num_iterations": 1500}}, "steps"),
+    "gpu model": ({"gpus": ("NVIDIA H200",) * 8, "world_size": 8}, "hardware"),
+    "gpu count": ({"gpus": (H100,), "world_size": 1}, "hardware"),
+}
+
+
+@pytest.mark.parametrize("difference", DIFFERENCES)
+def test_runs_that_ran_something_else_are_not_pooled(tmp_path, capsys, difference):
+    """Each way two sets of runs can differ makes two groups: without --group the tool refuses, naming
+    what differs and the files of each group; --group N tests that group alone."""
+    other, named = DIFFERENCES[difference]
+    folder = write_logs(tmp_path, REC, make=our_log, gpus=(H100,) * 8, world_size=8)
+    kw = {"gpus": (H100,) * 8, "world_size": 8, **other}
+    write_logs(folder, LOWER, make=our_log, first=len(REC), **kw)
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and out == "", f"mixed runs were tested (exit {code}):\n{out}"
+    assert "2 groups" in err and named in err and "--group" in err, err
+    assert re.search(r"group 1: 5 logs .*run_00\.txt", err) and re.search(r"group 2: 4 logs .*run_05\.txt", err), err
+    code, out, _ = run_cli(capsys, folder, "--group", 1, "--json")
+    assert code == 1 and json.loads(out)["n"] == len(REC), "the claim's own runs: p = 0.04, a failure"
+    code, out, _ = run_cli(capsys, folder, "--group", 2, "--json")
+    assert json.loads(out)["n"] == len(LOWER)
+
+
+def test_public_logs_without_hyperparameters_group_by_source_steps_and_hardware(tmp_path, capsys):
+    """A public record folder that also holds single-GPU runs of older code: pooled, they pass (p = 0.007)
+    where the record's own 8-GPU runs fail (p = 0.04)."""
+    folder = write_logs(tmp_path, REC, header=True, gpus=(H100,) * 8)
+    write_logs(folder, LOWER, first=len(REC), header=True, gpus=(H100,), source=FAKE_SOURCE + "# older\n")
+    assert stats.ttest_1samp(REC + LOWER, 3.28, alternative="less").pvalue < 0.01  # what pooling would claim
+    code, out, err = run_cli(capsys, folder)
+    assert code == 2 and "2 groups" in err and "source" in err and "hardware" in err, err
+    assert "8x NVIDIA H100 80GB HBM3" in err and "1x NVIDIA H100 80GB HBM3" in err, err
+    code, out, _ = run_cli(capsys, folder, "--group", 1)
+    assert code == 1 and "group 1 of 2" in out, out
+    same = write_logs(tmp_path / "same", REC + LOWER, header=True, gpus=(H100,) * 8)
+    code, out, err = run_cli(capsys, same)
+    assert code == 0, f"negative control: one source, one machine, one group\n{err}"
+
+
+def test_group_number_out_of_range_lists_the_groups(tmp_path, capsys):
+    folder = write_logs(tmp_path, PASSING, make=our_log)
+    code, _, err = run_cli(capsys, folder, "--group", 2)
+    assert code == 2 and "--group 2" in err and "1 group" in err, err
+
+
+def test_baseline_logs_must_be_one_group_on_the_same_hardware(tmp_path, capsys):
+    new = write_logs(tmp_path / "new", PASSING, make=our_log, gpus=(H100,) * 8, world_size=8)
+    base = write_logs(tmp_path / "base", [3.2771, 3.2760, 3.2783], make=our_log, gpus=(H100,) * 8, world_size=8,
+                      hp={"muon_lr": 0.04})
+    code, _, err = run_cli(capsys, new, "--baseline", base)
+    assert code == 0, f"negative control: a re-timed previous recipe on the same machine\n{err}"
+    write_logs(base, [3.2790, 3.2786], make=our_log, first=3, gpus=(H100,) * 8, world_size=8, hp={"muon_lr": 0.03})
+    code, _, err = run_cli(capsys, new, "--baseline", base)
+    assert code == 2 and "--baseline" in err and "2 groups" in err, err
+    other = write_logs(tmp_path / "other", [3.2771, 3.2760, 3.2783], make=our_log, gpus=("NVIDIA H200",) * 8,
+                       world_size=8, hp={"muon_lr": 0.04})
+    code, _, err = run_cli(capsys, new, "--baseline", other)
+    assert code == 2 and "8x NVIDIA H200" in err and "same machine" in err, err
+
+
+# --------------------------------------------------------------------------------------------------
+# Where logs are, and runs that stopped at the end
+
+def test_a_folder_whose_logs_are_in_sub_folders_says_which_to_pass(tmp_path, capsys):
+    write_logs(tmp_path / "rec" / "8xH100", PASSING)
+    write_logs(tmp_path / "rec" / "baseline", FAILING)
+    code, _, err = run_cli(capsys, tmp_path / "rec")
+    assert code == 2
+    assert str(tmp_path / "rec" / "8xH100") in err and str(tmp_path / "rec" / "baseline") in err, err
+    assert "8 logs" in err and "--baseline" in err, err
+
+
+def test_logs_in_a_sub_folder_next_to_the_claim_are_named_as_not_read(tmp_path, capsys):
+    folder = write_logs(tmp_path / "rec", PASSING)
+    write_logs(folder / "baseline", FAILING)
+    code, out, err = run_cli(capsys, folder, "--json")
+    assert code == 0 and json.loads(out)["n"] == len(PASSING), "sub-folders are not pooled with the claim"
+    assert f"{folder / 'baseline'} holds 5 logs that are not read" in err, err
+    code, _, err = run_cli(capsys, folder, "--baseline", folder / "baseline")
+    assert "not read" not in err, "negative control: given as --baseline, it is read"
+
+
+def test_a_run_that_reached_the_last_step_without_its_final_val_line_says_so(tmp_path):
+    text = our_log(3.2755)
+    cut = text.replace("step:1750/1750 val_loss:3.2755 train_time:175000ms step_avg:100.00ms\n", "")
+    assert cut != text
+    run = verify.parse_log_text(cut)
+    assert not run.finished and run.last_step == 1750
+    assert run.skip_reason == "reached step 1750/1750 but has no final val_loss line (step:1750/1750 val_loss:...)"
+
+
 def test_cli_rejects_a_log_whose_target_differs(tmp_path, capsys):
     folder = write_logs(tmp_path, PASSING, make=our_log)
     (folder / "run_medium.txt").write_text(our_log(2.91, track="medium", target=2.92))
     code, _, err = run_cli(capsys, folder, "--target", 3.28)
     assert code == 2 and "run_medium.txt" in err and "2.92" in err
-    code, _, err = run_cli(capsys, folder)  # no --target: the logs disagree
-    assert code == 2 and "different targets" in err
+    code, _, err = run_cli(capsys, folder)  # no --target: two groups, their targets differ
+    assert code == 2 and "2 groups" in err and "target_val_loss" in err
 
 
 def test_cli_rejects_track_mismatch(tmp_path, capsys):
@@ -351,18 +553,40 @@ def test_target_comes_from_logs_then_track(tmp_path, capsys):
 
 def test_report_names_the_confidence_levels_exactly(tmp_path, capsys):
     code, out, _ = run_cli(capsys, write_logs(tmp_path, PASSING), "--alpha", "0.001")
-    assert code == 0 and "99.9% one-sided upper confidence bound" in out and "95% confidence interval" in out
+    assert code == 0 and "99.9% one-sided upper bound of the mean" in out and "95% CI of the mean" in out
 
 
 def test_json_output_has_the_documented_keys(tmp_path, capsys):
     folder = write_logs(tmp_path, PASSING)
     code, out, _ = run_cli(capsys, folder, "--json")
     result = json.loads(out)
+    assert code == 0
     for key in ("n", "mean_loss", "std_loss", "p_value", "alpha", "target", "passed", "mean_time_s", "runs", "skipped"):
         assert key in result
     assert result["p_value"] == pytest.approx(stats.ttest_1samp(PASSING, 3.28, alternative="less").pvalue, rel=1e-12)
     assert result["passed"] is True and result["skipped"] == [] and len(result["runs"]) == 8
     assert result["runs"][0]["val_loss"] == PASSING[0] and result["runs"][0]["time_s"] == 175.0
+
+
+def test_report_analysis_md_and_json_show_one_list_of_summary_rows(tmp_path, capsys):
+    """The three renderers read one list of rows: each row is in the report and ANALYSIS.md under its label
+    and in the JSON under its key, with the same value."""
+    new = write_logs(tmp_path / "new", PASSING, make=our_log)
+    base = write_logs(tmp_path / "new" / "baseline", [3.2771, 3.2760, 3.2783], make=our_log, hp={"muon_lr": 0.04})
+    a = verify.verify_paths([new], baseline=[base])
+    rows = verify.summary_rows(a) + verify.baseline_rows(a)
+    assert {r.key for r in verify.summary_rows(a)} >= {"n", "mean_loss", "std_loss", "p_value", "upper_bound", "ci95"}
+    assert {r.key for r in verify.baseline_rows(a)} >= {"welch_time_p", "welch_loss_p", "time_diff_s", "time_diff_ci95"}
+    report, md = verify.format_report(a), verify.format_analysis_md(a, new, "cmd")
+    result = verify.analysis_dict(a)
+    for r in rows:
+        if r.value is None:
+            continue
+        assert f"{r.label}: " in report, f"report lacks {r.label!r}"
+        assert f"| {r.label} | " in md, f"ANALYSIS.md lacks {r.label!r}"
+        got = result["baseline"][r.key] if r in verify.baseline_rows(a) else result[r.key]
+        want = list(r.value) if isinstance(r.value, tuple) else r.value
+        assert got == want, f"JSON {r.key}: {got!r}, row: {r.value!r}"
 
 
 def test_json_is_valid_when_statistics_are_undefined(tmp_path, capsys):
@@ -391,7 +615,7 @@ def test_baseline_json_matches_scipy_welch(tmp_path, capsys):
     assert b["time_diff_ci95"] == pytest.approx([ci.low, ci.high], rel=1e-9)
     assert set(b) >= {"n", "mean_time_s", "mean_loss", "welch_time_p", "welch_loss_p", "time_diff_s", "time_diff_ci95"}
     code, out, _ = run_cli(capsys, new, "--baseline", base)
-    assert "baseline: n=5" in out and "Welch CI" in out
+    assert "baseline runs n: 5" in out and "Welch CI" in out
 
 
 def test_write_is_deterministic_and_records_a_canonical_command(tmp_path, capsys, monkeypatch):
@@ -439,7 +663,7 @@ def test_write_draws_val_loss_png_when_matplotlib_is_installed(tmp_path, capsys)
 def test_script_runs_from_any_directory_with_exit_status(tmp_path):
     folder = write_logs(tmp_path / "weak", FAILING)
     proc = subprocess.run([sys.executable, str(ROOT / "records" / "verify.py"), str(folder)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False)
     assert proc.returncode == 1 and "FAIL" in proc.stdout
 
 
@@ -452,15 +676,17 @@ def test_parses_logs_written_by_a_tiny_cpu_run_of_train_gpt(tiny_corpus, tmp_pat
     log_dir = tmp_path / "logs"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     procs = []
-    for seed in (0, 1):
-        cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny", *tiny_corpus["flags"], f"--log_dir={log_dir}", "--num_iterations=4",
-               "--val_loss_every=2", f"--seed={seed}", f"--run_id=seed{seed}"]
-        out = open(tmp_path / f"stdout{seed}.txt", "w")
-        procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env), out))
-    for proc, out in procs:
-        code = proc.wait(timeout=300)
-        out.close()
-        assert code == 0, Path(out.name).read_text()[-3000:]
+    with contextlib.ExitStack() as outputs:
+        for seed in (0, 1):
+            cmd = [sys.executable, str(ROOT / "train_gpt.py"), "--preset=tiny",
+                   *tiny_corpus["flags"], f"--log_dir={log_dir}", "--num_iterations=4", "--extension_steps=0", "--val_loss_every=2",
+                   f"--seed={seed}",
+                   f"--run_id=seed{seed}"]
+            out = outputs.enter_context(open(tmp_path / f"stdout{seed}.txt", "w"))
+            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env), out))
+        for proc, out in procs:
+            code = proc.wait(timeout=300)
+            assert code == 0, Path(out.name).read_text()[-3000:]
     logs = sorted(log_dir.glob("*.txt"))
     assert [p.name for p in logs] == ["seed0.txt", "seed1.txt"]
     text = logs[0].read_text()
