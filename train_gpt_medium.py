@@ -303,7 +303,8 @@ def parse_recipe(hp) -> Recipe:
 # Presets: named sets of flags, applied before the other flags (which win). A preset names the tracks it
 # is a recipe for; `--help` lists what each sets.
 PRESETS = {
-    # CPU smoke runs and the tests: a few layers, a small width, short sequences, every recipe feature on.
+    # CPU smoke runs and the tests: a few layers, a small width, short sequences, every recipe feature on; the
+    # data cycles, so a little of one's own text is enough.
     "tiny": dict(tracks=("small", "medium"), flags=dict(
         num_layers=4, model_dim=64, num_heads=2, head_dim=32, layer_attention="SS-L", value_embed_layers="1,3",
         xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", skip_connection="1>2", cache_layer=1,
@@ -311,7 +312,7 @@ PRESETS = {
         stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
         stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
         mtp_weights="1,0.5>0;1,0.25>0;1", num_iterations=20, extension_steps=2, val_seq_len=1024, val_tokens=4096,
-        val_loss_every=10, warmup_steps=2, compile=False)),
+        val_loss_every=10, warmup_steps=2, compile=False, cycle_train_data=True)),
 }
 
 

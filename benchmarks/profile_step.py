@@ -116,14 +116,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="steps recorded by the profiler")
     ap.add_argument("--top", type=int, default=30, help="kernels listed")
     ap.add_argument("--start_step", type=int, default=0,
-                    help="step index of the first step (sets the lr, momentum and attention window schedules)")
+                    help="step index of the first step (sets the stage, lr, momentum and windows)")
     ap.add_argument("--trace", help="write a Chrome trace here")
     args = ap.parse_args(own)
     hp = train_gpt.parse_args(trainer_flags)
     rank, world_size, device = train_gpt.setup_distributed(hp)
     say = print if rank == 0 else (lambda *a, **k: None)
     trainer = train_gpt.Trainer(hp, rank, world_size, device)
-    loader = train_gpt.DistributedTrainLoader(hp, rank, world_size, device)
+    steps = range(args.start_step, args.start_step + args.warmup + args.time_steps + args.steps)
+    loader = train_gpt.DistributedTrainLoader(hp, rank, world_size, device, train_gpt.doc_clips(steps, hp, trainer.derived))
     step = args.start_step
 
     def run_step():

@@ -10,13 +10,14 @@ a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory an
 
 DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
 comes from the trainer's own log: training time excludes compilation, the untimed warm-up and
-validation; ms/step is the median of the per-step increments of train_time; time to target is the
+validation; ms/step is the median of the per-step increments of train_time, tokens/s the run's tokens
+over its training time; time to target is the
 train_time of the first validation at or below the target (so it depends on --val_loss_every).
 
 FLOPs per token (training, forward + backward = 3x forward; PaLM, arXiv 2204.02311, Appendix B):
-6 x (matmul weights of the blocks and the head) + 12 x layers x (heads * head_dim) x attended keys,
-with attended keys = half the layer's sliding window (causal), averaged over layers and over the
-window schedule. Document masking lowers the real attention work, so MFU here is an upper estimate
+6 x (matmul weights of the blocks and the head) + 12 x (heads * head_dim) x attended keys summed over
+the layers, with attended keys = half the layer's sliding window (causal), averaged over the run's
+tokens (the stages' windows, each step weighted by its batch). Document masking lowers the real attention work, so MFU here is an upper estimate
 of useful work over the measured bf16 matmul peak (8192^3 torch.matmul, median).
 """
 import argparse
@@ -47,51 +48,55 @@ PEAK_MATMUL_N = 8192  # square bf16 matmul of the peak measurement: large enough
 
 
 def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
-    """Training FLOPs per token of the recipe `hp` (see the module docstring for the convention)."""
+    """Training FLOPs per token of the recipe `hp` (see the module docstring for the convention): the
+    attention term is averaged over the run's tokens, each step weighted by its stage's batch."""
     d, hdim, L = hp.model_dim, hp.num_heads * hp.head_dim, hp.num_layers
     attention_layers = sum(1 for kind in hp.layer_attention if kind != "-")
     matmul_weights = attention_layers * 4 * hdim * d + L * 2 * hp.mlp_ratio * d * d + hp.vocab_size * d
-    windows = []
-    for step in range(hp.num_iterations):
-        blocks = train_gpt.window_blocks(step, hp)
-        short = train_gpt.short_window_blocks(blocks)
-        keys = sum(blocks if kind == "L" else short for kind in hp.layer_attention if kind != "-")
-        windows.append(keys / L * train_gpt.ATTN_BLOCK)
-    attended_keys = statistics.fmean(windows) / 2
-    return 6 * matmul_weights + 12 * L * hdim * attended_keys
+    derived = train_gpt.derive(hp, 1)
+    keys, tokens = 0.0, 0
+    for step in range(train_gpt.total_steps(hp)):
+        plan = train_gpt.plan_step(step, hp, derived)
+        batch = derived.recipe.stages[plan.stage].batch_tokens
+        windows = dict(S=plan.windows[0], L=plan.windows[1])
+        keys += batch * sum(windows[kind] for kind in hp.layer_attention if kind != "-") * train_gpt.ATTN_BLOCK / 2
+        tokens += batch
+    return 6 * matmul_weights + 12 * hdim * keys / tokens
 
 
-def hyperparameters_of_log(logged: dict) -> train_gpt.Hyperparameters:
-    """The logged hyperparameters as this trainer's dataclass. Logs written before `layer_attention`
-    existed (benchmarks/results) give `long_window_every` = k instead: long windows in layers 0, k, 2k, ...
-    and the last, short windows elsewhere, attention in every layer."""
-    logged = dict(logged)
-    if "long_window_every" in logged:
-        k, L = logged.pop("long_window_every"), logged["num_layers"]
-        logged["layer_attention"] = "".join("L" if i % k == 0 or i == L - 1 else "S" for i in range(L))
-    return train_gpt.Hyperparameters(**logged)
+def run_tokens(hp: train_gpt.Hyperparameters) -> int:
+    """Tokens the whole run trains on: every step's stage batch."""
+    derived = train_gpt.derive(hp, 1)
+    return sum(derived.recipe.stages[train_gpt.plan_step(s, hp, derived).stage].batch_tokens
+               for s in range(train_gpt.total_steps(hp)))
 
 
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     """Numbers of one training log, read by records/verify.py's reader; None where the log does not have them.
-    Raises ValueError for a log without a hyperparameters line, verify.VerifyError for an unreadable one."""
+    Logs of earlier recipes, whose hyperparameters this trainer no longer takes, get no FLOP count; their
+    tokens come from their own `batch_tokens`. Raises ValueError for a log without a hyperparameters line,
+    verify.VerifyError for an unreadable one."""
     run = verify.parse_log(path)
     if run.hyperparameters is None:
         raise ValueError(f"{path}: no hyperparameters line; not a train_gpt.py log")
-    hp = hyperparameters_of_log(run.hyperparameters)
+    try:
+        hp = train_gpt.Hyperparameters(**run.hyperparameters)
+        fpt, tokens = flops_per_token(hp), run_tokens(hp)
+    except (TypeError, train_gpt.ConfigError):
+        fpt, tokens = None, run.hyperparameters.get("batch_tokens", 0) * (run.num_iterations or 0) or None
     step_ms = {p.step: p.train_time_ms for p in run.step_points}
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
     increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
     ms = statistics.median(increments) if increments else None
-    tokens_per_s = hp.batch_tokens / ms * 1000 if ms else None
-    fpt = flops_per_token(hp)
-    world = run.world_size or 1
-    mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if tokens_per_s and peak_tflops else None
-    reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
     last_val = run.val_points[-1] if run.val_points else None
+    finished = last_val is not None and last_val.step == run.num_iterations
+    tokens_per_s = tokens / (last_val.train_time_ms / 1000) if finished and tokens and last_val.train_time_ms else None
+    world = run.world_size or 1
+    mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if fpt and tokens_per_s and peak_tflops else None
+    reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
     return {"log": str(path), "world_size": world, "ms_per_step": ms, "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt, "mfu": mfu, "time_to_target_s": reached[0] / 1000 if reached else None,
-            "final_loss": last_val.val_loss if last_val and last_val.step == hp.num_iterations else None,
+            "final_loss": last_val.val_loss if finished else None,
             "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
             "peak_gib": run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
             "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time")}

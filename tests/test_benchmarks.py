@@ -15,23 +15,28 @@ def bench():
 
 def test_flops_per_token_counts_weights_and_windowed_attention(bench):
     import train_gpt
-    hp = train_gpt.parse_args(["--preset=tiny", "--window_start=256", "--window_end=256"])
-    # 4 layers: layers 0 and 3 see the 256-token window, layers 1 and 2 half of it; causal halves again.
-    attended = (2 * 256 + 2 * 128) / 4 / 2
-    weights = 4 * (4 * 64 * 64 + 2 * 4 * 64 * 64) + 50304 * 64
-    assert bench.flops_per_token(hp) == pytest.approx(6 * weights + 12 * 4 * 64 * attended)
+    hp = train_gpt.parse_args(["--preset=tiny", "--stage_windows=1:2,1:2,1:2", "--extension_windows=1:2"])
+    # layers "SS-L": two short layers see 128 tokens, the long one 256, layer 2 none; causal halves them.
+    attended = (2 * 128 + 256) / 2
+    weights = 3 * 4 * 64 * 64 + 4 * 2 * 4 * 64 * 64 + 50304 * 64
+    assert bench.flops_per_token(hp) == pytest.approx(6 * weights + 12 * 64 * attended)
+    later = train_gpt.parse_args(["--preset=tiny", "--stage_windows=1:2,1:2,2:4", "--extension_windows=2:4"])
+    assert bench.flops_per_token(later) > bench.flops_per_token(hp), "longer late windows cost more"
 
 
 def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     import train_gpt
     args = ["--preset=tiny", *tiny_corpus["flags"],
-            f"--log_dir={tmp_path}", "--run_id=r", "--num_iterations=4", "--val_loss_every=2", "--warmup_steps=0"]
+            f"--log_dir={tmp_path}", "--run_id=r", "--num_iterations=4", "--extension_steps=0", "--val_loss_every=2",
+            "--warmup_steps=0"]
     assert train_gpt.main(args) == 0
     log = tmp_path / "r.txt"
     row = bench.summarize_log(log, target=20.0, peak_tflops=1.0)
     assert row["time_to_target_s"] == 0.0, "the step-0 loss (10.8) is already below a target of 20"
     assert bench.summarize_log(log, target=0.01, peak_tflops=None)["time_to_target_s"] is None
-    assert row["ms_per_step"] > 0 and row["tokens_per_s"] == pytest.approx(512 / row["ms_per_step"] * 1000)
+    hp = train_gpt.parse_args(args)
+    assert row["ms_per_step"] > 0 and row["tokens_per_s"] == pytest.approx(bench.run_tokens(hp) / row["train_time_s"])
+    assert bench.run_tokens(hp) == 512 + 3 * 1024, "step 0 in stage 1 (512 tokens), steps 1-3 in stages 2-3"
     finals = [line for line in log.read_text().splitlines() if line.startswith("step:4/4 val_loss:")]
     assert row["final_loss"] == float(finals[-1].split("val_loss:")[1].split()[0])
     assert row["compile_s"] is not None and row["startup_s"] >= row["compile_s"]
@@ -81,16 +86,16 @@ def test_table_gives_each_run_its_own_flops_per_token(bench):
     assert cells == {"L7_0": "552.1", "L12_0": "759.2"}, lines
 
 
-def test_logs_from_before_the_layer_pattern_still_summarize(bench):
-    """benchmarks/results holds logs that name `long_window_every` instead of `layer_attention`."""
-    import dataclasses
-
-    import train_gpt
-    logged = dataclasses.asdict(train_gpt.parse_args([]))
-    del logged["layer_attention"]
-    logged["long_window_every"] = 4
-    hp = bench.hyperparameters_of_log(logged)
-    assert hp.layer_attention == "LSSSLSSSLSSL", "long windows at 0, 4, 8 and the last layer; attention in all"
+def test_logs_of_earlier_recipes_still_summarize_without_a_flop_count(bench, tmp_path):
+    """benchmarks/results holds logs whose hyperparameters this trainer no longer takes (batch_tokens, windows
+    from start to end): they still get times and losses, and tokens from their own batch_tokens."""
+    from test_verify import our_log
+    text = our_log(2.0390, n_steps=200, val_every=100, step_every=1, time_ms=140_000.0,
+                   hp={"batch_tokens": 393216, "window_start": 128, "window_end": 1792})
+    (tmp_path / "old.txt").write_text(text)
+    row = bench.summarize_log(tmp_path / "old.txt", target=3.0, peak_tflops=800.0)
+    assert row["final_loss"] == 2.0390 and row["flops_per_token"] is None and row["mfu"] is None
+    assert row["tokens_per_s"] == pytest.approx(393216 * 200 / 140.0)
 
 
 def test_variants_and_seeds_make_one_run_each_with_the_variant_flags_last(bench):
@@ -131,7 +136,7 @@ def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsy
     args = ["--data", str(tiny_corpus["dir"]), "--nproc", "1", "--target", "20", "--peak_tflops", "1",
             "--log_dir", str(tmp_path), "--variant", "base=", "--variant", "ns5=--muon_ortho=newton_schulz5", "--",
             "--preset=tiny", *tiny_corpus["flags"],
-            "--num_iterations=2", "--val_loss_every=0", "--warmup_steps=0"]
+            "--num_iterations=3", "--val_loss_every=0", "--warmup_steps=0"]
     assert bench.main(args) == 0
     orthos = {}
     for run_id in ("base_0", "ns5_0"):
@@ -145,7 +150,7 @@ def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsy
 def test_a_run_without_a_log_is_reported_and_the_others_still_get_their_table(bench, tiny_corpus, tmp_path,
                                                                               capsys):
     args = ["--preset=tiny", *tiny_corpus["flags"],
-            f"--log_dir={tmp_path}", "--run_id=ok", "--num_iterations=2", "--val_loss_every=0", "--warmup_steps=0"]
+            f"--log_dir={tmp_path}", "--run_id=ok", "--num_iterations=3", "--val_loss_every=0", "--warmup_steps=0"]
     import train_gpt
     assert train_gpt.main(args) == 0
     status = bench.main(["--logs", str(tmp_path / "ok.txt"), str(tmp_path / "crashed.txt"), "--peak_tflops", "1"])

@@ -540,7 +540,7 @@ def test_next_command_quotes_paths_the_shell_would_change(tmp_path):
 def test_trainer_settings_the_next_command_relies_on_match_train_gpt():
     """tokenize_text cannot import the trainer (torch, CUDA setup); its copies of these values must agree."""
     import train_gpt
-    defaults, tiny = train_gpt.Hyperparameters(), train_gpt.PRESETS["tiny"]
+    defaults, tiny = train_gpt.Hyperparameters(), train_gpt.PRESETS["tiny"]["flags"]
     assert tokenize_text.TRAINER_VAL_TOKENS == defaults.val_tokens
     assert tokenize_text.TRAINER_VAL_SEQ_LEN == defaults.val_seq_len
     assert tokenize_text.TINY_VAL_TOKENS == tiny["val_tokens"]

@@ -28,8 +28,8 @@ TRAIN = ('python train_gpt.py --preset=tiny --train_files="data/mine/text_train_
          '--val_files="data/mine/text_val_*.bin"')
 OFFLINE = "--vocab-bpe tests/data/gpt2/vocab.bpe --encoder-json tests/data/gpt2/encoder.json"
 N_FILES = 13
-TINY_VAL_TOKENS = PRESETS["tiny"]["val_tokens"]  # what README's train command validates on
-TINY_VAL_SEQ_LEN = PRESETS["tiny"]["val_seq_len"]
+TINY_VAL_TOKENS = PRESETS["tiny"]["flags"]["val_tokens"]  # what README's train command validates on
+TINY_VAL_SEQ_LEN = PRESETS["tiny"]["flags"]["val_seq_len"]
 
 WORDS = ["licence", "software", "copy", "distribute", "modify", "terms", "conditions", "warranty", "notice",
          "permission", "granted", "provided", "that", "the", "work", "source", "code", "object", "form", "any",
@@ -109,7 +109,6 @@ def test_readme_tokenize_command_writes_shards_and_prints_the_train_command(toke
     assert "multiple of --val_seq_len" in result.stdout, result.stdout
 
 
-@pytest.mark.xfail(reason="trainer side pending: long documents and small val split", strict=False)
 def test_printed_train_command_runs_the_tiny_preset(tokenized):
     """The trainer step of README's path: the printed command, as printed (logs go to the copy's logs/)."""
     assert tokenized["result"].returncode == 0, tokenized["result"].stderr
