@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_gpt
+import train_gpt  # noqa: E402 (after the path insert: benchmarks/ is a folder of scripts)
 
 
 def _load_verify():
