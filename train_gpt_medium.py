@@ -304,7 +304,7 @@ def parse_recipe(hp) -> Recipe:
 # is a recipe for; `--help` lists what each sets.
 PRESETS = {
     # CPU smoke runs and the tests: a few layers, a small width, short sequences, every recipe feature on; the
-    # data cycles, so a little of one's own text is enough.
+    # data cycles, so a little of one's own text is enough; no warm-up (nothing compiles on CPU).
     "tiny": dict(tracks=("small", "medium"), flags=dict(
         num_layers=4, model_dim=64, num_heads=2, head_dim=32, layer_attention="SS-L", value_embed_layers="1,3",
         xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", skip_connection="1>2", cache_layer=1,
@@ -312,7 +312,7 @@ PRESETS = {
         stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
         stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
         mtp_weights="1,0.5>0;1,0.25>0;1", num_iterations=20, extension_steps=2, val_seq_len=1024, val_tokens=4096,
-        val_loss_every=10, warmup_steps=2, compile=False, cycle_train_data=True)),
+        val_loss_every=10, warmup_steps=0, compile=False, cycle_train_data=True)),
 }
 
 
@@ -860,6 +860,160 @@ def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
 @transpose_bytes.register_fake
 def _(x):
     return x.new_empty(x.size(1), x.size(0))
+
+
+# Softcapped multi-token cross-entropy, forward and backward each one pass over the logits (the speedrun's
+# fused loss, records #60 and #79, in our own form). For raw logits z [T, V] (the head's output), the
+# softcapped logits are u = cap * sigmoid((z + offset) / temp), bounded in (0, cap), so sum_j exp(u_j)
+# needs no running maximum. Row t's loss is sum_k w_k (lse_t - u_t[y_{t+k}]) over the offsets k with a
+# target (y = -100 or t + k past the row: none), and the gradient is
+#   dL/dz_tj = g_t (S_t p_tj - sum_k w_k [y_{t+k} = j]) cap s_tj (1 - s_tj) / temp,
+# with p = softmax(u), s = sigmoid((z + offset) / temp), S_t the weights of row t's targets and g_t the
+# incoming gradient. Unfused, autograd makes several passes over [T, V] fp32 arrays per offset.
+CE_BLOCK = 4096  # vocabulary columns per loop iteration of a row's program
+CE_BLOCK_INTERPRET = 64
+
+
+def softcap_mtp_ce_reference(z, targets, weights, cap: float, offset: float, temp: float):
+    """(row losses [T], row log-sum-exp [T]) in fp32, in plain torch: the kernel's specification, and the CPU
+    path (autograd differentiates it)."""
+    u = cap * torch.sigmoid((z.float() + offset) / temp)
+    logp = torch.log_softmax(u, dim=-1)
+    rows = torch.zeros_like(logp[:, 0])
+    for k in range(weights.numel()):
+        target = F.pad(targets[k:], (0, k), value=-100)
+        picked = logp.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
+        rows = rows - weights[k] * torch.where(target >= 0, picked, 0.0)
+    return rows, (u[:, 0] - logp[:, 0]).detach()
+
+
+def softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap: float, offset: float, temp: float):
+    """dL/dz [T, V] in z's dtype for row gradients grad [T] (the formula above), in plain torch."""
+    s = torch.sigmoid((z.float() + offset) / temp)
+    p = torch.exp(cap * s - lse[:, None])
+    dl = torch.zeros_like(p)
+    total = torch.zeros_like(lse)
+    rows = torch.arange(z.size(0), device=z.device)
+    for k in range(weights.numel()):
+        target = F.pad(targets[k:], (0, k), value=-100)
+        valid = target >= 0
+        total = total + weights[k] * valid
+        dl.index_put_((rows[valid], target[valid]), -weights[k].expand(int(valid.sum())).float(), accumulate=True)
+    dl += total[:, None] * p
+    return (grad[:, None] * dl * cap * s * (1 - s) / temp).to(z.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, T, V, stride_z, cap, offset, inv_temp,
+                                   K: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per row t of Z [T, V] (fp32/bf16): ROWS[t] = sum_k W[k] (lse - u[TGT[t + k]]), LSE[t]."""
+        row = tl.program_id(0)
+        z_row = Z + row.to(tl.int64) * stride_z
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            acc += tl.where(cols < V, tl.exp(cap * tl.sigmoid((z + offset) * inv_temp)), 0.0)
+        lse = tl.log(tl.sum(acc, axis=0))
+        loss = 0.0
+        for k in tl.static_range(K):
+            y = tl.load(TGT + row + k, mask=row + k < T, other=-100)
+            hit = y >= 0
+            zy = tl.load(z_row + tl.maximum(y, 0), mask=hit, other=0.0).to(tl.float32)
+            u_y = cap * tl.sigmoid((zy + offset) * inv_temp)
+            loss += tl.where(hit, tl.load(W + k) * (lse - u_y), 0.0)
+        tl.store(ROWS + row, loss)
+        tl.store(LSE + row, lse)
+
+    @triton.jit
+    def _softcap_mtp_ce_bwd_kernel(Z, TGT, W, LSE, G, DZ, T, V, stride_z, stride_dz, cap, offset, inv_temp,
+                                   K: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per row t: DZ[t] = dL/dZ[t] (the formula above), in DZ's dtype."""
+        row = tl.program_id(0)
+        z_row = Z + row.to(tl.int64) * stride_z
+        dz_row = DZ + row.to(tl.int64) * stride_dz
+        lse = tl.load(LSE + row)
+        g = tl.load(G + row)
+        total = 0.0
+        for k in tl.static_range(K):
+            y = tl.load(TGT + row + k, mask=row + k < T, other=-100)
+            total += tl.where(y >= 0, tl.load(W + k), 0.0)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            s = tl.sigmoid((z + offset) * inv_temp)
+            dl = total * tl.exp(cap * s - lse)
+            for k in tl.static_range(K):
+                y = tl.load(TGT + row + k, mask=row + k < T, other=-100)
+                dl -= tl.where(cols == y, tl.load(W + k), 0.0)
+            dz = g * dl * cap * s * (1 - s) * inv_temp
+            tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=cols < V)
+
+
+def _ce_on_triton(z):
+    return HAS_TRITON and (z.is_cuda or _kernels_interpreted())
+
+
+def _ce_launch(z):
+    return (CE_BLOCK_INTERPRET, 4) if _kernels_interpreted() else (CE_BLOCK, 8)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::softcap_mtp_ce", mutates_args=())
+def softcap_mtp_ce(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, cap: float, offset: float,
+                   temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row losses [T], row log-sum-exp [T]), fp32, of raw logits z [T, V] (contiguous rows), targets [T]
+    (int64, -100: none) and offset weights [K] (fp32): the fused kernel on GPU, the reference otherwise."""
+    if not _ce_on_triton(z):
+        return softcap_mtp_ce_reference(z, targets, weights, cap, offset, temp)
+    T, V = z.shape
+    rows = torch.empty(T, dtype=torch.float32, device=z.device)
+    lse = torch.empty(T, dtype=torch.float32, device=z.device)
+    block, warps = _ce_launch(z)
+    _softcap_mtp_ce_fwd_kernel[(T,)](z, targets, weights, rows, lse, T, V, z.stride(0), cap, offset, 1 / temp,
+                                     K=weights.numel(), BLOCK=block, num_warps=warps)
+    return rows, lse
+
+
+@softcap_mtp_ce.register_fake
+def _(z, targets, weights, cap, offset, temp):
+    return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::softcap_mtp_ce_backward", mutates_args=())
+def softcap_mtp_ce_backward(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, lse: torch.Tensor,
+                            grad: torch.Tensor, cap: float, offset: float, temp: float) -> torch.Tensor:
+    """dL/dz [T, V] in z's dtype for row gradients grad [T] (fp32)."""
+    if not _ce_on_triton(z):
+        return softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap, offset, temp)
+    T, V = z.shape
+    dz = torch.empty_like(z)
+    block, warps = _ce_launch(z)
+    _softcap_mtp_ce_bwd_kernel[(T,)](z, targets, weights, lse, grad.contiguous(), dz, T, V, z.stride(0),
+                                     dz.stride(0), cap, offset, 1 / temp, K=weights.numel(), BLOCK=block,
+                                     num_warps=warps)
+    return dz
+
+
+@softcap_mtp_ce_backward.register_fake
+def _(z, targets, weights, lse, grad, cap, offset, temp):
+    return torch.empty_like(z)
+
+
+def _softcap_mtp_ce_setup(ctx, inputs, output):
+    z, targets, weights, cap, offset, temp = inputs
+    ctx.save_for_backward(z, targets, weights, output[1])
+    ctx.softcap = (cap, offset, temp)
+
+
+def _softcap_mtp_ce_grad(ctx, grad_rows, grad_lse):
+    z, targets, weights, lse = ctx.saved_tensors
+    dz = softcap_mtp_ce_backward(z, targets, weights, lse, grad_rows.float(), *ctx.softcap)
+    return dz, None, None, None, None, None
+
+
+softcap_mtp_ce.register_autograd(_softcap_mtp_ce_grad, setup_context=_softcap_mtp_ce_setup)
 
 
 # -----------------------------------------------------------------------------
@@ -1572,19 +1726,6 @@ def bigram_indices(tokens: torch.Tensor, buckets: int) -> tuple[torch.Tensor, to
     return h, s
 
 
-def multi_token_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_t sum_k weights[k] CE(logits_t, targets_{t+k}) for logits [T, V] (fp32) and targets [T]; targets
-    of -100 and offsets past the row's end are skipped. k = 0 is the next token; k >= 1 train the same logits
-    to also predict later tokens (multi-token prediction without extra heads, the speedrun's #53)."""
-    lse = torch.logsumexp(logits, dim=-1)
-    total = logits.new_zeros(())
-    for k in range(weights.numel()):
-        target = F.pad(targets[k:], (0, k), value=-100)
-        picked = logits.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
-        total = total + weights[k] * torch.where(target >= 0, lse - picked, 0.0).sum()
-    return total
-
-
 class GPT(nn.Module):
     """The speedrun's 2026 architecture in the form the Hyperparameters' layer sets give it: token embedding
     with smear, hashed bigram embedding, value embeddings, a skip connection, attention of the last layers
@@ -1644,7 +1785,7 @@ class GPT(nn.Module):
                 loss_weights: torch.Tensor) -> torch.Tensor:
         """inputs, targets [T] (targets -100 are ignored); windows (short, long) in blocks (ints, or 0-d int
         tensors on GPU); attn_scale the softmax scale (float or 0-d tensor); loss_weights [K] of
-        multi_token_loss. Returns the weighted sum of the token losses (fp32)."""
+        head_loss. Returns the weighted sum of the token losses (fp32)."""
         hp = self.hp
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         docs = document_ids(inputs, hp.bos_id)
@@ -1674,17 +1815,21 @@ class GPT(nn.Module):
         return self.head_loss(x[0], targets, loss_weights)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
-        """multi_token_loss of the softcapped logits of the final hidden states x [T, dim] (fp32)."""
+        """Softcapped multi-token loss (softcap_mtp_ce) of the final hidden states x [T, dim], summed (fp32):
+        sum_t sum_k loss_weights[k] CE(logits_t, targets_{t+k}). k = 0 is the next token; k >= 1 train the same
+        logits to also predict later tokens (multi-token prediction without extra heads, the speedrun's #53)."""
         hp = self.hp
         x = rms_norm(x)
         if hp.fp8_head and x.is_cuda:
             scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX, 1 / FP8_E4M3_MAX)
-            logits = FP8Linear.apply(x, self.lm_head_w, *scales).float()
+            logits = FP8Linear.apply(x, self.lm_head_w, *scales)  # bf16
         else:
-            logits = F.linear(x, self.lm_head_w.type_as(x)).float()
-        # Softcap into (0, cap), asymmetric around z = 0 (the speedrun's form since records #54).
-        logits = hp.logit_softcap * torch.sigmoid((logits + hp.logit_offset) / hp.logit_temp)
-        return multi_token_loss(logits, targets, loss_weights)
+            logits = F.linear(x, self.lm_head_w.type_as(x))
+        # Softcapped into (0, cap), asymmetric around z = 0 (the speedrun's form since records #54), inside the loss:
+        # the fused kernels on GPU, autograd through the reference on CPU.
+        loss = softcap_mtp_ce if _ce_on_triton(logits) else softcap_mtp_ce_reference
+        rows, _ = loss(logits, targets, loss_weights, hp.logit_softcap, hp.logit_offset, hp.logit_temp)
+        return rows.sum()
 
 
 # -----------------------------------------------------------------------------
@@ -2113,6 +2258,12 @@ class Trainer:
         self._set_tied(self.untie_step is not None)
         self._scalar_cache = {}
         self._attention_state = None
+        for step in range(total_steps(hp)):  # made now: a host-to-device copy in the timed loop would stall it
+            plan = self.plan(step)
+            self._on_device(plan.mtp, torch.float32)
+            self._on_device(yarn_attention_scale(hp.attn_scale, plan.long_windows), torch.float32)
+            for blocks in plan.windows + self.derived.recipe.final_val_windows:
+                self._on_device(blocks, torch.int32)
         self.last_val_predictions = 0
         self._val_tokens = val_tokens
 
@@ -2126,10 +2277,8 @@ class Trainer:
         return plan_step(step, self.hp, self.derived)
 
     def _on_device(self, value, dtype):
-        """A Python number as a cached 0-d/1-d device tensor on GPU (a compiled graph then reads it as an
-        input, so a new value does not recompile); the number itself on CPU."""
-        if self.device.type != "cuda":
-            return torch.tensor(value, dtype=dtype) if isinstance(value, tuple) else value
+        """A Python number or tuple as a cached 0-d/1-d tensor on the device: a compiled graph reads it as an
+        input, so a new value does not recompile (on CPU too, so tests see what a GPU run compiles)."""
         key = (value, dtype)
         if key not in self._scalar_cache:
             self._scalar_cache[key] = torch.tensor(value, dtype=dtype, device=self.device)

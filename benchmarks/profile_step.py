@@ -137,6 +137,9 @@ def main(argv=None) -> int:
         run_step()
     train_gpt._sync(device)
     say(f"warm-up ({args.warmup} steps, compilation included): {time.perf_counter() - t0:.1f} s")
+    if hp.compile and device.type == "cuda":
+        say("compile time by phase (torch._dynamo.utils.compile_times):\n"
+            + torch._dynamo.utils.compile_times(repr="str", aggregate=True))
     times = []
     for _ in range(args.time_steps):
         t0 = time.perf_counter()
