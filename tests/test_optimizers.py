@@ -1,4 +1,4 @@
-"""Specification of the Optimizers section (optimizers.md sections 1 and 5-8).
+"""Specification of the Optimizers section (Muon, NorMuon, cautious weight decay, OrScale, Scion: the papers cited in train_gpt.py).
 
 Two parts. First, distributed equivalence: on 2, 3 and 4 gloo ranks, with parameter counts that
 split unevenly (so shards are padded), two steps of DistAdam and of DistMuon in every variant give
@@ -265,7 +265,7 @@ def test_normuon_from_zero_state_with_beta2_zero_equalizes_row_rms(trainer):
 
 
 def test_plain_muon_step_is_shape_scaled_orthogonalized_nesterov_momentum(trainer):
-    """W <- W - lr * max(1, m/n)^0.5 * orth((1-b) G + b M), M <- b M + (1-b) G (optimizers.md section 1)."""
+    """W <- W - lr * max(1, m/n)^0.5 * orth((1-b) G + b M), M <- b M + (1-b) G (github KellerJordan/Muon)."""
     hp = _hp(trainer, "--muon_ortho=polar_express")
     lr, b = 0.05, 0.9
     W, G, M0 = _randn(2, 24, 8, seed=0, scale=0.1), _randn(2, 24, 8, seed=1), _randn(2, 24, 8, seed=2)
@@ -278,7 +278,7 @@ def test_plain_muon_step_is_shape_scaled_orthogonalized_nesterov_momentum(traine
 
 
 def test_cautious_weight_decay_skips_entries_where_update_and_weight_disagree(trainer):
-    """x <- x - lr (u + wd 1[u x >= 0] x) (arXiv 2510.12402; optimizers.md section 6): compared with
+    """x <- x - lr (u + wd 1[u x >= 0] x) (arXiv 2510.12402): compared with
     the wd = 0 step, the cautious step moves exactly lr wd W on agreeing entries and nothing elsewhere."""
     lr, wd = 0.05, 0.1
     W, G, M0 = _randn(3, 12, 20, seed=0, scale=0.1), _randn(3, 12, 20, seed=1), _randn(3, 12, 20, seed=2)
@@ -308,7 +308,7 @@ def _orscale_lm_direction(trainer, W, G, M_prev, b, wd, method):
 
 
 def test_orscale_lm_calibrates_c_once_so_the_first_trust_ratio_is_one(trainer):
-    """optimizers.md section 7: c = ||W0||_F / ||D0||_F at the first step, so r = 1 there and
+    """OrScale-LM (arXiv 2605.07815): c = ||W0||_F / ||D0||_F at the first step, so r = 1 there and
     W1 = W0 - lr D0; at step 2, c is kept and r = ||W1|| / (c ||D1|| + 1e-6), clipped."""
     wd, lr, b = 0.01, 0.05, 0.95
     hp = _hp(trainer, "--muon_variant=orscale_lm", f"--muon_weight_decay={wd}", "--muon_ortho=polar_express")
@@ -384,7 +384,7 @@ def test_scion_with_zero_gradient_and_momentum_only_decays_weights(trainer, meth
 @pytest.mark.parametrize("method", ["newton_schulz5", "polar_express", "turbo_muon"])
 def test_ema_and_sum_momentum_give_the_same_orthogonalized_steps(trainer, method):
     """Sum form B <- b B + G, U = G + b B is the EMA form's U divided by (1 - b); the orthogonalizers
-    normalize their input, so three Muon steps are the same either way (optimizers.md section 1)."""
+    normalize their input, so three Muon steps are the same either way."""
     hp = _hp(trainer, f"--muon_ortho={method}")
     lr, b = 0.05, 0.95
     W_ema = W_sum = _randn(3, 12, 20, seed=0, scale=0.1)

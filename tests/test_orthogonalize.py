@@ -1,4 +1,4 @@
-"""Specification of the Kernels and Orthogonalization sections (optimizers.md sections 1-4 and 9).
+"""Specification of the Kernels and Orthogonalization sections (Newton-Schulz, Polar Express arXiv 2505.16932, Turbo-Muon arXiv 2512.04632).
 
 Tests run against train_gpt.py; train_gpt_medium.py shares this code line for line
 (tests/test_tracks.py). Accuracy claims are checked in float64 against an SVD polar factor; the Triton
@@ -21,7 +21,7 @@ pytestmark = shared_code_only
 F64 = torch.float64
 U32 = 2.0 ** -24  # float32 unit roundoff
 
-# Bands of the scalar maps (optimizers.md sections 1-3, quoted to 4 decimals): (input interval,
+# Bands of the scalar maps (as published with each method, quoted to 4 decimals): (input interval,
 # output interval, sup of the map over [0, 1]). The sup bounds every output singular value; it is
 # the band's top for PE5 and its tail (1.1411274) and 1.2023686 for NS5 (reached at x = 0.0041,
 # below NS5's interval), computed on a 2e6-point grid and rounded up at the 6th decimal.
@@ -97,7 +97,7 @@ def test_turbo_muon_uses_polar_express_tuples_2_to_5_with_2_percent_safety(train
 
 
 def test_diag_test_vectors_of_ns5_and_polar_express(trainer):
-    """diag(1, .5, .1, .01) stays diagonal; values as in optimizers.md section 9 (quoted to 6 decimals)."""
+    """diag(1, .5, .1, .01) stays diagonal; values computed in float64 from the coefficients (quoted to 6 decimals)."""
     G = torch.diag(torch.tensor([1.0, 0.5, 0.1, 0.01], dtype=F64))
     expected = {
         "newton_schulz5": [0.698963, 1.118781, 0.712010, 0.686561],
@@ -168,7 +168,7 @@ def test_aol_eps_is_relative_so_turbo_muon_is_scale_invariant(trainer):
 
 
 def test_methods_reproduce_reference_polar_errors_on_gaussian_768x3072(trainer):
-    """optimizers.md section 3 (Gaussian 768x3072, seed 0, fp64): NS5 0.163, PE5 0.0959, Turbo 0.0961.
+    """Reference polar errors (Gaussian 768x3072, seed 0, fp64): NS5 0.163, PE5 0.0959, Turbo 0.0961.
 
     Turbo runs 4 iterations against PE5's 5 and must stay within 1% of its error.
     """
