@@ -1,14 +1,13 @@
 """train_gpt.py: the 124M GPT speedrun trainer, in one file.
 
-Trains a GPT-2-small-class model (12 layers, dim 768) on FineWeb GPT-2 token shards to a
-validation loss of 3.28, with Adam on embeddings/head/scalars and distributed Muon (Polar
-Express / Turbo-Muon orthogonalization) on the hidden matrices.
+Trains a GPT-2-small-class model (11 layers, dim 768, with the public speedrun's 2026 components) on
+FineWeb GPT-2 token shards to a validation loss of 3.28, in a staged schedule of growing batches and
+attention windows, with Adam on embeddings/head/gates/scalars and distributed Muon (Polar Express /
+Turbo-Muon orthogonalization) on the hidden matrices.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py          # 8xH100, the record setting
-    torchrun --standalone --nproc_per_node=1 train_gpt.py          # same math, gradient accumulation 8
+    torchrun --standalone --nproc_per_node=1 train_gpt.py          # same math, gradient accumulation
     python train_gpt.py --preset=tiny --train_files=... --val_files=...   # CPU smoke run
-    torchrun --standalone --nproc_per_node=1 train_gpt.py --preset=proxy_100s --train_files=... --val_files=...
-                                                                    # the 100-second proxy recipe (README)
     python train_gpt.py --help                                      # every hyperparameter
 
 Every run writes <log_dir>/<run_id>.txt, which begins with this file's source.
