@@ -2,18 +2,18 @@
 losses on 1 and 2 processes, and fail clearly (non-zero exit, log kept) on bad input and NaN loss."""
 import importlib
 import os
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_BOS, SMALL_VOCAB_FLAGS, ROOT, run_gloo_ranks, shared_code_only, synthetic_tokens, write_shard
+from conftest import (ROOT, SMALL_BOS, SMALL_VOCAB_FLAGS, load_script, run_gloo_ranks, shared_code_only,
+                      synthetic_tokens, write_shard)
 
-VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
-STEP_LINE = re.compile(r"^step:(\d+)/(\d+) train_time:\d+ms step_avg:\d+\.\d+ms$")
 RULE = "=" * 100
+# The log grammar is written down once, in records/verify.py; these tests read logs through it.
+verify = load_script("records/verify.py", "records_verify")
 
 
 def _args(corpus, log_dir, run_id, *extra):
@@ -26,8 +26,12 @@ def _log_lines(log_dir, run_id):
     return (log_dir / f"{run_id}.txt").read_text().splitlines()
 
 
-def _val_losses(lines):
-    return {int(m[1]): float(m[3]) for m in map(VAL_LINE.match, lines) if m}
+def _run(log_dir, run_id):
+    return verify.parse_log(log_dir / f"{run_id}.txt")
+
+
+def _val_losses(log_dir, run_id):
+    return {p.step: p.val_loss for p in _run(log_dir, run_id).val_points}
 
 
 @pytest.fixture(autouse=True)
@@ -42,37 +46,37 @@ def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_pat
     """Twenty steps of the tiny preset: the loss falls, and the log has the public grammar."""
     assert trainer.main(_args(tiny_corpus, tmp_path, "run", "--num_iterations=20", "--val_loss_every=10")) == 0
     lines = _log_lines(tmp_path, "run")
-    source = (ROOT / f"{trainer.__name__}.py").read_text().splitlines()
-    assert lines[:len(source)] == source, "the log begins with the trainer's own source"
-    after = lines[len(source):]
+    source = (ROOT / f"{trainer.__name__}.py").read_text()
+    run = _run(tmp_path, "run")
+    assert run.source == source.rstrip("\n") and lines[:len(source.splitlines())] == source.splitlines(), \
+        "the log begins with the trainer's own source"
+    after = lines[len(source.splitlines()):]
     assert after[0] == RULE and RULE in after[1:], "source, rule, versions and nvidia-smi, rule"
-    body = after[after.index(RULE, 1) + 1:]
     total = trainer.total_steps(trainer.parse_args(_args(tiny_corpus, tmp_path, "run", "--num_iterations=20")))
     assert total == 20 + trainer.PRESETS["tiny"]["flags"]["extension_steps"], "the extension steps follow the 20"
-    assert [int(m[1]) for m in map(STEP_LINE.match, body) if m] == list(range(1, total + 1)), "one line per step"
-    losses = _val_losses(body)
+    assert [p.step for p in run.step_points] == list(range(1, total + 1)), "one line per step"
+    losses = {p.step: p.val_loss for p in run.val_points}
     assert sorted(losses) == [0, 10, 20, total], "validation at step 0, every val_loss_every steps and at the end"
-    decimals = {len(m[3].split(".")[1]) for m in map(VAL_LINE.match, body) if m}
+    decimals = {p.decimals for p in run.val_points}
     track = trainer.parse_args([]).track
     assert decimals == {trainer.VAL_LOSS_DECIMALS[track]}, f"val_loss printed with {decimals} decimals ({track} track)"
     assert losses[total] < losses[10] < losses[0] - 1.0 and losses[total] < losses[0] - 2.0, \
         f"loss should fall well below the uniform ln(256): {losses}"
-    assert body[-1].startswith("peak memory allocated: "), "the log ends with peak memory"
-    startup = next(line for line in body if line.startswith("warmup_and_compile_time:"))
-    t = {k: float(v.rstrip("s")) for k, v in (f.split(":") for f in startup.split())}
-    assert t.keys() == {"warmup_and_compile_time", "first_train_step", "first_val_forward", "startup_time"}, startup
+    assert run.output[-1].startswith("peak memory allocated: ") and run.peak_memory_mib, "the log ends with peak memory"
+    t = run.timings_s
+    assert t.keys() == {"warmup_and_compile_time", "first_train_step", "first_val_forward", "startup_time"}, t
     assert t["first_train_step"] + t["first_val_forward"] <= t["warmup_and_compile_time"] + 0.1 \
-        <= t["startup_time"] + 0.1, f"the compile phases are parts of the warm-up, the warm-up of startup: {startup}"
+        <= t["startup_time"] + 0.1, f"the compile phases are parts of the warm-up, the warm-up of startup: {t}"
 
 
 @shared_code_only
 def test_same_seed_gives_the_same_losses(trainer, tiny_corpus, tmp_path):
     for run in ("a", "b"):
         assert trainer.main(_args(tiny_corpus, tmp_path, run, "--seed=3")) == 0
-    a, b = (_val_losses(_log_lines(tmp_path, r)) for r in ("a", "b"))
+    a, b = (_val_losses(tmp_path, r) for r in ("a", "b"))
     assert a == b, f"same seed, different losses: {a} vs {b}"
     assert trainer.main(_args(tiny_corpus, tmp_path, "c", "--seed=4")) == 0
-    assert _val_losses(_log_lines(tmp_path, "c")) != a, "negative control: another seed changes the run"
+    assert _val_losses(tmp_path, "c") != a, "negative control: another seed changes the run"
 
 
 @shared_code_only
@@ -85,7 +89,7 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
            str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (_val_losses(_log_lines(tmp_path, r)) for r in ("one", "two"))
+    one, two = (_val_losses(tmp_path, r) for r in ("one", "two"))
     assert one.keys() == two.keys()
     for step in one:
         assert abs(one[step] - two[step]) < 2e-3, f"step {step}: 1 process {one[step]}, 2 processes {two[step]}"
@@ -202,7 +206,7 @@ def test_nan_loss_stops_the_run_with_the_step_and_a_nonzero_exit(trainer, tiny_c
     assert trainer.main(args) == 1
     lines = _log_lines(tmp_path, "nan")
     assert lines[-1] == "error: non-finite train loss nan at step 1"
-    assert any(STEP_LINE.match(line) for line in lines), "lines written before the failure are kept"
+    assert _run(tmp_path, "nan").step_points, "lines written before the failure are kept"
 
 
 def test_an_unexpected_exception_still_reaches_the_log_with_its_traceback(trainer, tiny_corpus, tmp_path,
