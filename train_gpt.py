@@ -956,7 +956,8 @@ def _ce_on_triton(z):
     return HAS_TRITON and (z.is_cuda or _kernels_interpreted())
 
 
-def _ce_launch(z):
+def _ce_launch():
+    """(columns per iteration, warps) of the loss kernels."""
     return (CE_BLOCK_INTERPRET, 4) if _kernels_interpreted() else (CE_BLOCK, 8)
 
 
@@ -970,7 +971,7 @@ def softcap_mtp_ce(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
     T, V = z.shape
     rows = torch.empty(T, dtype=torch.float32, device=z.device)
     lse = torch.empty(T, dtype=torch.float32, device=z.device)
-    block, warps = _ce_launch(z)
+    block, warps = _ce_launch()
     _softcap_mtp_ce_fwd_kernel[(T,)](z, targets, weights, rows, lse, T, V, z.stride(0), cap, offset, 1 / temp,
                                      K=weights.numel(), BLOCK=block, num_warps=warps)
     return rows, lse
@@ -989,7 +990,7 @@ def softcap_mtp_ce_backward(z: torch.Tensor, targets: torch.Tensor, weights: tor
         return softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap, offset, temp)
     T, V = z.shape
     dz = torch.empty_like(z)
-    block, warps = _ce_launch(z)
+    block, warps = _ce_launch()
     _softcap_mtp_ce_bwd_kernel[(T,)](z, targets, weights, lse, grad.contiguous(), dz, T, V, z.stride(0),
                                      dz.stride(0), cap, offset, 1 / temp, K=weights.numel(), BLOCK=block,
                                      num_warps=warps)
