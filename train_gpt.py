@@ -400,16 +400,12 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         spec = PRESETS.get(presets[0])
         if spec is None:
             raise ConfigError(f"unknown preset {presets[0]!r}; presets: {', '.join(PRESETS)}")
-        track = fields_default("track")
+        track = Hyperparameters.track  # this file's default track
         if track not in spec["tracks"]:
             raise ConfigError(f"preset {presets[0]!r} is a recipe for the {', '.join(spec['tracks'])} track, "
                               f"not for this file's {track} track")
         overrides = {**spec["flags"], **overrides}
     return Hyperparameters(**overrides)
-
-
-def fields_default(name: str):
-    return next(f.default for f in dataclasses.fields(Hyperparameters) if f.name == name)
 
 
 @dataclass(frozen=True)
@@ -1627,8 +1623,7 @@ class LayerSpec:
     key_offset: bool
 
 
-def layer_specs(hp: Hyperparameters) -> list[LayerSpec]:
-    r = parse_recipe(hp)
+def layer_specs(hp: Hyperparameters, r: Recipe) -> list[LayerSpec]:
     return [LayerSpec(kind, r.value_embed_layers.index(i) if i in r.value_embed_layers else None,
                       i in r.xsa_layers, i in r.attn_gate_layers, i in r.key_offset_layers)
             for i, kind in enumerate(hp.layer_attention)]
@@ -1735,7 +1730,8 @@ class GPT(nn.Module):
 
     def __init__(self, hp: Hyperparameters):
         super().__init__()
-        self.hp, self.recipe, self.specs = hp, parse_recipe(hp), layer_specs(hp)
+        self.hp, self.recipe = hp, parse_recipe(hp)
+        self.specs = layer_specs(hp, self.recipe)
         V, D, L = hp.vocab_size, hp.model_dim, hp.num_layers
         # Head and embedding share one initial matrix (tied until --untie_stage; the speedrun's #51, #53).
         self.lm_head_w = nn.Parameter(0.005 * torch.randn(V, D))
@@ -2141,6 +2137,7 @@ class StepPlan:
     """Everything the schedule fixes for one optimizer step."""
     step: int
     stage: int  # index into the recipe's stages; the extension steps belong to the last
+    batch_tokens: int  # the stage's tokens per step, all ranks
     micro_batches: int  # per rank
     doc_clip: int
     windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
@@ -2185,7 +2182,8 @@ def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
     progress = 1.0 if extension else (step - stage.start) / max(end - stage.start, 1)
     width = max(len(s.mtp) for s in stages)
     mtp = tuple(a + (b - a) * progress for a, b in stage.mtp) + (0.0,) * (width - len(stage.mtp))
-    return StepPlan(step, k, derived.grad_accum[k], stage.doc_clip, windows, long_windows, lr, momentum, mtp)
+    return StepPlan(step, k, stage.batch_tokens, derived.grad_accum[k], stage.doc_clip, windows, long_windows, lr,
+                    momentum, mtp)
 
 
 def untie_step(hp: Hyperparameters, derived: Derived) -> int | None:
@@ -2387,8 +2385,7 @@ def check_training_data(hp: Hyperparameters, derived: Derived, log: RunLog) -> N
     use). Token ids are checked as each shard is opened (read_shard)."""
     files = list_shards(hp.train_files, "train_files")
     total = sum(read_shard_header(f) for f in files)
-    stages = derived.recipe.stages
-    reads = np.cumsum([stages[plan_step(s, hp, derived).stage].batch_tokens for s in range(total_steps(hp))])
+    reads = np.cumsum([plan_step(s, hp, derived).batch_tokens for s in range(total_steps(hp))])
     need = int(reads[-1])
     log(f"train_data: {len(files)} file(s), {total:,} tokens; {total_steps(hp)} steps read {need:,}"
         + (" (cycling)" if hp.cycle_train_data else ""))

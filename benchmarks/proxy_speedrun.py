@@ -57,7 +57,7 @@ def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
     keys, tokens = 0.0, 0
     for step in range(train_gpt.total_steps(hp)):
         plan = train_gpt.plan_step(step, hp, derived)
-        batch = derived.recipe.stages[plan.stage].batch_tokens
+        batch = plan.batch_tokens
         windows = dict(S=plan.windows[0], L=plan.windows[1])
         keys += batch * sum(windows[kind] for kind in hp.layer_attention if kind != "-") * train_gpt.ATTN_BLOCK / 2
         tokens += batch
@@ -67,7 +67,7 @@ def flops_per_token(hp: train_gpt.Hyperparameters) -> float:
 def run_tokens(hp: train_gpt.Hyperparameters) -> int:
     """Tokens the whole run trains on: every step's stage batch."""
     derived = train_gpt.derive(hp, 1)
-    return sum(derived.recipe.stages[train_gpt.plan_step(s, hp, derived).stage].batch_tokens
+    return sum(train_gpt.plan_step(s, hp, derived).batch_tokens
                for s in range(train_gpt.total_steps(hp)))
 
 
