@@ -79,7 +79,7 @@ class Hyperparameters:
     vocab_size: int = 50304  # rows of the embedding and head: tokenizer_vocab padded to a multiple of 128
     num_layers: int = 16
     model_dim: int = 1024
-    num_heads: int = 8
+    num_heads: int = 8  # even: Q and K are orthogonalized per pair of heads
     head_dim: int = 128
     mlp_ratio: int = 4  # hidden width of the MLP, in units of model_dim
     layer_attention: str = "SSSLSS-SSSLSSSSL"  # per layer: L long window, S short window, - no attention (MLP only)
@@ -88,6 +88,7 @@ class Hyperparameters:
     xsa_layers: str = "1,3,4,7"  # layers whose heads remove a learned share of their own value (XSA)
     attn_gate_layers: str = "3,15"  # layers with a sigmoid gate per head on the attention output
     key_offset_layers: str = "3,15"  # layers whose keys' unrotated half comes from the previous token
+    paired_head_layers: str = "0,2,5,9"  # layers whose head pairs attend as one sequence of twice the tokens
     skip_connection: str = "3>6"  # a>b: layer b's input adds a gated copy of layer a's output ("" for none)
     cache_layer: int = 12  # later layers' attention reads this layer's output, subtracted at the end; -1: off
     bigram_buckets: int = 377_280  # rows of the hashed bigram embedding added to the residual (0: off)
@@ -107,18 +108,24 @@ class Hyperparameters:
     adam_betas_value_embed: str = "0.75,0.95"
     adam_betas_scalar: str = "0.9,0.99"  # scalars and gates
     adam_eps: float = 1e-10
+    # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
+    # adam_weight_decay * its multiplier (the speedrun's values, records #50 and #53); scalars: none
+    adam_weight_decay: float = 0.005
+    adam_wd_mul_embed: float = 150.0  # the embedding and the head
+    adam_wd_mul_value_embed: float = 5.0  # value embeddings and the bigram table
+    adam_wd_mul_gate: float = 1.0
     # Muon (hidden matrices)
-    muon_lr: float = 0.025  # in units of spectral norm per step (times the shape scale)
+    muon_lr: float = 0.025  # in units of spectral norm per step, times max(1, m/n)^0.5 and the MLP multipliers
     muon_momentum: float = 0.95
     muon_momentum_start: float = 0.85  # momentum warms up linearly from this value ...
     muon_momentum_warmup_frac: float = 0.236  # ... over this fraction of the scheduled steps
     muon_momentum_cooldown_frac: float = 0.039  # and falls back to the start value over the last fraction
     muon_ortho: str = "polar_express"  # orthogonalization (README: "Muon options")
     muon_variant: str = "muon"  # update rule around the orthogonalized momentum (README: "Muon options")
-    muon_weight_decay: float = 0.0  # coupled to the lr schedule: W -= lr_t * wd * W (masked if cautious)
-    cautious_wd: bool = False  # decay only where update and weight agree in sign (arXiv 2510.12402)
+    muon_weight_decay: float = 1.2  # W -= lr_eff * (wd * lr_t) * W: the decay goes as lr^2 (orscale: its own form)
+    cautious_wd: bool = True  # decay only where update and weight agree in sign (arXiv 2510.12402)
     normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
-    normuon_beta2: float = 0.95
+    normuon_beta2: float = 0.9
     normuon_eps: float = 1e-10
     orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
     orscale_r_max: float = 5.0
@@ -139,7 +146,9 @@ class Hyperparameters:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ["val_loss_every", "warmup_steps", "extension_steps", "bigram_buckets", "untie_stage"]:
+        for name in ["val_loss_every", "warmup_steps", "extension_steps", "bigram_buckets", "untie_stage",
+                     "muon_weight_decay", "adam_weight_decay", "adam_wd_mul_embed", "adam_wd_mul_value_embed",
+                     "adam_wd_mul_gate"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.tokenizer_vocab > self.vocab_size:
@@ -150,15 +159,19 @@ class Hyperparameters:
         for name in ["cooldown_frac", "muon_momentum_warmup_frac", "muon_momentum_cooldown_frac"]:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.num_heads % 2:
+            raise ConfigError(f"--num_heads={self.num_heads} must be even: heads work in pairs (paired attention, "
+                              "per-pair Q/K orthogonalization)")
         if len(self.layer_attention) != self.num_layers or set(self.layer_attention) - set("LS-"):
             raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
                               f"S (short window), - (no attention); got {self.layer_attention!r}")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
-            raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no --normuon, "
-                              "--cautious_wd or --muon_weight_decay (pass --normuon=false: NorMuon is on by default)")
+            raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no NorMuon or weight "
+                              "decay (on by default): add --normuon=false --cautious_wd=false --muon_weight_decay=0")
         if self.muon_variant.startswith("orscale") and self.cautious_wd:
             raise ConfigError("--muon_variant=orscale* couples --muon_weight_decay into the trust ratio; "
-                              "--cautious_wd does not apply")
+                              "--cautious_wd does not apply (on by default): add --cautious_wd=false and "
+                              "set --muon_weight_decay for its trust ratio (e.g. 0.01)")
         for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -178,7 +191,7 @@ FIELD_CHOICES = {  # fields that take one of a few words
 }
 RUN_ID_CHARS = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*")
 VAL_LOSS_DECIMALS = {"small": 4, "medium": 6}  # val_loss digits in the log: each track's public log convention
-ATTN_BLOCK = 128  # FlexAttention block size; attention windows are counted in these blocks
+ATTN_BLOCK = 128  # attention windows are counted in blocks of this many tokens (the speedrun's unit)
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,7 @@ class Recipe:
     xsa_layers: frozenset[int]
     attn_gate_layers: frozenset[int]
     key_offset_layers: frozenset[int]
+    paired_head_layers: frozenset[int]
     skip: tuple[int, int] | None  # (from layer, to layer)
     betas: dict  # group name -> (beta1, beta2)
 
@@ -285,6 +299,10 @@ def parse_recipe(hp) -> Recipe:
         skip = (pair[0], pair[1])
     if not -1 <= hp.cache_layer < hp.num_layers - 1:
         raise ConfigError(f"--cache_layer={hp.cache_layer} must be -1 (off) or a layer before the last")
+    paired = frozenset(_layer_set(hp, "paired_head_layers"))
+    if paired & set(_layer_set(hp, "xsa_layers")):
+        raise ConfigError(f"--paired_head_layers and --xsa_layers share layer(s) {sorted(paired & set(_layer_set(hp, 'xsa_layers')))}: "
+                          "XSA needs each head's own value vector, which paired heads mix")
     betas = {}
     for group in ("embed", "value_embed", "scalar"):
         name = f"adam_betas_{group}"
@@ -297,7 +315,8 @@ def parse_recipe(hp) -> Recipe:
                   value_embed_layers=_layer_set(hp, "value_embed_layers"),
                   xsa_layers=frozenset(_layer_set(hp, "xsa_layers")),
                   attn_gate_layers=frozenset(_layer_set(hp, "attn_gate_layers")),
-                  key_offset_layers=frozenset(_layer_set(hp, "key_offset_layers")), skip=skip, betas=betas)
+                  key_offset_layers=frozenset(_layer_set(hp, "key_offset_layers")),
+                  paired_head_layers=paired, skip=skip, betas=betas)
 
 
 # Presets: named sets of flags, applied before the other flags (which win). A preset names the tracks it
@@ -307,7 +326,8 @@ PRESETS = {
     # data cycles, so a little of one's own text is enough; no warm-up (nothing compiles on CPU).
     "tiny": dict(tracks=("small", "medium"), flags=dict(
         num_layers=4, model_dim=64, num_heads=2, head_dim=32, layer_attention="SS-L", value_embed_layers="1,3",
-        xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", skip_connection="1>2", cache_layer=1,
+        xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", paired_head_layers="0", skip_connection="1>2",
+        cache_layer=1,
         bigram_buckets=1024, train_seq_len=256, stage_starts="1/3,2/3", stage_batch_tokens="512,1024,1024",
         stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
         stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
@@ -1197,8 +1217,10 @@ def all_gather(shard: torch.Tensor, world_size: int) -> _Pending:
 
 
 class DistAdam:
-    """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction and no weight decay, with
-    each parameter's own lr and betas.
+    """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction, with each parameter's own lr,
+    betas and cautious weight decay: with u the Adam step, W -= u + lr_t^2 wd W where u and W agree in sign
+    (strictly), lr_t the parameter's scheduled lr (the speedrun's Adam decay, records #50 and #53; cautious
+    masking as in arXiv 2510.12402).
 
     Each parameter is flattened and padded to a multiple of world_size; rank r owns the r-th
     contiguous shard, holds the Adam state of that shard only (ZeRO-1), updates it, and all ranks
@@ -1208,12 +1230,12 @@ class DistAdam:
     """
 
     def __init__(self, params, eps, rank, world_size):
-        """params: (parameter, lr, (beta1, beta2)) triples."""
+        """params: (parameter, lr, (beta1, beta2), weight decay) tuples."""
         self.eps, self.rank, self.world_size = eps, rank, world_size
         self.entries = []
-        for p, lr, betas in params:
+        for p, lr, betas, wd in params:
             shard = math.ceil(p.numel() / world_size)
-            self.entries.append(dict(param=p, lr=lr, betas=betas, shard=shard, active=True,
+            self.entries.append(dict(param=p, lr=lr, betas=betas, wd=wd, shard=shard, active=True,
                                      m=torch.zeros(shard, device=p.device, dtype=torch.float32),
                                      v=torch.zeros(shard, device=p.device, dtype=torch.float32)))
         self.t = 0
@@ -1257,8 +1279,11 @@ class DistAdam:
                 w = F.pad(w, (0, shard - w.numel()))
             e["m"].lerp_(g, 1 - beta1)
             e["v"].lerp_(g * g, 1 - beta2)
-            step_size = e["lr"] * lr_factor / bc1
-            new_w = w - step_size * e["m"] / (e["v"].div(bc2).sqrt_() + self.eps)
+            lr = e["lr"] * lr_factor
+            u = (lr / bc1) * e["m"] / (e["v"].div(bc2).sqrt_() + self.eps)
+            if e["wd"]:
+                u = u + (lr * lr * e["wd"]) * w * ((u * w) > 0)
+            new_w = w - u
             self._gathers.append((p, all_gather(new_w, self.world_size)))
         self._reduced = []
 
@@ -1278,20 +1303,23 @@ def muon_shape_scale(m: int, n: int) -> float:
 
 
 def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float) -> torch.Tensor:
-    """NorMuon (arXiv 2510.05491): per-row second moment v <- b2 v + (1-b2) mean(O^2, -1), O / (sqrt(v)+eps),
-    then rescaled so each matrix keeps its Frobenius norm (the official code's and the speedrun's variant,
-    not the paper's Algorithm 1 line 10). v [B, m] is updated in place."""
-    v.lerp_(O.square().mean(dim=-1), 1 - beta2)
-    O_hat = O / (v.sqrt().unsqueeze(-1) + eps)
+    """NorMuon (arXiv 2510.05491): a second moment per row (per column of a wide matrix, the speedrun's
+    orientation since records #42 and #48), v <- b2 v + (1-b2) mean(O^2), O / (sqrt(v)+eps), then rescaled so
+    each matrix keeps its Frobenius norm (the official code's and the speedrun's variant, not the paper's
+    Algorithm 1 line 10). v [B, max(m, n)] is updated in place."""
+    axis = -1 if O.size(-2) >= O.size(-1) else -2  # the statistic runs along the longer side
+    v.lerp_(O.square().mean(dim=axis), 1 - beta2)
+    O_hat = O / (v.sqrt().unsqueeze(axis) + eps)
     norm_O = O.norm(dim=(-2, -1), keepdim=True)
     return O_hat * (norm_O / (O_hat.norm(dim=(-2, -1), keepdim=True) + eps))
 
 
 def muon_update(W: torch.Tensor, G: torch.Tensor, state: dict, hp: Hyperparameters, lr: float,
-                momentum: float) -> torch.Tensor:
-    """One Muon-family step for a stack of matrices W, G [B, m, n] (fp32); returns the new weights.
+                momentum: float, lr_mul: float = 1.0) -> torch.Tensor:
+    """One Muon-family step for a stack of matrices W, G [B, m, n] (fp32); returns the new weights. lr is the
+    scheduled lr (muon_lr times the schedule's multiplier); lr_mul the parameter's own multiplier.
 
-    state holds this stack's buffers: "momentum" [B, m, n], "v" [B, m] (NorMuon), "c" [B] (OrScale-LM).
+    state holds this stack's buffers: "momentum" [B, m, n], "v" [B, max(m, n)] (NorMuon), "c" [B] (OrScale-LM).
     Every statistic is per matrix or per row, so a rank that owns whole matrices computes them exactly.
     """
     m, n = W.shape[-2:]
@@ -1320,11 +1348,12 @@ def muon_update(W: torch.Tensor, G: torch.Tensor, state: dict, hp: Hyperparamete
             c = torch.ones_like(w_norm)
         r = (w_norm / (c * d_norm + 1e-6)).clamp(hp.orscale_r_min, hp.orscale_r_max)
         return W - lr * r[:, None, None] * D
-    U = O * muon_shape_scale(m, n)
     if hp.muon_weight_decay:
-        decay = W * ((U * W) >= 0) if hp.cautious_wd else W  # cautious: decay only where signs agree
-        U = U + hp.muon_weight_decay * decay
-    return W - lr * U
+        # Decay at rate wd * lr within the step's lr: W -= lr_eff (O + wd lr W), so the decay per step goes as
+        # lr^2 (the speedrun's form, records #43); cautious: only where O and W agree in sign (arXiv 2510.12402).
+        decay = W * ((O * W) >= 0) if hp.cautious_wd else W
+        O = O + (hp.muon_weight_decay * lr) * decay
+    return W - (lr * lr_mul * muon_shape_scale(m, n)) * O
 
 
 class DistMuon:
@@ -1338,18 +1367,19 @@ class DistMuon:
     """
 
     def __init__(self, params, hp: Hyperparameters, rank, world_size):
+        """params: (parameter, lr multiplier) pairs; parameters of one matrix shape and multiplier are stacked."""
         self.hp, self.rank, self.world_size = hp, rank, world_size
         by_shape = {}
-        for p in params:
-            by_shape.setdefault(tuple(p.shape[-2:]), []).append(p)
+        for p, lr_mul in params:
+            by_shape.setdefault((tuple(p.shape[-2:]), lr_mul), []).append(p)
         self.groups = []
-        for (m, n), ps in by_shape.items():
+        for ((m, n), lr_mul), ps in by_shape.items():
             count = sum(p.numel() // (m * n) for p in ps)
             k = math.ceil(count / world_size)
             dev = ps[0].device
-            state = dict(momentum=torch.zeros(k, m, n, device=dev), v=torch.zeros(k, m, device=dev),
+            state = dict(momentum=torch.zeros(k, m, n, device=dev), v=torch.zeros(k, max(m, n), device=dev),
                          c=torch.zeros(k, device=dev))
-            self.groups.append(dict(params=ps, shape=(m, n), count=count, k=k, state=state,
+            self.groups.append(dict(params=ps, shape=(m, n), lr_mul=lr_mul, count=count, k=k, state=state,
                                     owned=self._owned_ranges(ps, m * n, rank * k, min((rank + 1) * k, count))))
         self._reduced, self._gathers = [], []
 
@@ -1393,7 +1423,7 @@ class DistMuon:
         for g, pending in zip(self.groups, self._reduced):
             grad = pending.wait()
             new_w = muon_update(self._owned_weights(g), grad, g["state"], self.hp, self.hp.muon_lr * lr_factor,
-                                momentum)
+                                momentum, g["lr_mul"])
             self._gathers.append((g, all_gather(new_w, self.world_size)))
         self._reduced = []
 
@@ -1421,57 +1451,129 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def document_ids(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """Document index of every position [T]: a new document starts at each BOS token."""
-    return (tokens == bos_id).cumsum(0)
+def document_bounds(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, int, int]:
+    """(cu_seqlens [T + 1] int32, documents, longest document) of a row of T input tokens: a document starts
+    at position 0 and at every later BOS; cu_seqlens holds the starts and then T, padded with T (empty
+    documents), so every row of T tokens has one shape whatever its documents."""
+    T = len(tokens)
+    starts = np.flatnonzero(tokens == bos_id)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    cu = np.full(T + 1, T, dtype=np.int32)
+    cu[:len(starts)] = starts
+    return cu, len(starts), int(np.diff(cu[:len(starts) + 1]).max())
 
 
-def dense_attention_mask(docs: torch.Tensor, window_blocks: int) -> torch.Tensor:
-    """[T, T] bool: causal, same document, and key block within `window_blocks` blocks of the query block.
-    The reference semantics; the GPU path encodes the same mask as a FlexAttention BlockMask."""
-    pos = torch.arange(docs.numel(), device=docs.device)
+# Attention runs through one custom op whose ints (document count, longest document, window) come in a
+# small CPU tensor: opaque to the compiler, so a new batch or window reuses the compiled graph, and reading
+# them costs no device sync. On GPU it calls PyTorch's FlashAttention varlen kernels (the ops behind
+# torch.nn.attention.varlen.varlen_attn) with a causal sliding window; on CPU a dense reference.
+
+
+def _attention_ints(meta: torch.Tensor) -> tuple[int, int, int]:
+    docs, max_len, window = meta.tolist()
+    return docs, max_len, window
+
+
+def window_attention_mask(T: int, cu: torch.Tensor, docs: int, window: int) -> torch.Tensor:
+    """[T, T] bool: key s is visible to query t iff t - window <= s <= t in the same document (cu: the
+    document starts of document_bounds)."""
+    pos = torch.arange(T, device=cu.device)
+    doc = torch.searchsorted(cu[1:docs + 1].to(torch.int64), pos, right=True)
     q, kv = pos[:, None], pos[None, :]
-    return (kv <= q) & (docs[:, None] == docs[None, :]) & (q // ATTN_BLOCK - kv // ATTN_BLOCK < window_blocks)
+    return (kv <= q) & (q - kv <= window) & (doc[:, None] == doc[None, :])
 
 
-def flex_block_mask(docs: torch.Tensor, window_blocks):
-    """The mask of `dense_attention_mask` as a BlockMask (T a multiple of ATTN_BLOCK).
-
-    Block pair (qb, kb) is skipped unless kb <= qb, kb is within the window and the blocks share a
-    document; it is "full" (no per-token mask) when kb < qb and both blocks lie in one document.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    T = docs.numel()
-    nb = T // ATTN_BLOCK
-    blocks = docs.view(nb, ATTN_BLOCK)
-    first, last = blocks[:, 0], blocks[:, -1]
-    qb = torch.arange(nb, device=docs.device)[:, None]
-    kb = torch.arange(nb, device=docs.device)[None, :]
-    in_window = (kb <= qb) & (qb - kb < window_blocks)
-    overlap = last[None, :] >= first[:, None]  # kv block's last doc reaches the q block's first doc
-    full = in_window & (kb < qb) & (first[None, :] == last[:, None])
-    partial = in_window & overlap & ~full
-
-    def to_kv_layout(m):
-        counts = m.sum(dim=-1, dtype=torch.int32)
-        indices = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        return counts[None, None].contiguous(), indices[None, None].contiguous()
-
-    def document_causal(b, h, q_idx, kv_idx):
-        # The window test is implied by the block lists on GPU; eager flex_attention uses only this function.
-        in_window = q_idx // ATTN_BLOCK - kv_idx // ATTN_BLOCK < window_blocks
-        return (q_idx >= kv_idx) & (docs[q_idx] == docs[kv_idx]) & in_window
-
-    kv_num, kv_idx = to_kv_layout(partial)
-    full_num, full_idx = to_kv_layout(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=ATTN_BLOCK,
-                                    mask_mod=document_causal)
+def _attention_probs(q, k, cu, meta):
+    """Softmax probabilities [H, T, T] (fp32) of the reference attention (scale 1: it is folded into q)."""
+    docs, _, window = _attention_ints(meta)
+    mask = window_attention_mask(q.size(0), cu, docs, window)
+    scores = torch.einsum("thd,shd->hts", q.float(), k.float()).masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
 
 
-def _flex_attention(q, k, v, block_mask, scale):
-    from torch.nn.attention.flex_attention import flex_attention
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+@torch.library.custom_op(f"{OP_NAMESPACE}::window_attention", mutates_args=())
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, meta: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [T, H, D], log-sum-exp [H, T] fp32) of causal attention of q, k, v [T, H, D] within documents
+    (cu: [T + 1] int32 starts, document_bounds) and a window: query t sees keys t - window .. t. meta: CPU
+    int64 (documents, longest document, window). Softmax scale 1 (fold yours into q)."""
+    docs, max_len, window = _attention_ints(meta)
+    if not q.is_cuda:
+        probs = _attention_probs(q, k, cu, meta)
+        out = torch.einsum("hts,shd->thd", probs, v.float()).to(q.dtype).contiguous()
+        return out, torch.zeros(q.size(1), q.size(0), dtype=torch.float32)  # lse: only the GPU backward reads it
+    bounds = cu[:docs + 1]
+    out, lse, _, _, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, bounds, bounds, max_len, max_len, 0.0, True, False, scale=1.0, window_size_left=window,
+        window_size_right=0)
+    return out, lse
+
+
+@window_attention.register_fake
+def _(q, k, v, cu, meta):
+    return torch.empty_like(q), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::window_attention_backward", mutates_args=())
+def window_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor, cu: torch.Tensor, meta: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of window_attention for the output gradient grad."""
+    docs, max_len, window = _attention_ints(meta)
+    if not q.is_cuda:
+        # Softmax attention's gradient (e.g. FlashAttention, arXiv 2205.14135, Algorithm 4): dV = P^T dO,
+        # dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q.
+        probs = _attention_probs(q, k, cu, meta)
+        g, vf, o = grad.float(), v.float(), out.float()
+        dv = torch.einsum("hts,thd->shd", probs, g)
+        dp = torch.einsum("thd,shd->hts", g, vf)
+        ds = probs * (dp - (g * o).sum(-1).T[:, :, None])
+        dq = torch.einsum("hts,shd->thd", ds, k.float())
+        dk = torch.einsum("hts,thd->shd", ds, q.float())
+        return tuple(d.to(q.dtype).contiguous() for d in (dq, dk, dv))
+    bounds = cu[:docs + 1]
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # unused: no dropout
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        grad.contiguous(), q, k, v, out, lse, bounds, bounds, max_len, max_len, 0.0, True, rng_state,
+        torch.empty(0, device=q.device), scale=1.0, window_size_left=window, window_size_right=0)
+    return dq, dk, dv
+
+
+@window_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, cu, meta):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _window_attention_setup(ctx, inputs, output):
+    q, k, v, cu, meta = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu, meta)
+
+
+def _window_attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu, meta = ctx.saved_tensors
+    dq, dk, dv = window_attention_backward(grad_out, q, k, v, out, lse, cu, meta)
+    return dq, dk, dv, None, None
+
+
+window_attention.register_autograd(_window_attention_grad, setup_context=_window_attention_setup)
+
+
+def pair_heads(x: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] -> [2T, H/2, D]: heads j and j + H/2 become one sequence of 2T positions, token t's two heads
+    at 2t and 2t + 1, so each query of the pair scores the keys of both heads of every earlier token in one
+    softmax (the speedrun's paired-head attention, records #58). A view: [T, 2, H/2, D] is already that order."""
+    T, H, D = x.shape
+    return x.view(2 * T, H // 2, D)
+
+
+def attention_meta(docs: int, max_len: int, windows: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """window_attention's CPU ints for a row of `docs` documents, the longest max_len tokens, per layer kind:
+    S and L (the short and long window, windows in ATTN_BLOCK blocks) and their paired forms PS and PL
+    (twice the positions per document, the same window: half the tokens of reach)."""
+    short, long = (ATTN_BLOCK * w for w in windows)
+    return {"S": torch.tensor([docs, max_len, short]), "L": torch.tensor([docs, max_len, long]),
+            "PS": torch.tensor([docs, 2 * max_len, short]), "PL": torch.tensor([docs, 2 * max_len, long])}
 
 
 # FP8 LM head (as in the public speedrun's records): operands are divided by a scale and cast to
@@ -1551,11 +1653,12 @@ class Rotary(nn.Module):
         self.cos.copy_(theta.cos())
         self.sin.copy_(theta.sin())
 
-    def forward(self, x_BTHD: torch.Tensor) -> torch.Tensor:
-        T = x_BTHD.size(1)
-        cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
-        x1, x2 = x_BTHD.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x_BTHD)
+    def forward(self, x_THD: torch.Tensor) -> torch.Tensor:
+        """x [T, H, D] at positions 0 .. T-1."""
+        T = x_THD.size(0)
+        cos, sin = self.cos[:T, None, :], self.sin[:T, None, :]
+        x1, x2 = x_THD.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x_THD)
 
 
 YARN_BETA = 32  # pairs turning at least this often within the old window keep their frequency (YaRN's beta)
@@ -1587,15 +1690,15 @@ def yarn_attention_scale(base: float, long_windows: tuple[int, ...]) -> float:
 
 
 def shift_unrotated_keys(k: torch.Tensor, unrotated: torch.Tensor) -> torch.Tensor:
-    """Keys k [B, T, H, D] whose unrotated dims come from the previous position (position 0 keeps its own):
+    """Keys k [T, H, D] whose unrotated dims come from the previous position (position 0 keeps its own):
     a query can then match on the token before a key, which lets one layer do induction (the speedrun's
     partial key offset, records #49 and #62). Crosses document starts, as there."""
-    previous = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+    previous = torch.cat([k[:1], k[:-1]])
     return torch.where(unrotated, previous, k)
 
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """y - tanh(alpha_h) (y . v / |v|^2) v per head and token, y, v [B, T, H, D], alpha [H]: each head removes
+    """y - tanh(alpha_h) (y . v / |v|^2) v per head and token, y, v [T, H, D], alpha [H]: each head removes
     a learned share of its output along the token's own value vector (XSA, arXiv 2603.09078; the speedrun's
     learnable form, records #82 and #86). alpha = 0 is the identity."""
     along = (y * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(1e-8)
@@ -1621,12 +1724,16 @@ class LayerSpec:
     xsa: bool
     attn_gate: bool
     key_offset: bool
+    paired: bool
 
 
 def layer_specs(hp: Hyperparameters, r: Recipe) -> list[LayerSpec]:
     return [LayerSpec(kind, r.value_embed_layers.index(i) if i in r.value_embed_layers else None,
-                      i in r.xsa_layers, i in r.attn_gate_layers, i in r.key_offset_layers)
+                      i in r.xsa_layers, i in r.attn_gate_layers, i in r.key_offset_layers, i in r.paired_head_layers)
             for i, kind in enumerate(hp.layer_attention)]
+
+
+MLP_PROJ_LR_MUL = 2.0  # Muon lr multiplier of the MLP's output matrix (the speedrun's, records #48 and later)
 
 
 # The per-layer scalars, in the order of each row of GPT.layer_scalars, with their initial values: the
@@ -1642,66 +1749,81 @@ GLOBAL_SCALARS = dict(bigram_gate=0.05, skip_logit=-1.5, skip_gate=0.5, backout=
 class Block(nn.Module):
     """One layer: x <- r_a x + p_a attn(norm(x or the cached layer's output)) + g_0 x0 + g_b bigram, then
     x <- r_m x + p_m mlp(norm(x)). Attention: QK-normed heads, half-truncated RoPE, optional value
-    embedding (gated per head), key offset, XSA and output gate; the MLP is ReLU^2."""
+    embedding (gated per head), key offset, paired heads, XSA and output gate; the MLP is ReLU^2."""
 
     def __init__(self, hp: Hyperparameters, rotary: Rotary, spec: LayerSpec):
         super().__init__()
-        hdim, H = hp.num_heads * hp.head_dim, hp.num_heads
-        self.num_heads, self.head_dim, self.spec, self.rotary = H, hp.head_dim, spec, rotary
+        hdim, H, D = hp.num_heads * hp.head_dim, hp.num_heads, hp.head_dim
+        self.num_heads, self.head_dim, self.spec, self.rotary = H, D, spec, rotary
         attention = spec.attention != "-"
-        # q, k, v, o as one [4, hdim, dim] parameter; o is applied transposed. Muon sees 4 matrices.
-        self.qkvo_w = nn.Parameter(torch.empty(4, hdim, hp.model_dim)) if attention else None
-        self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))  # [hidden, dim]
-        self.mlp_proj = nn.Parameter(torch.zeros(hp.model_dim, hp.mlp_ratio * hp.model_dim))  # [dim, hidden]
+        # Q and K as blocks of two heads ([Q blocks; K blocks], each [2 D, dim]), which Muon orthogonalizes one
+        # by one (the speedrun's per-pair Q/K, records #80); block j holds heads j and j + H/2, the pair that
+        # paired attention interleaves. V and O as [2, hdim, dim] (O applied transposed).
+        self.qk_w = nn.Parameter(torch.empty(H, 2 * D, hp.model_dim)) if attention else None
+        self.vo_w = nn.Parameter(torch.empty(2, hdim, hp.model_dim)) if attention else None
+        # Both MLP matrices stored [hidden, dim] (the output one applied transposed), so Muon's shape scale and
+        # NorMuon's per-row statistic treat them alike: per hidden unit.
+        self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
+        self.mlp_proj = nn.Parameter(torch.zeros(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         _init_linear_(self.mlp_fc)
         if attention:
-            _init_linear_(self.qkvo_w)
+            _init_linear_(self.qk_w)
+            _init_linear_(self.vo_w)
         # Gates start neutral: 2 sigmoid(0) = 1 for the value embedding, sigmoid(0) = 1/2 on the output.
         self.ve_gate = nn.Parameter(torch.zeros(H, 2 * VE_GATE_DIMS)) if spec.value_embed is not None else None
         self.attn_gate = nn.Parameter(torch.zeros(H, GATE_DIMS)) if spec.attn_gate else None
         self.xsa_alpha = nn.Parameter(torch.zeros(H)) if spec.xsa else None
 
     def matrices(self):
-        return [p for p in (self.qkvo_w, self.mlp_fc, self.mlp_proj) if p is not None]
+        """(matrix parameter, Muon lr multiplier) pairs."""
+        pairs = [(self.qk_w, 1.0), (self.vo_w, 1.0), (self.mlp_fc, 1.0), (self.mlp_proj, MLP_PROJ_LR_MUL)]
+        return [(p, lr_mul) for p, lr_mul in pairs if p is not None]
 
-    def attention(self, xhat, ve, value_scale, mask, attn_scale):
-        B, T, _ = xhat.shape
+    def qkv_weight(self, dtype) -> torch.Tensor:
+        """[3 hdim, dim]: the rows of q, k and v in head order (head e H/2 + j is half e of Q/K block j)."""
         H, D = self.num_heads, self.head_dim
-        w = self.qkvo_w.type_as(xhat)
-        q, k, v = F.linear(xhat, w[:3].flatten(0, 1)).view(B, T, 3 * H, D).chunk(3, dim=-2)
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
-        if self.spec.key_offset:
-            k = shift_unrotated_keys(k, self.rotary.unrotated)
-        v = value_scale * v
+        qk = self.qk_w.view(2, H // 2, 2, D, -1).transpose(1, 2).reshape(2 * H * D, -1)
+        return torch.cat([qk, self.vo_w[0]]).to(dtype)
+
+    def attention(self, xhat, ve, value_scale, cu, attn_meta, attn_scale):
+        T = xhat.size(0)
+        H, D = self.num_heads, self.head_dim
+        q, k, v = F.linear(xhat, self.qkv_weight(xhat.dtype)).view(T, 3 * H, D).chunk(3, dim=-2)
+        q, k, v = rms_norm(q), rms_norm(k), value_scale * v
         if ve is not None:
             gate_in = torch.cat([xhat[..., :VE_GATE_DIMS], ve[..., :VE_GATE_DIMS]], dim=-1)
-            gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate.type_as(xhat)))  # [B, T, H]
-            v = v + gate[..., None] * ve.view(B, T, H, D)
+            gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate.type_as(xhat)))  # [T, H]
+            v = v + gate[..., None] * ve.view(T, H, D)
+        kind = self.spec.attention
+        if self.spec.paired:
+            # Paired heads (the speedrun's #58): documents double in length, the window stays.
+            q, k, v = pair_heads(q), pair_heads(k), pair_heads(v)
+            cu, kind = 2 * cu, "P" + kind
+        q, k = self.rotary(q), self.rotary(k)
+        if self.spec.key_offset:
+            k = shift_unrotated_keys(k, self.rotary.unrotated)
         # The scale is folded into q (a tensor, so YaRN's changes of it do not recompile the graph).
         q = q * attn_scale.type_as(q) if isinstance(attn_scale, torch.Tensor) else q * attn_scale
-        q, k, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        if isinstance(mask, torch.Tensor):
-            y = F.scaled_dot_product_attention(q, k, vt, attn_mask=mask, scale=1.0)
-        else:
-            y = _flex_attention(q, k, vt, mask, 1.0)
-        y = y.transpose(1, 2)  # [B, T, H, D]
+        y, _ = window_attention(q, k, v, cu, attn_meta[kind])
+        y = y.view(T, H, D)
         if self.xsa_alpha is not None:
             y = exclude_self_value(y, v, self.xsa_alpha.type_as(y))
         if self.attn_gate is not None:
             y = y * torch.sigmoid(F.linear(xhat[..., :GATE_DIMS], self.attn_gate.type_as(xhat)))[..., None]
-        return y.reshape(B, T, H * D) @ w[3]
+        return y.reshape(T, H * D) @ self.vo_w[1].type_as(y)
 
-    def forward(self, x, x0, bigram, ve, cached, scalars, mask, attn_scale):
-        """x, x0 [B, T, dim]; bigram (None at layer 0 or when off), ve, cached: [B, T, dim] or None;
-        scalars: this layer's row of LAYER_SCALARS; attn_scale: a float, or a 0-d tensor on GPU."""
+    def forward(self, x, x0, bigram, ve, cached, scalars, cu, attn_meta, attn_scale):
+        """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; scalars: this
+        layer's row of LAYER_SCALARS; cu, attn_meta: the row's documents and windows (GPT.forward);
+        attn_scale: a float, or a 0-d tensor on GPU."""
         r_a, p_a, r_m, p_m, g_x0, g_bigram, value_scale = scalars.unbind(0)
-        if self.qkvo_w is not None:
+        if self.qk_w is not None:
             xhat = rms_norm(x if cached is None else cached)
-            x = r_a * x + p_a * self.attention(xhat, ve, value_scale, mask, attn_scale) + g_x0 * x0
+            x = r_a * x + p_a * self.attention(xhat, ve, value_scale, cu, attn_meta, attn_scale) + g_x0 * x0
             if bigram is not None:
                 x = x + g_bigram * bigram
         hidden = F.relu(F.linear(rms_norm(x), self.mlp_fc.type_as(x))).square()
-        return r_m * x + p_m * F.linear(hidden, self.mlp_proj.type_as(x))
+        return r_m * x + p_m * (hidden @ self.mlp_proj.type_as(x))
 
 
 BIGRAM_HASH = (36313, 27191)  # multipliers of the current and previous token ids (the speedrun's, #62)
@@ -1746,7 +1868,7 @@ class GPT(nn.Module):
             signs = 2 * torch.randint(0, 2, (BIGRAM_SIGN_ROWS, D), generator=g, device="cpu") - 1
             self.register_buffer("bigram_signs", signs.to(torch.get_default_device(), torch.float32), persistent=False)
         self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS)) if hp.smear else None
-        rotary = Rotary(hp.head_dim, max(hp.train_seq_len, hp.val_seq_len))
+        rotary = Rotary(hp.head_dim, 2 * max(hp.train_seq_len, hp.val_seq_len))  # paired layers: 2T positions
         self.blocks = nn.ModuleList([Block(hp, rotary, spec) for spec in self.specs])
         self.layer_scalars = nn.Parameter(torch.tensor(list(LAYER_SCALARS.values())).repeat(L, 1))
         self.global_scalars = nn.Parameter(torch.tensor(list(GLOBAL_SCALARS.values())))
@@ -1756,7 +1878,8 @@ class GPT(nn.Module):
         return self.blocks[0].rotary
 
     def hidden_matrices(self):
-        return [p for b in self.blocks for p in b.matrices()]
+        """(matrix, Muon lr multiplier) pairs of every block."""
+        return [pair for b in self.blocks for pair in b.matrices()]
 
     def compile_per_block(self, backend: str = "inductor"):
         """torch.compile each block and the head separately, in place (validation always; training with
@@ -1778,38 +1901,34 @@ class GPT(nn.Module):
         smear = self.global_scalars[list(GLOBAL_SCALARS).index("smear")]
         return torch.cat([e[:1], e[1:] + smear * gate * e[:-1]])
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, windows, attn_scale,
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu: torch.Tensor, attn_meta: dict, attn_scale,
                 loss_weights: torch.Tensor) -> torch.Tensor:
-        """inputs, targets [T] (targets -100 are ignored); windows (short, long) in blocks (ints, or 0-d int
-        tensors on GPU); attn_scale the softmax scale (float or 0-d tensor); loss_weights [K] of
-        head_loss. Returns the weighted sum of the token losses (fp32)."""
+        """inputs, targets [T] (targets -100 are ignored); cu [T + 1] the row's document starts (int32,
+        document_bounds); attn_meta: attention_meta's CPU tensors per layer kind; attn_scale the softmax scale
+        (float or 0-d tensor); loss_weights [K] of head_loss. Returns the weighted sum of the token losses (fp32)."""
         hp = self.hp
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
-        docs = document_ids(inputs, hp.bos_id)
-        make_mask = flex_block_mask if inputs.is_cuda else dense_attention_mask
-        masks = {"S": make_mask(docs, windows[0]), "L": make_mask(docs, windows[1]), "-": None}
         g = dict(zip(GLOBAL_SCALARS, self.global_scalars.unbind(0)))
-        x = x0 = rms_norm(self.embed_tokens(inputs, dtype))[None]
+        x = x0 = rms_norm(self.embed_tokens(inputs, dtype))
         bigram = None
         if self.bigram is not None:
             h, s = bigram_indices(inputs, hp.bigram_buckets)
-            bigram = (F.embedding(h, self.bigram).to(dtype) * self.bigram_signs[s].to(dtype))[None]
+            bigram = F.embedding(h, self.bigram).to(dtype) * self.bigram_signs[s].to(dtype)
             x = x + g["bigram_gate"] * bigram
-        ves = [F.embedding(inputs, table).to(dtype)[None] for table in self.value_embeds]
+        ves = [F.embedding(inputs, table).to(dtype) for table in self.value_embeds]
         skip, cached, skip_saved = self.recipe.skip, None, None
         for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
             if skip is not None and i == skip[1]:
                 x = x + torch.sigmoid(g["skip_logit"]) * g["skip_gate"] * skip_saved
             ve = ves[spec.value_embed] if spec.value_embed is not None else None
-            x = block(x, x0, bigram if i > 0 else None, ve, cached, self.layer_scalars[i], masks[spec.attention],
-                      attn_scale)
+            x = block(x, x0, bigram if i > 0 else None, ve, cached, self.layer_scalars[i], cu, attn_meta, attn_scale)
             if skip is not None and i == skip[0]:
                 skip_saved = x
             if i == hp.cache_layer:
                 cached = x
         if cached is not None:
             x = x - g["backout"] * cached
-        return self.head_loss(x[0], targets, loss_weights)
+        return self.head_loss(x, targets, loss_weights)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
         """Softcapped multi-token loss (softcap_mtp_ce) of the final hidden states x [T, dim], summed (fp32):
@@ -2000,7 +2119,8 @@ class TrainStream:
 
 
 class DistributedTrainLoader:
-    """This rank's micro-batches as (inputs, targets) int64 tensors on `device`.
+    """This rank's micro-batches as (inputs, targets, cu_seqlens, (documents, longest document)) on `device`:
+    int64 tokens, int32 document starts and host ints (document_bounds).
 
     `clips` gives the document clip of each round of world_size rows (one row per rank), in order: the
     schedule's, so that the stream is the same at any world size. The next batch is staged while the
@@ -2011,6 +2131,7 @@ class DistributedTrainLoader:
         self.stream = TrainStream(hp.train_files, hp.train_seq_len, vocab=hp.tokenizer_vocab, bos_id=hp.bos_id,
                                   cycle=hp.cycle_train_data, on_shard=on_shard)
         self.rank, self.world_size, self.device, self.clips = rank, world_size, device, iter(clips)
+        self.bos_id = hp.bos_id
         self._staged = self._stage()
 
     def _stage(self):
@@ -2022,11 +2143,12 @@ class DistributedTrainLoader:
             batch = self.stream.next_micro_batch(clip)
             if r == self.rank:
                 mine = batch
-        host = torch.from_numpy(mine.astype(np.int64))
+        cu, docs, max_len = document_bounds(mine[:-1], self.bos_id)
+        host, host_cu = torch.from_numpy(mine.astype(np.int64)), torch.from_numpy(cu)
         if self.device.type == "cuda":
-            host = host.pin_memory()
+            host, host_cu = host.pin_memory(), host_cu.pin_memory()
         buf = host.to(self.device, non_blocking=True)
-        return buf[:-1], buf[1:]
+        return buf[:-1], buf[1:], host_cu.to(self.device, non_blocking=True), (docs, max_len)
 
     def next_batch(self):
         if self._staged is None:
@@ -2051,7 +2173,8 @@ def load_validation_tokens(hp: Hyperparameters) -> np.ndarray:
 
 
 def validation_chunks(stream: np.ndarray, hp: Hyperparameters, rank: int, world_size: int, device: torch.device):
-    """This rank's validation forwards over `stream` (load_validation_tokens): (inputs, targets), val_seq_len each.
+    """This rank's validation forwards over `stream` (load_validation_tokens): (inputs, targets, cu_seqlens,
+    (documents, longest document)) as DistributedTrainLoader's, val_seq_len tokens each.
 
     The loss covers exactly the first val_tokens tokens of the validation stream: chunk c predicts
     tokens c*L+1 .. (c+1)*L; the one target past val_tokens is ignored (-100), so every world size scores
@@ -2063,7 +2186,8 @@ def validation_chunks(stream: np.ndarray, hp: Hyperparameters, rank: int, world_
         targets = torch.full((L,), -100, dtype=torch.int64)
         nxt = stream[c * L + 1:(c + 1) * L + 1]
         targets[:nxt.size] = torch.from_numpy(nxt)
-        yield inputs.to(device), targets.to(device)
+        cu, docs, max_len = document_bounds(stream[c * L:(c + 1) * L], hp.bos_id)
+        yield inputs.to(device), targets.to(device), torch.from_numpy(cu).to(device), (docs, max_len)
 
 
 # -----------------------------------------------------------------------------
@@ -2236,22 +2360,25 @@ class Trainer:
             if not hp.compile_per_block:
                 self.forward = torch.compile(self.model, dynamic=False)
         m, betas = self.model, self.derived.recipe.betas
-        adam_params = [(m.embed.weight, hp.adam_lr_embed, betas["embed"]),
-                       (m.lm_head_w, hp.adam_lr_head, betas["embed"])]
-        adam_params += [(t, hp.adam_lr_value_embed, betas["value_embed"]) for t in m.value_embeds]
+        wd_embed, wd_value, wd_gate = (hp.adam_weight_decay * mul for mul in
+                                       (hp.adam_wd_mul_embed, hp.adam_wd_mul_value_embed, hp.adam_wd_mul_gate))
+        adam_params = [(m.embed.weight, hp.adam_lr_embed, betas["embed"], wd_embed),
+                       (m.lm_head_w, hp.adam_lr_head, betas["embed"], wd_embed)]
+        adam_params += [(t, hp.adam_lr_value_embed, betas["value_embed"], wd_value) for t in m.value_embeds]
         if m.bigram is not None:
-            adam_params.append((m.bigram, hp.adam_lr_value_embed, betas["value_embed"]))
-        adam_params += [(m.layer_scalars, hp.adam_lr_scalar, betas["scalar"]),
-                        (m.global_scalars, hp.adam_lr_scalar, betas["scalar"])]
+            adam_params.append((m.bigram, hp.adam_lr_value_embed, betas["value_embed"], wd_value))
+        adam_params += [(m.layer_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0),
+                        (m.global_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0)]
         if m.smear_gate is not None:  # the smear gate learns 100x slower than the other gates (records #52)
-            adam_params.append((m.smear_gate, hp.adam_lr_gate / 100, betas["scalar"]))
+            adam_params.append((m.smear_gate, hp.adam_lr_gate / 100, betas["scalar"], 0.0))
         for b in m.blocks:
-            adam_params += [(g, hp.adam_lr_gate, betas["scalar"]) for g in (b.ve_gate, b.attn_gate) if g is not None]
+            adam_params += [(g, hp.adam_lr_gate, betas["scalar"], wd_gate) for g in (b.ve_gate, b.attn_gate)
+                            if g is not None]
             if b.xsa_alpha is not None:
-                adam_params.append((b.xsa_alpha, hp.adam_lr_scalar, betas["scalar"]))
+                adam_params.append((b.xsa_alpha, hp.adam_lr_scalar, betas["scalar"], 0.0))
         self.adam = DistAdam(adam_params, hp.adam_eps, rank, world_size)
         self.muon = DistMuon(m.hidden_matrices(), hp, rank, world_size)
-        owned = [id(p) for p, _, _ in adam_params] + [id(p) for p in m.hidden_matrices()]
+        owned = [id(entry[0]) for entry in adam_params] + [id(p) for p, _ in m.hidden_matrices()]
         assert sorted(owned) == sorted(id(p) for p in m.parameters()), "every parameter has exactly one optimizer"
         self.untie_step = untie_step(hp, self.derived)
         self._set_tied(self.untie_step is not None)
@@ -2261,8 +2388,6 @@ class Trainer:
             plan = self.plan(step)
             self._on_device(plan.mtp, torch.float32)
             self._on_device(yarn_attention_scale(hp.attn_scale, plan.long_windows), torch.float32)
-            for blocks in plan.windows + self.derived.recipe.final_val_windows:
-                self._on_device(blocks, torch.int32)
         self.last_val_predictions = 0
         self._val_tokens = val_tokens
 
@@ -2284,15 +2409,14 @@ class Trainer:
         return self._scalar_cache[key]
 
     def _forward_inputs(self, plan: StepPlan, windows=None):
-        """(windows, attention scale, loss weights) for the forward at `plan`, after setting the rotary tables
-        to the plan's long-window history (YaRN)."""
+        """(windows in blocks, attention scale, loss weights) for the forward at `plan`, after setting the rotary
+        tables to the plan's long-window history (YaRN)."""
         if self._attention_state != plan.long_windows:
             self.model.rotary.set_frequencies(yarn_frequencies(self.model.rotary.base, plan.long_windows))
             self._attention_state = plan.long_windows
-        short, long = windows or plan.windows
         scale = yarn_attention_scale(self.hp.attn_scale, plan.long_windows)
-        return ((self._on_device(short, torch.int32), self._on_device(long, torch.int32)),
-                self._on_device(scale, torch.float32), self._on_device(plan.mtp, torch.float32))
+        return (windows or plan.windows, self._on_device(scale, torch.float32),
+                self._on_device(plan.mtp, torch.float32))
 
     def train_step(self, step: int, loader: DistributedTrainLoader) -> torch.Tensor:
         """One optimizer step over the stage's batch; returns this rank's mean weighted train loss (device)."""
@@ -2301,8 +2425,8 @@ class Trainer:
         micro_batches = plan.micro_batches * self.world_size  # in the whole step, all ranks together
         total = torch.zeros((), device=self.device)
         for _ in range(plan.micro_batches):
-            inputs, targets = loader.next_batch()
-            loss_sum = self.forward(inputs, targets, windows, scale, weights)
+            inputs, targets, cu, (docs, max_len) = loader.next_batch()
+            loss_sum = self.forward(inputs, targets, cu, attention_meta(docs, max_len, windows), scale, weights)
             # Divided by the micro-batch count of the whole step, not of this rank, and summed over ranks by
             # the reduce-scatter: every world size backpropagates the same values (the FP8 head's e5m2 cast
             # of the logit gradient included, whose rounding depends on their scale) and gets the same mean.
@@ -2336,8 +2460,9 @@ class Trainer:
         weights = self._on_device((1.0,) + (0.0,) * (len(plan.mtp) - 1), torch.float32)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
-        for inputs, targets in validation_chunks(self.val_tokens, self.hp, self.rank, self.world_size, self.device):
-            loss_sum += self.model(inputs, targets, windows, scale, weights).double()
+        for inputs, targets, cu, (docs, max_len) in validation_chunks(self.val_tokens, self.hp, self.rank,
+                                                                      self.world_size, self.device):
+            loss_sum += self.model(inputs, targets, cu, attention_meta(docs, max_len, windows), scale, weights).double()
             count += (targets != -100).sum()
         if self.world_size > 1:
             dist.all_reduce(loss_sum)
@@ -2435,14 +2560,15 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             if i == 0:
                 _sync(device)
                 t_first = time.perf_counter() - t_compile
-        inputs, targets = next(validation_chunks(trainer.val_tokens, hp, rank, world_size, device))
+        inputs, targets, cu, (docs, max_len) = next(validation_chunks(trainer.val_tokens, hp, rank, world_size, device))
         _sync(device)
         t_val = time.perf_counter()
         for final in (False, True):
             plan = trainer.plan(N - 1 if final else 0)
             windows, scale, _ = trainer._forward_inputs(plan, derived.recipe.final_val_windows if final else None)
             with torch.no_grad():
-                trainer.model(inputs, targets, windows, scale, trainer._on_device(plan.mtp, torch.float32))
+                trainer.model(inputs, targets, cu, attention_meta(docs, max_len, windows), scale,
+                              trainer._on_device(plan.mtp, torch.float32))
         _sync(device)
         phases = f"first_train_step:{t_first:.1f}s first_val_forward:{time.perf_counter() - t_val:.1f}s "
         trainer.restore(snap)

@@ -71,6 +71,16 @@ def _rank_batches(trainer, hp, rank, world_size, rows, clips):
     return [loader.next_batch()[0] for _ in range(rows)]
 
 
+def test_each_micro_batch_comes_with_the_document_bounds_of_its_inputs(trainer, shard_dir):
+    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin", "--train_seq_len=512"])
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), [0, 100, 0])
+    for _ in range(3):
+        inputs, targets, cu, (docs, max_len) = loader.next_batch()
+        want_cu, want_docs, want_max = trainer.document_bounds(inputs.numpy(), BOS)
+        assert torch.equal(cu, torch.from_numpy(want_cu)) and (docs, max_len) == (want_docs, want_max)
+        assert docs > 1, "negative control: rows of these shards hold several documents"
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("clip", [0, 100])
 def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_size, clip):
@@ -107,7 +117,11 @@ def test_validation_scores_exactly_the_first_val_tokens(trainer, tmp_path, world
     seen_inputs, seen_targets = [], []
     for r in range(world_size):
         stream = trainer.load_validation_tokens(hp)
-        for inputs, targets in trainer.validation_chunks(stream, hp, r, world_size, torch.device("cpu")):
+        for inputs, targets, cu, (docs, max_len) in trainer.validation_chunks(stream, hp, r, world_size,
+                                                                              torch.device("cpu")):
+            want_cu, want_docs, want_max = trainer.document_bounds(inputs.numpy(), hp.bos_id)
+            assert torch.equal(cu, torch.from_numpy(want_cu)) and (docs, max_len) == (want_docs, want_max), \
+                "a validation chunk's document bounds must be those of its inputs"
             seen_inputs.append(inputs)
             seen_targets.append(targets[targets != -100])
     assert sum(t.numel() for t in seen_targets) == 6144 - 1, "val_tokens - 1 predictions within val_tokens"

@@ -1,6 +1,9 @@
-"""The model: attention masks (GPU BlockMask == CPU dense mask), causality, document isolation, init."""
+"""The model: attention within documents and windows (paired heads too), causality, document isolation, init."""
 import math
 
+import importlib
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,46 +31,93 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("window_blocks", [1, 2, 3, 8])
-def test_flex_block_mask_attends_exactly_like_the_dense_mask(trainer, layout, window_blocks):
-    """FlexAttention with the BlockMask (GPU path) equals SDPA with the dense mask (CPU path)."""
-    from torch.nn.attention.flex_attention import flex_attention
-    tokens = _tokens_with_documents(1024, layout, BOS)
-    docs = trainer.document_ids(tokens, BOS)
-    q, k, v = torch.randn(3, 1, 2, 1024, 32, generator=torch.Generator().manual_seed(1)).unbind(0)
-    dense = trainer.dense_attention_mask(docs, window_blocks)
-    block_mask = trainer.flex_block_mask(docs, window_blocks)
-    out_flex = flex_attention(q, k, v, block_mask=block_mask, scale=0.12)
-    out_dense = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.12)
-    torch.testing.assert_close(out_flex, out_dense, atol=1e-5, rtol=1e-5)
+def _doc_ids(tokens):
+    """Document index per position, written independently of the trainer: a BOS opens a new document."""
+    return (tokens == BOS).cumsum(0)
+
+
+def _bounds(trainer, tokens):
+    cu, docs, max_len = trainer.document_bounds(tokens.numpy(), BOS)
+    return torch.from_numpy(cu), docs, max_len
+
+
+def _naive_attention(q, k, v, visible):
+    """out[t, h] = sum over keys (s, h') with visible(t, h, s, h') of softmax(q[t, h] . k[s, h']) v[s, h'],
+    one query at a time (q, k, v [T, H, D])."""
+    T, H, _ = q.shape
+    out = torch.zeros_like(q)
+    for t in range(T):
+        for h in range(H):
+            keys = [(s, g) for s in range(t + 1) for g in range(H) if visible(t, h, s, g)]
+            scores = torch.stack([q[t, h] @ k[s, g] for s, g in keys])
+            out[t, h] = (scores.softmax(0)[:, None] * torch.stack([v[s, g] for s, g in keys])).sum(0)
+    return out
+
+
+def test_document_bounds_lists_each_document_start_then_pads_with_the_row_length(trainer):
+    tokens = _tokens_with_documents(1024, [5, 700, 701], BOS).numpy()
+    cu, docs, max_len = trainer.document_bounds(tokens, BOS)
+    assert cu.shape == (1025,) and cu.dtype == np.int32, "one int32 shape for every row of 1024 tokens"
+    assert list(cu[:5]) == [0, 5, 700, 701, 1024], "tokens before the first BOS form document 0"
+    assert (cu[4:] == 1024).all(), "padding entries are empty documents at the row's end"
+    assert (docs, max_len) == (4, 695)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("window_blocks", [1, 3])
-def test_block_lists_cover_the_dense_mask_and_full_blocks_need_no_mask(trainer, layout, window_blocks):
-    """The fused kernel reads only the block lists: a block pair is listed iff the dense mask has any
-    allowed pair in it, and a pair listed as full has every pair allowed (the mask_mod is skipped there)."""
-    B = trainer.ATTN_BLOCK
-    tokens = _tokens_with_documents(1024, layout, BOS)
-    docs = trainer.document_ids(tokens, BOS)
-    dense = trainer.dense_attention_mask(docs, window_blocks)
-    nb = 1024 // B
-    tiles = dense.view(nb, B, nb, B).permute(0, 2, 1, 3)
-    any_allowed, all_allowed = tiles.any(dim=(-2, -1)), tiles.all(dim=(-2, -1))
-    bm = trainer.flex_block_mask(docs, window_blocks)
+@pytest.mark.parametrize("window", [0, 1, 127, 384, 2000])
+def test_window_attention_sees_exactly_the_window_of_its_own_document(trainer, layout, window):
+    """window_attention (the CPU path of the op the GPU runs with FlashAttention) against a per-query loop:
+    query t sees keys t - window .. t of its own document."""
+    T = 256
+    tokens = _tokens_with_documents(T, [p // 4 for p in layout], BOS)
+    cu, docs, max_len = _bounds(trainer, tokens)
+    q, k, v = torch.randn(3, T, 2, 16, generator=torch.Generator().manual_seed(1)).unbind(0)
+    out, _ = trainer.window_attention(q, k, v, cu, torch.tensor([docs, max_len, window]))
+    doc = _doc_ids(tokens)
+    ref = _naive_attention(q, k, v, lambda t, h, s, g: g == h and t - s <= window and doc[s] == doc[t])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
-    def listed(num, idx):
-        out = torch.zeros(nb, nb, dtype=torch.bool)
-        for qb in range(nb):
-            out[qb, idx[0, 0, qb, :num[0, 0, qb]].long()] = True
-        return out
 
-    partial = listed(bm.kv_num_blocks, bm.kv_indices)
-    full = listed(bm.full_kv_num_blocks, bm.full_kv_indices)
-    assert not (partial & full).any(), "a block pair is either partial or full"
-    assert torch.equal(partial | full, any_allowed), "listed block pairs differ from the dense mask's support"
-    assert torch.equal(full & all_allowed, full), "a full block pair contains masked positions"
+def test_window_attention_gradient_is_the_softmax_attention_gradient(trainer):
+    """The op's own backward (FlashAttention's on GPU, the formula on CPU) against autograd through masked
+    SDPA, with the mask written independently; a wrong window in the mask is seen (negative control)."""
+    T, window = 200, 37
+    tokens = _tokens_with_documents(T, [0, 50, 51, 120], BOS)
+    cu, docs, max_len = _bounds(trainer, tokens)
+    q, k, v = (torch.randn(T, 3, 8, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(3))
+    grad = torch.randn(T, 3, 8, generator=torch.Generator().manual_seed(9))
+    out, _ = trainer.window_attention(q, k, v, cu, torch.tensor([docs, max_len, window]))
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    doc, pos = _doc_ids(tokens), torch.arange(T)
+
+    def reference(w):
+        mask = (pos[None] <= pos[:, None]) & (pos[:, None] - pos[None] <= w) & (doc[:, None] == doc[None])
+        y = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask, scale=1.0)
+        return torch.autograd.grad(y.transpose(0, 1), (q, k, v), grad)
+
+    for name, a, b in zip("qkv", got, reference(window)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"d{name} differs\n{m}")
+    assert not torch.allclose(got[0], reference(window - 1)[0], atol=1e-4), "negative control: window - 1"
+
+
+def test_paired_heads_score_both_heads_of_each_visible_token_in_one_softmax(trainer):
+    """Heads j and j + H/2 as one sequence (pair_heads): position 2t + e holds token t's head e H/2 + j; a
+    query sees the pair's positions up to its own, within the window (in positions) and its document."""
+    T, H, window = 96, 4, 41
+    tokens = _tokens_with_documents(T, [0, 30, 31, 70], BOS)
+    cu, docs, max_len = _bounds(trainer, tokens)
+    q, k, v = torch.randn(3, T, H, 8, generator=torch.Generator().manual_seed(2)).unbind(0)
+    pair = trainer.pair_heads
+    out, _ = trainer.window_attention(pair(q), pair(k), pair(v), 2 * cu, torch.tensor([docs, 2 * max_len, window]))
+    doc, P = _doc_ids(tokens), H // 2
+
+    def visible(t, h, s, g):
+        p, p_key = 2 * t + h // P, 2 * s + g // P
+        return g % P == h % P and p_key <= p and p - p_key <= window and doc[s] == doc[t]
+
+    torch.testing.assert_close(out.view(T, H, 8), _naive_attention(q, k, v, visible), atol=1e-5, rtol=1e-5)
+    unpaired, _ = trainer.window_attention(q, k, v, cu, torch.tensor([docs, max_len, window]))
+    assert not torch.allclose(out.view(T, H, 8), unpaired, atol=1e-3), "negative control: pairing changes attention"
 
 
 def _tiny_model(trainer, *flags):
@@ -77,7 +127,9 @@ def _tiny_model(trainer, *flags):
 
 
 def _call(model, inputs, targets, windows=(1, 2), scale=0.1, weights=(1.0, 0.0)):
-    return model(inputs, targets, windows, scale, torch.tensor(weights))
+    trainer = importlib.import_module(type(getattr(model, "_orig_mod", model)).__module__)
+    cu, docs, max_len = _bounds(trainer, inputs)
+    return model(inputs, targets, cu, trainer.attention_meta(docs, max_len, windows), scale, torch.tensor(weights))
 
 
 def _randomize(model, std=0.05):
@@ -137,16 +189,17 @@ def test_mlp_output_projections_start_at_zero_and_attention_weights_do_not(train
     _, model = _tiny_model(trainer)
     for block in model.blocks:
         assert block.mlp_proj.abs().max() == 0, "each MLP starts as a no-op"
-        if block.qkvo_w is not None:
-            assert (block.qkvo_w.flatten(1).abs().amax(1) > 0).all(), "q, k, v, o start nonzero (the speedrun's init)"
+        if block.qk_w is not None:
+            assert (block.qk_w.flatten(1).abs().amax(1) > 0).all(), "q and k start nonzero (the speedrun's init)"
+            assert (block.vo_w.flatten(1).abs().amax(1) > 0).all(), "v and o start nonzero (the speedrun's init)"
 
 
 def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer):
     hp, model = _tiny_model(trainer)
     no_attention = [i for i, kind in enumerate(hp.layer_attention) if kind == "-"]
-    assert no_attention and all(model.blocks[i].qkvo_w is None for i in no_attention)
+    assert no_attention and all(model.blocks[i].qk_w is None for i in no_attention)
     attention_layers = len(hp.layer_attention) - len(no_attention)
-    assert len(model.hidden_matrices()) == attention_layers + 2 * hp.num_layers, "qkvo stacks and 2 MLP matrices"
+    assert len(model.hidden_matrices()) == 2 * attention_layers + 2 * hp.num_layers, "qk, vo stacks and 2 MLP matrices"
     inputs = _tokens_with_documents(256, [0], BOS)
     _call(model, inputs, torch.roll(inputs, -1)).backward()
     assert model.blocks[no_attention[0]].mlp_proj.grad.abs().sum() > 0, "the attention-free layer's MLP learns"
@@ -179,7 +232,7 @@ def _per_block_graphs(trainer, num_layers):
     counters.clear()
     compiled.compile_per_block(backend="eager")
     train, val = _tokens_with_documents(257, [0, 90, 200], BOS), _tokens_with_documents(1025, [0, 500], BOS)
-    windows = (torch.tensor(1), torch.tensor(2))  # tensors, as on GPU, so window changes do not recompile
+    windows = (1, 2)  # reach the graph in CPU tensors (attention_meta): a window change does not recompile
     for step in range(2):
         loss = _call(compiled, train[:-1], train[1:], windows, torch.tensor(0.1))
         loss.backward()
@@ -187,7 +240,7 @@ def _per_block_graphs(trainer, num_layers):
         with torch.no_grad():
             torch.testing.assert_close(_call(compiled, val[:-1], val[1:], windows, torch.tensor(0.1)),
                                        _call(eager, val[:-1], val[1:], windows, torch.tensor(0.1)))
-        windows = (torch.tensor(2), torch.tensor(3))
+        windows = (2, 3)
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     return graphs
@@ -219,7 +272,7 @@ def test_whole_model_compile_traces_through_compiled_blocks_into_the_same_graph(
         if per_block_inside:
             model.compile_per_block(backend="eager")
         compiled = torch.compile(model, backend=keep_graph, dynamic=False)
-        _call(compiled, train[:-1], train[1:], (torch.tensor(1), torch.tensor(2)), torch.tensor(0.1)).backward()
+        _call(compiled, train[:-1], train[1:], (1, 2), torch.tensor(0.1)).backward()
         breaks = dict(counters["graph_break"])
         assert not breaks, f"graph breaks with per_block_inside={per_block_inside}: {breaks}"
     torch._dynamo.reset()
@@ -227,9 +280,9 @@ def test_whole_model_compile_traces_through_compiled_blocks_into_the_same_graph(
     assert graphs[0] == graphs[1], "compiled blocks inside changed the whole-model training graph"
 
 
-def test_a_compiled_block_takes_a_fresh_block_mask_every_call_without_recompiling(trainer):
-    """The GPU path builds new BlockMasks (new mask_mod closures) every forward; a per-block compiled graph
-    must treat them as inputs, or every step would recompile until dynamo gave up and ran eagerly."""
+def test_a_compiled_block_takes_new_documents_and_windows_without_recompiling(trainer):
+    """Every micro-batch brings new document bounds and every stage new windows; they reach the attention op
+    as tensors (cu on the device, the ints in a CPU tensor), so one compiled graph serves them all."""
     from torch._dynamo.utils import counters
     hp, model = _tiny_model(trainer)
     _randomize(model)
@@ -237,17 +290,16 @@ def test_a_compiled_block_takes_a_fresh_block_mask_every_call_without_recompilin
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(block, backend="eager", dynamic=False)
-    x = torch.randn(1, 512, hp.model_dim)
+    x = torch.randn(512, hp.model_dim)
     scalars = model.layer_scalars[1].detach()
-    for window, bos in [(1, [0, 100]), (2, [0, 300, 301]), (4, [0])]:
-        docs = trainer.document_ids(_tokens_with_documents(512, bos, BOS), BOS)
-        mask = trainer.flex_block_mask(docs, torch.tensor(window))
-        with torch.no_grad():  # FlexAttention has no CPU backward
-            torch.testing.assert_close(compiled(x, x, x, x, None, scalars, mask, torch.tensor(0.1)),
-                                       block(x, x, x, x, None, scalars, trainer.dense_attention_mask(docs, window), 0.1))
+    for windows, bos in [((1, 2), [0, 100]), ((2, 3), [0, 300, 301]), ((4, 4), [0])]:
+        cu, docs, max_len = _bounds(trainer, _tokens_with_documents(512, bos, BOS))
+        meta = trainer.attention_meta(docs, max_len, windows)
+        torch.testing.assert_close(compiled(x, x, x, x, None, scalars, cu, meta, torch.tensor(0.1)),
+                                   block(x, x, x, x, None, scalars, cu, meta, 0.1))
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
-    assert graphs == 1, f"{graphs} graphs for one block kind: the BlockMask was guarded on, not taken as input"
+    assert graphs == 1, f"{graphs} graphs for one block kind: documents or windows were guarded on, not taken as input"
 
 
 def test_every_parameter_belongs_to_exactly_one_optimizer(trainer):

@@ -37,6 +37,8 @@ MUON_SHAPES = [(4, 16, 8), (4, 16, 8), (2, 24, 8), (12, 20), (12, 20), (12, 20),
 ADAM_SHAPES = [(50,), (7, 9), (3,)]
 ADAM_LRS = [0.01, 0.02, 0.03]
 ADAM_BETAS = [(0.8, 0.95), (0.5, 0.95), (0.9, 0.99)]  # each parameter its own, as the recipe's groups
+ADAM_WDS = [0.0, 50.0, 400.0]  # cautious decay lr^2 wd W: 0, 0.5% and 3.6% of W per step at these lrs
+MUON_LR_MULS = [1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0]  # the (24, 8) group at 2x, as the MLP output matrices
 # (lr_factor, momentum) of the two steps: different, so a step that ignores either is seen.
 STEPS = [(1.0, 0.85), (0.5, 0.9)]
 
@@ -46,10 +48,11 @@ VARIANTS = {
     "muon/polar_express": ["--muon_ortho=polar_express"],
     "muon/turbo_muon": ["--muon_ortho=turbo_muon"],
     "muon+normuon": ["--normuon=true"],
-    "muon+cautious_wd": ["--muon_weight_decay=0.1", "--cautious_wd=true"],
-    "orscale": ["--muon_variant=orscale", "--muon_weight_decay=0.01"],
-    "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01"],
-    "scion": ["--muon_variant=scion"],
+    "muon+cautious_wd": ["--muon_weight_decay=3", "--cautious_wd=true"],
+    "muon+plain_wd": ["--muon_weight_decay=3", "--cautious_wd=false"],
+    "orscale": ["--muon_variant=orscale", "--muon_weight_decay=0.01", "--cautious_wd=false"],
+    "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false"],
+    "scion": ["--muon_variant=scion", "--cautious_wd=false", "--muon_weight_decay=0"],
 }
 
 # Comparison tolerance of a distributed result against the single-process one (float32). The
@@ -110,8 +113,8 @@ def two_steps(trainer, flags, rank, world_size, grads_of=None):
     grad_rank, grad_world = grads_of or (rank, world_size)
     hp = _hp(trainer, *flags)
     muon_params, adam_params = _make_params()
-    adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS, ADAM_BETAS)), hp.adam_eps, rank, world_size)
-    muon = trainer.DistMuon(muon_params, hp, rank, world_size)
+    adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS, ADAM_BETAS, ADAM_WDS)), hp.adam_eps, rank, world_size)
+    muon = trainer.DistMuon(list(zip(muon_params, MUON_LR_MULS)), hp, rank, world_size)
     params = muon_params + adam_params
     for step, (lr_factor, momentum) in enumerate(STEPS):
         for i, p in enumerate(params):
@@ -175,19 +178,19 @@ def test_two_steps_of_every_variant_on_gloo_ranks_equal_the_single_process_steps
 def test_dist_muon_on_one_rank_applies_muon_update_to_every_matrix(trainer):
     """The single-process reference itself: DistMuon's grouping, stacking and write-back change
     nothing, i.e. each parameter moves as muon_update on its own matrices (every statistic is per
-    matrix or per row), with lr = muon_lr * lr_factor, for two steps of every variant."""
+    matrix or per row), with lr = muon_lr * lr_factor and its own lr multiplier, for two steps of every variant."""
     for name, flags in VARIANTS.items():
         hp = _hp(trainer, *flags)
         params, _ = _make_params()
         refs = [p.detach().clone().reshape(-1, *p.shape[-2:]) for p in params]
-        states = [dict(momentum=torch.zeros_like(W), v=torch.zeros(W.shape[:2]), c=torch.zeros(W.shape[0]))
-                  for W in refs]
-        muon = trainer.DistMuon(params, hp, rank=0, world_size=1)
+        states = [dict(momentum=torch.zeros_like(W), v=torch.zeros(W.shape[0], max(W.shape[1:])),
+                       c=torch.zeros(W.shape[0])) for W in refs]
+        muon = trainer.DistMuon(list(zip(params, MUON_LR_MULS)), hp, rank=0, world_size=1)
         for step, (lr_factor, momentum) in enumerate(STEPS):
             for i, p in enumerate(params):
                 p.grad = _grad(p.shape, step, i, 0, 1)
                 refs[i] = trainer.muon_update(refs[i], p.grad.reshape(refs[i].shape), states[i], hp,
-                                              hp.muon_lr * lr_factor, momentum)
+                                              hp.muon_lr * lr_factor, momentum, MUON_LR_MULS[i])
             muon.reduce_grads()
             muon.step(lr_factor, momentum)
             muon.finish()
@@ -212,6 +215,9 @@ def test_distributed_equivalence_data_would_expose_a_missing_gradient_sum(traine
 # -----------------------------------------------------------------------------
 
 
+NO_DECAY = ("--muon_weight_decay=0", "--cautious_wd=false")  # Muon decay is on by default
+
+
 def _hp(trainer, *flags):
     """The tiny preset with plain Muon (NorMuon off, though the trainer's default) unless flags say otherwise."""
     return trainer.parse_args(["--preset=tiny", "--normuon=false", *flags])
@@ -221,7 +227,7 @@ def _state(shape, momentum=None):
     """muon_update's per-stack buffers for W [B, m, n], zero unless a momentum buffer is given."""
     B, m, n = shape
     M = torch.zeros(shape, dtype=F64) if momentum is None else momentum.clone()
-    return dict(momentum=M, v=torch.zeros(B, m, dtype=F64), c=torch.zeros(B, dtype=F64))
+    return dict(momentum=M, v=torch.zeros(B, max(m, n), dtype=F64), c=torch.zeros(B, dtype=F64))
 
 
 def _randn(*shape, seed, scale=1.0):
@@ -229,14 +235,15 @@ def _randn(*shape, seed, scale=1.0):
 
 
 def _rows_of_unequal_scale(seed=0):
-    """[3, 12, 20] float32 with row norms spread over a factor of 100 (as O's rows are after NS)."""
-    O = torch.randn(3, 12, 20, generator=torch.Generator().manual_seed(seed))
-    return O * torch.logspace(-1, 1, 12).view(1, 12, 1)
+    """[3, 20, 12] float32 (tall: NorMuon's statistic is per row) with row norms spread over a factor of 100
+    (as O's rows are after NS)."""
+    O = torch.randn(3, 20, 12, generator=torch.Generator().manual_seed(seed))
+    return O * torch.logspace(-1, 1, 20).view(1, 20, 1)
 
 
 def test_normuon_keeps_each_matrix_frobenius_norm(trainer):
     O = _rows_of_unequal_scale()
-    out = trainer.normuon_normalize(O, torch.zeros(3, 12), 0.95, 1e-10)
+    out = trainer.normuon_normalize(O, torch.zeros(3, 20), 0.95, 1e-10)
     torch.testing.assert_close(out.norm(dim=(-2, -1)), O.norm(dim=(-2, -1)), rtol=1e-5, atol=0,
                                msg=lambda m: f"NorMuon must rescale O_hat back to ||O||_F per matrix\n{m}")
     assert not torch.allclose(out, O, rtol=1e-3), "the normalization should change the matrix, not only keep its norm"
@@ -244,7 +251,7 @@ def test_normuon_keeps_each_matrix_frobenius_norm(trainer):
 
 def test_normuon_updates_v_in_place_as_ema_of_row_mean_square(trainer):
     O = _rows_of_unequal_scale()
-    v0 = torch.rand(3, 12, generator=torch.Generator().manual_seed(1)) + 0.5
+    v0 = torch.rand(3, 20, generator=torch.Generator().manual_seed(1)) + 0.5
     v = v0.clone()
     trainer.normuon_normalize(O, v, 0.9, 1e-10)
     torch.testing.assert_close(v, 0.9 * v0 + 0.1 * O.square().mean(dim=-1), rtol=1e-6, atol=0,
@@ -253,34 +260,39 @@ def test_normuon_updates_v_in_place_as_ema_of_row_mean_square(trainer):
 
 def test_normuon_from_zero_state_with_beta2_zero_equalizes_row_rms(trainer):
     """With v = 0 and b2 = 0, v is this step's row mean square, so every row gets the same RMS,
-    which keeping ||O||_F fixes at ||O||_F / sqrt(m n)."""
+    which keeping ||O||_F fixes at ||O||_F / sqrt(m n); a wide matrix's columns likewise."""
     O = _rows_of_unequal_scale()
     rms_in = O.square().mean(dim=-1).sqrt()
     assert (rms_in.amax(-1) / rms_in.amin(-1) > 10).all(), "negative control: input rows must differ in RMS"
-    out = trainer.normuon_normalize(O, torch.zeros(3, 12), 0.0, 1e-10)
+    out = trainer.normuon_normalize(O, torch.zeros(3, 20), 0.0, 1e-10)
     rms_out = out.square().mean(dim=-1).sqrt()
     target = (O.norm(dim=(-2, -1)) / math.sqrt(12 * 20)).unsqueeze(-1).expand_as(rms_out)
     torch.testing.assert_close(rms_out, target, rtol=1e-5, atol=0,
                                msg=lambda m: f"after one NorMuon step from v=0, b2=0, rows should share one RMS\n{m}")
+    wide = trainer.normuon_normalize(O.mT.contiguous(), torch.zeros(3, 20), 0.0, 1e-10)
+    torch.testing.assert_close(wide, out.mT, rtol=1e-5, atol=0, msg=lambda m: (
+        f"a wide matrix is normalized per column: the transpose of the tall case\n{m}"))
 
 
 def test_plain_muon_step_is_shape_scaled_orthogonalized_nesterov_momentum(trainer):
     """W <- W - lr * max(1, m/n)^0.5 * orth((1-b) G + b M), M <- b M + (1-b) G (github KellerJordan/Muon)."""
-    hp = _hp(trainer, "--muon_ortho=polar_express")
+    hp = _hp(trainer, "--muon_ortho=polar_express", "--muon_weight_decay=0")
     lr, b = 0.05, 0.9
     W, G, M0 = _randn(2, 24, 8, seed=0, scale=0.1), _randn(2, 24, 8, seed=1), _randn(2, 24, 8, seed=2)
     state = _state(W.shape, momentum=M0)
-    W_new = trainer.muon_update(W, G, state, hp, lr, b)
+    W_new = trainer.muon_update(W, G, state, hp, lr, b, lr_mul=2.0)
     M1 = b * M0 + (1 - b) * G
     torch.testing.assert_close(state["momentum"], M1, rtol=1e-12, atol=1e-12)
     O = trainer.orthogonalize((1 - b) * G + b * M1, "polar_express").float()
-    torch.testing.assert_close(W_new, W - lr * math.sqrt(24 / 8) * O, rtol=0, atol=1e-7)
+    torch.testing.assert_close(W_new, W - lr * 2.0 * math.sqrt(24 / 8) * O, rtol=0, atol=1e-7,
+                               msg=lambda m: f"the step is lr * lr_mul * shape scale * O\n{m}")
 
 
 def test_cautious_weight_decay_skips_entries_where_update_and_weight_disagree(trainer):
-    """x <- x - lr (u + wd 1[u x >= 0] x) (arXiv 2510.12402): compared with
-    the wd = 0 step, the cautious step moves exactly lr wd W on agreeing entries and nothing elsewhere."""
-    lr, wd = 0.05, 0.1
+    """W <- W - lr_eff (O + wd lr 1[O W >= 0] W) (arXiv 2510.12402; decay rate wd * lr, the speedrun's
+    form): compared with the wd = 0 step, the cautious step moves exactly lr_eff wd lr W on agreeing
+    entries and nothing elsewhere (lr_eff = lr * shape scale, 1 for this wide matrix)."""
+    lr, wd = 0.05, 2.0
     W, G, M0 = _randn(3, 12, 20, seed=0, scale=0.1), _randn(3, 12, 20, seed=1), _randn(3, 12, 20, seed=2)
     no_wd, cautious, plain = (_hp(trainer, "--muon_weight_decay=0"),
                               _hp(trainer, f"--muon_weight_decay={wd}", "--cautious_wd=true"),
@@ -293,10 +305,10 @@ def test_cautious_weight_decay_skips_entries_where_update_and_weight_disagree(tr
     assert 0.2 < agree.double().mean() < 0.8, "negative control: the mask should have both kinds of entries"
     # Without decay muon_update forms lr*U in float32 (U is float32), with decay in float64: the steps
     # differ by up to one float32 rounding of lr*U (~1e-9 here), against a decay of ~5e-4.
-    torch.testing.assert_close(W0 - W_c, lr * wd * W * agree, rtol=0, atol=1e-8, msg=lambda m: (
-        f"cautious decay must be lr*wd*W where sign(U) == sign(W) and 0 elsewhere\n{m}"))
-    torch.testing.assert_close(W0 - W_p, lr * wd * W, rtol=0, atol=1e-8,
-                               msg=lambda m: f"non-cautious decay must be lr*wd*W on every entry\n{m}")
+    torch.testing.assert_close(W0 - W_c, lr * wd * lr * W * agree, rtol=0, atol=1e-8, msg=lambda m: (
+        f"cautious decay must be lr*wd*lr*W where sign(U) == sign(W) and 0 elsewhere\n{m}"))
+    torch.testing.assert_close(W0 - W_p, lr * wd * lr * W, rtol=0, atol=1e-8,
+                               msg=lambda m: f"non-cautious decay must be lr*wd*lr*W on every entry\n{m}")
 
 
 def _orscale_lm_direction(trainer, W, G, M_prev, b, wd, method):
@@ -311,7 +323,8 @@ def test_orscale_lm_calibrates_c_once_so_the_first_trust_ratio_is_one(trainer):
     """OrScale-LM (arXiv 2605.07815): c = ||W0||_F / ||D0||_F at the first step, so r = 1 there and
     W1 = W0 - lr D0; at step 2, c is kept and r = ||W1|| / (c ||D1|| + 1e-6), clipped."""
     wd, lr, b = 0.01, 0.05, 0.95
-    hp = _hp(trainer, "--muon_variant=orscale_lm", f"--muon_weight_decay={wd}", "--muon_ortho=polar_express")
+    hp = _hp(trainer, "--muon_variant=orscale_lm", f"--muon_weight_decay={wd}", "--muon_ortho=polar_express",
+             "--cautious_wd=false")
     W0 = _randn(2, 12, 20, seed=0, scale=0.1)
     G0, G1 = _randn(2, 12, 20, seed=1), _randn(2, 12, 20, seed=2)
     state = _state(W0.shape)
@@ -335,7 +348,7 @@ def test_orscale_lm_calibrates_c_once_so_the_first_trust_ratio_is_one(trainer):
 def test_orscale_clips_the_trust_ratio_into_r_min_r_max(trainer):
     """Plain OrScale (s = c = 1, wd = 0): r = ||W||_F / (||Q||_F + 1e-6), ||Q||_F ~ sqrt(12). A huge
     W gives r ~ 1e3 (clipped to r_max), a tiny W r ~ 1e-3 (clipped to r_min), a moderate W stays."""
-    hp = _hp(trainer, "--muon_variant=orscale", "--muon_weight_decay=0", "--muon_ortho=polar_express",
+    hp = _hp(trainer, "--muon_variant=orscale", *NO_DECAY, "--muon_ortho=polar_express",
              "--orscale_r_min=0.5", "--orscale_r_max=1.5")
     lr, b = 0.05, 0.95
     scales = torch.tensor([100.0, 1e-4, 0.22], dtype=F64).view(3, 1, 1)  # huge, tiny, moderate ||W||
@@ -357,7 +370,7 @@ def test_orscale_clips_the_trust_ratio_into_r_min_r_max(trainer):
 @pytest.mark.parametrize("shape", [(2, 24, 8), (2, 12, 20)])
 def test_scion_step_is_frank_wolfe_on_orthogonalized_ema_momentum(trainer, shape):
     """W <- (1 - lr) W - lr radius sqrt(m/n) orth(M), M <- b M + (1-b) G, no Nesterov (section 8)."""
-    hp = _hp(trainer, "--muon_variant=scion", "--scion_radius=2.0", "--muon_ortho=polar_express")
+    hp = _hp(trainer, "--muon_variant=scion", "--scion_radius=2.0", "--muon_ortho=polar_express", *NO_DECAY)
     lr, b = 0.05, 0.9
     m, n = shape[-2:]
     W, G, M0 = _randn(*shape, seed=0, scale=0.1), _randn(*shape, seed=1), _randn(*shape, seed=2)
@@ -375,7 +388,7 @@ def test_scion_step_is_frank_wolfe_on_orthogonalized_ema_momentum(trainer, shape
 @pytest.mark.parametrize("method", ["newton_schulz5", "polar_express", "turbo_muon"])
 def test_scion_with_zero_gradient_and_momentum_only_decays_weights(trainer, method):
     """orth(0) = 0, so the Frank-Wolfe step reduces to W <- (1 - lr) W."""
-    hp = _hp(trainer, "--muon_variant=scion", f"--muon_ortho={method}")
+    hp = _hp(trainer, "--muon_variant=scion", f"--muon_ortho={method}", *NO_DECAY)
     W = _randn(2, 12, 20, seed=0)
     W_new = trainer.muon_update(W, torch.zeros_like(W), _state(W.shape), hp, 0.05, 0.9)
     torch.testing.assert_close(W_new, (1 - 0.05) * W, rtol=0, atol=0)
@@ -385,7 +398,7 @@ def test_scion_with_zero_gradient_and_momentum_only_decays_weights(trainer, meth
 def test_ema_and_sum_momentum_give_the_same_orthogonalized_steps(trainer, method):
     """Sum form B <- b B + G, U = G + b B is the EMA form's U divided by (1 - b); the orthogonalizers
     normalize their input, so three Muon steps are the same either way."""
-    hp = _hp(trainer, f"--muon_ortho={method}")
+    hp = _hp(trainer, f"--muon_ortho={method}", "--muon_weight_decay=0")
     lr, b = 0.05, 0.95
     W_ema = W_sum = _randn(3, 12, 20, seed=0, scale=0.1)
     state, B = _state(W_ema.shape), torch.zeros_like(W_ema)
@@ -407,7 +420,7 @@ def test_dist_adam_on_one_rank_equals_torch_adam_for_three_steps(trainer):
     eps = 1e-10
     mine = [torch.nn.Parameter(_randn(*s, seed=i).float()) for i, s in enumerate(ADAM_SHAPES)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
-    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS, ADAM_BETAS)), eps, rank=0, world_size=1)
+    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS, ADAM_BETAS, [0.0] * 3)), eps, rank=0, world_size=1)
     torch_adam = torch.optim.Adam([dict(params=[p], lr=lr, betas=b) for p, lr, b in zip(ref, ADAM_LRS, ADAM_BETAS)],
                                   eps=eps)
     for step in range(3):
@@ -429,7 +442,7 @@ def test_dist_adam_lr_factor_scales_every_learning_rate(trainer):
     eps, factor = 1e-10, 0.25
     mine = [torch.nn.Parameter(_randn(*s, seed=i).float()) for i, s in enumerate(ADAM_SHAPES)]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
-    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS, ADAM_BETAS)), eps, rank=0, world_size=1)
+    adam = trainer.DistAdam(list(zip(mine, ADAM_LRS, ADAM_BETAS, [0.0] * 3)), eps, rank=0, world_size=1)
     torch_adam = torch.optim.Adam([dict(params=[p], lr=lr * factor, betas=b)
                                    for p, lr, b in zip(ref, ADAM_LRS, ADAM_BETAS)], eps=eps)
     for step in range(2):
@@ -445,6 +458,27 @@ def test_dist_adam_lr_factor_scales_every_learning_rate(trainer):
             f"param {list(ADAM_SHAPES[i])}: DistAdam with lr_factor {factor} differs from Adam at lr * {factor}\n{m}"))
 
 
+def test_dist_adam_cautious_decay_is_lr_squared_wd_where_step_and_weight_agree(trainer):
+    """Compared with the same Adam step without decay, W moves by a further lr_t^2 wd W exactly where the Adam
+    step u and W agree in sign (strictly; the speedrun's Adam decay), lr_t = lr * lr_factor."""
+    lr, wd, factor = 0.1, 2.0, 0.5
+    W = _randn(40, 30, seed=3).float()
+    results = []
+    for decay in (0.0, wd):
+        p = torch.nn.Parameter(W.clone())
+        adam = trainer.DistAdam([(p, lr, (0.9, 0.99), decay)], 1e-10, rank=0, world_size=1)
+        p.grad = _randn(40, 30, seed=4).float()
+        adam.reduce_grads()
+        adam.step(factor)
+        adam.finish()
+        results.append(p.detach())
+    u = W - results[0]
+    agree = (u * W) > 0
+    assert 0.2 < agree.float().mean() < 0.8, "negative control: the mask should have both kinds of entries"
+    torch.testing.assert_close(results[0] - results[1], (lr * factor) ** 2 * wd * W * agree, rtol=1e-4, atol=1e-7,
+                               msg=lambda m: f"decay must be (lr*factor)^2*wd*W where u*W > 0, else 0\n{m}")
+
+
 def test_muon_shape_scale_is_sqrt_of_fan_out_over_fan_in_at_least_one(trainer):
     assert trainer.muon_shape_scale(3072, 768) == 2.0
     assert trainer.muon_shape_scale(768, 3072) == 1.0
@@ -455,7 +489,7 @@ def test_a_paused_adam_parameter_keeps_its_state_and_can_take_over_anothers(trai
     """The tied embedding: while paused, a parameter is neither reduced nor updated and its moments stay; after
     copy_state it continues from the other parameter's moments (the untie step)."""
     a, b = (torch.nn.Parameter(_randn(4, 3, seed=s).float()) for s in (1, 2))
-    adam = trainer.DistAdam([(a, 0.1, (0.9, 0.99)), (b, 0.1, (0.9, 0.99))], 1e-10, rank=0, world_size=1)
+    adam = trainer.DistAdam([(a, 0.1, (0.9, 0.99), 0.0), (b, 0.1, (0.9, 0.99), 0.0)], 1e-10, rank=0, world_size=1)
     adam.set_active(b, False)
     b_before = b.detach().clone()
     for step in range(2):

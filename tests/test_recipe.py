@@ -185,23 +185,23 @@ def test_bigram_hash_is_the_formula_with_a_reserved_first_row(trainer):
 
 def test_key_offset_moves_only_the_unrotated_dims_one_position(trainer):
     rotary = trainer.Rotary(128, 16)
-    k = torch.randn(1, 16, 2, 128)
+    k = torch.randn(16, 2, 128)
     shifted = trainer.shift_unrotated_keys(k, rotary.unrotated)
     still = ~rotary.unrotated
     assert rotary.unrotated.sum() == 64 and torch.equal(shifted[..., still], k[..., still])
-    assert torch.equal(shifted[:, 1:, :, rotary.unrotated], k[:, :-1, :, rotary.unrotated])
-    assert torch.equal(shifted[:, 0], k[:, 0]), "position 0 keeps its own key"
-    x = torch.randn(1, 16, 2, 128)
+    assert torch.equal(shifted[1:, :, rotary.unrotated], k[:-1, :, rotary.unrotated])
+    assert torch.equal(shifted[0], k[0]), "position 0 keeps its own key"
+    x = torch.randn(16, 2, 128)
     torch.testing.assert_close(rotary(x)[..., rotary.unrotated], x[..., rotary.unrotated],
                                msg="the dims the offset moves are the ones RoPE leaves alone")
 
 
 def test_xsa_removes_the_share_along_the_own_value(trainer):
-    y, v = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    y, v = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
     alpha = torch.tensor([0.0, 10.0])  # head 0 off, head 1 almost fully on (tanh(10) ~ 1)
     out = trainer.exclude_self_value(y, v, alpha)
-    assert torch.equal(out[:, :, 0], y[:, :, 0])
-    residue = (out[:, :, 1] * v[:, :, 1]).sum(-1)
+    assert torch.equal(out[:, 0], y[:, 0])
+    residue = (out[:, 1] * v[:, 1]).sum(-1)
     assert residue.abs().max() < 1e-4, "head 1's output is orthogonal to its value vector"
 
 
