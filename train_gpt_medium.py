@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -139,6 +140,11 @@ class Hyperparameters:
     compile: bool = True  # torch.compile the model (GPU only)
     compile_per_block: bool = False  # train through per-block graphs: faster cold start, slower steps (README: "Compile time")
     device: str = "auto"
+    # checkpoints, saved under <log_dir>/<run_id>/step_<k> outside the timed region (README: "Checkpoints, resuming
+    # and sampling")
+    checkpoint_every: int = 0  # save every N steps (0: off); steps 0 < k < the last
+    save_checkpoint: bool = False  # save after the final validation
+    resume_from: str = ""  # a checkpoint folder: continue that run from its step (the configuration must match)
 
     def __post_init__(self):
         positive = ["val_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
@@ -148,7 +154,7 @@ class Hyperparameters:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ["val_loss_every", "warmup_steps", "extension_steps", "bigram_buckets", "untie_stage",
                      "muon_weight_decay", "adam_weight_decay", "adam_wd_mul_embed", "adam_wd_mul_value_embed",
-                     "adam_wd_mul_gate"]:
+                     "adam_wd_mul_gate", "checkpoint_every"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.tokenizer_vocab > self.vocab_size:
@@ -890,10 +896,16 @@ CE_BLOCK = 4096  # vocabulary columns per loop iteration of a row's program
 CE_BLOCK_INTERPRET = 64
 
 
+def softcap_logits(z: torch.Tensor, cap: float, offset: float, temp: float) -> torch.Tensor:
+    """The softcapped logits u = cap * sigmoid((z + offset) / temp) of raw logits z (fp32): what the loss
+    scores and what sampling draws from."""
+    return cap * torch.sigmoid((z.float() + offset) / temp)
+
+
 def softcap_mtp_ce_reference(z, targets, weights, cap: float, offset: float, temp: float):
     """(row losses [T], row log-sum-exp [T]) in fp32, in plain torch: the kernel's specification, and the CPU
     path (autograd differentiates it)."""
-    u = cap * torch.sigmoid((z.float() + offset) / temp)
+    u = softcap_logits(z, cap, offset, temp)
     logp = torch.log_softmax(u, dim=-1)
     rows = torch.zeros_like(logp[:, 0])
     for k in range(weights.numel()):
@@ -1216,6 +1228,22 @@ def all_gather(shard: torch.Tensor, world_size: int) -> _Pending:
     return _Pending(out, dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True))
 
 
+def gather_rows(shard: torch.Tensor, total: int, world_size: int) -> torch.Tensor:
+    """The first `total` rows of every rank's `shard` [k, ...] concatenated in rank order (the padding rows
+    past `total` dropped), on the CPU: a sharded state tensor at its world-size-independent full size.
+    A collective: every rank calls it."""
+    return all_gather(shard, world_size).wait()[:total].cpu()
+
+
+def shard_rows(full: torch.Tensor, k: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s k rows of `full` [total, ...] padded with zero rows to world_size * k: gather_rows undone
+    for any world size. Padding rows hold zero state (zero gradients keep them zero)."""
+    pad = k * world_size - full.size(0)
+    if pad:
+        full = torch.cat([full, full.new_zeros(pad, *full.shape[1:])])
+    return full[rank * k:(rank + 1) * k]
+
+
 class DistAdam:
     """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction, with each parameter's own lr,
     betas and cautious weight decay: with u the Adam step, W -= u + lr_t^2 wd W where u and W agree in sign
@@ -1295,6 +1323,25 @@ class DistAdam:
 
     def state_tensors(self):
         return [t for e in self.entries for t in (e["m"], e["v"])]
+
+    def state_dict(self) -> dict:
+        """The step count and, per entry in order, every state tensor it holds (each a [shard, ...] slice of the
+        flattened parameter) gathered to the parameter's size: the same for every world size. A collective."""
+        return dict(t=self.t, entries=[{key: gather_rows(value, e["param"].numel(), self.world_size)
+                                        for key, value in e.items() if key != "param" and torch.is_tensor(value)}
+                                       for e in self.entries])
+
+    def load_state_dict(self, state: dict):
+        """Inverse of state_dict, at this optimizer's world size; ValueError if the entries do not match."""
+        if len(state["entries"]) != len(self.entries):
+            raise ValueError(f"Adam holds {len(self.entries)} parameters, the saved state {len(state['entries'])}")
+        for i, (e, saved) in enumerate(zip(self.entries, state["entries"])):
+            mine = {key for key, value in e.items() if key != "param" and torch.is_tensor(value)}
+            if set(saved) != mine or any(v.size(0) != e["param"].numel() for v in saved.values()):
+                raise ValueError(f"Adam parameter {i} ({tuple(e['param'].shape)}): the saved state does not fit")
+            for key, full in saved.items():
+                e[key].copy_(shard_rows(full, e["shard"], self.rank, self.world_size))
+        self.t = state["t"]
 
 
 def muon_shape_scale(m: int, n: int) -> float:
@@ -1439,6 +1486,25 @@ class DistMuon:
 
     def state_tensors(self):
         return [t for g in self.groups for t in g["state"].values()]
+
+    def state_dict(self) -> dict:
+        """Per shape group in order, its matrix shape and every state tensor (a [k, ...] slice of the group's
+        stack) gathered to the group's matrix count: the same for every world size. A collective."""
+        return dict(groups=[dict(shape=g["shape"], count=g["count"],
+                                 state={key: gather_rows(value, g["count"], self.world_size)
+                                        for key, value in g["state"].items()}) for g in self.groups])
+
+    def load_state_dict(self, state: dict):
+        """Inverse of state_dict, at this optimizer's world size; ValueError if the groups do not match."""
+        saved_groups = state["groups"]
+        if [(tuple(s["shape"]), s["count"], set(s["state"])) for s in saved_groups] != \
+                [(g["shape"], g["count"], set(g["state"])) for g in self.groups]:
+            raise ValueError("Muon's shape groups differ from the saved state's: "
+                             f"{[(g['shape'], g['count']) for g in self.groups]} vs "
+                             f"{[(tuple(s['shape']), s['count']) for s in saved_groups]}")
+        for g, saved in zip(self.groups, saved_groups):
+            for key, full in saved["state"].items():
+                g["state"][key].copy_(shard_rows(full, g["k"], self.rank, self.world_size))
 
 
 # -----------------------------------------------------------------------------
@@ -2069,17 +2135,24 @@ class TrainStream:
 
     Row j is seq_len + 1 tokens; where each begins is next_row_start's rule. The tail of a shard that
     cannot hold a whole row is skipped. Rank r of W takes rows j = r mod W. `on_shard(path, tokens, rows)`
-    is called as each shard is opened (the log's account of how much of the data the rows use).
+    is called as each shard is opened (the log's account of how much of the data the rows use). `start`, a
+    `position()` of an earlier stream over the same files, continues from there (a resumed run).
     """
 
     def __init__(self, pattern: str, seq_len: int, *, vocab: int, bos_id: int, cycle: bool,
-                 flag: str = "train_files", on_shard=None):
+                 flag: str = "train_files", on_shard=None, start: dict | None = None):
         self.files = list_shards(pattern, flag)
         self.pattern, self.seq_len, self.cycle, self.on_shard = pattern, seq_len, cycle, on_shard
-        self.file_index, self.pos, self.tokens_served = -1, 0, 0
+        start = start or dict(file_index=0, pos=0, tokens_served=0)
+        self.file_index = start["file_index"] - 1
         self._open = lambda path: _ShardPrefetcher(path, vocab, bos_id, seq_len)
-        self._next = self._open(self.files[0])
+        self._next = self._open(self.files[start["file_index"]])
         self._advance_shard()
+        self.pos, self.tokens_served = start["pos"], start["tokens_served"]
+
+    def position(self) -> dict:
+        """Where the next row is looked for: the shard, the offset in it, and the tokens served so far."""
+        return dict(file_index=self.file_index, pos=self.pos, tokens_served=self.tokens_served)
 
     def _advance_shard(self):
         self.file_index += 1
@@ -2124,17 +2197,23 @@ class DistributedTrainLoader:
 
     `clips` gives the document clip of each round of world_size rows (one row per rank), in order: the
     schedule's, so that the stream is the same at any world size. The next batch is staged while the
-    current one computes (pinned host memory, non-blocking copy).
+    current one computes (pinned host memory, non-blocking copy). `start`: the stream's start (TrainStream).
     """
 
-    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, clips, on_shard=None):
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, clips, on_shard=None,
+                 start: dict | None = None):
         self.stream = TrainStream(hp.train_files, hp.train_seq_len, vocab=hp.tokenizer_vocab, bos_id=hp.bos_id,
-                                  cycle=hp.cycle_train_data, on_shard=on_shard)
+                                  cycle=hp.cycle_train_data, on_shard=on_shard, start=start)
         self.rank, self.world_size, self.device, self.clips = rank, world_size, device, iter(clips)
         self.bos_id = hp.bos_id
         self._staged = self._stage()
 
+    def position(self) -> dict:
+        """The stream's position after the micro-batches handed out so far (the staged one not yet read)."""
+        return self._staged_from
+
     def _stage(self):
+        self._staged_from = self.stream.position()
         clip = next(self.clips, None)
         if clip is None:  # the schedule's last micro-batch is staged: nothing follows
             return None
@@ -2577,13 +2656,14 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
         f"startup_time:{time.perf_counter() - launch_time:.1f}s")
 
-    loader = DistributedTrainLoader(hp, rank, world_size, device, doc_clips(range(N), hp, derived),
-                                    on_shard=shard_reporter(log, hp.train_seq_len))
-    train_ms, pending = 0.0, None
+    start, train_ms, position = resume(trainer, hp.resume_from, log) if hp.resume_from else (0, 0.0, None)
+    loader = DistributedTrainLoader(hp, rank, world_size, device, doc_clips(range(start, N), hp, derived),
+                                    on_shard=shard_reporter(log, hp.train_seq_len), start=position)
+    pending = None
     _sync(device)
     t0 = time.perf_counter()
     val_loss = float("nan")
-    for step in range(N + 1):
+    for step in range(start, N + 1):
         last = step == N
         if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
             _sync(device)
@@ -2595,6 +2675,11 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             log(f"step:{step}/{N} val_loss:{val_loss:.{VAL_LOSS_DECIMALS[hp.track]}f} train_time:{train_ms:.0f}ms "
                 f"step_avg:{avg:.2f}ms")
             _sync(device)
+            t0 = time.perf_counter()
+        if checkpoint_due(hp, step, start):  # outside the timed region, like validation
+            _sync(device)
+            train_ms += 1000 * (time.perf_counter() - t0)
+            save_checkpoint(trainer, loader, step, train_ms, log)
             t0 = time.perf_counter()
         if last:
             break
@@ -2618,6 +2703,151 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         log(f"peak memory allocated: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB "
             "reserved: n/a (cpu, max resident set size)")
     return val_loss
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+# -----------------------------------------------------------------------------
+
+# A checkpoint is the folder <log_dir>/<run_id>/step_<k>, the run's state after k steps: state.pt (model,
+# optimizer state gathered from every rank's shards, RNG states) and meta.json (the step, the training time
+# so far, the loader's position, the tie state, the hyperparameters, the parameters' shapes, and state.pt's
+# size and sha256). It is written as step_<k>.tmp and then renamed, so a step_<k> folder is complete.
+CHECKPOINT_FORMAT = 1
+# Fields a resumed run may change: they name the run or do not touch the math (every other field must match).
+RESUME_FREE_FIELDS = ("run_id", "log_dir", "resume_from", "checkpoint_every", "save_checkpoint", "val_loss_every",
+                      "warmup_steps", "compile", "compile_per_block", "device")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint this run cannot continue: missing, partial, corrupt, or of another configuration."""
+
+
+def checkpoint_due(hp: Hyperparameters, step: int, start: int) -> bool:
+    """Save at the top of `step` (after its validation)? Every checkpoint_every steps after the run's first step
+    and before the last; at the last with --save_checkpoint."""
+    if step == total_steps(hp):
+        return hp.save_checkpoint
+    return bool(hp.checkpoint_every) and step > start and step % hp.checkpoint_every == 0
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_durably(path: str, write):
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(trainer: Trainer, loader: DistributedTrainLoader, step: int, train_ms: float, log: RunLog):
+    """Write the state after `step` steps to <log_dir>/<run_id>/step_<step> (rank 0, after every rank has
+    taken part in gathering the optimizer state) and log where and how long it took."""
+    t0 = time.perf_counter()
+    hp, model = trainer.hp, trainer.model
+    state = dict(adam=trainer.adam.state_dict(), muon=trainer.muon.state_dict())
+    if trainer.rank != 0:
+        return
+    state["model"] = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    state["rng"] = dict(cpu=torch.get_rng_state())
+    if trainer.device.type == "cuda":
+        state["rng"]["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    final = os.path.join(os.path.splitext(log.path)[0], f"step_{step}")
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} exists; checkpoints are never overwritten")
+    tmp = final + ".tmp"
+    os.makedirs(tmp)
+    _write_durably(os.path.join(tmp, "state.pt"), lambda f: torch.save(state, f))
+    meta = dict(format=CHECKPOINT_FORMAT, step=step, total_steps=total_steps(hp), train_time_ms=train_ms,
+                tied=trainer.tied, loader=loader.position(), train_files=loader.stream.files,
+                world_size=trainer.world_size, run_log=log.path, hyperparameters=dataclasses.asdict(hp),
+                parameters={name: list(p.shape) for name, p in model.named_parameters()},
+                state_bytes=os.path.getsize(os.path.join(tmp, "state.pt")),
+                state_sha256=_sha256(os.path.join(tmp, "state.pt")))
+    _write_durably(os.path.join(tmp, "meta.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    os.rename(tmp, final)
+    log(f"checkpoint: {final} step:{step}/{total_steps(hp)} save_time:{time.perf_counter() - t0:.1f}s")
+
+
+def read_checkpoint(path: str, hp: Hyperparameters | None) -> dict:
+    """The meta.json of checkpoint folder `path`, after checking that the folder is complete and intact, that its
+    parameters are those of this file's model, and that a run of `hp` may continue it (CheckpointError
+    otherwise): run before anything is logged or compiled. hp None (sampling): the checkpoint's own."""
+    where = f"--resume_from={path}"
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{where}: no such checkpoint folder (checkpoints are <log_dir>/<run_id>/step_<k>)")
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: no meta.json, so not a complete checkpoint (an interrupted save leaves "
+                              "step_<k>.tmp); resume from a step_<k> folder") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{where}: meta.json is unreadable or corrupt ({e})") from None
+    keys = {"format", "step", "state_bytes", "state_sha256", "hyperparameters", "parameters", "train_files"}
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT or keys - set(meta):
+        raise CheckpointError(f"{where}: meta.json is not a format-{CHECKPOINT_FORMAT} checkpoint's")
+    state = os.path.join(path, "state.pt")
+    size = os.path.getsize(state) if os.path.isfile(state) else None
+    if size != meta["state_bytes"]:
+        raise CheckpointError(f"{where}: state.pt is missing or truncated ({size} bytes; meta.json says "
+                              f"{meta['state_bytes']}); resume from another checkpoint")
+    if _sha256(state) != meta["state_sha256"]:
+        raise CheckpointError(f"{where}: state.pt is corrupt (its sha256 differs from meta.json's); resume from "
+                              "another checkpoint")
+    saved, resuming = meta["hyperparameters"], hp is not None
+    if resuming:
+        mine = json.loads(json.dumps(dataclasses.asdict(hp)))
+        differ = [k for k in sorted(set(saved) | set(mine))
+                  if k not in RESUME_FREE_FIELDS and saved.get(k) != mine.get(k)]
+        if differ:
+            raise CheckpointError(f"{where}: saved by a run of another configuration: "
+                                  + ", ".join(f"--{k}={mine.get(k)!r} here, {saved.get(k)!r} there" for k in differ)
+                                  + "; pass the checkpoint's values")
+    else:
+        try:
+            hp = Hyperparameters(**saved)
+        except (TypeError, ConfigError) as e:
+            raise CheckpointError(f"{where}: its hyperparameters are not this trainer's ({e})") from None
+    with torch.device("meta"):
+        shapes = {name: list(p.shape) for name, p in GPT(hp).named_parameters()}
+    if shapes != meta["parameters"]:
+        first = next(n for n in sorted(set(shapes) | set(meta["parameters"]))
+                     if shapes.get(n) != meta["parameters"].get(n))
+        raise CheckpointError(f"{where}: the model's parameters differ from the checkpoint's ({first}: "
+                              f"{shapes.get(first)} here, {meta['parameters'].get(first)} there); it was saved "
+                              "by another version of the trainer")
+    if resuming and sorted(glob.glob(hp.train_files)) != meta["train_files"]:
+        raise CheckpointError(f"{where}: the files matching --train_files={hp.train_files!r} are not the ones the "
+                              "checkpoint's loader position refers to")
+    return meta
+
+
+def resume(trainer: Trainer, path: str, log: RunLog) -> tuple[int, float, dict]:
+    """Load checkpoint `path` (checked by read_checkpoint in main) into `trainer`, after the warm-up has restored
+    its initial state; returns (step, training time so far in ms, loader position) to continue from."""
+    with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", mmap=True, weights_only=True)
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.adam.load_state_dict(state["adam"])
+        trainer.muon.load_state_dict(state["muon"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"--resume_from={path}: its state does not fit this trainer ({e})") from None
+    trainer._set_tied(meta["tied"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if trainer.device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], trainer.device)
+    log(f"resumed_from: {path} step:{meta['step']}/{meta['total_steps']} train_time:{meta['train_time_ms']:.0f}ms "
+        f"saved_world_size:{meta['world_size']} saved_log:{meta['run_log']}")
+    return meta["step"], meta["train_time_ms"], meta["loader"]
 
 
 # -----------------------------------------------------------------------------
@@ -2646,6 +2876,8 @@ def main(argv: list[str] | None = None) -> int:
         hp = parse_args(argv)
         rank, world_size, device = setup_distributed(hp)
         derive(hp, world_size)
+        if hp.resume_from:
+            read_checkpoint(hp.resume_from, hp)
         log = RunLog(hp, rank)
     except ConfigError as e:
         print(f"error: {e}\n{usage_line()}", file=sys.stderr)
@@ -2663,11 +2895,11 @@ def main(argv: list[str] | None = None) -> int:
         log(RULE, console=False)
         log("hyperparameters: " + json.dumps(dataclasses.asdict(hp)))
         train(hp, rank, world_size, device, log, launch_time)
-    except (DataError, NonFiniteLossError) as e:
+    except (DataError, NonFiniteLossError, CheckpointError) as e:
         log(f"error: {e}")
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        status = 1
+        status = 2 if isinstance(e, CheckpointError) else 1
     except Terminated as e:
         log(f"crash: {e}\n" + traceback.format_exc().rstrip("\n"), console=False)
         status = 128 + signal.SIGTERM

@@ -7,6 +7,7 @@ a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory an
     python benchmarks/proxy_speedrun.py --logs logs/*.txt --target 2.04   # summarize existing logs
     python benchmarks/proxy_speedrun.py --data DIR --nproc 1 --variant base= --variant ns5=--muon_ortho=newton_schulz5 \
         -- --num_iterations=200       # configurations side by side, one GPU each (queued if GPUs run out)
+    python benchmarks/proxy_speedrun.py --logs logs/proxy_speedrun/*.txt --plot cmp.png   # val loss vs time, per variant
 
 DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
 comes from the trainer's own log: training time excludes compilation, the untimed warm-up and
@@ -175,6 +176,24 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
     return status
 
 
+def variant_of(log: Path) -> str:
+    """The variant of a log named NAME_SEED.txt (plan_runs' run ids), else the log's name."""
+    name, _, seed = log.stem.rpartition("_")
+    return name if name and seed.isdigit() else log.stem
+
+
+def plot_variants(logs: list[Path], target: float, path: Path) -> bool:
+    """Val loss against training time of every readable log, one color per variant (its seeds together), with
+    the target: records/verify.py's drawing. False if matplotlib is missing."""
+    groups = {}
+    for log in logs:
+        try:
+            groups.setdefault(variant_of(log), []).append(verify.parse_log(log))
+        except verify.VerifyError:
+            continue  # reported with the table
+    return verify.draw_val_curves(list(groups.items()), path, target, x="time")
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -223,6 +242,8 @@ def main(argv=None):
                    help="a configuration to compare (repeatable): run name and the trainer flags that differ, "
                         "after the common ones; variants and seeds run side by side, --nproc GPUs each")
     p.add_argument("--json", help="also write every number to this file")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="also draw val loss against training time, one color per variant (needs matplotlib)")
     p.add_argument("--peak_tflops", type=float, help="matmul peak per GPU for MFU (default: measured here)")
     args = p.parse_args(argv)
     peak = args.peak_tflops or measure_peak_tflops()
@@ -253,6 +274,12 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({"peak_tflops": peak, "runs": rows}, indent=1))
     if rows:
         print(format_table(rows, args.target, peak))
+    if args.plot:
+        if plot_variants(logs, args.target, args.plot):
+            print(f"wrote {args.plot}")
+        else:
+            print(f"--plot: matplotlib is not installed (pip install matplotlib); {args.plot} not written")
+            return 1
     finished = all(r["final_loss"] is not None and math.isfinite(r["final_loss"]) for r in rows)
     return 0 if rows and finished and not unusable else 1
 

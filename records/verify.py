@@ -19,13 +19,13 @@ none, and is refused where it contradicts a log.
 
 Usage:
     python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--group N]
-                             [--alpha 0.01] [--baseline LOG_OR_FOLDER...] [--write] [--json]
+                             [--alpha 0.01] [--baseline LOG_OR_FOLDER...] [--write] [--json] [--plot FILE.png]
     python records/verify.py --table     # rewrite the generated table block in records/README.md
     python records/verify.py --check     # every record's ANALYSIS.md and the table match the logs
 
 Exit status: 0 the claim holds (p < alpha), 1 it does not (or --check found stale files),
-2 the input is unusable (no logs, fewer than 2 finished runs, one run counted twice, logs of several
-groups without --group, a target that contradicts the logs, unreadable path). Messages go to stderr.
+2 the input is unusable (no logs, fewer than 2 finished runs, one run counted twice, a resumed run, logs of
+several groups without --group, a target that contradicts the logs, unreadable path). Messages go to stderr.
 
 The module does nothing at import. `parse_log_text(text, path)` is the one reader of the trainer's
 log grammar (benchmarks/proxy_speedrun.py and the tests use it); `group_runs`, `analyze`, the
@@ -85,7 +85,9 @@ ERROR_PREFIXES = ("error:", "crash:", "Traceback")  # the trainer's failure line
 # A GPU row of nvidia-smi's device table: index, name, persistence mode, then two more cells. Its second
 # row starts with the fan speed and process rows have fewer cells, so neither matches.
 GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|[^|]*\|[^|]*\|")
-PER_RUN_FIELDS = ("seed", "run_id", "log_dir")  # hyperparameters that name one run, not what it ran
+# Hyperparameters that name one run or what it saved, not what it ran (checkpoints are saved outside the timed
+# region); a run's --resume_from is not among them: a resumed run is refused (check_not_resumed).
+PER_RUN_FIELDS = ("seed", "run_id", "log_dir", "checkpoint_every", "save_checkpoint")
 
 
 class VerifyError(Exception):
@@ -221,6 +223,11 @@ class RunLog:
         return Recipe(source_sha256=source, configuration=configuration,
                       steps=steps if steps is not None else self.num_iterations, processes=processes,
                       gpus=tuple(sorted(set(gpus))) or None, device=self.device)
+
+    @property
+    def resumed_from(self):
+        """The checkpoint the run continued (`--resume_from`), or None."""
+        return (self.hyperparameters or {}).get("resume_from") or None
 
     @property
     def logged_track(self):
@@ -399,6 +406,16 @@ def check_duplicates(runs, baseline_runs=()):
                                       f"seed {run.seed}; a repeated seed is not an independent sample: keep one of "
                                       "them (a crashed run may stay: unfinished runs do not count)")
                 seen_seeds[key] = run
+
+
+def check_not_resumed(runs):
+    """A resumed run's train_time adds up the timed loops of two processes and leaves out the restart and
+    the second warm-up: it is no speedrun time, so it cannot be part of a claim (or of a baseline)."""
+    for run in runs:
+        if run.resumed_from:
+            raise VerifyError(f"{run.path}: resumed from the checkpoint {run.resumed_from} (--resume_from): its "
+                              "train_time spans two processes and leaves out the restart, so it is not a speedrun "
+                              "time; record runs must run uninterrupted: run it again without --resume_from")
 
 
 @dataclass(frozen=True)
@@ -951,41 +968,76 @@ def format_analysis_md(a, folder, command):
     return "\n".join(out)
 
 
-def write_val_loss_plot(a, path):
-    """Val-loss curves of all runs (unfinished ones dashed) to a PNG: the whole run on a log scale,
-    and the second half on a linear scale, where the runs approach the target. False if matplotlib
-    is missing."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None if matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import ScalarFormatter
     except ImportError:
+        return None
+    return plt
+
+
+def draw_val_curves(groups, path, target=None, x="step"):
+    """Val-loss curves to a PNG, against the step (x="step") or the training time in seconds (x="time"): the
+    whole run on a log scale, and the second half on a linear scale, where the runs approach the target.
+    groups: [(label, runs)]; a group's runs share a color and its label, unfinished runs are dashed. False
+    if matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return False
+    from matplotlib.ticker import ScalarFormatter
     fig, (whole, end) = plt.subplots(1, 2, figsize=(11, 4.5))
-    half = max(r.num_iterations or 0 for r in a.runs) / 2
-    for run in sorted(a.runs + a.skipped, key=lambda r: r.path.name):
-        points = [(k, loss) for k, loss in run.val_curve if math.isfinite(loss)]
-        style = {"lw": 1, "ls": "-" if run.finished else "--"}
-        if points:
-            line, = whole.plot(*zip(*points), label=run.path.name, **style)
-            late = [(k, loss) for k, loss in points if k >= half]
-            if late:
-                end.plot(*zip(*late), color=line.get_color(), marker=".", **style)
+
+    def curve(run):
+        return [(p.step if x == "step" else p.train_time_ms / 1000, p.val_loss) for p in run.val_points
+                if math.isfinite(p.val_loss)]
+    half = max((px for _, runs in groups for run in runs for px, _ in curve(run)), default=0) / 2
+    for label, runs in groups:
+        color = None
+        for run in runs:
+            points = curve(run)
+            style = {"lw": 1, "ls": "-" if run.finished else "--"}
+            if points:
+                line, = whole.plot(*zip(*points), label=label if color is None else None, color=color, **style)
+                color = line.get_color()
+                late = [(px, loss) for px, loss in points if px >= half]
+                if late:
+                    end.plot(*zip(*late), color=color, marker=".", **style)
     for ax in (whole, end):
-        ax.axhline(a.target, color="black", ls=":", lw=1, label=f"target {a.target}" if ax is whole else None)
-        ax.set_xlabel("step")
+        if target is not None:
+            ax.axhline(target, color="black", ls=":", lw=1, label=f"target {target}" if ax is whole else None)
+        ax.set_xlabel("step" if x == "step" else "training time (s)")
     whole.set_yscale("log")  # the step-0 loss is about ln(50304) = 10.8, far above the target
     whole.yaxis.set_major_formatter(ScalarFormatter())
     whole.yaxis.set_minor_formatter(ScalarFormatter())
     whole.set_ylabel("val loss")
     end.set_title("second half", fontsize=9)
-    if len(a.runs) + len(a.skipped) <= 12:
+    if len(groups) <= 12:
         whole.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return True
+
+
+def write_val_loss_plot(a, path):
+    """PLOT_NAME of --write: the val-loss curves of all runs of the analysis against the step. False if
+    matplotlib is missing."""
+    runs = sorted(a.runs + a.skipped, key=lambda r: r.path.name)
+    return draw_val_curves([(r.path.name, [r]) for r in runs], path, a.target)
+
+
+def write_time_plot(paths, baseline, path):
+    """--plot: the val-loss curves of the logs in `paths` (each its own color) and of the `baseline` logs (one
+    color) against training time, with the target if the logs declare one. Every log is drawn, also runs
+    the test refuses (unfinished, resumed). False if matplotlib is missing."""
+    runs = [parse_log(p) for p in collect_logs(paths)]
+    base = [parse_log(p) for p in collect_logs(baseline)] if baseline else []
+    groups = [(r.path.name, [r]) for r in runs] + ([(f"baseline ({_plural(len(base), 'run')})", base)] if base else [])
+    targets = {r.logged_target for r in runs} - {None}
+    return draw_val_curves(groups, path, targets.pop() if len(targets) == 1 else None, x="time")
 
 
 # -----------------------------------------------------------------------------
@@ -1024,6 +1076,7 @@ def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=N
     """parse -> check duplicates -> group -> check target -> analyze for PATH arguments, as the CLI does."""
     runs = [parse_log(p) for p in collect_logs(paths)]
     base_runs = [parse_log(p) for p in collect_logs(baseline)] if baseline else []
+    check_not_resumed([*runs, *base_runs])
     check_duplicates(runs, base_runs)
     groups = group_runs(runs)
     chosen = select_group(groups, group)
@@ -1195,6 +1248,9 @@ def build_parser():
     parser.add_argument("--write", action="store_true",
                         help=f"write {ANALYSIS_NAME} (and {PLOT_NAME} if matplotlib is installed) into the "
                              "single folder PATH")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw the val-loss curves of the PATH logs (and the --baseline logs) against training "
+                             "time into FILE.png (needs matplotlib); drawn before the test, from every log given")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--table", action="store_true",
                         help="rewrite the generated records table in records/README.md from all record folders")
@@ -1205,6 +1261,11 @@ def build_parser():
 
 
 def _verify(args):
+    if args.plot:
+        if not write_time_plot(args.paths, args.baseline, args.plot):
+            raise VerifyError(f"--plot needs matplotlib, which is not installed: pip install matplotlib "
+                              f"({args.plot} not written)")
+        print(f"verify.py: wrote {args.plot}", file=sys.stderr)
     a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline, args.group)
     for folder, n in unread_log_folders(args.paths, args.baseline or ()):
         print(f"verify.py: note: {folder} holds {_plural(n, 'log')} that are not read (sub-folders are not "
@@ -1231,7 +1292,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.table or args.check:
-        if args.paths or args.baseline or args.write or (args.table and args.check):
+        if args.paths or args.baseline or args.write or args.plot or (args.table and args.check):
             parser.error("--table and --check take no PATH and no other action")
     elif not args.paths:
         parser.error("give at least one log file or folder (or --table / --check)")

@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny shard files in the FineWeb format, made in the test (no downloads)."""
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -58,6 +59,24 @@ def synthetic_tokens(n_tokens, seed, alphabet=96, bos=BOS):
             out[j] = tok + 100  # keep away from special ids
         i += doc_len
     return out
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside: the same kernels and float results run to run (end-to-end CPU runs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """one_torch_thread for a whole test (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -184,3 +184,19 @@ def test_profile_step_reports_every_phase_of_a_tiny_cpu_step(profile_step, tiny_
     assert set(phases) == {"adam", "forward", "muon", "backward+loss+other", "total"}, out
     for name in ("adam", "forward", "muon", "backward+loss+other"):
         assert 0 < float(phases[name]) < float(phases["total"]), f"phase {name} ran and is part of the step: {out}"
+
+
+def test_plot_draws_each_variants_loss_against_time_in_one_color(bench, tmp_path, capsys, monkeypatch):
+    from test_verify import our_log
+    logs = []
+    for name, loss, seed in (("base", 3.30, 0), ("base", 3.31, 1), ("ns5", 3.29, 0)):
+        logs.append(tmp_path / f"{name}_{seed}.txt")
+        logs[-1].write_text(our_log(loss, seed=seed, n_steps=200, val_every=50, time_ms=20_000.0 + seed))
+    assert [bench.variant_of(p) for p in logs] == ["base", "base", "ns5"], "NAME_SEED.txt: variant NAME"
+    assert bench.variant_of(tmp_path / "x.txt") == "x"
+    png = tmp_path / "cmp.png"
+    bench.main(["--logs", *map(str, logs), "--plot", str(png), "--peak_tflops=1"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    monkeypatch.setattr(bench.verify, "_pyplot", lambda: None)
+    assert bench.main(["--logs", *map(str, logs), "--plot", str(tmp_path / "no.png"), "--peak_tflops=1"]) == 1
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "no.png").exists()

@@ -34,12 +34,7 @@ def _val_losses(log_dir, run_id):
     return {p.step: p.val_loss for p in _run(log_dir, run_id).val_points}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # same kernels, same float results, run to run
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_path):

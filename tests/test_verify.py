@@ -660,6 +660,40 @@ def test_write_draws_val_loss_png_when_matplotlib_is_installed(tmp_path, capsys)
     assert "](val_loss.png)" in (folder / "ANALYSIS.md").read_text()
 
 
+def test_plot_draws_every_runs_val_loss_against_training_time_with_the_baseline(tmp_path, capsys):
+    folder = write_logs(tmp_path / "new", PASSING, make=our_log)
+    baseline = write_logs(tmp_path / "old", FAILING, make=our_log, first=len(PASSING))
+    png = tmp_path / "curves.png"
+    code, _, err = run_cli(capsys, folder, "--baseline", baseline, "--plot", png)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", err
+    assert f"wrote {png}" in err
+
+
+def test_plot_without_matplotlib_is_one_error_naming_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(verify, "_pyplot", lambda: None)
+    png = tmp_path / "curves.png"
+    code, _, err = run_cli(capsys, write_logs(tmp_path / "new", PASSING), "--plot", png)
+    assert code == 2 and "--plot needs matplotlib" in err and "pip install matplotlib" in err, err
+    assert not png.exists()
+
+
+def test_a_resumed_run_is_refused_as_a_record_run(tmp_path, capsys):
+    """Its train_time adds two processes' timed loops (the restart left out): no speedrun time."""
+    folder = write_logs(tmp_path / "runs", PASSING, make=our_log)
+    assert run_cli(capsys, folder)[0] == 0, "negative control: the same runs, none resumed, pass"
+    (folder / "run_99.txt").write_text(our_log(3.2755, seed=99, hp={"resume_from": "logs/x/step_500"}))
+    code, _, err = run_cli(capsys, folder)
+    assert code == 2 and "run_99.txt: resumed from the checkpoint logs/x/step_500" in err, err
+    assert "not a speedrun time" in err and "without --resume_from" in err, err
+
+
+def test_checkpoint_flags_do_not_split_a_recipe():
+    """Saving happens outside the timed region: runs that differ only in whether they saved are one recipe."""
+    a = verify.parse_log_text(our_log(3.2751, hp={"checkpoint_every": 0, "save_checkpoint": False}))
+    b = verify.parse_log_text(our_log(3.2752, seed=1, hp={"checkpoint_every": 100, "save_checkpoint": True}))
+    assert a.recipe == b.recipe
+
+
 def test_script_runs_from_any_directory_with_exit_status(tmp_path):
     folder = write_logs(tmp_path / "weak", FAILING)
     proc = subprocess.run([sys.executable, str(ROOT / "records" / "verify.py"), str(folder)],
