@@ -109,6 +109,7 @@ class Hyperparameters:
     adam_betas_value_embed: str = "0.75,0.95"
     adam_betas_scalar: str = "0.9,0.99"  # scalars and gates
     adam_eps: float = 1e-10
+    adam_every: int = 2  # Adam steps every N steps on the gradients summed over them (Muon: every step)
     # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
     # adam_weight_decay * its multiplier (the speedrun's values, records #50 and #53); scalars: none
     adam_weight_decay: float = 0.005
@@ -148,7 +149,7 @@ class Hyperparameters:
 
     def __post_init__(self):
         positive = ["val_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
-                    "tokenizer_vocab", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio"]
+                    "tokenizer_vocab", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "adam_every"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -157,6 +158,9 @@ class Hyperparameters:
                      "adam_wd_mul_gate", "checkpoint_every"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.checkpoint_every % self.adam_every:
+            raise ConfigError(f"--checkpoint_every={self.checkpoint_every} must be a multiple of --adam_every="
+                              f"{self.adam_every}: a checkpoint is taken where no Adam gradients are pending")
         if self.tokenizer_vocab > self.vocab_size:
             raise ConfigError(f"--vocab_size={self.vocab_size} must hold --tokenizer_vocab={self.tokenizer_vocab} "
                               f"ids; use --vocab_size={-(-self.tokenizer_vocab // 128) * 128}")
@@ -2389,9 +2393,17 @@ def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
                     momentum, mtp)
 
 
+def adam_steps_at(step: int, hp: Hyperparameters) -> bool:
+    """Whether Adam updates at `step`: the last of every adam_every steps (the speedrun's odd steps, #39)."""
+    return (step + 1) % hp.adam_every == 0
+
+
 def untie_step(hp: Hyperparameters, derived: Derived) -> int | None:
-    """The step whose update is the last tied one (the first of --untie_stage); None if never tied."""
-    return derived.recipe.stages[hp.untie_stage - 1].start if hp.untie_stage else None
+    """The step whose update is the last tied one (the first Adam step of --untie_stage); None if never tied."""
+    if not hp.untie_stage:
+        return None
+    start = derived.recipe.stages[hp.untie_stage - 1].start
+    return start + (-(start + 1)) % hp.adam_every
 
 
 def warmup_step_list(hp: Hyperparameters, derived: Derived) -> list[int]:
@@ -2457,6 +2469,7 @@ class Trainer:
                 adam_params.append((b.xsa_alpha, hp.adam_lr_scalar, betas["scalar"], 0.0))
         self.adam = DistAdam(adam_params, hp.adam_eps, rank, world_size)
         self.muon = DistMuon(m.hidden_matrices(), hp, rank, world_size)
+        self.muon_params = [p for p, _ in m.hidden_matrices()]
         owned = [id(entry[0]) for entry in adam_params] + [id(p) for p, _ in m.hidden_matrices()]
         assert sorted(owned) == sorted(id(p) for p in m.parameters()), "every parameter has exactly one optimizer"
         self.untie_step = untie_step(hp, self.derived)
@@ -2515,19 +2528,26 @@ class Trainer:
         if self.tied:
             head.grad += embed.grad
             embed.grad = None
-        self.adam.reduce_grads()
+        # Adam's gradients keep accumulating between its steps (a larger batch for the embeddings, at a
+        # fraction of the optimizer work); Muon steps and clears its own every step.
+        adam_now = adam_steps_at(step, hp)
+        if adam_now:
+            self.adam.reduce_grads()
         self.muon.reduce_grads()
-        self.adam.step(plan.lr)
+        if adam_now:
+            self.adam.step(plan.lr)
         self.muon.step(plan.lr, plan.momentum)
-        self.adam.finish()
+        if adam_now:
+            self.adam.finish()
         self.muon.finish()
-        if self.tied:
+        if self.tied and adam_now:
             with torch.no_grad():
                 embed.copy_(head)
             if step == self.untie_step:  # the embedding continues from here with the head's Adam state
                 self.adam.copy_state(head, embed)
                 self._set_tied(False)
-        self.model.zero_grad(set_to_none=True)
+        for p in (self.model.parameters() if adam_now else self.muon_params):
+            p.grad = None
         return total
 
     @torch.no_grad()
@@ -2565,6 +2585,7 @@ class Trainer:
     def restore(self, snap):
         saved, self.adam.t, tied = snap
         self._set_tied(tied)
+        self.model.zero_grad(set_to_none=True)  # the warm-up may end between Adam steps
         with torch.no_grad():
             for t, s in zip(self._state_tensors(), saved, strict=True):
                 t.copy_(s)

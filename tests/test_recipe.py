@@ -231,7 +231,7 @@ def _trainer(trainer, tiny_corpus, *flags):
 def test_embedding_is_the_head_until_the_untie_step_then_continues_from_its_adam_state(trainer, tiny_corpus):
     hp, t = _trainer(trainer, tiny_corpus)
     untie = t.untie_step
-    steps = range(untie + 2)
+    steps = range(untie + 1 + hp.adam_every)  # through the first Adam step after the untie
     loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(steps, hp, t.derived))
     for step in steps:
         t.train_step(step, loader)
@@ -242,6 +242,34 @@ def test_embedding_is_the_head_until_the_untie_step_then_continues_from_its_adam
             e, h = (next(x for x in t.adam.entries if x["param"] is p) for p in (embed, head))
             assert torch.equal(e["m"], h["m"]) and not t.tied, "at the untie step the head's moments are copied"
     assert not torch.equal(t.model.embed.weight, t.model.lm_head_w), "untied, they train apart (negative control)"
+
+
+@pytest.mark.parametrize("adam_every", [2, 1])
+def test_adam_steps_once_every_adam_every_steps_on_the_accumulated_gradients(trainer, tiny_corpus, adam_every):
+    """Muon updates every step; Adam's parameters (here the scalars) only at the last of every adam_every steps,
+    their gradients kept until then; the untie step is an Adam step. adam_every=1 is the negative control."""
+    hp, t = _trainer(trainer, tiny_corpus, f"--adam_every={adam_every}")
+    assert trainer.adam_steps_at(t.untie_step, hp), "the embedding unties on an Adam step"
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(range(2), hp, t.derived))
+    scalars, mlp = t.model.layer_scalars, t.model.blocks[0].mlp_fc
+    before = [scalars.detach().clone(), mlp.detach().clone()]
+    t.train_step(0, loader)
+    assert not torch.equal(mlp, before[1]), "Muon steps every step"
+    if adam_every == 2:
+        assert torch.equal(scalars, before[0]) and scalars.grad is not None and mlp.grad is None, \
+            "after a non-Adam step the Adam gradients are pending and Muon's are cleared"
+        pending = scalars.grad.clone()
+        t.train_step(1, loader)
+        assert not torch.equal(scalars, before[0]) and scalars.grad is None, "Adam steps at the second step"
+        assert pending.abs().sum() > 0
+    else:
+        assert not torch.equal(scalars, before[0]) and scalars.grad is None, "adam_every=1: Adam steps every step"
+
+
+def test_checkpoints_fall_where_no_adam_gradients_are_pending(trainer):
+    with pytest.raises(trainer.ConfigError, match="multiple of --adam_every"):
+        trainer.parse_args(["--checkpoint_every=5"])
+    assert trainer.parse_args(["--checkpoint_every=6"]).checkpoint_every == 6
 
 
 def test_warmup_compiles_everything_the_timed_loop_runs(trainer, tiny_corpus):
