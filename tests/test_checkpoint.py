@@ -89,7 +89,7 @@ def straight_then_resumed(rank, world_size, log_dir, *corpus_flags):
     """On gloo ranks: the run with a checkpoint at step 5, then a run resumed from it; both final val losses."""
     finals = []
     corpus = {"flags": list(corpus_flags)}
-    for run_id, extra in (("two", "--checkpoint_every=5"), ("two_resumed", f"--resume_from={log_dir}/two/step_5")):
+    for run_id, extra in (("two", "--checkpoint_every=6"), ("two_resumed", f"--resume_from={log_dir}/two/step_6")):
         hp = train_gpt.parse_args(_args(corpus, log_dir, run_id, extra, *SHORT))
         if hp.resume_from:
             train_gpt.read_checkpoint(hp.resume_from, hp)
@@ -107,8 +107,8 @@ def test_two_ranks_resume_on_two_ranks_and_on_one(tiny_corpus, tmp_path):
     (two, two_resumed), _ = results
     assert results[0] == results[1], "every rank validates the same loss"
     assert two_resumed == two, f"2 ranks: resumed {two_resumed}, uninterrupted {two}"
-    assert json.loads((log_dir / "two" / "step_5" / "meta.json").read_text())["world_size"] == 2
-    assert train_gpt.main(_args(tiny_corpus, tmp_path, "one", f"--resume_from={log_dir}/two/step_5", *SHORT)) == 0
+    assert json.loads((log_dir / "two" / "step_6" / "meta.json").read_text())["world_size"] == 2
+    assert train_gpt.main(_args(tiny_corpus, tmp_path, "one", f"--resume_from={log_dir}/two/step_6", *SHORT)) == 0
     one = _val_losses(tmp_path, "one")[10]
     assert abs(one - two) < 2e-3, f"resumed on 1 rank {one}, uninterrupted on 2 ranks {two}"
 
