@@ -87,11 +87,14 @@ class Hyperparameters:
     attn_scale: float = 0.1  # softmax scale of the QK-normed heads at the first windows (YaRN raises it)
     value_embed_layers: str = "1,2,13,14,15"  # layers whose values add a gated value embedding, one table each
     xsa_layers: str = "1,3,4,7"  # layers whose heads remove a learned share of their own value (XSA)
-    attn_gate_layers: str = "3,15"  # layers with a sigmoid gate per head on the attention output
+    attn_gate_layers: str = "3,15"  # layers with a gate per head on the attention output
     key_offset_layers: str = "3,15"  # layers whose keys' unrotated half comes from the previous token
     paired_head_layers: str = "0,2,5,9"  # layers whose head pairs attend as one sequence of twice the tokens
     skip_connection: str = "3>6"  # a>b: layer b's input adds a gated copy of layer a's output ("" for none)
     cache_layer: int = 12  # later layers' attention reads this layer's output, subtracted at the end; -1: off
+    gate_split_layer: int = 0  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static
+    mudd: bool = False  # the last layer and the output mix earlier layers per token (MUDD, records #81); off: backout
+    dc_layers: str = ""  # layers whose heads add a per-token mix of all heads' local attention (DC, records #85)
     bigram_buckets: int = 377_280  # rows of the hashed bigram embedding added to the residual (0: off)
     smear: bool = True  # each token's embedding adds a gated share of the previous token's
     untie_stage: int = 0  # embedding tied to the head until this stage begins (1-based; 0: never tied)
@@ -105,9 +108,11 @@ class Hyperparameters:
     adam_lr_value_embed: float = 0.6  # value embeddings and the bigram table
     adam_lr_scalar: float = 0.04
     adam_lr_gate: float = 0.008
+    adam_lr_mudd: float = 0.002  # MUDD's coefficient generators: 0.25 x 0.008 (records #81)
+    adam_lr_dynamic_gate: float = 0.0008  # the per-token gate generators: 0.1 x 0.008 (records #85)
     adam_betas_embed: str = "0.5,0.95"  # embedding and head: a rare token's large step is forgotten fast
     adam_betas_value_embed: str = "0.75,0.95"
-    adam_betas_scalar: str = "0.9,0.99"  # scalars and gates
+    adam_betas_scalar: str = "0.9,0.99"  # scalars, gates and the coefficient generators
     adam_eps: float = 1e-10
     adam_every: int = 2  # Adam steps every N steps on the gradients summed over them (Muon: every step)
     # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
@@ -115,7 +120,7 @@ class Hyperparameters:
     adam_weight_decay: float = 0.005
     adam_wd_mul_embed: float = 150.0  # the embedding and the head
     adam_wd_mul_value_embed: float = 5.0  # value embeddings and the bigram table
-    adam_wd_mul_gate: float = 1.0
+    adam_wd_mul_gate: float = 1.0  # gate matrices, the generators' matrices included (biases and scales: none)
     # Muon (hidden matrices)
     muon_lr: float = 0.025  # in units of spectral norm per step, times max(1, m/n)^0.5 and the MLP multipliers
     muon_momentum: float = 0.95
@@ -226,6 +231,8 @@ class Recipe:
     attn_gate_layers: frozenset[int]
     key_offset_layers: frozenset[int]
     paired_head_layers: frozenset[int]
+    dc_layers: frozenset[int]
+    gate_split: int  # first layer whose gates come from the residual (0: static gates)
     skip: tuple[int, int] | None  # (from layer, to layer)
     betas: dict  # group name -> (beta1, beta2)
 
@@ -313,6 +320,24 @@ def parse_recipe(hp) -> Recipe:
     if paired & set(_layer_set(hp, "xsa_layers")):
         raise ConfigError(f"--paired_head_layers and --xsa_layers share layer(s) {sorted(paired & set(_layer_set(hp, 'xsa_layers')))}: "
                           "XSA needs each head's own value vector, which paired heads mix")
+    gate_split = max(hp.gate_split_layer, 0)
+    if gate_split >= hp.num_layers:
+        raise ConfigError(f"--gate_split_layer={hp.gate_split_layer} must be a layer after the first (1 .. "
+                          f"{hp.num_layers - 1}), or <= 0 for static gates")
+    dc = frozenset(_layer_set(hp, "dc_layers"))
+    if dc and not gate_split:
+        raise ConfigError("--dc_layers takes its per-token weights from the dynamic gates: set --gate_split_layer "
+                          "> 0, or --dc_layers= (none)")
+    if dc & paired:
+        raise ConfigError(f"--paired_head_layers and --dc_layers share layer(s) {sorted(dc & paired)}: DC mixes "
+                          "the heads of one token, which paired heads interleave")
+    last = hp.num_layers - 1
+    if hp.mudd and (hp.layer_attention[last] == "-" or last not in _layer_set(hp, "value_embed_layers")
+                    or hp.cache_layer < 0 or skip is None):
+        raise ConfigError("--mudd mixes the last layer's values and the output from the first layer's input, the "
+                          "cached layer (--cache_layer), the skip's source (--skip_connection) and the first value "
+                          f"embedding: it needs all of them, and the last layer ({last}) with attention and a value "
+                          "embedding (--value_embed_layers); or --mudd=false")
     betas = {}
     for group in ("embed", "value_embed", "scalar"):
         name = f"adam_betas_{group}"
@@ -326,7 +351,7 @@ def parse_recipe(hp) -> Recipe:
                   xsa_layers=frozenset(_layer_set(hp, "xsa_layers")),
                   attn_gate_layers=frozenset(_layer_set(hp, "attn_gate_layers")),
                   key_offset_layers=frozenset(_layer_set(hp, "key_offset_layers")),
-                  paired_head_layers=paired, skip=skip, betas=betas)
+                  paired_head_layers=paired, dc_layers=dc, gate_split=gate_split, skip=skip, betas=betas)
 
 
 # Presets: named sets of flags, applied before the other flags (which win). A preset names the tracks it
@@ -337,7 +362,7 @@ PRESETS = {
     "tiny": dict(tracks=("small", "medium"), flags=dict(
         num_layers=4, model_dim=64, num_heads=2, head_dim=32, layer_attention="SS-L", value_embed_layers="1,3",
         xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", paired_head_layers="0", skip_connection="1>2",
-        cache_layer=1,
+        cache_layer=1, gate_split_layer=2, mudd=True, dc_layers="3",
         bigram_buckets=1024, train_seq_len=256, stage_starts="1/3,2/3", stage_batch_tokens="512,1024,1024",
         stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
         stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
@@ -1768,11 +1793,51 @@ def shift_unrotated_keys(k: torch.Tensor, unrotated: torch.Tensor) -> torch.Tens
 
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """y - tanh(alpha_h) (y . v / |v|^2) v per head and token, y, v [T, H, D], alpha [H]: each head removes
-    a learned share of its output along the token's own value vector (XSA, arXiv 2603.09078; the speedrun's
-    learnable form, records #82 and #86). alpha = 0 is the identity."""
+    """y - tanh(alpha_h) (y . v / |v|^2) v per head and token, y, v [T, H, D], alpha [H] (static) or [T, H]
+    (per token): each head removes a learned share of its output along the token's own value vector (XSA,
+    arXiv 2603.09078; the speedrun's learnable form, records #82 and #86, per token since #85). alpha = 0 is
+    the identity."""
     along = (y * v).sum(-1, keepdim=True) / (v * v).sum(-1, keepdim=True).clamp_min(1e-8)
-    return y - torch.tanh(alpha)[:, None] * along * v
+    return y - torch.tanh(alpha)[..., None] * along * v
+
+
+DC_WINDOW = 112  # DC's local attention: keys t - 111 .. t of the query's document (records #85)
+DC_BLOCK = 128  # DC queries in blocks of 128, each scoring its own and the previous block's keys (>= DC_WINDOW)
+
+
+def local_head_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, w1: torch.Tensor,
+                   w2: torch.Tensor) -> torch.Tensor:
+    """The DC correction [T, H, D] of a layer's attention output (lightweight dynamically composable attention,
+    arXiv 2405.08553, in the speedrun's form, records #85): P_h[t, s] = softmax of q_h[t] . k_h[s] over the
+    keys s in t - 111 .. t of t's document (the softmax scale is folded into q); A[t, s] = sum_h' n_h'[t]
+    P_h'[t, s] with n = w1 RMS-normed over heads (eps 1e-6); out_h[t] = w2[t, h] sum_s A[t, s] v_h[s].
+    q, k, v [T, H, D]; w1, w2 [T, H]; cu [T + 1] the document starts of document_bounds (padded with T).
+    Plain tensor ops: blocks of 128 queries score the 256 keys of their own and the previous block, so the
+    work is O(T 256 H D) and the shapes are static (T is padded to whole blocks)."""
+    T, H, D = q.shape
+    pad = -T % DC_BLOCK
+    n = (T + pad) // DC_BLOCK
+    pos = torch.arange(T + pad, device=q.device)
+    doc = torch.searchsorted(cu[1:], pos.to(cu.dtype), right=True)  # padded positions: one past the last document
+
+    def blocks(x):  # [T, ...] -> [n, 128, ...]
+        return F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)).view(n, DC_BLOCK, *x.shape[1:])
+
+    def with_previous(xb):  # [n, 128, ...] -> [n, 256, ...]: the previous block (zeros before the first), then its own
+        return torch.cat([torch.cat([torch.zeros_like(xb[:1]), xb[:-1]]), xb], dim=1)
+
+    t = pos.view(n, DC_BLOCK)
+    s = t[:, :1] - DC_BLOCK + torch.arange(2 * DC_BLOCK, device=q.device)  # key positions [n, 256]
+    delta = t[:, :, None] - s[:, None, :]
+    visible = (s[:, None, :] >= 0) & (delta >= 0) & (delta < DC_WINDOW)
+    visible = visible & (doc.view(n, DC_BLOCK)[:, :, None] == doc[s.clamp_min(0)][:, None, :])  # [n, 128, 256]
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax and head mix in fp32 (fp64 stays fp64: tests)
+    scores = torch.einsum("bqhd,bkhd->bhqk", blocks(q), with_previous(blocks(k))).to(acc)
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)  # the diagonal is always visible
+    mix = F.rms_norm(w1.to(acc), (H,), eps=1e-6)
+    a = torch.einsum("bhqk,bqh->bqk", probs, blocks(mix))
+    out = torch.einsum("bqk,bkhd->bqhd", a.type_as(v), with_previous(blocks(v)))
+    return (out * blocks(w2.type_as(v))[..., None]).reshape(n * DC_BLOCK, H, D)[:T]
 
 
 GATE_DIMS = 12  # gates read the first 12 dims of their input (the speedrun's sparse gates, records #28, #34)
@@ -1795,11 +1860,15 @@ class LayerSpec:
     attn_gate: bool
     key_offset: bool
     paired: bool
+    dc: bool
+    dynamic_gates: bool  # XSA and output gates come per token from the gate generators (GPT.forward)
+    mudd: bool  # the last layer under MUDD: its sublayer weights and value-embedding gate come from MUDD_IN
 
 
 def layer_specs(hp: Hyperparameters, r: Recipe) -> list[LayerSpec]:
     return [LayerSpec(kind, r.value_embed_layers.index(i) if i in r.value_embed_layers else None,
-                      i in r.xsa_layers, i in r.attn_gate_layers, i in r.key_offset_layers, i in r.paired_head_layers)
+                      i in r.xsa_layers, i in r.attn_gate_layers, i in r.key_offset_layers, i in r.paired_head_layers,
+                      i in r.dc_layers, r.gate_split > 0, hp.mudd and i == hp.num_layers - 1)
             for i, kind in enumerate(hp.layer_attention)]
 
 
@@ -1814,12 +1883,101 @@ LAYER_SCALARS = dict(resid_attn=RESIDUAL_INIT, post_attn=1.0, resid_mlp=RESIDUAL
 # The model-wide scalars: the bigram gate before layer 0, the skip's sigmoid logit and gate (their product
 # starts near 0.09), the backout weight of the cached layer, and the smear weight (0: starts off).
 GLOBAL_SCALARS = dict(bigram_gate=0.05, skip_logit=-1.5, skip_gate=0.5, backout=0.5, smear=0.0)
+# With --gate_split_layer > 0 these come per token from the gate generators instead; MUDD replaces the backout.
+DYNAMIC_LAYER_SCALARS = ("x0_gate", "bigram_gate")
+DYNAMIC_GLOBAL_SCALARS = ("bigram_gate", "skip_gate")
+
+COEF_HIDDEN = 64  # hidden width of the coefficient generators (records #81, #85)
+MUDD_SCALE = 0.1  # MUDD's fixed output scale (records #81)
+GATE_SCALE_INIT = 0.1  # initial value of the dynamic gates' learned output scale (records #85: for stability)
+
+
+class CoefficientGenerator(nn.Module):
+    """Per-token coefficients c = s (W2 gelu(W1 x) + b) [T, n] of x [T, dim] (the MUDD generator, arXiv
+    2502.12170, as the speedrun trims it: records #81 for MUDD with s = 0.1 fixed, #85 for the gates with s
+    learned). W1 [64, dim] has nn.Linear's default init, W2 [n, 64] starts at zero and b at init / s, so each
+    coefficient starts at `init`, the value of the quantity it replaces."""
+
+    def __init__(self, dim: int, init: list[float], scale: float, learn_scale: bool):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(COEF_HIDDEN, dim))
+        nn.init.kaiming_uniform_(self.w1, a=math.sqrt(5))  # nn.Linear's default
+        self.w2 = nn.Parameter(torch.zeros(len(init), COEF_HIDDEN))
+        self.b = nn.Parameter(torch.tensor(init, dtype=torch.float32) / scale)
+        self.scale = nn.Parameter(torch.tensor(float(scale))) if learn_scale else None
+        self.fixed_scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(F.gelu(F.linear(x, self.w1.type_as(x))), self.w2.type_as(x), self.b.type_as(x))
+        return out * (self.fixed_scale if self.scale is None else self.scale.type_as(x))
+
+    def adam_params(self, lr: float, betas, wd: float) -> list:
+        """DistAdam entries: decay on the matrices only."""
+        scale = [] if self.scale is None else [(self.scale, lr, betas, 0.0)]
+        return [(self.w1, lr, betas, wd), (self.w2, lr, betas, wd), (self.b, lr, betas, 0.0)] + scale
+
+
+# The dynamic gates (records #85), per kind: width (1, or "heads": one per head) and initial value. Blocks read
+# the kinds in BLOCK_GATES; bigram_gate of layer 0 weights the bigram before layer 0, skip_gate the skip.
+GATE_KINDS = dict(xsa=("heads", 0.0), attn_gate=("heads", 0.25), x0_gate=(1, 0.0), bigram_gate=(1, 0.05),
+                  skip_gate=(1, 0.5), dc_w1=("heads", 1.0), dc_w2=("heads", 0.0))
+BLOCK_GATES = ("xsa", "attn_gate", "x0_gate", "bigram_gate", "dc_w1", "dc_w2")
+
+
+def gate_layout(hp: Hyperparameters, r: Recipe) -> tuple[list, list]:
+    """(pre, post): the outputs of the gate generator on x0 (layers before r.gate_split) and of the one on the
+    residual entering layer r.gate_split (the rest), each a list of (kind, layer, width) in output order:
+    XSA strengths, output gates, (x0 gate, bigram gate) of each attention layer in order (the MUDD layer's
+    come from MUDD_IN), the skip gate, DC's w1 then w2. At the default recipe this is the speedrun's 26 + 41
+    outputs (records #85)."""
+    L = hp.num_layers
+    mixed = [i for i, kind in enumerate(hp.layer_attention) if kind != "-" and not (hp.mudd and i == L - 1)]
+    entries = [("xsa", i) for i in sorted(r.xsa_layers)] + [("attn_gate", i) for i in sorted(r.attn_gate_layers)]
+    for i in range(L):
+        entries += [("x0_gate", i)] if i in mixed else []
+        entries += [("bigram_gate", i)] if hp.bigram_buckets and (i in mixed or i == 0) else []
+    entries += [("skip_gate", r.skip[1])] if r.skip else []
+    entries += [("dc_w1", i) for i in sorted(r.dc_layers)] + [("dc_w2", i) for i in sorted(r.dc_layers)]
+    width = {kind: hp.num_heads if w == "heads" else w for kind, (w, _) in GATE_KINDS.items()}
+    layout = [(kind, i, width[kind]) for kind, i in entries]
+    return [e for e in layout if e[1] < r.gate_split], [e for e in layout if e[1] >= r.gate_split]
+
+
+# MUDD at the start of the last layer (records #81), coefficient -> initial value, in output order. With x the
+# layer's input, e the residual after the bigram before layer 0 and c the cached layer's output: the values add
+# v_embed e + v_cached c + v_resid x; then x <- (1 + x_resid) x + x_embed e + x_cached c; the value-embedding
+# gate is ve_gate_a on the first half of the heads, ve_gate_b on the rest; then the layer's sublayer weights,
+# its x0 gate weighting e. The initial values are the static path's, but for the value-embedding gate (2, not 1).
+MUDD_IN = dict(v_embed=0.0, v_cached=0.0, v_resid=0.0, x_embed=0.0, x_cached=0.0, x_resid=0.0, ve_gate_a=2.0,
+               ve_gate_b=2.0, resid_attn=RESIDUAL_INIT, post_attn=1.0, x0_gate=0.0, bigram_gate=0.05,
+               resid_mlp=RESIDUAL_INIT, post_mlp=1.0)
+# MUDD after the last layer: x += embed e + cached c + last_input x_L + value_embed ve_0 + skip s, with x_L the
+# last layer's input, ve_0 the first value embedding, s the skip's source output; cached -0.5 is the backout.
+MUDD_OUT = dict(embed=0.0, cached=-0.5, last_input=0.0, value_embed=0.0, skip=0.0)
+
+
+def coefficient_columns(c: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """Name -> column [T, 1] of c [T, len(names)]."""
+    return {name: col for name, col in zip(names, c.split(1, dim=-1), strict=True)}
+
+
+def mudd_enter(c: dict, x, embed, cached) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual, value addition [T, dim]) at the start of the last layer: MUDD_IN's mix, c its columns."""
+    value_add = c["v_embed"] * embed + c["v_cached"] * cached + c["v_resid"] * x
+    return (1 + c["x_resid"]) * x + c["x_embed"] * embed + c["x_cached"] * cached, value_add
+
+
+def mudd_exit(c: dict, x, embed, cached, last_input, value_embed, skip) -> torch.Tensor:
+    """The final residual after MUDD_OUT's mix, c its columns."""
+    return (x + c["embed"] * embed + c["cached"] * cached + c["last_input"] * last_input
+            + c["value_embed"] * value_embed + c["skip"] * skip)
 
 
 class Block(nn.Module):
     """One layer: x <- r_a x + p_a attn(norm(x or the cached layer's output)) + g_0 x0 + g_b bigram, then
     x <- r_m x + p_m mlp(norm(x)). Attention: QK-normed heads, half-truncated RoPE, optional value
-    embedding (gated per head), key offset, paired heads, XSA and output gate; the MLP is ReLU^2."""
+    embedding (gated per head), key offset, paired heads, DC, XSA and output gate; the MLP is ReLU^2.
+    Weights and gates come in a dict (GPT.forward): 0-d per layer, or per token ([T, 1], [T, H])."""
 
     def __init__(self, hp: Hyperparameters, rotary: Rotary, spec: LayerSpec):
         super().__init__()
@@ -1839,10 +1997,12 @@ class Block(nn.Module):
         if attention:
             _init_linear_(self.qk_w)
             _init_linear_(self.vo_w)
-        # Gates start neutral: 2 sigmoid(0) = 1 for the value embedding, sigmoid(0) = 1/2 on the output.
-        self.ve_gate = nn.Parameter(torch.zeros(H, 2 * VE_GATE_DIMS)) if spec.value_embed is not None else None
-        self.attn_gate = nn.Parameter(torch.zeros(H, GATE_DIMS)) if spec.attn_gate else None
-        self.xsa_alpha = nn.Parameter(torch.zeros(H)) if spec.xsa else None
+        # Static gates start neutral: 2 sigmoid(0) = 1 for the value embedding, sigmoid(0) = 1/2 on the output.
+        static = not spec.dynamic_gates
+        self.ve_gate = (nn.Parameter(torch.zeros(H, 2 * VE_GATE_DIMS))
+                        if spec.value_embed is not None and not spec.mudd else None)
+        self.attn_gate = nn.Parameter(torch.zeros(H, GATE_DIMS)) if spec.attn_gate and static else None
+        self.xsa_alpha = nn.Parameter(torch.zeros(H)) if spec.xsa and static else None
 
     def matrices(self):
         """(matrix parameter, Muon lr multiplier) pairs."""
@@ -1855,15 +2015,20 @@ class Block(nn.Module):
         qk = self.qk_w.view(2, H // 2, 2, D, -1).transpose(1, 2).reshape(2 * H * D, -1)
         return torch.cat([qk, self.vo_w[0]]).to(dtype)
 
-    def attention(self, xhat, ve, value_scale, cu, attn_meta, attn_scale):
+    def attention(self, xhat, ve, s, cu, attn_meta, attn_scale):
         T = xhat.size(0)
         H, D = self.num_heads, self.head_dim
         q, k, v = F.linear(xhat, self.qkv_weight(xhat.dtype)).view(T, 3 * H, D).chunk(3, dim=-2)
-        q, k, v = rms_norm(q), rms_norm(k), value_scale * v
+        q, k, v = rms_norm(q), rms_norm(k), s["value_scale"] * v
         if ve is not None:
-            gate_in = torch.cat([xhat[..., :VE_GATE_DIMS], ve[..., :VE_GATE_DIMS]], dim=-1)
-            gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate.type_as(xhat)))  # [T, H]
+            if self.ve_gate is None:  # MUDD's gate
+                gate = s["ve_gate"]
+            else:
+                gate_in = torch.cat([xhat[..., :VE_GATE_DIMS], ve[..., :VE_GATE_DIMS]], dim=-1)
+                gate = 2 * torch.sigmoid(F.linear(gate_in, self.ve_gate.type_as(xhat)))  # [T, H]
             v = v + gate[..., None] * ve.view(T, H, D)
+        if self.spec.mudd:
+            v = v + s["value_add"].view(T, H, D)
         kind = self.spec.attention
         if self.spec.paired:
             # Paired heads (the speedrun's #58): documents double in length, the window stays.
@@ -1876,24 +2041,30 @@ class Block(nn.Module):
         q = q * attn_scale.type_as(q) if isinstance(attn_scale, torch.Tensor) else q * attn_scale
         y, _ = window_attention(q, k, v, cu, attn_meta[kind])
         y = y.view(T, H, D)
-        if self.xsa_alpha is not None:
-            y = exclude_self_value(y, v, self.xsa_alpha.type_as(y))
-        if self.attn_gate is not None:
-            y = y * torch.sigmoid(F.linear(xhat[..., :GATE_DIMS], self.attn_gate.type_as(xhat)))[..., None]
+        if self.spec.dc:
+            y = y + local_head_mix(q, k, v, cu, s["dc_w1"], s["dc_w2"])
+        if self.spec.xsa:
+            y = exclude_self_value(y, v, s["xsa"] if self.xsa_alpha is None else self.xsa_alpha.type_as(y))
+        if self.spec.attn_gate:
+            if self.attn_gate is None:  # per token, linear (records #85)
+                gate = s["attn_gate"]
+            else:
+                gate = torch.sigmoid(F.linear(xhat[..., :GATE_DIMS], self.attn_gate.type_as(xhat)))
+            y = y * gate[..., None]
         return y.reshape(T, H * D) @ self.vo_w[1].type_as(y)
 
-    def forward(self, x, x0, bigram, ve, cached, scalars, cu, attn_meta, attn_scale):
-        """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; scalars: this
-        layer's row of LAYER_SCALARS; cu, attn_meta: the row's documents and windows (GPT.forward);
-        attn_scale: a float, or a 0-d tensor on GPU."""
-        r_a, p_a, r_m, p_m, g_x0, g_bigram, value_scale = scalars.unbind(0)
+    def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale):
+        """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; s: this layer's
+        weights and gates by name (LAYER_SCALARS, BLOCK_GATES, MUDD_IN's ve_gate [T, H] and value_add [T, dim]);
+        cu, attn_meta: the row's documents and windows (GPT.forward); attn_scale: a float, or a 0-d tensor."""
         if self.qk_w is not None:
             xhat = rms_norm(x if cached is None else cached)
-            x = r_a * x + p_a * self.attention(xhat, ve, value_scale, cu, attn_meta, attn_scale) + g_x0 * x0
+            attn = self.attention(xhat, ve, s, cu, attn_meta, attn_scale)
+            x = s["resid_attn"] * x + s["post_attn"] * attn + s["x0_gate"] * x0
             if bigram is not None:
-                x = x + g_bigram * bigram
+                x = x + s["bigram_gate"] * bigram
         hidden = F.relu(F.linear(rms_norm(x), self.mlp_fc.type_as(x))).square()
-        return r_m * x + p_m * (hidden @ self.mlp_proj.type_as(x))
+        return s["resid_mlp"] * x + s["post_mlp"] * (hidden @ self.mlp_proj.type_as(x))
 
 
 BIGRAM_HASH = (36313, 27191)  # multipliers of the current and previous token ids (the speedrun's, #62)
@@ -1917,8 +2088,9 @@ def bigram_indices(tokens: torch.Tensor, buckets: int) -> tuple[torch.Tensor, to
 class GPT(nn.Module):
     """The speedrun's 2026 architecture in the form the Hyperparameters' layer sets give it: token embedding
     with smear, hashed bigram embedding, value embeddings, a skip connection, attention of the last layers
-    reading a cached layer's output (subtracted again at the end), and a softcapped head trained on several
-    next tokens. Returns the weighted sum of the token losses (fp32)."""
+    reading a cached layer's output (subtracted again at the end, or per token under MUDD), per-token gates,
+    MUDD connections into the last layer and the output, DC, and a softcapped head trained on several next
+    tokens. Returns the weighted sum of the token losses (fp32)."""
 
     def __init__(self, hp: Hyperparameters):
         super().__init__()
@@ -1940,8 +2112,21 @@ class GPT(nn.Module):
         self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS)) if hp.smear else None
         rotary = Rotary(hp.head_dim, 2 * max(hp.train_seq_len, hp.val_seq_len))  # paired layers: 2T positions
         self.blocks = nn.ModuleList([Block(hp, rotary, spec) for spec in self.specs])
-        self.layer_scalars = nn.Parameter(torch.tensor(list(LAYER_SCALARS.values())).repeat(L, 1))
-        self.global_scalars = nn.Parameter(torch.tensor(list(GLOBAL_SCALARS.values())))
+        split = self.recipe.gate_split
+        self.layer_scalar_names = tuple(n for n in LAYER_SCALARS if not (split and n in DYNAMIC_LAYER_SCALARS))
+        self.global_scalar_names = tuple(n for n in GLOBAL_SCALARS if not (split and n in DYNAMIC_GLOBAL_SCALARS)
+                                         and not (hp.mudd and n == "backout"))
+        # (Under MUDD the last row's four sublayer weights are unused: MUDD_IN has them per token.)
+        layer_init = torch.tensor([LAYER_SCALARS[n] for n in self.layer_scalar_names])
+        self.layer_scalars = nn.Parameter(layer_init.repeat(L, 1))
+        self.global_scalars = nn.Parameter(torch.tensor([GLOBAL_SCALARS[n] for n in self.global_scalar_names]))
+        self.gate_layouts = gate_layout(hp, self.recipe) if split else ([], [])
+        self.pre_gate, self.post_gate = (
+            CoefficientGenerator(D, [GATE_KINDS[kind][1] for kind, _, w in layout for _ in range(w)],
+                                 GATE_SCALE_INIT, learn_scale=True)
+            if layout else None for layout in self.gate_layouts)
+        self.mudd_in = CoefficientGenerator(D, list(MUDD_IN.values()), MUDD_SCALE, False) if hp.mudd else None
+        self.mudd_out = CoefficientGenerator(D, list(MUDD_OUT.values()), MUDD_SCALE, False) if hp.mudd else None
 
     @property
     def rotary(self) -> Rotary:
@@ -1962,41 +2147,75 @@ class GPT(nn.Module):
             block.compile(backend=backend, dynamic=False)
         self.head_loss = torch.compile(self.head_loss, backend=backend, dynamic=False)
 
+    def adam_generators(self):
+        """(coefficient generator, Adam lr) pairs: MUDD's and the gates'."""
+        hp = self.hp
+        pairs = [(self.pre_gate, hp.adam_lr_dynamic_gate), (self.post_gate, hp.adam_lr_dynamic_gate),
+                 (self.mudd_in, hp.adam_lr_mudd), (self.mudd_out, hp.adam_lr_mudd)]
+        return [(gen, lr) for gen, lr in pairs if gen is not None]
+
     def embed_tokens(self, inputs: torch.Tensor, dtype) -> torch.Tensor:
         """The token embeddings [T, dim]; with smear, e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34)."""
         e = self.embed(inputs).to(dtype)
         if self.smear_gate is None:
             return e
         gate = torch.sigmoid(F.linear(e[1:, :GATE_DIMS], self.smear_gate.type_as(e)[None]))
-        smear = self.global_scalars[list(GLOBAL_SCALARS).index("smear")]
+        smear = self.global_scalars[self.global_scalar_names.index("smear")]
         return torch.cat([e[:1], e[1:] + smear * gate * e[:-1]])
+
+    @staticmethod
+    def _gates(generator, layout, x) -> dict:
+        """(kind, layer) -> the generator's per-token gates of x, [T, width]."""
+        return {(kind, i): g for (kind, i, _), g in zip(layout, generator(x).split([w for *_, w in layout], -1))}
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu: torch.Tensor, attn_meta: dict, attn_scale,
                 loss_weights: torch.Tensor) -> torch.Tensor:
         """inputs, targets [T] (targets -100 are ignored); cu [T + 1] the row's document starts (int32,
         document_bounds); attn_meta: attention_meta's CPU tensors per layer kind; attn_scale the softmax scale
         (float or 0-d tensor); loss_weights [K] of head_loss. Returns the weighted sum of the token losses (fp32)."""
-        hp = self.hp
+        hp, split = self.hp, self.recipe.gate_split
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
-        g = dict(zip(GLOBAL_SCALARS, self.global_scalars.unbind(0)))
+        g = dict(zip(self.global_scalar_names, self.global_scalars.unbind(0)))
         x = x0 = rms_norm(self.embed_tokens(inputs, dtype))
+        gates = self._gates(self.pre_gate, self.gate_layouts[0], x0) if self.pre_gate is not None else {}
+        if split:  # the static gates' names read the per-token ones
+            g["bigram_gate"] = gates.get(("bigram_gate", 0))
         bigram = None
         if self.bigram is not None:
             h, s = bigram_indices(inputs, hp.bigram_buckets)
             bigram = F.embedding(h, self.bigram).to(dtype) * self.bigram_signs[s].to(dtype)
             x = x + g["bigram_gate"] * bigram
+        embedded = x
         ves = [F.embedding(inputs, table).to(dtype) for table in self.value_embeds]
         skip, cached, skip_saved = self.recipe.skip, None, None
         for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
+            if i == split and self.post_gate is not None:
+                gates |= self._gates(self.post_gate, self.gate_layouts[1], x)
             if skip is not None and i == skip[1]:
-                x = x + torch.sigmoid(g["skip_logit"]) * g["skip_gate"] * skip_saved
+                gate = gates[("skip_gate", i)] if split else g["skip_gate"]
+                x = x + torch.sigmoid(g["skip_logit"]) * gate * skip_saved
+            s = dict(zip(self.layer_scalar_names, self.layer_scalars[i].unbind(0)))
+            s |= {kind: gates[(kind, i)] for kind in BLOCK_GATES if (kind, i) in gates}
+            layer_x0 = x0
+            if spec.mudd:
+                c = coefficient_columns(self.mudd_in(x), MUDD_IN)
+                last_input = x
+                x, s["value_add"] = mudd_enter(c, x, embedded, cached)
+                H = hp.num_heads
+                s["ve_gate"] = torch.cat([c["ve_gate_a"].expand(-1, H // 2), c["ve_gate_b"].expand(-1, H - H // 2)], -1)
+                s |= {name: c[name] for name in ("resid_attn", "post_attn", "x0_gate", "bigram_gate", "resid_mlp",
+                                                 "post_mlp")}
+                layer_x0 = embedded  # MUDD's x0 term weights the residual after the first bigram (records #81)
             ve = ves[spec.value_embed] if spec.value_embed is not None else None
-            x = block(x, x0, bigram if i > 0 else None, ve, cached, self.layer_scalars[i], cu, attn_meta, attn_scale)
+            x = block(x, layer_x0, bigram if i > 0 else None, ve, cached, s, cu, attn_meta, attn_scale)
             if skip is not None and i == skip[0]:
                 skip_saved = x
             if i == hp.cache_layer:
                 cached = x
-        if cached is not None:
+        if self.mudd_out is not None:
+            c = coefficient_columns(self.mudd_out(x), MUDD_OUT)
+            x = mudd_exit(c, x, embedded, cached, last_input, ves[0], skip_saved)
+        elif cached is not None:
             x = x - g["backout"] * cached
         return self.head_loss(x, targets, loss_weights)
 
@@ -2467,6 +2686,8 @@ class Trainer:
                             if g is not None]
             if b.xsa_alpha is not None:
                 adam_params.append((b.xsa_alpha, hp.adam_lr_scalar, betas["scalar"], 0.0))
+        for gen, lr in m.adam_generators():  # records #81 (MUDD, 0.25 x 0.008) and #85 (gates, 0.1 x 0.008)
+            adam_params += gen.adam_params(lr, betas["scalar"], wd_gate)
         self.adam = DistAdam(adam_params, hp.adam_eps, rank, world_size)
         self.muon = DistMuon(m.hidden_matrices(), hp, rank, world_size)
         self.muon_params = [p for p, _ in m.hidden_matrices()]

@@ -219,7 +219,7 @@ def _kinds_flags(n):
     """Layer sets for an n-layer tiny model whose extra depth adds only copies of one plain layer kind."""
     return [f"--num_layers={n}", f"--layer_attention={'S' * (n - 2)}-L", f"--value_embed_layers=1,{n - 1}",
             "--xsa_layers=1", f"--attn_gate_layers={n - 1}", f"--key_offset_layers={n - 1}",
-            f"--skip_connection=1>{n - 2}", f"--cache_layer={n - 3}"]
+            f"--skip_connection=1>{n - 2}", f"--cache_layer={n - 3}", f"--dc_layers={n - 1}"]
 
 
 def _per_block_graphs(trainer, num_layers):
@@ -291,12 +291,13 @@ def test_a_compiled_block_takes_new_documents_and_windows_without_recompiling(tr
     counters.clear()
     compiled = torch.compile(block, backend="eager", dynamic=False)
     x = torch.randn(512, hp.model_dim)
-    scalars = model.layer_scalars[1].detach()
+    s = dict(zip(model.layer_scalar_names, model.layer_scalars[1].detach().unbind(0)))
+    s |= {"xsa": torch.randn(512, hp.num_heads), "x0_gate": torch.rand(512, 1), "bigram_gate": torch.rand(512, 1)}
     for windows, bos in [((1, 2), [0, 100]), ((2, 3), [0, 300, 301]), ((4, 4), [0])]:
         cu, docs, max_len = _bounds(trainer, _tokens_with_documents(512, bos, BOS))
         meta = trainer.attention_meta(docs, max_len, windows)
-        torch.testing.assert_close(compiled(x, x, x, x, None, scalars, cu, meta, torch.tensor(0.1)),
-                                   block(x, x, x, x, None, scalars, cu, meta, 0.1))
+        torch.testing.assert_close(compiled(x, x, x, x, None, s, cu, meta, torch.tensor(0.1)),
+                                   block(x, x, x, x, None, s, cu, meta, 0.1))
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert graphs == 1, f"{graphs} graphs for one block kind: documents or windows were guarded on, not taken as input"

@@ -211,7 +211,7 @@ def test_smear_adds_the_gated_previous_embedding(trainer):
     model = trainer.GPT(hp)
     with torch.no_grad():
         model.smear_gate.normal_()
-        model.global_scalars[list(trainer.GLOBAL_SCALARS).index("smear")] = 0.7
+        model.global_scalars[model.global_scalar_names.index("smear")] = 0.7
     x = torch.randint(0, 255, (9,))
     e = model.embed(x)
     gate = torch.sigmoid(e[1:, :12] @ model.smear_gate)
