@@ -92,9 +92,9 @@ class Hyperparameters:
     paired_head_layers: str = "0,2,5,9"  # layers whose head pairs attend as one sequence of twice the tokens
     skip_connection: str = "3>6"  # a>b: layer b's input adds a gated copy of layer a's output ("" for none)
     cache_layer: int = 7  # later layers' attention reads this layer's output, subtracted at the end; -1: off
-    gate_split_layer: int = 4  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static
-    mudd: bool = True  # the last layer and the output mix earlier layers per token (MUDD, records #81); off: backout
-    dc_layers: str = "10"  # layers whose heads add a per-token mix of all heads' local attention (DC, records #85)
+    gate_split_layer: int = 0  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static (4: the public's)
+    mudd: bool = False  # the last layer and the output mix earlier layers per token (MUDD, records #81); off: backout
+    dc_layers: str = ""  # layers whose heads add a per-token mix of all heads' local attention (DC, records #85; "10")
     bigram_buckets: int = 377_280  # rows of the hashed bigram embedding added to the residual (0: off)
     smear: bool = True  # each token's embedding adds a gated share of the previous token's
     untie_stage: int = 3  # embedding tied to the head until this stage begins (1-based; 0: never tied)
@@ -114,7 +114,7 @@ class Hyperparameters:
     adam_betas_value_embed: str = "0.75,0.95"
     adam_betas_scalar: str = "0.9,0.99"  # scalars, gates and the coefficient generators
     adam_eps: float = 1e-10
-    adam_every: int = 2  # Adam steps every N steps on the gradients summed over them (Muon: every step)
+    adam_every: int = 1  # Adam steps every N steps on the gradients summed over them (Muon: every step; public: 2)
     # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
     # adam_weight_decay * its multiplier (the speedrun's values, records #50 and #53); scalars: none
     adam_weight_decay: float = 0.005

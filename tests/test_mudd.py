@@ -10,18 +10,21 @@ from conftest import BOS, SMALL_VOCAB_FLAGS, shared_code_only
 pytestmark = shared_code_only
 
 
+PUBLIC = ["--gate_split_layer=4", "--mudd=true", "--dc_layers=10"]  # the public record's (off by default here)
+
+
 def test_gate_layout_is_the_public_26_pre_and_41_post_outputs(trainer):
-    """At the default recipe: pre gate (on x0) = XSA of layers 1, 3, the output gate of layer 3, then (x0, bigram)
-    of layers 0..3; post gate = XSA of 4, 7, output gate of 10, (x0, bigram) of 4, 5, 7, 8, 9, skip, DC w1, w2
-    (frontier 2.6; layer 6 has no attention, layer 10's come from MUDD)."""
-    hp = trainer.parse_args([])
+    """At the public recipe's settings: pre gate (on x0) = XSA of layers 1, 3, the output gate of layer 3, then
+    (x0, bigram) of layers 0..3; post gate = XSA of 4, 7, output gate of 10, (x0, bigram) of 4, 5, 7, 8, 9, skip,
+    DC w1, w2 (frontier 2.6; layer 6 has no attention, layer 10's come from MUDD)."""
+    hp = trainer.parse_args(PUBLIC)
     pre, post = trainer.gate_layout(hp, trainer.parse_recipe(hp))
     pairs = lambda layers: [(kind, i, 1) for i in layers for kind in ("x0_gate", "bigram_gate")]  # noqa: E731
     assert pre == [("xsa", 1, 6), ("xsa", 3, 6), ("attn_gate", 3, 6)] + pairs([0, 1, 2, 3])
     assert post == ([("xsa", 4, 6), ("xsa", 7, 6), ("attn_gate", 10, 6)] + pairs([4, 5, 7, 8, 9])
                     + [("skip_gate", 6, 1), ("dc_w1", 10, 6), ("dc_w2", 10, 6)])
     assert sum(w for *_, w in pre) == 26 and sum(w for *_, w in post) == 41
-    hp = trainer.parse_args(["--mudd=false"])
+    hp = trainer.parse_args([*PUBLIC, "--mudd=false"])
     _, post = trainer.gate_layout(hp, trainer.parse_recipe(hp))
     assert ("x0_gate", 10, 1) in post, "without MUDD the last layer's x0 and bigram gates are gates too"
 
@@ -254,5 +257,6 @@ def test_generators_are_on_adam_with_the_public_lrs_and_no_decay_on_bias_or_scal
     (["--gate_split_layer=11"], "--gate_split_layer=11 must be a layer after the first"),
 ])
 def test_inconsistent_gate_flags_are_config_errors(trainer, flags, message):
+    """Each flag changed from the public record's settings alone."""
     with pytest.raises(trainer.ConfigError, match=message):
-        trainer.parse_args(flags)
+        trainer.parse_args([*PUBLIC, *flags])

@@ -45,10 +45,6 @@ MEDIUM_RECIPE = {
     "attn_gate_layers": '"3,15"',
     "key_offset_layers": '"3,15"',
     "cache_layer": "12",
-    # the static gates and backout of the previous medium runs: per-token gates, MUDD and DC are unmeasured here
-    "gate_split_layer": "0",
-    "mudd": "False",
-    "dc_layers": '""',
     "muon_lr": "0.025",
 }
 
