@@ -326,7 +326,7 @@ def test_turbo_muon_no_worse_than_polar_express_on_gaussian_stacks(trainer, shap
 
 
 @pytest.mark.parametrize("kind", ["ill_conditioned", "low_rank"])
-@pytest.mark.parametrize("shape", [(2, 256, 768), (2, 768, 768)])
+@pytest.mark.parametrize("shape", [(2, 256, 768), (1, 768, 768)])
 def test_turbo_muon_within_2x_of_polar_express_on_ill_conditioned_and_low_rank(trainer, kind, shape):
     """Singular values log-spaced over 1..1e-3, or rank k/4 in [0.1, 1], random singular vectors
     (the tall MLP shape, slow to set up here, is in the --accuracy table of the benchmark).
