@@ -6,9 +6,10 @@ of `orthogonalize` at the last step: the Nesterov blend (1 - b) G + b M of gradi
 buffer M, one stack per shape group, exactly what the orthogonalizer sees. No GPU needed.
 
     sh /work/shared/corpus/unpack.sh .capture/data          # once; .capture/ is git-ignored locally
-    python tools/capture_momentum.py --out=.capture/momentum_small.pt \\
-        --fixture=tests/data/momentum_124m.npz              # about 10 minutes on 2 cores
-    python tools/capture_momentum.py --trainer=train_gpt_medium --steps=8 --out=.capture/momentum_medium.pt
+    python tools/capture_momentum.py --steps=12 --out=.capture/momentum_small.pt \\
+        --fixture=tests/data/momentum_124m.npz              # about 16 minutes on 2 shared cores
+    python tools/capture_momentum.py --trainer=train_gpt_medium --steps=2 --bigram_buckets=0 \\
+        --out=.capture/momentum_medium.pt                   # the bigram table does not fit in 23 GB
 
 Shapes are re-cut to the blocks Muon is planned to orthogonalize (Q and K per head pair, [2 * head_dim,
 dim]; V and O [dim, dim]; both MLP matrices stored [hidden, dim]): rows of a head pair of the stored
@@ -16,7 +17,7 @@ dim]; V and O [dim, dim]; both MLP matrices stored [hidden, dim]): rows of a hea
 gradient are the gradient of the row block), the MLP out-projection is transposed.
 
 The fixture (--fixture) keeps the Q and K head-pair blocks and the V and O matrices of one layer in
-float16 (npz, compressed): about 3 MB. The MLP matrices ([3072, 768] is 4.7 MB in float16) stay out;
+float16 (npz, compressed): 2.8 MiB. The MLP matrices ([3072, 768] is 4.7 MB in float16) stay out;
 tools/fit_turbo_coeffs.py measures them from the full capture. Bit-for-bit reproduction needs the same
 torch build and thread count (CPU matmul summation order); the spectra do not depend on it.
 """
@@ -97,7 +98,7 @@ def write_fixture(blocks: dict, hp, path: str, meta: dict):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trainer", default="train_gpt", choices=["train_gpt", "train_gpt_medium"])
-    parser.add_argument("--steps", type=int, default=30, help="training steps; the last one is recorded")
+    parser.add_argument("--steps", type=int, default=12, help="training steps; the last one is recorded")
     parser.add_argument("--corpus", default=os.path.join(ROOT, ".capture", "data"), help="folder of the unpacked proxy shards")
     parser.add_argument("--out", required=True, help="torch.save of {name: [count, m, n] float32} and the settings")
     parser.add_argument("--fixture", help="also write the small float16 test fixture (npz) here")
