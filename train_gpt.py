@@ -1102,12 +1102,24 @@ PE_EPS = 1e-6
 # Turbo-Muon (arXiv 2512.04632; a modded-nanogpt pull request by thib-s): AOL preconditioning
 # (arXiv 2208.03160) s_i = (sum_j |A_ij|)^(-1/2) with A = X X^T gives ||diag(s) X||_2 <= 1; the
 # safety factor and eps enter as s = rsqrt(rowsum * 1.02 + 1e-6) (the Turbo-Muon reference; the
-# 1e-6 is taken relative to the mean squared row norm, see `aol_row_scale`). AOL
-# lifts small singular values, so the first Polar Express polynomial is dropped: PE5[1:] maps
-# [0.0082, 1] into [0.8589, 1.1411] with 4 iterations, the first reusing A.
+# 1e-6 is taken relative to the mean squared row norm, see `aol_row_scale`). 4 iterations, the
+# first reusing A.
 AOL_SAFETY = 1.02
 AOL_EPS = 1e-6
-TURBO_COEFFS = POLAR_EXPRESS_COEFFS[1:]
+# Coefficients fitted to the interval AOL leaves (README: "Turbo-Muon coefficients"): the Polar
+# Express construction on [lo, hi], made by `python tools/fit_turbo_coeffs.py` (--check compares).
+# hi = 1 is AOL's bound (captured momentum reaches 0.98 after AOL; a fit to a lower top diverges on
+# inputs above it). Momentum captured from 124M training steps (tools/capture_momentum.py) spreads
+# far below any 4-step interval after AOL (median 4e-4 to 6e-3, 1st percentile 4e-6 to 7e-4), so lo
+# is a choice: the smallest of 0.001, 0.002, 0.003, 0.005, 0.01 whose fit is no worse than Polar
+# Express on Gaussian stacks [256|768|3072, 768]. Maps [0.005, 1] into [0.9016, 1.0984].
+TURBO_FIT = dict(lo=0.005, hi=1.0, steps=4, cushion=0.02, safety=1.02)
+TURBO_COEFFS = (
+    (8.02306759300388, -22.115340283019194, 15.61890427318506),
+    (3.8487515153892, -2.7596461748079038, 0.5072723527010023),
+    (3.1514279989166267, -2.2715190178549767, 0.4539796039901126),
+    (2.232827939884652, -1.6073565034285657, 0.4121802893226327),
+)
 
 ORTHO_METHODS = FIELD_CHOICES["muon_ortho"]
 ORTHO_BACKENDS = ("auto", "torch", "triton")
@@ -1180,16 +1192,19 @@ def _polar_iterations(X, coeffs, lines, A, scale):
     return X
 
 
-def orthogonalize(G, method="polar_express", backend="auto"):
+def orthogonalize(G, method="polar_express", backend="auto", coeffs=None):
     """Approximate polar factor U V^T of G [B, m, n] or [m, n] (G = U S V^T).
 
     methods: "newton_schulz5" (Keller: X / (||X||_F + 1e-7), 5 quintic steps), "polar_express"
     (X / (||X||_F * 1.02 + 1e-6), the 5 Polar Express polynomials), "turbo_muon" (AOL row scaling
-    from A = X X^T, which the first iteration reuses, then Polar Express polynomials 2..5: 4
-    iterations). Each normalization is a row scale applied inside the first iteration's lines 2
-    and 3. Singular values land near 1, not on it (the constants above give each band).
+    from A = X X^T, which the first iteration reuses, then the 4 polynomials TURBO_COEFFS fitted
+    to the interval AOL leaves). Each normalization is a row scale applied inside the first
+    iteration's lines 2 and 3. Singular values land near 1, not on it (the constants above give
+    each band).
     backend: "torch" (ns_line_*_torch), "triton" (ns_line_* kernels), "auto" (Triton iff it is
     installed and G is on CUDA); both run `_polar_iterations`.
+    coeffs: (a, b, c) tuples that replace the method's constants after its normalization (to
+    compare coefficient sets, e.g. in benchmarks/bench_orthogonalize.py); None in training.
     Math dtype: bf16 on CUDA, fp32 on CPU, fp64 for fp64 input (torch backend only); the output
     is in the math dtype with G's shape. Tall matrices (m > n) iterate on the transposed view
     ([B, n, m], so A is the smaller Gram matrix) without a copy and return a transposed view.
@@ -1206,14 +1221,14 @@ def orthogonalize(G, method="polar_express", backend="auto"):
         X = X.mT
     if method == "turbo_muon":
         A, rowsum = lines[0](X, rowsum_abs=True)
-        scale, coeffs = aol_row_scale(A, rowsum), TURBO_COEFFS
+        scale, default = aol_row_scale(A, rowsum), TURBO_COEFFS
     elif method == "polar_express":
         A = lines[0](X)
-        scale, coeffs = frobenius_row_scale(A, PE_SAFETY, PE_EPS), POLAR_EXPRESS_COEFFS
+        scale, default = frobenius_row_scale(A, PE_SAFETY, PE_EPS), POLAR_EXPRESS_COEFFS
     else:
         A = lines[0](X)
-        scale, coeffs = frobenius_row_scale(A, 1.0, NS5_EPS), (NS5_COEFFS,) * NS5_STEPS
-    X = _polar_iterations(X, coeffs, lines, A, scale)
+        scale, default = frobenius_row_scale(A, 1.0, NS5_EPS), (NS5_COEFFS,) * NS5_STEPS
+    X = _polar_iterations(X, default if coeffs is None else coeffs, lines, A, scale)
     if transposed:
         X = X.mT
     return X if G.ndim == 3 else X.squeeze(0)

@@ -9,6 +9,9 @@ sizes 2 and 8.
     python benchmarks/bench_orthogonalize.py --json out.json # also save every number
     python benchmarks/bench_orthogonalize.py --check         # Triton vs torch accuracy; exit 1 on mismatch
     python benchmarks/bench_orthogonalize.py --sweep         # time candidate block configs per line kernel
+    python benchmarks/bench_orthogonalize.py --accuracy      # polar error and singular-value band per
+        # method and input kind: bf16 on a GPU, float32 on CPU (no GPU needed); --capture=PATH adds
+        # the stacks saved by tools/capture_momentum.py to the committed fixture
 
 Timing: "ms" is triton.testing.do_bench's median over eager calls (warm-up 25 ms, 100 ms of
 repeats); "graph ms" replays a CUDA graph of the call (GPU time alone); "host ms" is the CPU time
@@ -19,15 +22,24 @@ FLOP convention: "useful" FLOPs are those of the dense products an iteration nee
 every backend. The symmetric Triton kernels execute about half of the first two, so their
 achieved TFLOP/s (useful FLOPs / time) may exceed what the tensor cores execute. Turbo-Muon does
 4 iterations (its AOL Gram matrix is the first one's line 1), NS5 and Polar Express 5.
+
+Accuracy (--accuracy): polar error ||O - UV^T||_F / ||UV^T||_F against a float64 SVD polar factor,
+and the band [1st percentile, max] of O's singular values (over the nonzero part of the input's
+spectrum), on (a) momentum captured from 124M training steps (tests/data/momentum_124m.npz),
+(b) Gaussian stacks, (c) ill-conditioned (singular values log-spaced over 1..1e-3, random singular
+vectors) and (d) low-rank input (rank min(m, n) / 4, singular values in [0.1, 1]), at the shapes Muon
+orthogonalizes: Q and K per head pair [256, 768], V and O [768, 768], MLP [3072, 768].
 """
 import argparse
 import functools
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,6 +73,7 @@ VARIANTS = [
     ("triton turbo_muon", "turbo_muon", "triton"),
 ]
 ERROR_SAMPLE = 4  # matrices of each stack compared with the fp64 SVD polar factor
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "momentum_124m.npz")
 
 
 def shapes():
@@ -261,6 +274,126 @@ def run_check():
     return results, failures
 
 
+# ----------------------------------------------------------------------------- --accuracy
+
+ACCURACY_SHAPES = {"qk pair": (256, 768), "v/o": (768, 768), "mlp": (3072, 768)}
+ACCURACY_BATCH = 4  # matrices per generated stack
+ACCURACY_KINDS = ("captured", "gaussian", "ill_conditioned", "low_rank")
+# Turbo-Muon's 4 AOL tuples in microsoft/dion (dion/newton_schulz_triton.py, newton_schulz_triton_fast;
+# found there by a genetic search, github thib-s/flash-newton-schulz), compared under this file's AOL
+# scale (dion's own has no 1.02 safety factor).
+DION_AOL_COEFFS = ((4.6051, -9.6552, 5.6769), (4.7505, -6.0861, 2.1790), (2.7763, -2.3190, 0.5523),
+                   (2.4231, -2.2861, 0.8193))
+# label -> (method, coefficients replacing the method's own; None: its own)
+ACCURACY_METHODS = {
+    "newton_schulz5": ("newton_schulz5", None),
+    "polar_express": ("polar_express", None),
+    "turbo_muon (fitted)": ("turbo_muon", None),
+    "turbo_muon, PE tuples 2..5": ("turbo_muon", train_gpt.POLAR_EXPRESS_COEFFS[1:]),
+    "turbo_muon, dion tuples": ("turbo_muon", DION_AOL_COEFFS),
+}
+
+
+def spectrum_matrix(kind, shape, seed=0):
+    """float64 test input [..., m, n]: "gaussian"; "ill_conditioned" (singular values log-spaced
+    over 1..1e-3); "low_rank" (rank k // 4, k = min(m, n), singular values linear over 1..0.1);
+    the last two with Haar-like random singular vectors from QR of Gaussians."""
+    *batch, m, n = shape
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(*shape, dtype=torch.float64, generator=g)
+    k = min(m, n)
+    if kind == "ill_conditioned":
+        sigma = torch.logspace(0, -3, k, dtype=torch.float64)
+    elif kind == "low_rank":
+        sigma = torch.linspace(1, 0.1, k // 4, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    U, _ = torch.linalg.qr(torch.randn(*batch, m, sigma.numel(), dtype=torch.float64, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(*batch, n, sigma.numel(), dtype=torch.float64, generator=g))
+    return (U * sigma) @ V.mT
+
+
+def captured_stacks(capture=None):
+    """name -> float32 [B, m, n]: the committed fixture (one 124M layer's Q and K head-pair blocks,
+    V and O), and with `capture` (a tools/capture_momentum.py output) the first ACCURACY_BATCH
+    matrices of each of its stacks."""
+    data = np.load(FIXTURE)
+    stacks = {"captured qk pair": torch.from_numpy(np.stack([data["q_pair"], data["k_pair"]])).float(),
+              "captured v/o": torch.from_numpy(np.stack([data["v"], data["o"]])).float()}
+    if capture:
+        for name, stack in torch.load(capture)["blocks"].items():
+            stacks[f"capture {name}"] = stack[:ACCURACY_BATCH].float()
+    return stacks
+
+
+def accuracy_inputs(capture=None):
+    """(kind, name, [B, m, n]) for every row of the accuracy table: float32 captured stacks, float64
+    generated ones (the polar factor is taken before rounding, so a low-rank input keeps its rank)."""
+    out = [("captured", name, G) for name, G in captured_stacks(capture).items()]
+    for kind in ACCURACY_KINDS[1:]:
+        for i, (name, (m, n)) in enumerate(ACCURACY_SHAPES.items()):
+            out.append((kind, f"{kind} {name}", spectrum_matrix(kind, (ACCURACY_BATCH, m, n), seed=i)))
+    return out
+
+
+def polar_error_and_band(O, G, P=None):
+    """(relative polar error, 1st percentile and max of O's singular values) against G's float64
+    polar factor P (computed if not given). The band counts the top rank(P) singular values of each
+    matrix: a rank-deficient input's null space is expected to stay null."""
+    P = polar_factor_fp64(G) if P is None else P
+    O = O.double()
+    err = ((O - P).norm() / P.norm()).item()
+    rank = torch.linalg.matrix_rank(P)
+    sv = torch.linalg.svdvals(O)
+    kept = torch.cat([s[:r] for s, r in zip(sv.reshape(-1, sv.size(-1)), rank.reshape(-1).tolist())])
+    return err, torch.quantile(kept, 0.01).item(), kept.max().item()
+
+
+def _time_ms(fn, cuda):
+    if cuda:
+        return bench_ms(fn)
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def run_accuracy(capture=None, methods=None):
+    """One row per (input, method): polar error, band, GFLOP and ms per call. On a GPU the inputs
+    are bf16 and the default backend (Triton) runs; on CPU float32 and the torch backend."""
+    cuda = torch.cuda.is_available()
+    methods = methods or ACCURACY_METHODS
+    rows = []
+    for kind, name, G in accuracy_inputs(capture):
+        P = polar_factor_fp64(G)
+        Gd = G.cuda().bfloat16() if cuda else G.float()
+        b, m, n = G.shape
+        for label, (method, coeffs) in methods.items():
+            fn = functools.partial(orthogonalize, Gd, method, coeffs=coeffs)
+            err, lo, hi = polar_error_and_band(fn().cpu(), G, P)
+            steps = len(coeffs) if coeffs is not None else ITERATIONS[method]
+            M, K = min(m, n), max(m, n)
+            gflop = b * steps * (4 * M * M * K + 2 * M**3) / 1e9
+            rows.append({"kind": kind, "input": name, "B": b, "m": m, "n": n, "method": label, "polar_error": err,
+                         "band_p1": lo, "band_max": hi, "gflop": gflop, "ms": _time_ms(fn, cuda)})
+            print(f"{name:28s} {label:22s} err {err:.4f} band [{lo:.3f}, {hi:.3f}] {rows[-1]['ms']:.1f} ms", flush=True)
+    return rows
+
+
+def accuracy_markdown(rows):
+    dtype = "bf16 (GPU, default backend)" if torch.cuda.is_available() else "float32 (CPU, torch backend)"
+    lines = [f"{dtype}; polar error vs float64 SVD; band = [1st percentile, max] of output singular values",
+             "", "| input | B x m x n | method | polar error | band | GFLOP | ms per call |", "|---|---|---|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['input']} | {r['B']}x{r['m']}x{r['n']} | {r['method']} | {r['polar_error']:.4f} | "
+                     f"[{r['band_p1']:.3f}, {r['band_max']:.3f}] | {r['gflop']:.1f} | {r['ms']:.1f} |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- --sweep
 
 SWEEP_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); sym kernels ignore BLOCK_N
@@ -329,9 +462,19 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="write all results to this JSON file")
     parser.add_argument("--check", action="store_true", help="compare Triton kernels with torch in bf16; exit 1 on mismatch")
     parser.add_argument("--sweep", action="store_true", help="time candidate block configs for each line kernel")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="polar error and band table (bf16 on a GPU, float32 on CPU); runs without a GPU")
+    parser.add_argument("--capture", metavar="PATH", help="with --accuracy: add the stacks of a tools/capture_momentum.py file")
     args = parser.parse_args()
+    if args.accuracy:
+        out = {"accuracy": run_accuracy(args.capture)}
+        print(accuracy_markdown(out["accuracy"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        sys.exit(0)
     if not torch.cuda.is_available():
-        sys.exit("bench_orthogonalize needs a CUDA GPU")
+        sys.exit("bench_orthogonalize needs a CUDA GPU (except --accuracy)")
     import triton
 
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import shared_code_only
+from conftest import load_script, shared_code_only
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -21,14 +21,15 @@ pytestmark = shared_code_only
 F64 = torch.float64
 U32 = 2.0 ** -24  # float32 unit roundoff
 
-# Bands of the scalar maps (as published with each method, quoted to 4 decimals): (input interval,
-# output interval, sup of the map over [0, 1]). The sup bounds every output singular value; it is
-# the band's top for PE5 and its tail (1.1411274) and 1.2023686 for NS5 (reached at x = 0.0041,
-# below NS5's interval), computed on a 2e6-point grid and rounded up at the 6th decimal.
+# Bands of the scalar maps (as published with each method, Turbo-Muon's as fitted; quoted to 4
+# decimals): (input interval, output interval, sup of the map over [0, 1]). The sup bounds every
+# output singular value; it is the band's top for PE5 (1.1411274) and Turbo-Muon (1.0983710) and
+# 1.2023686 for NS5 (reached at x = 0.0041, below NS5's interval), computed on a 2e6-point grid and
+# rounded up at the 6th decimal.
 BANDS = {
     "newton_schulz5": ((0.01, 1.0), (0.6818, 1.1344), 1.202369),
     "polar_express": ((1e-3, 1.0), (0.8589, 1.1411), 1.141128),
-    "turbo_muon": ((0.0082, 1.0), (0.8589, 1.1411), 1.141128),
+    "turbo_muon": ((0.005, 1.0), (0.9016, 1.0984), 1.098372),
 }
 
 
@@ -87,9 +88,30 @@ def test_coefficients_map_documented_interval_into_band(trainer, method):
     assert sup - 1e-6 <= y.max().item() <= sup
 
 
-def test_turbo_muon_uses_polar_express_tuples_2_to_5_with_2_percent_safety(trainer):
-    assert trainer.TURBO_COEFFS == trainer.POLAR_EXPRESS_COEFFS[1:] and len(trainer.TURBO_COEFFS) == 4
-    assert trainer.PE_SAFETY == trainer.AOL_SAFETY == 1.02
+def _fit_script():
+    return load_script("tools/fit_turbo_coeffs.py", "fit_turbo_coeffs")
+
+
+def _bench():
+    return load_script("benchmarks/bench_orthogonalize.py", "bench_orthogonalize")
+
+
+def test_fit_script_reproduces_published_polar_express_coefficients(trainer):
+    """The fitting code is the paper's construction: with Polar Express's parameters (l = 1e-3,
+    u = 1, 5 steps, cushion 0.02, safety 1.02) it gives POLAR_EXPRESS_COEFFS (relative 1e-12)."""
+    fit = _fit_script().fit_sequence(lo=1e-3, hi=1.0, steps=5, cushion=0.02, safety=trainer.PE_SAFETY)
+    torch.testing.assert_close(torch.tensor(fit, dtype=F64), torch.tensor(trainer.POLAR_EXPRESS_COEFFS, dtype=F64),
+                               rtol=1e-12, atol=0)
+
+
+def test_turbo_coefficients_are_the_fit_of_their_stated_interval(trainer):
+    """TURBO_COEFFS are what tools/fit_turbo_coeffs.py makes from TURBO_FIT (its --check), for 4
+    steps on an interval topped by AOL's bound 1, with the 2% safety of Polar Express and AOL."""
+    fit = _fit_script().fit_sequence(**trainer.TURBO_FIT)
+    assert len(trainer.TURBO_COEFFS) == trainer.TURBO_FIT["steps"] == 4 and trainer.TURBO_FIT["hi"] == 1.0
+    torch.testing.assert_close(torch.tensor(fit, dtype=F64), torch.tensor(trainer.TURBO_COEFFS, dtype=F64),
+                               rtol=1e-12, atol=0, msg="TURBO_COEFFS differ from the fit: run tools/fit_turbo_coeffs.py")
+    assert trainer.PE_SAFETY == trainer.AOL_SAFETY == trainer.TURBO_FIT["safety"] == 1.02
     assert trainer.NS5_COEFFS == (3.4445, -4.7750, 2.0315) and trainer.NS5_STEPS == 5
 
 
@@ -111,16 +133,17 @@ def test_diag_test_vectors_of_ns5_and_polar_express(trainer):
 
 @pytest.mark.parametrize("shape", [(32, 64), (64, 32), (3, 16, 16)])
 def test_turbo_muon_on_orthonormal_rows_gives_f_of_inverse_sqrt_safety(trainer, shape):
-    """Orthonormal rows: A = I, s = 1/sqrt(1.02), every singular value -> f(1/sqrt(1.02)) = 1.1382608561.
+    """Orthonormal rows: A = I, s = 1/sqrt(1.02), every singular value -> f(1/sqrt(1.02)) = 1.0650592994.
 
-    Tolerance 1.5e-6: the 1e-6 inside the rsqrt moves the input by 4.9e-7 relative and the map's
-    slope there is 1.67, shifting the output by 8.1e-7.
+    Tolerance 2e-5: the 1e-6 inside the rsqrt moves the input by 4.9e-7 relative and the map's
+    slope there is -29.8 (x = 0.990 sits on the last ripple of the fitted band), shifting the
+    output by 1.45e-5.
     """
     *batch, m, n = shape
     Q, _ = torch.linalg.qr(torch.randn(*batch, max(m, n), min(m, n), dtype=F64, generator=torch.Generator().manual_seed(0)))
     G = Q.mT if m < n else Q
     sv = torch.linalg.svdvals(trainer.orthogonalize(G, "turbo_muon", backend="torch"))
-    torch.testing.assert_close(sv, torch.full_like(sv, 1.1382608561), rtol=0, atol=1.5e-6)
+    torch.testing.assert_close(sv, torch.full_like(sv, 1.0650592994), rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "ill_conditioned", "low_rank"])
@@ -168,16 +191,15 @@ def test_aol_eps_is_relative_so_turbo_muon_is_scale_invariant(trainer):
 
 
 def test_methods_reproduce_reference_polar_errors_on_gaussian_768x3072(trainer):
-    """Reference polar errors (Gaussian 768x3072, seed 0, fp64): NS5 0.163, PE5 0.0959, Turbo 0.0961.
-
-    Turbo runs 4 iterations against PE5's 5 and must stay within 1% of its error.
-    """
+    """Reference polar errors (Gaussian 768x3072, seed 0, fp64): NS5 0.163, PE5 0.0959, Turbo 0.0654
+    (0.0961 with Polar Express's tuples 2..5 before the fit). Turbo runs 4 iterations against PE5's
+    5 and must be no worse."""
     G = torch.randn(768, 3072, dtype=F64, generator=torch.Generator().manual_seed(0))
     P = _cached_polar_factor(trainer, G, "gaussian_768x3072_seed0")
     err = {m: _rel(trainer.orthogonalize(G, m, backend="torch"), P) for m in trainer.ORTHO_METHODS}
-    for method, ref in (("newton_schulz5", 0.163), ("polar_express", 0.0959), ("turbo_muon", 0.0961)):
+    for method, ref in (("newton_schulz5", 0.163), ("polar_express", 0.0959), ("turbo_muon", 0.0654)):
         assert abs(err[method] - ref) < 1e-3, (method, err[method])
-    assert err["turbo_muon"] <= 1.01 * err["polar_express"]
+    assert err["turbo_muon"] <= err["polar_express"]
 
 
 _POLAR_CACHE = {}
@@ -209,15 +231,16 @@ def test_polynomial_methods_act_on_singular_values_only(trainer, method, kind, s
 # Relative polar error ||O - UV^T||_F / ||UV^T||_F measured in fp64 (seed 0) on the shapes below,
 # worst case over shapes, with ~15% headroom: a regression guard. The exact spectral behaviour of
 # NS5 and PE5 is specified by the test above; Turbo-Muon's AOL rotates singular vectors, so this
-# table is its accuracy specification. Measured worst cases (NS5 / PE5 / Turbo): Gaussian
-# 0.231 / 0.136 / 0.154, log-spaced 0.312 / 0.171 / 0.396, low rank 0.224 / 0.101 / 0.177. With
-# random singular vectors AOL lifts a log-spaced spectrum too little for PE5's tail, so Turbo's
-# one saved iteration costs accuracy there; on Gaussian input it is within a few % of PE5.
+# table is its accuracy specification. Measured worst cases (NS5 / PE5 / Turbo, fitted
+# coefficients): Gaussian 0.231 / 0.136 / 0.129, log-spaced 0.312 / 0.171 / 0.308, low rank
+# 0.224 / 0.101 / 0.161. With random singular vectors AOL lifts a log-spaced spectrum too little
+# for 4 steps, so Turbo's one saved iteration costs accuracy there (on these small shapes more than
+# 2x; the 2x requirement is specified at the model's shapes below); on Gaussian input it is ahead.
 POLAR_ERROR_BOUND = {
-    ("newton_schulz5", "gaussian"): 0.27, ("polar_express", "gaussian"): 0.16, ("turbo_muon", "gaussian"): 0.18,
+    ("newton_schulz5", "gaussian"): 0.27, ("polar_express", "gaussian"): 0.16, ("turbo_muon", "gaussian"): 0.15,
     ("newton_schulz5", "ill_conditioned"): 0.36, ("polar_express", "ill_conditioned"): 0.20,
-    ("turbo_muon", "ill_conditioned"): 0.46,
-    ("newton_schulz5", "low_rank"): 0.26, ("polar_express", "low_rank"): 0.12, ("turbo_muon", "low_rank"): 0.21,
+    ("turbo_muon", "ill_conditioned"): 0.36,
+    ("newton_schulz5", "low_rank"): 0.26, ("polar_express", "low_rank"): 0.12, ("turbo_muon", "low_rank"): 0.19,
 }
 
 
@@ -237,6 +260,84 @@ def test_polar_error_and_singular_value_band(trainer, method, kind, shape):
         rank = min(shape[-2:]) // 4
         assert sv[..., rank:].max().item() <= 1e-9
         assert sv[..., :rank].min().item() >= 0.5
+
+
+# ----------------------------------------------------------------------------- Turbo-Muon vs Polar Express
+# The requirements on the fitted Turbo-Muon (4 iterations) against Polar Express (5), float32 on CPU as
+# in training there, errors against the float64 SVD polar factor: no worse on captured momentum and
+# on Gaussian stacks, within 2x on ill-conditioned and low-rank input. Inputs come from
+# benchmarks/bench_orthogonalize.py (its --accuracy table reports the same numbers).
+
+
+def _polar_errors(trainer, G, coeff_sets):
+    """label -> polar error of orthogonalize(float32 G, method, coeffs=...) for label -> (method,
+    coeffs), against the polar factor of G as given (float64 for generated input: the float32
+    rounding of a low-rank matrix would otherwise count as rank)."""
+    P = trainer.polar_factor_fp64(G)
+    out = {}
+    for label, (method, coeffs) in coeff_sets.items():
+        O = trainer.orthogonalize(G.float(), method, backend="torch", coeffs=coeffs)
+        assert torch.isfinite(O).all(), label
+        out[label] = _rel(O, P)
+    return out
+
+
+def _turbo_and_pe(trainer, **extra):
+    return {"turbo_muon": ("turbo_muon", None), "polar_express": ("polar_express", None), **extra}
+
+
+@pytest.mark.xfail(strict=True, reason="requirement not met (README: Turbo-Muon coefficients): fitted Turbo-Muon "
+                   "0.52 / 0.78 against Polar Express 0.24 / 0.65; see the AOL test below")
+@pytest.mark.parametrize("name", ["captured qk pair", "captured v/o"])
+def test_turbo_muon_no_worse_than_polar_express_on_captured_momentum(trainer, name):
+    """Momentum of one 124M layer captured from training steps (tests/data/momentum_124m.npz,
+    tools/capture_momentum.py): Q and K head-pair blocks [256, 768], V and O [768, 768]. Strict
+    xfail: a coefficient set that meets it turns this into a failure, so the README is revisited."""
+    G = _bench().captured_stacks()[name]
+    err = _polar_errors(trainer, G, _turbo_and_pe(trainer))
+    assert err["turbo_muon"] <= err["polar_express"], err
+
+
+def test_aol_moves_the_polar_factor_of_captured_momentum_but_not_of_gaussians(trainer):
+    """Why no coefficients meet the requirement above: polar(diag(s) X) != polar(X) unless the AOL
+    scale s is uniform. Rows of the captured Q and K blocks differ in norm up to 37x, and the polar
+    factor that Turbo-Muon converges to lies more than 0.2 (relative) from the input's, about Polar
+    Express's whole error there (0.24; V, O and MLP momentum: 0.20-0.25 too, README); Gaussian
+    rows (within 1.2x) move it by < 0.01."""
+    def aol_shift(G):
+        X = G.to(F64)
+        A, rowsum = trainer.ns_line_1_torch(X, rowsum_abs=True)
+        s = trainer.aol_row_scale(A, rowsum).unsqueeze(-1)
+        return _rel(trainer.polar_factor_fp64(s * X), trainer.polar_factor_fp64(X))
+
+    assert aol_shift(_bench().captured_stacks()["captured qk pair"]) > 0.2
+    assert aol_shift(_bench().spectrum_matrix("gaussian", (2, 256, 768))) < 0.01
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 768), (2, 768, 768), (1, 3072, 768)])
+def test_turbo_muon_no_worse_than_polar_express_on_gaussian_stacks(trainer, shape):
+    """Negative control on the square stack: Polar Express's tuples 2..5 after AOL (the unfitted
+    Turbo-Muon this replaces) fail the requirement there (0.136 vs 0.125 in fp64, seed 0)."""
+    G = _bench().spectrum_matrix("gaussian", shape)
+    err = _polar_errors(trainer, G, _turbo_and_pe(trainer, previous=("turbo_muon", trainer.POLAR_EXPRESS_COEFFS[1:])))
+    assert err["turbo_muon"] <= err["polar_express"], err
+    if shape[-2] == shape[-1]:
+        assert err["previous"] > err["polar_express"], err
+
+
+@pytest.mark.parametrize("kind", ["ill_conditioned", "low_rank"])
+@pytest.mark.parametrize("shape", [(2, 256, 768), (1, 768, 768)])
+def test_turbo_muon_within_2x_of_polar_express_on_ill_conditioned_and_low_rank(trainer, kind, shape):
+    """Singular values log-spaced over 1..1e-3, or rank k/4 in [0.1, 1], random singular vectors
+    (the tall MLP shape, slow to set up here, is in the --accuracy table of the benchmark).
+    Negative control on low rank: the 4-step Polar Express fit to [1e-3, 1] instead of the interval
+    AOL leaves lifts the spectrum too far past 1 and misses the bound."""
+    G = _bench().spectrum_matrix(kind, shape)
+    unfitted = _fit_script().fit_sequence(lo=1e-3, hi=1.0, steps=4, cushion=0.02, safety=1.02)
+    err = _polar_errors(trainer, G, _turbo_and_pe(trainer, unfitted=("turbo_muon", unfitted)))
+    assert err["turbo_muon"] <= 2 * err["polar_express"], err
+    if kind == "low_rank":
+        assert err["unfitted"] > 2 * err["polar_express"], err
 
 
 @pytest.mark.parametrize("method", ["newton_schulz5", "polar_express", "turbo_muon"])
@@ -471,6 +572,16 @@ def test_triton_orthogonalize_equals_torch_path(interp, method, shape):
     O64 = interp.orthogonalize(G.to(F64), method, backend="torch")
     assert O.shape == G.shape and O.dtype == torch.float32
     _assert_like_torch_fp32(O, O_torch, O64)
+    assert _rel(O, O_torch.to(F64)) < 1e-5
+
+
+def test_triton_turbo_muon_with_fitted_coefficients_equals_torch_on_captured_momentum(interp):
+    """The fitted TURBO_COEFFS through the Triton kernels (interpreter, float32) on a 48 x 96 corner
+    of the captured Q head-pair block: same bound as the test above."""
+    G = _bench().captured_stacks()["captured qk pair"][0, :48, :96].contiguous()
+    O = interp.orthogonalize(G, "turbo_muon", backend="triton")
+    O_torch = interp.orthogonalize(G, "turbo_muon", backend="torch")
+    _assert_like_torch_fp32(O, O_torch, interp.orthogonalize(G.to(F64), "turbo_muon", backend="torch"))
     assert _rel(O, O_torch.to(F64)) < 1e-5
 
 
