@@ -85,9 +85,10 @@ ERROR_PREFIXES = ("error:", "crash:", "Traceback")  # the trainer's failure line
 # A GPU row of nvidia-smi's device table: index, name, persistence mode, then two more cells. Its second
 # row starts with the fan speed and process rows have fewer cells, so neither matches.
 GPU_ROW_RE = re.compile(r"\|\s+\d+\s+(\S.*?)\s+(?:On|Off)\s+\|[^|]*\|[^|]*\|")
-# Hyperparameters that name one run or what it saved, not what it ran (checkpoints are saved outside the timed
-# region); a run's --resume_from is not among them: a resumed run is refused (check_not_resumed).
-PER_RUN_FIELDS = ("seed", "run_id", "log_dir", "checkpoint_every", "save_checkpoint")
+# Hyperparameters that name one run or what it saved or measured, not what it ran (checkpoints and validations
+# happen with the clock paused and change no training state); a run's --resume_from is not among them: a
+# resumed run is refused (check_not_resumed).
+PER_RUN_FIELDS = ("seed", "run_id", "log_dir", "checkpoint_every", "save_checkpoint", "val_loss_every")
 
 
 class VerifyError(Exception):

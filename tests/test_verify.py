@@ -687,11 +687,17 @@ def test_a_resumed_run_is_refused_as_a_record_run(tmp_path, capsys):
     assert "not a speedrun time" in err and "without --resume_from" in err, err
 
 
-def test_checkpoint_flags_do_not_split_a_recipe():
-    """Saving happens outside the timed region: runs that differ only in whether they saved are one recipe."""
-    a = verify.parse_log_text(our_log(3.2751, hp={"checkpoint_every": 0, "save_checkpoint": False}))
-    b = verify.parse_log_text(our_log(3.2752, seed=1, hp={"checkpoint_every": 100, "save_checkpoint": True}))
+def test_checkpoint_and_validation_flags_do_not_split_a_recipe():
+    """Saving and validating happen outside the timed region and change no training state: runs that differ
+    only in them are one recipe; a training flag does split (negative control)."""
+    a = verify.parse_log_text(our_log(3.2751, hp={"checkpoint_every": 0, "save_checkpoint": False,
+                                                  "val_loss_every": 0}))
+    b = verify.parse_log_text(our_log(3.2752, seed=1, hp={"checkpoint_every": 100, "save_checkpoint": True,
+                                                          "val_loss_every": 50}))
+    c = verify.parse_log_text(our_log(3.2752, seed=2, hp={"checkpoint_every": 0, "save_checkpoint": False,
+                                                          "val_loss_every": 0, "adam_every": 2}))
     assert a.recipe == b.recipe
+    assert a.recipe != c.recipe, "a training flag must make another recipe"
 
 
 def test_script_runs_from_any_directory_with_exit_status(tmp_path):
