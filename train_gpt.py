@@ -2153,8 +2153,8 @@ class GPT(nn.Module):
 
     def compile_per_block(self, backend: str = "inductor"):
         """torch.compile each block and the head separately, in place (validation always; training with
-        `--compile_per_block`): blocks of one kind share a compiled graph, and a fresh BlockMask per call
-        does not recompile a block."""
+        `--compile_per_block`): blocks of one kind share a compiled graph, and new documents or windows
+        (tensors, see window_attention) do not recompile a block."""
         # Training and no-grad graphs of every layer kind hang off Block.forward's one code object; dynamo's
         # default limit of 8 per code object is too few for them.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

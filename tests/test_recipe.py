@@ -268,8 +268,8 @@ def test_adam_steps_once_every_adam_every_steps_on_the_accumulated_gradients(tra
 
 def test_checkpoints_fall_where_no_adam_gradients_are_pending(trainer):
     with pytest.raises(trainer.ConfigError, match="multiple of --adam_every"):
-        trainer.parse_args(["--checkpoint_every=5"])
-    assert trainer.parse_args(["--checkpoint_every=6"]).checkpoint_every == 6
+        trainer.parse_args(["--adam_every=2", "--checkpoint_every=5"])
+    assert trainer.parse_args(["--adam_every=2", "--checkpoint_every=6"]).checkpoint_every == 6
 
 
 def test_warmup_compiles_everything_the_timed_loop_runs(trainer, tiny_corpus):
