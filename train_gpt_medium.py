@@ -1690,22 +1690,25 @@ def attention_meta(docs: int, max_len: int, windows: tuple[int, int]) -> dict[st
 # float8 (e4m3 forward, e5m2 for gradients), multiplied with fp32 accumulation, and the product
 # rescaled. Scales map the expected range onto e4m3's largest finite value: x is RMS-normed, so
 # |x_i| <= sqrt(dim); |w| <= 1.6 covers the head's weights (initialized at std 0.005, trained at a small
-# lr); gradients of the summed loss are small and are scaled up by 448 before the cast. Casts saturate
+# lr). The logit gradient arrives divided by the step's micro-batch count m (the trainer's loss scaling), so its
+# cast divides by grad_s = (1/m) 0.75/448 (GPT.head_grad_scale holds 1/m): e5m2 then sees the same values at
+# every m, instead of values m times smaller whose small entries fall below e5m2's smallest (1.5e-5) and
+# vanish (the speedrun's grad_scale, records #67; HEAD's 0.75). Casts saturate
 # (clamp) rather than overflow, so an outlier cannot turn into NaN. The casts stay in the traced graph, so the compiler fuses the
 # gradient's cast into the loss backward instead of making extra passes over the [tokens, vocab]
 # gradient; the matmuls (`fp8_mm`) and the K-major copies they need (`transpose_bytes`) are opaque ops.
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
 FP8_HEAD_W_MAX = 1.6  # |w| bound of the head's e4m3 cast (the speedrun's scale, records #55); larger clamps
+FP8_HEAD_GRAD_SCALE = 0.75 / FP8_E4M3_MAX  # the logit gradient's cast scale at one micro-batch per step
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::fp8_mm", mutates_args=())
-def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_s: float, b_s: float, out_f32: bool, fast_accum: bool
+def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, out_f32: bool, fast_accum: bool
            ) -> torch.Tensor:
-    """(a_s a) (b_s b)^T for float8 a [M, K] and b [N, K], both row-major; bf16 output, or fp32 if out_f32."""
-    scale_a = torch.full((), a_s, dtype=torch.float32, device=a.device)
-    scale_b = torch.full((), b_s, dtype=torch.float32, device=a.device)
-    return torch._scaled_mm(a, b.T, scale_a=scale_a, scale_b=scale_b, use_fast_accum=fast_accum,
+    """(a_s a) (b_s b)^T for float8 a [M, K] and b [N, K], both row-major, and 0-d fp32 scales on their device;
+    bf16 output, or fp32 if out_f32."""
+    return torch._scaled_mm(a, b.T, scale_a=a_s, scale_b=b_s, use_fast_accum=fast_accum,
                             out_dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 
@@ -1716,21 +1719,21 @@ def _(a, b, a_s, b_s, out_f32, fast_accum):
 
 class FP8Linear(torch.autograd.Function):
     """y = x w^T (bf16) for x [T, K] (bf16) and w [V, K] (fp32) through float8 operands; gradients likewise.
-    T, K, V must be multiples of 16."""
+    x_s, w_s: floats; grad_s: a 0-d fp32 tensor on x's device (it changes with the micro-batch count, and a
+    tensor does not recompile). T, K, V must be multiples of 16."""
 
     @staticmethod
-    def forward(ctx, x, w, x_s: float, w_s: float, grad_s: float):
+    def forward(ctx, x, w, x_s: float, w_s: float, grad_s: torch.Tensor):
         x8 = x.div(x_s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
         w8 = w.div(w_s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        ctx.save_for_backward(x8, w8)
-        ctx.scales = (x_s, w_s, grad_s)
+        x_s, w_s = (x.new_full((), scale, dtype=torch.float32) for scale in (x_s, w_s))
+        ctx.save_for_backward(x8, w8, x_s, w_s, grad_s)
         return fp8_mm(x8, w8, x_s, w_s, False, True)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x8, w8 = ctx.saved_tensors
-        x_s, w_s, grad_s = ctx.scales
-        g8 = grad_y.div(grad_s).clamp(-FP8_E5M2_MAX, FP8_E5M2_MAX).to(torch.float8_e5m2)
+        x8, w8, x_s, w_s, grad_s = ctx.saved_tensors
+        g8 = (grad_y / grad_s).clamp(-FP8_E5M2_MAX, FP8_E5M2_MAX).to(torch.float8_e5m2)
         grad_x = fp8_mm(g8, transpose_bytes(w8), grad_s, w_s, False, False)  # g w: [T, V] [V, K]
         # w's gradient as (x^T g)^T: the [K, T] x [T, V] product is the faster cuBLAS shape for K << V.
         grad_w = fp8_mm(transpose_bytes(x8), transpose_bytes(g8), x_s, grad_s, True, False).T
@@ -2133,6 +2136,8 @@ class GPT(nn.Module):
                                          and not (hp.mudd and n == "backout"))
         # (Under MUDD the last row's four sublayer weights are unused: MUDD_IN has them per token.)
         layer_init = torch.tensor([LAYER_SCALARS[n] for n in self.layer_scalar_names])
+        # 1 / the step's micro-batch count, set by the trainer: the FP8 head's gradient scale follows the loss's.
+        self.register_buffer("head_grad_scale", torch.ones(()), persistent=False)
         self.layer_scalars = nn.Parameter(layer_init.repeat(L, 1))
         self.global_scalars = nn.Parameter(torch.tensor([GLOBAL_SCALARS[n] for n in self.global_scalar_names]))
         self.gate_layouts = gate_layout(hp, self.recipe) if split else ([], [])
@@ -2241,7 +2246,8 @@ class GPT(nn.Module):
         hp = self.hp
         x = rms_norm(x)
         if hp.fp8_head and x.is_cuda:
-            scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX, 1 / FP8_E4M3_MAX)
+            scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX,
+                      self.head_grad_scale * FP8_HEAD_GRAD_SCALE)
             logits = FP8Linear.apply(x, self.lm_head_w, *scales)  # bf16
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x))
@@ -2751,6 +2757,7 @@ class Trainer:
         hp, plan = self.hp, self.plan(step)
         windows, scale, weights = self._forward_inputs(plan)
         micro_batches = plan.micro_batches * self.world_size  # in the whole step, all ranks together
+        self.model.head_grad_scale.fill_(1 / micro_batches)
         total = torch.zeros((), device=self.device)
         for _ in range(plan.micro_batches):
             inputs, targets, cu, (docs, max_len) = loader.next_batch()

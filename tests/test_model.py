@@ -319,7 +319,7 @@ def test_fp8_head_matmul_matches_float32_within_float8_rounding(trainer):
     x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
     w = (0.3 * torch.randn(48, 32, generator=g)).requires_grad_()  # within the head's |w| <= 1.6
     scales = (32 ** 0.5 / trainer.FP8_E4M3_MAX, trainer.FP8_HEAD_W_MAX / trainer.FP8_E4M3_MAX,
-              1 / trainer.FP8_E4M3_MAX)
+              torch.tensor(trainer.FP8_HEAD_GRAD_SCALE))
     y = trainer.FP8Linear.apply(x, w, *scales)
     grad_y = 0.01 * torch.randn(y.shape, generator=g)
     y.backward(grad_y.bfloat16())
@@ -329,6 +329,36 @@ def test_fp8_head_matmul_matches_float32_within_float8_rounding(trainer):
         rel = ((got.float() - want).norm() / want.norm()).item()
         assert rel < 0.1, f"{name}: relative error {rel:.3f} is beyond float8 rounding"
     assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32, "dtypes follow the operands"
+
+
+def _fp8_head_grads(trainer, grad_s, grad_y):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
+    w = (0.3 * torch.randn(48, 32, generator=g)).requires_grad_()
+    y = trainer.FP8Linear.apply(x, w, 32 ** 0.5 / trainer.FP8_E4M3_MAX, trainer.FP8_HEAD_W_MAX / trainer.FP8_E4M3_MAX,
+                                torch.tensor(grad_s))
+    y.backward(grad_y.bfloat16())
+    return x.grad.float(), w.grad
+
+
+def test_fp8_head_gradient_cast_follows_the_micro_batch_count(trainer):
+    """The trainer divides the loss by the step's micro-batch count m and the head's e5m2 gradient scale by the
+    same m: the gradients are then exactly 1/m of one micro-batch's (m a power of 2), whatever m is. A scale that
+    ignored m would push small logit gradients (here 1e-6 / 32) to e5m2's subnormals and zero, losing most of
+    the head's gradient: negative control."""
+    grad_y = 1e-6 * torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    one = _fp8_head_grads(trainer, trainer.FP8_HEAD_GRAD_SCALE, grad_y)
+    m = 32
+    many = _fp8_head_grads(trainer, trainer.FP8_HEAD_GRAD_SCALE / m, grad_y / m)
+    for name, a, b in zip(("grad_x", "grad_w"), one, many):
+        assert torch.equal(a / m, b), f"{name}: with m micro-batches the gradient must be exactly 1/m of one's"
+    fixed = _fp8_head_grads(trainer, trainer.FP8_HEAD_GRAD_SCALE, grad_y / m)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).bfloat16().float()
+    exact = (grad_y.bfloat16().float() / m).T @ x  # the head's gradient in fp32
+    err = {name: ((w_grad - exact).norm() / exact.norm()).item() for name, w_grad in (("followed", many[1]),
+                                                                                     ("fixed", fixed[1]))}
+    assert err["followed"] < 0.1 and err["fixed"] > 3 * err["followed"], f"relative error of the head's gradient: {err}"
 
 
 def test_transpose_bytes_is_an_exact_transposed_copy_and_checks_input(trainer):
@@ -346,4 +376,5 @@ def test_fp8_matmul_op_fake_kernel_agrees_with_the_real_one(trainer):
     a = torch.randn(32, 16, generator=g).to(torch.float8_e4m3fn)
     b = torch.randn(48, 16, generator=g).to(torch.float8_e5m2)
     for out_f32 in (False, True):
-        torch.library.opcheck(trainer.fp8_mm, (a, b, 0.01, 0.05, out_f32, False), test_utils=("test_faketensor",))
+        torch.library.opcheck(trainer.fp8_mm, (a, b, torch.tensor(0.01), torch.tensor(0.05), out_f32, False),
+                              test_utils=("test_faketensor",))
