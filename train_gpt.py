@@ -316,9 +316,9 @@ def parse_recipe(hp) -> Recipe:
         skip = (pair[0], pair[1])
     if not -1 <= hp.cache_layer < hp.num_layers - 1:
         raise ConfigError(f"--cache_layer={hp.cache_layer} must be -1 (off) or a layer before the last")
-    paired = frozenset(_layer_set(hp, "paired_head_layers"))
-    if paired & set(_layer_set(hp, "xsa_layers")):
-        raise ConfigError(f"--paired_head_layers and --xsa_layers share layer(s) {sorted(paired & set(_layer_set(hp, 'xsa_layers')))}: "
+    paired, xsa = frozenset(_layer_set(hp, "paired_head_layers")), frozenset(_layer_set(hp, "xsa_layers"))
+    if paired & xsa:
+        raise ConfigError(f"--paired_head_layers and --xsa_layers share layer(s) {sorted(paired & xsa)}: "
                           "XSA needs each head's own value vector, which paired heads mix")
     gate_split = max(hp.gate_split_layer, 0)
     if gate_split >= hp.num_layers:
@@ -348,7 +348,7 @@ def parse_recipe(hp) -> Recipe:
     return Recipe(stages=stages, extension_windows=_window_pair("extension_windows", hp.extension_windows),
                   final_val_windows=_window_pair("final_val_windows", hp.final_val_windows),
                   value_embed_layers=_layer_set(hp, "value_embed_layers"),
-                  xsa_layers=frozenset(_layer_set(hp, "xsa_layers")),
+                  xsa_layers=xsa,
                   attn_gate_layers=frozenset(_layer_set(hp, "attn_gate_layers")),
                   key_offset_layers=frozenset(_layer_set(hp, "key_offset_layers")),
                   paired_head_layers=paired, dc_layers=dc, gate_split=gate_split, skip=skip, betas=betas)
@@ -1594,9 +1594,8 @@ def window_attention_mask(T: int, cu: torch.Tensor, docs: int, window: int) -> t
     return (kv <= q) & (q - kv <= window) & (doc[:, None] == doc[None, :])
 
 
-def _attention_probs(q, k, cu, meta):
+def _attention_probs(q, k, cu, docs: int, window: int):
     """Softmax probabilities [H, T, T] (fp32) of the reference attention (scale 1: it is folded into q)."""
-    docs, _, window = _attention_ints(meta)
     mask = window_attention_mask(q.size(0), cu, docs, window)
     scores = torch.einsum("thd,shd->hts", q.float(), k.float()).masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1)
@@ -1610,7 +1609,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torc
     int64 (documents, longest document, window). Softmax scale 1 (fold yours into q)."""
     docs, max_len, window = _attention_ints(meta)
     if not q.is_cuda:
-        probs = _attention_probs(q, k, cu, meta)
+        probs = _attention_probs(q, k, cu, docs, window)
         out = torch.einsum("hts,shd->thd", probs, v.float()).to(q.dtype).contiguous()
         return out, torch.zeros(q.size(1), q.size(0), dtype=torch.float32)  # lse: only the GPU backward reads it
     bounds = cu[:docs + 1]
@@ -1634,7 +1633,7 @@ def window_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tens
     if not q.is_cuda:
         # Softmax attention's gradient (e.g. FlashAttention, arXiv 2205.14135, Algorithm 4): dV = P^T dO,
         # dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q.
-        probs = _attention_probs(q, k, cu, meta)
+        probs = _attention_probs(q, k, cu, docs, window)
         g, vf, o = grad.float(), v.float(), out.float()
         dv = torch.einsum("hts,thd->shd", probs, g)
         dp = torch.einsum("thd,shd->hts", g, vf)
@@ -2709,10 +2708,11 @@ class Trainer:
                 adam_params.append((b.xsa_alpha, hp.adam_lr_scalar, betas["scalar"], 0.0))
         for gen, lr in m.adam_generators():  # records #81 (MUDD, 0.25 x 0.008) and #85 (gates, 0.1 x 0.008)
             adam_params += gen.adam_params(lr, betas["scalar"], wd_gate)
+        matrices = m.hidden_matrices()
         self.adam = DistAdam(adam_params, hp.adam_eps, rank, world_size)
-        self.muon = DistMuon(m.hidden_matrices(), hp, rank, world_size)
-        self.muon_params = [p for p, _ in m.hidden_matrices()]
-        owned = [id(entry[0]) for entry in adam_params] + [id(p) for p, _ in m.hidden_matrices()]
+        self.muon = DistMuon(matrices, hp, rank, world_size)
+        self.muon_params = [p for p, _ in matrices]
+        owned = [id(entry[0]) for entry in adam_params] + [id(p) for p in self.muon_params]
         assert sorted(owned) == sorted(id(p) for p in m.parameters()), "every parameter has exactly one optimizer"
         self.untie_step = untie_step(hp, self.derived)
         self._set_tied(self.untie_step is not None)

@@ -51,25 +51,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
-def run_case(ids, q, k, v, grad, window, paired):
-    """(errors of out, dq, dk, dv against the CPU reference on a prefix, ms fwd+bwd, first call s)."""
-    pair = train_gpt.pair_heads if paired else (lambda t: t)
-    cu, docs, max_len = train_gpt.document_bounds(ids.numpy(), train_gpt.Hyperparameters.bos_id)
-    cu = torch.from_numpy(cu)
+def layout(ids, window, paired, device):
+    """(cu_seqlens on device, the op's CPU ints) for the documents of ids [T] (CPU), as the model's layers of
+    that kind (paired: heads in pairs over 2T positions) pass them."""
     stretch = 2 if paired else 1
-    meta = torch.tensor([docs, stretch * max_len, window])
-    dev = q.device
+    cu, docs, max_len = train_gpt.document_bounds(ids.numpy(), train_gpt.Hyperparameters.bos_id)
+    return stretch * torch.from_numpy(cu).to(device), torch.tensor([docs, stretch * max_len, window])
 
-    def step(q, k, v, cu, meta, grad):
-        out, _ = train_gpt.window_attention(pair(q), pair(k), pair(v), stretch * cu, meta)
-        return out, torch.autograd.grad(out, (q, k, v), pair(grad))
 
-    t0 = time.perf_counter()
-    out, grads = step(q, k, v, cu.to(dev), meta, grad)
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    ms = median_ms(lambda: step(q, k, v, cu.to(dev), meta, grad))
-    return out, grads, ms, first, (cu, docs, max_len, meta)
+def attend(q, k, v, grad, cu, meta, paired):
+    """(output, (dq, dk, dv)) of the trainer's attention op for q, k, v, grad [T, H, D] on any device."""
+    pair = train_gpt.pair_heads if paired else (lambda t: t)
+    out, _ = train_gpt.window_attention(pair(q), pair(k), pair(v), cu, meta)
+    return out, torch.autograd.grad(out, (q, k, v), pair(grad))
 
 
 def main(argv=None) -> int:
@@ -92,24 +86,25 @@ def main(argv=None) -> int:
     rows = []
     for w in (int(x) for x in args.windows.split(",")):
         for paired in (False, True):
-            out, grads, ms, first, _ = run_case(ids, q, k, v, grad, w * train_gpt.ATTN_BLOCK, paired)
-            # Reference on the prefix: the same op on CPU in float32 (documents of the prefix alone).
-            ref_q, ref_k, ref_v = (t[:n].detach().float().cpu().requires_grad_() for t in (q, k, v))
-            pair = train_gpt.pair_heads if paired else (lambda t: t)
-            cu, docs, max_len = train_gpt.document_bounds(ids[:n].numpy(), train_gpt.Hyperparameters.bos_id)
+            window = w * train_gpt.ATTN_BLOCK
+            cu, meta = layout(ids, window, paired, dev)
+            t0 = time.perf_counter()
+            out, _ = attend(q, k, v, grad, cu, meta, paired)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            ms = median_ms(lambda: attend(q, k, v, grad, cu, meta, paired))
+            # Errors on the first n tokens: queries there see only keys among them (causal), so the whole row's
+            # output prefix equals the prefix's; gradients are recomputed on the prefix, on the GPU and by the
+            # same op on CPU in float32 (its reference).
+            prefix = [t[:n].detach().requires_grad_() for t in (q, k, v)]
+            _, grads = attend(*prefix, grad[:n], *layout(ids[:n], window, paired, dev), paired)
+            ref_out, ref_grads = attend(*(t.float().cpu().detach().requires_grad_() for t in prefix),
+                                        grad[:n].float().cpu(), *layout(ids[:n], window, paired, "cpu"), paired)
             stretch = 2 if paired else 1
-            meta = torch.tensor([docs, stretch * max_len, w * train_gpt.ATTN_BLOCK])
-            ref_out, _ = train_gpt.window_attention(pair(ref_q), pair(ref_k), pair(ref_v),
-                                                    stretch * torch.from_numpy(cu), meta)
-            ref_grads = torch.autograd.grad(ref_out, (ref_q, ref_k, ref_v), pair(grad[:n].float().cpu()))
-            # The GPU prefix: queries of the first n tokens see only keys among them (causal), so the full-row
-            # output's prefix equals the prefix-only output; gradients are recomputed on the prefix.
-            out_n, grads_n, _, _, _ = run_case(ids[:n], *(t[:n].detach().requires_grad_() for t in (q, k, v)),
-                                               grad[:n], w * train_gpt.ATTN_BLOCK, paired)
             row = dict(window=w, paired=paired, ms=ms, first_call_s=first,
                        out_err=relative_error(out[:stretch * n], ref_out),
-                       dq_err=relative_error(grads_n[0], ref_grads[0]), dk_err=relative_error(grads_n[1], ref_grads[1]),
-                       dv_err=relative_error(grads_n[2], ref_grads[2]))
+                       dq_err=relative_error(grads[0], ref_grads[0]), dk_err=relative_error(grads[1], ref_grads[1]),
+                       dv_err=relative_error(grads[2], ref_grads[2]))
             rows.append(row)
             print(row, flush=True)
     print(f"\n{T} tokens, {H} heads x {D}, documents ~{args.doc_len} tokens, bf16, fwd+bwd (median of 20); errors "
