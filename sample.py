@@ -10,7 +10,7 @@ windows after the last step). Text is GPT-2 BPE through tiktoken, built as data/
 the prompt follows a BOS token, as every training document does. Each new token is drawn from the
 softcapped logits over the tokenizer's ids, divided by --temperature (0: the most likely token) and cut to
 the --top_k most likely (0: all). No KV cache: every token runs the whole context again, up to the model's
-longest sequence (--train_seq_len or --val_seq_len, whichever is longer), which is plenty for a look at a run.
+longest sequence (the longest --stage_seq_len or --val_seq_len), which is plenty for a look at a run.
 
 Exit status 0, or 2 with one `error:` line (an unusable checkpoint, a prompt outside the model's vocabulary).
 """
@@ -90,7 +90,7 @@ def generate(tg, model, hp, step: int, prompt_ids: list[int], n_tokens: int, tem
     """The n_tokens ids that follow BOS + prompt_ids."""
     device = model.lm_head_w.device
     windows, scale = attention_inputs(tg, model, hp, step)
-    longest = max(hp.train_seq_len, hp.val_seq_len)
+    longest = max(tg.longest_train_row(hp), hp.val_seq_len)
     generator = torch.Generator().manual_seed(seed)
     ids, new = [hp.bos_id, *prompt_ids], []
     for _ in range(n_tokens):

@@ -66,6 +66,7 @@ class Hyperparameters:
     extension_steps: int = 15  # steps after the schedule, at its final windows and the lr floor
     stage_starts: str = "1/3,2/3"  # where stages 2, 3, ... begin, as fractions of num_iterations
     stage_batch_tokens: str = "131072,262144,393216"  # tokens per optimizer step in each stage, all ranks
+    stage_seq_len: str = "16384,32768,49152"  # tokens per micro-batch (one packed row) per GPU in each stage
     stage_doc_clip: str = "896,2048,2048"  # each document cut to this many tokens in a row (0: used whole)
     stage_windows: str = "1:3,3:7,5:11"  # short:long attention window of each stage, in 128-token blocks
     extension_windows: str = "6:13"  # short:long window of the extension steps
@@ -74,7 +75,6 @@ class Hyperparameters:
     cooldown_frac: float = 0.6  # fraction of the scheduled steps in the final linear lr cooldown
     final_lr_frac: float = 0.15  # lr multiplier (floor) at the end of the cooldown and in the extension
     mtp_weights: str = "1,0.5,0.25>0;1,0.5>0;1"  # per stage (;): loss weights of the next 1, 2, .. tokens; a>b ramps
-    train_seq_len: int = 16 * 1024  # tokens per micro-batch (one packed row) per GPU; one shape for all stages
     val_seq_len: int = 64 * 1024  # tokens per validation forward per GPU
     # model
     vocab_size: int = 50304  # rows of the embedding and head: tokenizer_vocab padded to a multiple of 128
@@ -153,7 +153,7 @@ class Hyperparameters:
     resume_from: str = ""  # a checkpoint folder: continue that run from its step (the configuration must match)
 
     def __post_init__(self):
-        positive = ["val_tokens", "train_seq_len", "val_seq_len", "num_iterations", "vocab_size",
+        positive = ["val_tokens", "val_seq_len", "num_iterations", "vocab_size",
                     "tokenizer_vocab", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "adam_every"]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -214,6 +214,7 @@ class Stage:
     """One stage of the schedule: from step `start` on, these settings (lr_mul before the cooldown)."""
     start: int
     batch_tokens: int
+    seq_len: int  # tokens per micro-batch per rank
     doc_clip: int
     windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
     lr_mul: float
@@ -286,15 +287,17 @@ def parse_recipe(hp) -> Recipe:
     if any(not 0 < b < 1 for b in starts) or starts != sorted(set(starts)):
         raise ConfigError(f"--stage_starts={hp.stage_starts!r} must be increasing fractions strictly between 0 and 1")
     n = len(starts) + 1
-    lists = {name: getattr(hp, name) for name in ("stage_batch_tokens", "stage_doc_clip", "stage_windows", "stage_lr_mul")}
+    lists = {name: getattr(hp, name) for name in ("stage_batch_tokens", "stage_seq_len", "stage_doc_clip", "stage_windows",
+                                                  "stage_lr_mul")}
     for name, text in lists.items():
         if len(text.split(",")) != n:
             raise ConfigError(f"--{name}={text!r} needs {n} entries, one per stage (--stage_starts gives {n} stages)")
     batches = _numbers("stage_batch_tokens", hp.stage_batch_tokens, int)
-    for b in batches:
-        if b <= 0 or b % hp.train_seq_len:
-            raise ConfigError(f"--stage_batch_tokens: {b} is not a positive multiple of --train_seq_len="
-                              f"{hp.train_seq_len} (a step is whole micro-batches)")
+    seq_lens = _numbers("stage_seq_len", hp.stage_seq_len, int)
+    for b, t in zip(batches, seq_lens):
+        if t <= 0 or b <= 0 or b % t:
+            raise ConfigError(f"--stage_batch_tokens: {b} is not a positive multiple of its stage's --stage_seq_len "
+                              f"{t} (a step is whole micro-batches)")
     clips = _numbers("stage_doc_clip", hp.stage_doc_clip, int)
     if min(clips) < 0:
         raise ConfigError(f"--stage_doc_clip={hp.stage_doc_clip!r}: clips are >= 0 (0: documents used whole)")
@@ -302,8 +305,9 @@ def parse_recipe(hp) -> Recipe:
     if len(set(first_steps)) != n:
         raise ConfigError(f"--num_iterations={hp.num_iterations} is too few steps for {n} stages")
     ramps = _mtp_ramps(hp, n)
-    stages = tuple(Stage(start, batch, clip, _window_pair("stage_windows", w), lr, mtp) for start, batch, clip, w, lr, mtp
-                   in zip(first_steps, batches, clips, hp.stage_windows.split(","),
+    stages = tuple(Stage(start, batch, seq_len, clip, _window_pair("stage_windows", w), lr, mtp)
+                   for start, batch, seq_len, clip, w, lr, mtp
+                   in zip(first_steps, batches, seq_lens, clips, hp.stage_windows.split(","),
                           _numbers("stage_lr_mul", hp.stage_lr_mul), ramps))
     if hp.untie_stage > n:
         raise ConfigError(f"--untie_stage={hp.untie_stage}: the schedule has {n} stages")
@@ -363,7 +367,7 @@ PRESETS = {
         num_layers=4, model_dim=64, num_heads=2, head_dim=32, layer_attention="SS-L", value_embed_layers="1,3",
         xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", paired_head_layers="0", skip_connection="1>2",
         cache_layer=1, gate_split_layer=2, mudd=True, dc_layers="3",
-        bigram_buckets=1024, train_seq_len=256, stage_starts="1/3,2/3", stage_batch_tokens="512,1024,1024",
+        bigram_buckets=1024, stage_seq_len="256,256,512", stage_starts="1/3,2/3", stage_batch_tokens="512,1024,1024",
         stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
         stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
         mtp_weights="1,0.5>0;1,0.25>0;1", num_iterations=20, extension_steps=2, val_seq_len=1024, val_tokens=4096,
@@ -472,17 +476,17 @@ class Derived:
 
 def derive(hp: Hyperparameters, world_size: int) -> Derived:
     recipe = parse_recipe(hp)
-    per_round = world_size * hp.train_seq_len
     for stage in recipe.stages:
+        per_round = world_size * stage.seq_len
         if stage.batch_tokens % per_round:
             raise ConfigError(f"--stage_batch_tokens: {stage.batch_tokens} must be a multiple of world_size * "
-                              f"train_seq_len = {world_size} * {hp.train_seq_len} = {per_round}: e.g. "
-                              f"{max(stage.batch_tokens // per_round, 1) * per_round}, or change --train_seq_len")
+                              f"its stage's --stage_seq_len = {world_size} * {stage.seq_len} = {per_round}: e.g. "
+                              f"{max(stage.batch_tokens // per_round, 1) * per_round}, or change --stage_seq_len")
     if hp.val_tokens % hp.val_seq_len:
         raise ConfigError(f"--val_tokens={hp.val_tokens} must be a multiple of --val_seq_len={hp.val_seq_len}: "
                           f"e.g. --val_tokens={max(hp.val_tokens // hp.val_seq_len, 1) * hp.val_seq_len}, "
                           f"or --val_seq_len={hp.val_tokens} if it divides {hp.val_tokens} evenly")
-    return Derived(recipe=recipe, grad_accum=tuple(s.batch_tokens // per_round for s in recipe.stages))
+    return Derived(recipe=recipe, grad_accum=tuple(s.batch_tokens // (world_size * s.seq_len) for s in recipe.stages))
 
 
 # -----------------------------------------------------------------------------
@@ -1716,6 +1720,12 @@ def _(a, b, a_s, b_s, out_f32, fast_accum):
     return a.new_empty(a.size(0), b.size(0), dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 
+def fp8_head_applies(hp, x) -> bool:
+    """The head runs in FP8 on GPU while training only: validation (no gradients) reads bf16 logits, as the
+    public code does (it casts when training), so the measured loss carries no e4m3 rounding of x and W."""
+    return hp.fp8_head and x.is_cuda and torch.is_grad_enabled()
+
+
 class FP8Linear(torch.autograd.Function):
     """y = x w^T (bf16) for x [T, K] (bf16) and w [V, K] (fp32) through float8 operands; gradients likewise.
     x_s, w_s: floats; grad_s: a 0-d fp32 tensor on x's device (it changes with the micro-batch count, and a
@@ -2127,7 +2137,7 @@ class GPT(nn.Module):
             signs = 2 * torch.randint(0, 2, (BIGRAM_SIGN_ROWS, D), generator=g, device="cpu") - 1
             self.register_buffer("bigram_signs", signs.to(torch.get_default_device(), torch.float32), persistent=False)
         self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS)) if hp.smear else None
-        rotary = Rotary(hp.head_dim, 2 * max(hp.train_seq_len, hp.val_seq_len))  # paired layers: 2T positions
+        rotary = Rotary(hp.head_dim, 2 * max(longest_train_row(hp), hp.val_seq_len))  # paired layers: 2T positions
         self.blocks = nn.ModuleList([Block(hp, rotary, spec) for spec in self.specs])
         split = self.recipe.gate_split
         self.layer_scalar_names = tuple(n for n in LAYER_SCALARS if not (split and n in DYNAMIC_LAYER_SCALARS))
@@ -2244,7 +2254,7 @@ class GPT(nn.Module):
         logits to also predict later tokens (multi-token prediction without extra heads, the speedrun's #53)."""
         hp = self.hp
         x = rms_norm(x)
-        if hp.fp8_head and x.is_cuda:
+        if fp8_head_applies(hp, x):
             scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX,
                       self.head_grad_scale * FP8_HEAD_GRAD_SCALE)
             logits = FP8Linear.apply(x, self.lm_head_w, *scales)  # bf16
@@ -2376,8 +2386,8 @@ class _ShardPrefetcher:
 class TrainStream:
     """The global sequence of training rows (micro-batches), independent of the world size.
 
-    Row j is seq_len + 1 tokens; where each begins is next_row_start's rule. The tail of a shard that
-    cannot hold a whole row is skipped. Rank r of W takes rows j = r mod W. `on_shard(path, tokens, rows)`
+    Row j is seq_len + 1 tokens (or the length next_micro_batch asks for); where each begins is next_row_start's
+    rule. The tail of a shard that cannot hold a whole row is skipped. Rank r of W takes rows j = r mod W. `on_shard(path, tokens, rows)`
     is called as each shard is opened (the log's account of how much of the data the rows use). `start`, a
     `position()` of an earlier stream over the same files, continues from there (a resumed run).
     """
@@ -2413,41 +2423,42 @@ class TrainStream:
         following = (self.file_index + 1) % len(self.files)
         self._next = self._open(self.files[following])
 
-    def next_micro_batch(self, doc_clip: int = 0) -> np.ndarray:
-        """The next row of seq_len + 1 tokens: documents used whole (next_row_start), or each cut to doc_clip
-        tokens (clipped_row)."""
+    def next_micro_batch(self, doc_clip: int = 0, seq_len: int | None = None) -> np.ndarray:
+        """The next row of seq_len + 1 tokens (default: the stream's): documents used whole (next_row_start), or
+        each cut to doc_clip tokens (clipped_row)."""
+        seq_len = seq_len or self.seq_len
         for _ in range(2 * len(self.files) + 1):
             if doc_clip:
-                found = clipped_row(self.bos, self.pos, len(self.tokens), self.seq_len, doc_clip)
+                found = clipped_row(self.bos, self.pos, len(self.tokens), seq_len, doc_clip)
                 if found is not None:
                     segments, self.pos = found
-                    self.tokens_served += self.seq_len
+                    self.tokens_served += seq_len
                     return np.concatenate([self.tokens[s:s + n] for s, n in segments])
             else:
-                start = next_row_start(self.bos, self.pos, len(self.tokens), self.seq_len)
+                start = next_row_start(self.bos, self.pos, len(self.tokens), seq_len)
                 if start is not None:
-                    self.pos = start + self.seq_len
-                    self.tokens_served += self.seq_len
-                    return self.tokens[start:start + self.seq_len + 1]
+                    self.pos = start + seq_len
+                    self.tokens_served += seq_len
+                    return self.tokens[start:start + seq_len + 1]
             self._advance_shard()
-        raise DataError(f"no shard in {self.pattern!r} holds a row of {self.seq_len + 1} tokens "
-                        "(--train_seq_len + 1); lower --train_seq_len or add data")
+        raise DataError(f"no shard in {self.pattern!r} holds a row of {seq_len + 1} tokens "
+                        "(--stage_seq_len + 1); lower --stage_seq_len or add data")
 
 
 class DistributedTrainLoader:
     """This rank's micro-batches as (inputs, targets, cu_seqlens, (documents, longest document)) on `device`:
     int64 tokens, int32 document starts and host ints (document_bounds).
 
-    `clips` gives the document clip of each round of world_size rows (one row per rank), in order: the
-    schedule's, so that the stream is the same at any world size. The next batch is staged while the
+    `rows` gives the (sequence length, document clip) of each round of world_size rows (one row per rank), in
+    order: the schedule's (row_specs), so that the stream is the same at any world size. The next batch is staged while the
     current one computes (pinned host memory, non-blocking copy). `start`: the stream's start (TrainStream).
     """
 
-    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, clips, on_shard=None,
+    def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, rows, on_shard=None,
                  start: dict | None = None):
-        self.stream = TrainStream(hp.train_files, hp.train_seq_len, vocab=hp.tokenizer_vocab, bos_id=hp.bos_id,
+        self.stream = TrainStream(hp.train_files, longest_train_row(hp), vocab=hp.tokenizer_vocab, bos_id=hp.bos_id,
                                   cycle=hp.cycle_train_data, on_shard=on_shard, start=start)
-        self.rank, self.world_size, self.device, self.clips = rank, world_size, device, iter(clips)
+        self.rank, self.world_size, self.device, self.rows = rank, world_size, device, iter(rows)
         self.bos_id = hp.bos_id
         self._staged = self._stage()
 
@@ -2457,12 +2468,13 @@ class DistributedTrainLoader:
 
     def _stage(self):
         self._staged_from = self.stream.position()
-        clip = next(self.clips, None)
-        if clip is None:  # the schedule's last micro-batch is staged: nothing follows
+        row = next(self.rows, None)
+        if row is None:  # the schedule's last micro-batch is staged: nothing follows
             return None
+        seq_len, clip = row
         mine = None
         for r in range(self.world_size):
-            batch = self.stream.next_micro_batch(clip)
+            batch = self.stream.next_micro_batch(clip, seq_len)
             if r == self.rank:
                 mine = batch
         cu, docs, max_len = document_bounds(mine[:-1], self.bos_id)
@@ -2474,7 +2486,7 @@ class DistributedTrainLoader:
 
     def next_batch(self):
         if self._staged is None:
-            raise RuntimeError("the loader was asked for more micro-batches than its clips schedule")
+            raise RuntimeError("the loader was asked for more micro-batches than its rows schedule")
         batch, self._staged = self._staged, self._stage()
         return batch
 
@@ -2584,6 +2596,7 @@ class StepPlan:
     step: int
     stage: int  # index into the recipe's stages; the extension steps belong to the last
     batch_tokens: int  # the stage's tokens per step, all ranks
+    seq_len: int  # tokens per micro-batch per rank
     micro_batches: int  # per rank
     doc_clip: int
     windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
@@ -2591,6 +2604,11 @@ class StepPlan:
     lr: float  # multiplier of every optimizer's lr
     momentum: float  # Muon's
     mtp: tuple[float, ...]  # loss weights of the next 1, 2, ... tokens (padded to the recipe's longest)
+
+
+def longest_train_row(hp: Hyperparameters) -> int:
+    """The longest micro-batch of any stage, in tokens per rank."""
+    return max(_numbers("stage_seq_len", hp.stage_seq_len, int))
 
 
 def total_steps(hp: Hyperparameters) -> int:
@@ -2628,7 +2646,7 @@ def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
     progress = 1.0 if extension else (step - stage.start) / max(end - stage.start, 1)
     width = max(len(s.mtp) for s in stages)
     mtp = tuple(a + (b - a) * progress for a, b in stage.mtp) + (0.0,) * (width - len(stage.mtp))
-    return StepPlan(step, k, stage.batch_tokens, derived.grad_accum[k], stage.doc_clip, windows, long_windows, lr,
+    return StepPlan(step, k, stage.batch_tokens, stage.seq_len, derived.grad_accum[k], stage.doc_clip, windows, long_windows, lr,
                     momentum, mtp)
 
 
@@ -2660,11 +2678,11 @@ def warmup_step_list(hp: Hyperparameters, derived: Derived) -> list[int]:
     return sorted(s for s in steps if s < total_steps(hp))
 
 
-def doc_clips(steps, hp: Hyperparameters, derived: Derived):
-    """The document clip of each round of micro-batches of `steps`, for DistributedTrainLoader."""
+def row_specs(steps, hp: Hyperparameters, derived: Derived):
+    """(sequence length, document clip) of each round of micro-batches of `steps`, for DistributedTrainLoader."""
     for step in steps:
         plan = plan_step(step, hp, derived)
-        yield from [plan.doc_clip] * plan.micro_batches
+        yield from [(plan.seq_len, plan.doc_clip)] * plan.micro_batches
 
 
 class Trainer:
@@ -2766,7 +2784,7 @@ class Trainer:
             # the reduce-scatter: every world size backpropagates the same values (the FP8 head's e5m2 cast
             # of the logit gradient included, whose rounding depends on their scale) and gets the same mean.
             (loss_sum / micro_batches).backward()
-            total += loss_sum.detach() / (hp.train_seq_len * plan.micro_batches)
+            total += loss_sum.detach() / (plan.seq_len * plan.micro_batches)
         embed, head = self.model.embed.weight, self.model.lm_head_w
         if self.tied:
             head.grad += embed.grad
@@ -2895,7 +2913,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     warm_steps = warmup_step_list(hp, derived)
     if warm_steps:
         snap = trainer.snapshot()
-        warm_loader = DistributedTrainLoader(hp, rank, world_size, device, doc_clips(warm_steps, hp, derived))
+        warm_loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(warm_steps, hp, derived))
         for i, step in enumerate(warm_steps):
             # The timed loop's loss all-reduce too: a collective's first call can take seconds, so each
             # collective of a timed step runs here first.
@@ -2921,8 +2939,8 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         f"startup_time:{time.perf_counter() - launch_time:.1f}s")
 
     start, train_ms, position = resume(trainer, hp.resume_from, log) if hp.resume_from else (0, 0.0, None)
-    loader = DistributedTrainLoader(hp, rank, world_size, device, doc_clips(range(start, N), hp, derived),
-                                    on_shard=shard_reporter(log, hp.train_seq_len), start=position)
+    loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(range(start, N), hp, derived),
+                                    on_shard=shard_reporter(log, longest_train_row(hp)), start=position)
     pending = None
     _sync(device)
     t0 = time.perf_counter()

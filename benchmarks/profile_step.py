@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     trainer = train_gpt.Trainer(hp, rank, world_size, device)
     steps = range(args.start_step, args.start_step + args.warmup + args.time_steps + args.steps)
-    loader = train_gpt.DistributedTrainLoader(hp, rank, world_size, device, train_gpt.doc_clips(steps, hp, trainer.derived))
+    loader = train_gpt.DistributedTrainLoader(hp, rank, world_size, device, train_gpt.row_specs(steps, hp, trainer.derived))
     step = args.start_step
 
     def run_step():

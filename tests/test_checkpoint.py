@@ -156,7 +156,7 @@ def test_a_checkpoint_is_written_atomically_and_never_overwritten(tiny_corpus, t
     hp = train_gpt.parse_args(_args(tiny_corpus, tmp_path, "atomic"))
     trainer = train_gpt.Trainer(hp, 0, 1, torch.device("cpu"))
     loader = train_gpt.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"),
-                                              train_gpt.doc_clips(range(2), hp, trainer.derived))
+                                              train_gpt.row_specs(range(2), hp, trainer.derived))
     trainer.train_step(0, loader)
     log = train_gpt.RunLog(hp, 0)
     save = torch.save

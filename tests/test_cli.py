@@ -38,7 +38,7 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--num_layers=6"], ["--layer_attention needs one letter per layer (6)"]),
     (["--layer_attention=SSSLSSXSSSL"], ["from L (long window), S (short window), - (no attention)"]),
     (["--stage_batch_tokens=131072,262144"], ["--stage_batch_tokens", "needs 3 entries, one per stage"]),
-    (["--stage_batch_tokens=131072,262144,100000"], ["100000 is not a positive multiple of --train_seq_len=16384"]),
+    (["--stage_batch_tokens=131072,262144,100000"], ["100000 is not a positive multiple of its stage's --stage_seq_len 49152"]),
     (["--stage_starts=2/3,1/3"], ["--stage_starts", "increasing fractions"]),
     (["--stage_windows=1:3,3,5:11"], ["--stage_windows: '3' is not short:long"]),
     (["--mtp_weights=1;1"], ["--mtp_weights has 2 stage(s)", "the schedule has 3"]),
@@ -68,8 +68,9 @@ STAGE_LIST_FLAGS = {"--stage_batch_tokens", "--stage_starts", "--stage_windows",
 def test_batch_must_split_evenly_over_ranks_and_accumulation(trainer):
     hp = trainer.parse_args(["--preset=tiny"])
     batches = [int(b) for b in hp.stage_batch_tokens.split(",")]
-    assert trainer.derive(hp, 1).grad_accum == tuple(b // hp.train_seq_len for b in batches)
-    assert trainer.derive(hp, 2).grad_accum == tuple(b // (2 * hp.train_seq_len) for b in batches)
+    seq_lens = [int(t) for t in hp.stage_seq_len.split(",")]
+    assert trainer.derive(hp, 1).grad_accum == tuple(b // t for b, t in zip(batches, seq_lens))
+    assert trainer.derive(hp, 2).grad_accum == tuple(b // (2 * t) for b, t in zip(batches, seq_lens))
     with pytest.raises(trainer.ConfigError, match="multiple of world_size"):
         trainer.derive(hp, 3)
 
@@ -79,7 +80,7 @@ def test_default_recipe_runs_the_same_batches_on_any_gpu_count(trainer):
     stages = trainer.parse_recipe(hp).stages
     for world_size in (1, 2, 4, 8):
         accum = trainer.derive(hp, world_size).grad_accum
-        assert [a * world_size * hp.train_seq_len for a in accum] == [s.batch_tokens for s in stages]
+        assert [a * world_size * s.seq_len for a, s in zip(accum, stages)] == [s.batch_tokens for s in stages]
 
 
 def test_help_shows_each_flags_meaning_and_allowed_values(trainer, capsys):

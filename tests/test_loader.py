@@ -65,19 +65,20 @@ def test_micro_batches_start_at_bos_and_cross_shards(trainer, shard_dir):
     assert stream.file_index == 1, "60 batches of 512 tokens need the second shard"
 
 
-def _rank_batches(trainer, hp, rank, world_size, rows, clips):
-    """This rank's first `rows` micro-batches, each round of world_size rows cut with the next clip."""
-    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"), clips)
+def _rank_batches(trainer, hp, rank, world_size, rows, specs):
+    """This rank's first `rows` micro-batches, each round of world_size rows shaped by the next (length, clip)."""
+    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"), specs)
     return [loader.next_batch()[0] for _ in range(rows)]
 
 
 def test_each_micro_batch_comes_with_the_document_bounds_of_its_inputs(trainer, shard_dir):
-    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin", "--train_seq_len=512"])
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), [0, 100, 0])
-    for _ in range(3):
+    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin", "--stage_seq_len=512,512,512"])
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), [(512, 0), (256, 100), (512, 0)])
+    for k in range(3):
         inputs, targets, cu, (docs, max_len) = loader.next_batch()
         want_cu, want_docs, want_max = trainer.document_bounds(inputs.numpy(), BOS)
         assert torch.equal(cu, torch.from_numpy(want_cu)) and (docs, max_len) == (want_docs, want_max)
+        assert len(inputs) == len(cu) - 1 == (256 if k == 1 else 512), "each row has its own length"
         assert docs > 1, "negative control: rows of these shards hold several documents"
 
 
@@ -85,11 +86,13 @@ def test_each_micro_batch_comes_with_the_document_bounds_of_its_inputs(trainer, 
 @pytest.mark.parametrize("clip", [0, 100])
 def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_size, clip):
     """Rank r's k-th micro-batch is global micro-batch k*W + r, so the union over ranks of each
-    step's micro-batches is the single-process step's micro-batches, whole or clipped documents alike."""
-    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin", "--train_seq_len=256"])
-    single = _rank_batches(trainer, hp, 0, 1, 24, [clip] * 24)
-    per_rank = [_rank_batches(trainer, hp, r, world_size, 24 // world_size, [clip] * (24 // world_size))
-                for r in range(world_size)]
+    step's micro-batches is the single-process step's micro-batches, whole or clipped documents alike,
+    and across a change of row length (a new stage)."""
+    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin"])
+    lengths = [256] * 12 + [512] * 12
+    single = _rank_batches(trainer, hp, 0, 1, 24, [(n, clip) for n in lengths])
+    per_rank = [_rank_batches(trainer, hp, r, world_size, 24 // world_size,
+                              [(n, clip) for n in lengths[::world_size]]) for r in range(world_size)]
     for k in range(24 // world_size):
         for r in range(world_size):
             assert torch.equal(per_rank[r][k], single[k * world_size + r])

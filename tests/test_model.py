@@ -2,6 +2,7 @@
 import math
 
 import importlib
+import types
 
 import numpy as np
 import pytest
@@ -378,3 +379,14 @@ def test_fp8_matmul_op_fake_kernel_agrees_with_the_real_one(trainer):
     for out_f32 in (False, True):
         torch.library.opcheck(trainer.fp8_mm, (a, b, torch.tensor(0.01), torch.tensor(0.05), out_f32, False),
                               test_utils=("test_faketensor",))
+
+
+def test_fp8_head_serves_training_only(trainer):
+    """Validation (no gradients) reads bf16 logits so the measured loss has no e4m3 rounding; training on GPU
+    casts. A CPU tensor never casts (negative control: the flag alone does not decide)."""
+    hp = trainer.parse_args(["--preset=tiny"])
+    on_gpu, on_cpu = types.SimpleNamespace(is_cuda=True), torch.zeros(1)
+    assert hp.fp8_head and trainer.fp8_head_applies(hp, on_gpu), "training on GPU uses the FP8 head"
+    with torch.no_grad():
+        assert not trainer.fp8_head_applies(hp, on_gpu), "validation must read bf16 logits"
+    assert not trainer.fp8_head_applies(hp, on_cpu), "CPU runs the fp32 head"

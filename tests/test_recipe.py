@@ -30,8 +30,10 @@ def test_stages_begin_at_the_scaled_boundaries_and_the_extension_follows(trainer
     assert starts == [0, round(n / 3), round(2 * n / 3)], starts
     assert stages[n - 1] == stages[n] == 2 and len(stages) == n + hp.extension_steps
     ext = trainer.plan_step(n, hp, d)
-    assert ext.windows == (6, 13) and ext.lr == hp.final_lr_frac and ext.micro_batches == 24
-    assert [trainer.plan_step(starts[k], hp, d).micro_batches for k in range(3)] == [8, 16, 24]
+    assert ext.windows == (6, 13) and ext.lr == hp.final_lr_frac and (ext.seq_len, ext.micro_batches) == (49152, 8)
+    plans = [trainer.plan_step(starts[k], hp, d) for k in range(3)]
+    assert [(p.seq_len, p.micro_batches) for p in plans] == [(16384, 8), (32768, 8), (49152, 8)], \
+        "one GPU runs 8 micro-batches of the rows an 8-GPU rank runs (the public recipe's per-rank lengths)"
 
 
 def test_lr_schedule_matches_the_public_recipe_at_known_steps(trainer):
@@ -232,7 +234,7 @@ def test_embedding_is_the_head_until_the_untie_step_then_continues_from_its_adam
     hp, t = _trainer(trainer, tiny_corpus)
     untie = t.untie_step
     steps = range(untie + 1 + hp.adam_every)  # through the first Adam step after the untie
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(steps, hp, t.derived))
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.row_specs(steps, hp, t.derived))
     for step in steps:
         t.train_step(step, loader)
         embed, head = t.model.embed.weight, t.model.lm_head_w
@@ -250,7 +252,7 @@ def test_adam_steps_once_every_adam_every_steps_on_the_accumulated_gradients(tra
     their gradients kept until then; the untie step is an Adam step. adam_every=1 is the negative control."""
     hp, t = _trainer(trainer, tiny_corpus, f"--adam_every={adam_every}")
     assert trainer.adam_steps_at(t.untie_step, hp), "the embedding unties on an Adam step"
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(range(2), hp, t.derived))
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.row_specs(range(2), hp, t.derived))
     scalars, mlp = t.model.layer_scalars, t.model.blocks[0].mlp_fc
     before = [scalars.detach().clone(), mlp.detach().clone()]
     t.train_step(0, loader)
@@ -282,12 +284,12 @@ def test_warmup_compiles_everything_the_timed_loop_runs(trainer, tiny_corpus):
     counters.clear()
     t.forward = torch.compile(t.model, backend="eager", dynamic=False)
     warm = trainer.warmup_step_list(hp, t.derived)
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(warm, hp, t.derived))
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.row_specs(warm, hp, t.derived))
     for step in warm:
         t.train_step(step, loader)
     warm_graphs = counters["stats"]["unique_graphs"]
     steps = range(trainer.total_steps(hp))
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(steps, hp, t.derived))
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.row_specs(steps, hp, t.derived))
     for step in steps:
         t.train_step(step, loader)
     graphs = counters["stats"]["unique_graphs"]

@@ -53,7 +53,7 @@ def test_medium_defaults_are_the_medium_track_recipe():
     assert len(hp.layer_attention) == 16 and "-" in hp.layer_attention
     for world_size in (1, 2, 4, 8):
         (accum,) = medium.derive(hp, world_size).grad_accum
-        assert accum * world_size * hp.train_seq_len == 8 * 64 * 1024, "the public medium record's batch"
+        assert accum * world_size * int(hp.stage_seq_len) == 8 * 64 * 1024, "the public medium record's batch"
     make_medium = load_script("tools/make_medium.py", "make_medium")
     for name, expression in make_medium.MEDIUM_RECIPE.items():
         assert getattr(hp, name) == eval(expression), f"--{name}: the recipe's {expression}, not {getattr(hp, name)!r}"

@@ -98,7 +98,7 @@ def first_backward_grads(rank, world_size, module, *corpus_flags):
     hp = trainer.parse_args(["--preset=tiny", *corpus_flags])
     run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))
     loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"),
-                                            trainer.doc_clips(range(1), hp, run.derived))
+                                            trainer.row_specs(range(1), hp, run.derived))
     grads = {}
 
     def record_first(name):
@@ -221,7 +221,7 @@ def test_warmup_restores_model_and_optimizer_state_exactly(trainer, tiny_corpus)
     t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
     before = [x.clone() for x in list(t.model.parameters()) + t.adam.state_tensors() + t.muon.state_tensors()]
     snap = t.snapshot()
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(range(2), hp, t.derived))
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.row_specs(range(2), hp, t.derived))
     for step in range(2):
         t.train_step(step, loader)
     after_training = list(t.model.parameters())
@@ -296,7 +296,7 @@ def test_inputs_are_checked_before_anything_trains_or_compiles(trainer, tiny_cor
 
 
 @pytest.mark.parametrize("flag, fix", [("--val_tokens=1000", "--val_tokens=1024"),
-                                       ("--stage_batch_tokens=100,1024,1024", "multiple of --train_seq_len=256")])
+                                       ("--stage_batch_tokens=100,1024,1024", "multiple of its stage's --stage_seq_len 256")])
 def test_sizes_that_do_not_divide_are_usage_errors_naming_a_value_that_works(trainer, tiny_corpus, tmp_path, flag,
                                                                             fix, capsys):
     assert trainer.main(_args(tiny_corpus, tmp_path, "size", flag)) == 2

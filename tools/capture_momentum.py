@@ -36,14 +36,15 @@ sys.path.insert(0, ROOT)
 # Short rows and a small batch make a step of the full-size model take seconds on CPU; every other
 # setting is the trainer's default recipe (schedule, lr, momentum warm-up, Polar Express + NorMuon).
 # The batch: 2048 tokens in the first stage, 4096 after (the small track has 3 stages, the medium 1).
-CPU_FLAGS = ["--train_seq_len=1024", "--val_seq_len=1024", "--val_tokens=1024", "--compile=false", "--warmup_steps=0",
+CPU_FLAGS = ["--val_seq_len=1024", "--val_tokens=1024", "--compile=false", "--warmup_steps=0",
              "--device=cpu"]
 
 
 def cpu_flags(trainer) -> list[str]:
     stages = len(trainer.Hyperparameters.__dataclass_fields__["stage_batch_tokens"].default.split(","))
     batch, clip = ["2048"] + ["4096"] * (stages - 1), ["896"] + ["1024"] * (stages - 1)
-    return CPU_FLAGS + [f"--stage_batch_tokens={','.join(batch)}", f"--stage_doc_clip={','.join(clip)}"]
+    return CPU_FLAGS + [f"--stage_batch_tokens={','.join(batch)}", f"--stage_doc_clip={','.join(clip)}",
+                        f"--stage_seq_len={','.join(['1024'] * stages)}"]
 FIXTURE_LAYER = 4  # an attention layer in the middle of both models (short window in both)
 
 
@@ -64,7 +65,7 @@ def capture(trainer_name: str, steps: int, corpus: str, extra: list[str]):
     train_glob, val_glob = os.path.join(corpus, "proxy_train_*.bin"), os.path.join(corpus, "proxy_val_*.bin")
     hp = trainer.parse_args([f"--train_files={train_glob}", f"--val_files={val_glob}", *cpu_flags(trainer), *extra])
     run = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
-    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.doc_clips(range(steps), hp, run.derived))
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.row_specs(range(steps), hp, run.derived))
     recorded, original = [], trainer.orthogonalize
 
     def recording(G, *args, **kwargs):  # called once per shape group, in the groups' order

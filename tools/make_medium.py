@@ -29,6 +29,7 @@ MEDIUM_RECIPE = {
     "num_iterations": "5960",
     "stage_starts": '""',
     "stage_batch_tokens": '"524288"',
+    "stage_seq_len": '"16384"',
     "stage_doc_clip": '"2048"',
     "stage_windows": '"13:27"',
     "stage_lr_mul": '"1"',
