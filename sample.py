@@ -1,8 +1,8 @@
 """Generate text from a checkpoint of train_gpt.py (or train_gpt_medium.py), on CPU or GPU.
 
     python sample.py logs/RUN/step_1285 --prompt "The meaning of life is" --tokens 100 --temperature 0.8 --top_k 50
-    python sample.py logs/RUN/step_1285 --prompt "Hello" --vocab-bpe tests/data/gpt2/vocab.bpe \\
-        --encoder-json tests/data/gpt2/encoder.json          # offline: GPT-2's files instead of tiktoken's download
+    python sample.py logs/RUN/step_1285 --prompt "Hello" --vocab-bpe data/gpt2/vocab.bpe \\
+        --encoder-json data/gpt2/encoder.json          # offline: GPT-2's files instead of tiktoken's download
 
 The checkpoint's own hyperparameters build the model (the trainer's GPT, imported from the file named by
 --trainer), with the attention windows and rotary tables of the checkpoint's step (the final validation's

@@ -32,6 +32,7 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,6 +76,8 @@ class Hyperparameters:
     cooldown_frac: float = 0.6  # fraction of the scheduled steps in the final linear lr cooldown
     final_lr_frac: float = 0.15  # lr multiplier (floor) at the end of the cooldown and in the extension
     mtp_weights: str = "1,0.5,0.25>0;1,0.5>0;1"  # per stage (;): loss weights of the next 1, 2, .. tokens; a>b ramps
+    prefix_weights: str = "0;0;0"  # per stage (;): weight of the next token's byte-prefix token as a target (public: 0.25;0.25>0;0)
+    prefix_vocab: str = "data/gpt2/encoder.json"  # the tokenizer whose tokens' byte prefixes make those targets
     val_seq_len: int = 64 * 1024  # tokens per validation forward per GPU
     # model
     vocab_size: int = 50304  # rows of the embedding and head: tokenizer_vocab padded to a multiple of 128
@@ -219,6 +222,7 @@ class Stage:
     windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
     lr_mul: float
     mtp: tuple[tuple[float, float], ...]  # per predicted offset 1, 2, ...: weight at the stage's start and end
+    prefix: tuple[float, float]  # the prefix target's weight at the stage's start and end
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,7 @@ class Recipe:
     gate_split: int  # first layer whose gates come from the residual (0: static gates)
     skip: tuple[int, int] | None  # (from layer, to layer)
     betas: dict  # group name -> (beta1, beta2)
+    prefix_loss: bool  # some stage weighs the prefix target: the loss takes one more target per token
 
 
 def _numbers(name: str, text: str, kind=float, sep=",") -> list:
@@ -265,18 +270,21 @@ def _layer_set(hp, name: str, attention_only: bool = True) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def _mtp_ramps(hp, stages: int) -> list:
-    per_stage = [part.strip() for part in hp.mtp_weights.split(";")]
-    if len(per_stage) != stages:
-        raise ConfigError(f"--mtp_weights has {len(per_stage)} stage(s) (separated by ';'); the schedule has {stages}")
+def _weight_ramps(name: str, text: str, stages: int, per_stage_max: int | None = None) -> list:
+    """Per stage (';'-separated), a tuple of (start, end) weights from items 'w' or 'a>b' (','-separated)."""
+    parts = [part.strip() for part in text.split(";")]
+    if len(parts) != stages:
+        raise ConfigError(f"--{name} has {len(parts)} stage(s) (separated by ';'); the schedule has {stages}")
     ramps = []
-    for part in per_stage:
+    for part in parts:
         weights = []
         for item in part.split(","):
-            ends = _numbers("mtp_weights", item, float, ">")
+            ends = _numbers(name, item, float, ">")
             if len(ends) > 2 or min(ends) < 0:
-                raise ConfigError(f"--mtp_weights: {item!r} is not a weight w >= 0 or a ramp a>b")
+                raise ConfigError(f"--{name}: {item!r} is not a weight w >= 0 or a ramp a>b")
             weights.append((ends[0], ends[-1]))
+        if per_stage_max is not None and len(weights) > per_stage_max:
+            raise ConfigError(f"--{name}: {part!r} has {len(weights)} weights; a stage has one")
         ramps.append(tuple(weights))
     return ramps
 
@@ -304,11 +312,12 @@ def parse_recipe(hp) -> Recipe:
     first_steps = [0] + [round(f * hp.num_iterations) for f in starts]
     if len(set(first_steps)) != n:
         raise ConfigError(f"--num_iterations={hp.num_iterations} is too few steps for {n} stages")
-    ramps = _mtp_ramps(hp, n)
-    stages = tuple(Stage(start, batch, seq_len, clip, _window_pair("stage_windows", w), lr, mtp)
-                   for start, batch, seq_len, clip, w, lr, mtp
+    ramps = _weight_ramps("mtp_weights", hp.mtp_weights, n)
+    prefix = [w[0] for w in _weight_ramps("prefix_weights", hp.prefix_weights, n, per_stage_max=1)]
+    stages = tuple(Stage(start, batch, seq_len, clip, _window_pair("stage_windows", w), lr, mtp, pre)
+                   for start, batch, seq_len, clip, w, lr, mtp, pre
                    in zip(first_steps, batches, seq_lens, clips, hp.stage_windows.split(","),
-                          _numbers("stage_lr_mul", hp.stage_lr_mul), ramps))
+                          _numbers("stage_lr_mul", hp.stage_lr_mul), ramps, prefix))
     if hp.untie_stage > n:
         raise ConfigError(f"--untie_stage={hp.untie_stage}: the schedule has {n} stages")
     skip = None
@@ -355,7 +364,8 @@ def parse_recipe(hp) -> Recipe:
                   xsa_layers=xsa,
                   attn_gate_layers=frozenset(_layer_set(hp, "attn_gate_layers")),
                   key_offset_layers=frozenset(_layer_set(hp, "key_offset_layers")),
-                  paired_head_layers=paired, dc_layers=dc, gate_split=gate_split, skip=skip, betas=betas)
+                  paired_head_layers=paired, dc_layers=dc, gate_split=gate_split, skip=skip, betas=betas,
+                  prefix_loss=any(max(p) > 0 for p in prefix))
 
 
 # Presets: named sets of flags, applied before the other flags (which win). A preset names the tracks it
@@ -370,7 +380,8 @@ PRESETS = {
         bigram_buckets=1024, stage_seq_len="256,256,512", stage_starts="1/3,2/3", stage_batch_tokens="512,1024,1024",
         stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
         stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
-        mtp_weights="1,0.5>0;1,0.25>0;1", num_iterations=20, extension_steps=2, val_seq_len=1024, val_tokens=4096,
+        mtp_weights="1,0.5>0;1,0.25>0;1", prefix_weights="0.25;0.25>0;0", num_iterations=20, extension_steps=2,
+        val_seq_len=1024, val_tokens=4096,
         val_loss_every=10, warmup_steps=0, compile=False, cycle_train_data=True)),
 }
 
@@ -917,12 +928,13 @@ def _(x):
     return x.new_empty(x.size(1), x.size(0))
 
 
-# Softcapped multi-token cross-entropy, forward and backward each one pass over the logits (the speedrun's
-# fused loss, records #60 and #79, in our own form). For raw logits z [T, V] (the head's output), the
+# Softcapped multi-target cross-entropy, forward and backward each one pass over the logits (the speedrun's
+# fused loss, records #60, #79 and #88, in our own form). For raw logits z [T, V] (the head's output), the
 # softcapped logits are u = cap * sigmoid((z + offset) / temp), bounded in (0, cap), so sum_j exp(u_j)
-# needs no running maximum. Row t's loss is sum_k w_k (lse_t - u_t[y_{t+k}]) over the offsets k with a
-# target (y = -100 or t + k past the row: none), and the gradient is
-#   dL/dz_tj = g_t (S_t p_tj - sum_k w_k [y_{t+k} = j]) cap s_tj (1 - s_tj) / temp,
+# needs no running maximum. Row t has targets y_tk in a [T, K] matrix (-100: none) with weights w_k: the
+# tokens t+1, t+2, ... (multi-token prediction) and the next token's byte prefix (target_matrix). Row t's
+# loss is sum_k w_k (lse_t - u_t[y_tk]) over its targets, and the gradient is
+#   dL/dz_tj = g_t (S_t p_tj - sum_k w_k [y_tk = j]) cap s_tj (1 - s_tj) / temp,
 # with p = softmax(u), s = sigmoid((z + offset) / temp), S_t the weights of row t's targets and g_t the
 # incoming gradient. Unfused, autograd makes several passes over [T, V] fp32 arrays per offset.
 CE_BLOCK = 4096  # vocabulary columns per loop iteration of a row's program
@@ -935,16 +947,71 @@ def softcap_logits(z: torch.Tensor, cap: float, offset: float, temp: float) -> t
     return cap * torch.sigmoid((z.float() + offset) / temp)
 
 
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's encoder.json spells each byte as one printable character: printable Latin-1 bytes as
+    themselves, the other 68 bytes as chr(256 + i) in byte order (GPT-2's bytes_to_unicode). Character ->
+    byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+def prefix_token_table(encoder: dict[str, int], vocab_size: int) -> np.ndarray:
+    """[vocab_size] int64: for each token id, the id of the token whose bytes are the longest proper prefix of
+    its bytes, or -1 where no proper prefix is a token (single bytes, special tokens, padding ids). `encoder`
+    is GPT-2's encoder.json (token spelled as in _gpt2_byte_decoder -> id); special tokens such as
+    <|endoftext|> are left out: their text is no byte string of the data."""
+    decode = _gpt2_byte_decoder()
+    by_bytes = {}
+    for text, token in encoder.items():
+        if all(c in decode for c in text) and not (text.startswith("<|") and text.endswith("|>")):
+            by_bytes[bytes(decode[c] for c in text)] = token
+    table = np.full(vocab_size, -1, dtype=np.int64)
+    for spelled, token in by_bytes.items():
+        for cut in range(len(spelled) - 1, 0, -1):
+            prefix = by_bytes.get(spelled[:cut])
+            if prefix is not None:
+                table[token] = prefix
+                break
+    return table
+
+
+def load_prefix_table(hp) -> np.ndarray:
+    """prefix_token_table of --prefix_vocab (a relative path is looked up from here, then beside this file);
+    a ConfigError says what to do when the file is missing or is another vocabulary."""
+    path = Path(hp.prefix_vocab)
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parent / hp.prefix_vocab
+    try:
+        encoder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--prefix_vocab={hp.prefix_vocab!r}: cannot read it ({type(e).__name__}); it is GPT-2's "
+                          "encoder.json (this repository ships it in data/gpt2/), or train without the prefix "
+                          "loss: --prefix_weights with zeros (e.g. 0;0;0)") from None
+    if not isinstance(encoder, dict) or len(encoder) != hp.tokenizer_vocab:
+        raise ConfigError(f"--prefix_vocab={hp.prefix_vocab!r} holds {len(encoder)} tokens, not --tokenizer_vocab="
+                          f"{hp.tokenizer_vocab}: the prefix targets need the data's own tokenizer")
+    return prefix_token_table(encoder, hp.vocab_size)
+
+
+def target_matrix(targets: torch.Tensor, offsets: int, prefix_table: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, K] int64 targets of each position: the tokens 1 .. `offsets` ahead (the next-token targets shifted;
+    -100 past the row), then, given prefix_table [V], the next token's byte-prefix token (-100 where it has none)."""
+    columns = [F.pad(targets[k:], (0, k), value=-100) for k in range(offsets)]
+    if prefix_table is not None:
+        prefix = prefix_table[targets.clamp_min(0)]
+        columns.append(torch.where((targets >= 0) & (prefix >= 0), prefix, -100))
+    return torch.stack(columns, dim=1)
+
+
 def softcap_mtp_ce_reference(z, targets, weights, cap: float, offset: float, temp: float):
-    """(row losses [T], row log-sum-exp [T]) in fp32, in plain torch: the kernel's specification, and the CPU
-    path (autograd differentiates it)."""
+    """(row losses [T], row log-sum-exp [T]) in fp32 for targets [T, K] (target_matrix), in plain torch: the
+    kernel's specification, and the CPU path (autograd differentiates it)."""
     u = softcap_logits(z, cap, offset, temp)
     logp = torch.log_softmax(u, dim=-1)
-    rows = torch.zeros_like(logp[:, 0])
-    for k in range(weights.numel()):
-        target = F.pad(targets[k:], (0, k), value=-100)
-        picked = logp.gather(1, target.clamp_min(0)[:, None]).squeeze(1)
-        rows = rows - weights[k] * torch.where(target >= 0, picked, 0.0)
+    picked = logp.gather(1, targets.clamp_min(0))
+    rows = -(torch.where(targets >= 0, picked, 0.0) * weights).sum(dim=1)
     return rows, (u[:, 0] - logp[:, 0]).detach()
 
 
@@ -953,14 +1020,11 @@ def softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap: float
     s = torch.sigmoid((z.float() + offset) / temp)
     p = torch.exp(cap * s - lse[:, None])
     dl = torch.zeros_like(p)
-    total = torch.zeros_like(lse)
-    rows = torch.arange(z.size(0), device=z.device)
-    for k in range(weights.numel()):
-        target = F.pad(targets[k:], (0, k), value=-100)
-        valid = target >= 0
-        total = total + weights[k] * valid
-        dl.index_put_((rows[valid], target[valid]), -weights[k].expand(int(valid.sum())).float(), accumulate=True)
-    dl += total[:, None] * p
+    valid = targets >= 0
+    rows = torch.arange(z.size(0), device=z.device)[:, None].expand_as(targets)
+    hit = -weights.float().expand_as(targets)
+    dl.index_put_((rows[valid], targets[valid]), hit[valid], accumulate=True)
+    dl += (weights * valid).sum(dim=1)[:, None] * p
     return (grad[:, None] * dl * cap * s * (1 - s) / temp).to(z.dtype)
 
 
@@ -969,7 +1033,7 @@ if HAS_TRITON:
     @triton.jit
     def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, T, V, stride_z, cap, offset, inv_temp,
                                    K: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per row t of Z [T, V] (fp32/bf16): ROWS[t] = sum_k W[k] (lse - u[TGT[t + k]]), LSE[t]."""
+        """One program per row t of Z [T, V] (fp32/bf16): ROWS[t] = sum_k W[k] (lse - u[TGT[t, k]]), LSE[t]."""
         row = tl.program_id(0)
         z_row = Z + row.to(tl.int64) * stride_z
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -980,7 +1044,7 @@ if HAS_TRITON:
         lse = tl.log(tl.sum(acc, axis=0))
         loss = 0.0
         for k in tl.static_range(K):
-            y = tl.load(TGT + row + k, mask=row + k < T, other=-100)
+            y = tl.load(TGT + row * K + k)
             hit = y >= 0
             zy = tl.load(z_row + tl.maximum(y, 0), mask=hit, other=0.0).to(tl.float32)
             u_y = cap * tl.sigmoid((zy + offset) * inv_temp)
@@ -999,7 +1063,7 @@ if HAS_TRITON:
         g = tl.load(G + row)
         total = 0.0
         for k in tl.static_range(K):
-            y = tl.load(TGT + row + k, mask=row + k < T, other=-100)
+            y = tl.load(TGT + row * K + k)
             total += tl.where(y >= 0, tl.load(W + k), 0.0)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -1007,7 +1071,7 @@ if HAS_TRITON:
             s = tl.sigmoid((z + offset) * inv_temp)
             dl = total * tl.exp(cap * s - lse)
             for k in tl.static_range(K):
-                y = tl.load(TGT + row + k, mask=row + k < T, other=-100)
+                y = tl.load(TGT + row * K + k)
                 dl -= tl.where(cols == y, tl.load(W + k), 0.0)
             dz = g * dl * cap * s * (1 - s) * inv_temp
             tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=cols < V)
@@ -1025,8 +1089,9 @@ def _ce_launch():
 @torch.library.custom_op(f"{OP_NAMESPACE}::softcap_mtp_ce", mutates_args=())
 def softcap_mtp_ce(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, cap: float, offset: float,
                    temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row losses [T], row log-sum-exp [T]), fp32, of raw logits z [T, V] (contiguous rows), targets [T]
-    (int64, -100: none) and offset weights [K] (fp32): the fused kernel on GPU, the reference otherwise."""
+    """(row losses [T], row log-sum-exp [T]), fp32, of raw logits z [T, V] (contiguous rows), targets [T, K]
+    (target_matrix: int64, contiguous, -100: none) and their weights [K] (fp32): the fused kernel on GPU, the
+    reference otherwise."""
     if not _ce_on_triton(z):
         return softcap_mtp_ce_reference(z, targets, weights, cap, offset, temp)
     T, V = z.shape
@@ -2147,6 +2212,8 @@ class GPT(nn.Module):
         layer_init = torch.tensor([LAYER_SCALARS[n] for n in self.layer_scalar_names])
         # 1 / the step's micro-batch count, set by the trainer: the FP8 head's gradient scale follows the loss's.
         self.register_buffer("head_grad_scale", torch.ones(()), persistent=False)
+        # Each token's byte-prefix token (-1: none), filled by the trainer from --prefix_vocab (prefix_token_table).
+        self.register_buffer("prefix_table", torch.full((hp.vocab_size,), -1, dtype=torch.long), persistent=False)
         self.layer_scalars = nn.Parameter(layer_init.repeat(L, 1))
         self.global_scalars = nn.Parameter(torch.tensor([GLOBAL_SCALARS[n] for n in self.global_scalar_names]))
         self.gate_layouts = gate_layout(hp, self.recipe) if split else ([], [])
@@ -2201,7 +2268,8 @@ class GPT(nn.Module):
                 loss_weights: torch.Tensor) -> torch.Tensor:
         """inputs, targets [T] (targets -100 are ignored); cu [T + 1] the row's document starts (int32,
         document_bounds); attn_meta: attention_meta's CPU tensors per layer kind; attn_scale the softmax scale
-        (float or 0-d tensor); loss_weights [K] of head_loss. Returns the weighted sum of the token losses (fp32)."""
+        (float or 0-d tensor); loss_weights [K] of head_loss (with the recipe's prefix loss the last one is the
+        prefix target's: StepPlan.loss_weights). Returns the weighted sum of the token losses (fp32)."""
         hp, split = self.hp, self.recipe.gate_split
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         g = dict(zip(self.global_scalar_names, self.global_scalars.unbind(0)))
@@ -2249,9 +2317,11 @@ class GPT(nn.Module):
         return self.head_loss(x, targets, loss_weights)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
-        """Softcapped multi-token loss (softcap_mtp_ce) of the final hidden states x [T, dim], summed (fp32):
-        sum_t sum_k loss_weights[k] CE(logits_t, targets_{t+k}). k = 0 is the next token; k >= 1 train the same
-        logits to also predict later tokens (multi-token prediction without extra heads, the speedrun's #53)."""
+        """Softcapped multi-target loss (softcap_mtp_ce) of the final hidden states x [T, dim], summed (fp32):
+        sum_t sum_k loss_weights[k] CE(logits_t, y_tk). y_t0 is the next token; k >= 1 train the same logits to
+        also predict later tokens (multi-token prediction without extra heads, the speedrun's #53); with the
+        recipe's prefix loss the last weight's target is the next token's longest byte prefix that is itself a
+        token (records #88: an easier neighbour of the answer), where it has one."""
         hp = self.hp
         x = rms_norm(x)
         if fp8_head_applies(hp, x):
@@ -2262,8 +2332,10 @@ class GPT(nn.Module):
             logits = F.linear(x, self.lm_head_w.type_as(x))
         # Softcapped into (0, cap), asymmetric around z = 0 (the speedrun's form since records #54), inside the loss:
         # the fused kernels on GPU, autograd through the reference on CPU.
+        prefix = self.recipe.prefix_loss
+        y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None)
         loss = softcap_mtp_ce if _ce_on_triton(logits) else softcap_mtp_ce_reference
-        rows, _ = loss(logits, targets, loss_weights, hp.logit_softcap, hp.logit_offset, hp.logit_temp)
+        rows, _ = loss(logits, y, loss_weights, hp.logit_softcap, hp.logit_offset, hp.logit_temp)
         return rows.sum()
 
 
@@ -2586,6 +2658,23 @@ def environment_report() -> str:
 # -----------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def validation_loss(model, val_tokens: np.ndarray, hp: Hyperparameters, windows: tuple[int, int], scale, weights,
+                    rank: int, world_size: int, device: torch.device) -> tuple[float, int]:
+    """(mean next-token loss, predictions scored) of `model` over the validation stream at `windows` (blocks),
+    with the softmax `scale` and loss `weights` (next token only) as device tensors and the rotary tables as
+    they are; every rank gets the all-reduced mean."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for inputs, targets, cu, (docs, max_len) in validation_chunks(val_tokens, hp, rank, world_size, device):
+        loss_sum += model(inputs, targets, cu, attention_meta(docs, max_len, windows), scale, weights).double()
+        count += (targets != -100).sum()
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(count)
+    return (loss_sum / count).item(), int(count.item())  # val_tokens - 1 predictions on every world size (tested)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -2603,7 +2692,8 @@ class StepPlan:
     long_windows: tuple[int, ...]  # the long window (tokens) of every stage so far: YaRN and the softmax scale
     lr: float  # multiplier of every optimizer's lr
     momentum: float  # Muon's
-    mtp: tuple[float, ...]  # loss weights of the next 1, 2, ... tokens (padded to the recipe's longest)
+    loss_weights: tuple[float, ...]  # of the next 1, 2, ... tokens (padded to the recipe's longest), then of the
+    # prefix target if the recipe has one (GPT.head_loss)
 
 
 def longest_train_row(hp: Hyperparameters) -> int:
@@ -2619,7 +2709,7 @@ def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
     """The schedule at `step` (README: "The staged schedule"). lr: the stage's multiplier until the cooldown,
     then a linear blend towards final_lr_frac, reached at num_iterations and kept in the extension. Muon
     momentum: start -> momentum over the warm-up fraction, back to start over the last cooldown fraction.
-    MTP weights ramp linearly within each stage."""
+    Loss weights (MTP and prefix) ramp linearly within each stage."""
     N, stages = hp.num_iterations, derived.recipe.stages
     k = max(i for i, s in enumerate(stages) if s.start <= min(step, N - 1))
     stage, extension = stages[k], step >= N
@@ -2645,9 +2735,11 @@ def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
     end = stages[k + 1].start if k + 1 < len(stages) else N
     progress = 1.0 if extension else (step - stage.start) / max(end - stage.start, 1)
     width = max(len(s.mtp) for s in stages)
-    mtp = tuple(a + (b - a) * progress for a, b in stage.mtp) + (0.0,) * (width - len(stage.mtp))
+    weights = tuple(a + (b - a) * progress for a, b in stage.mtp) + (0.0,) * (width - len(stage.mtp))
+    if derived.recipe.prefix_loss:
+        weights += (stage.prefix[0] + (stage.prefix[1] - stage.prefix[0]) * progress,)
     return StepPlan(step, k, stage.batch_tokens, stage.seq_len, derived.grad_accum[k], stage.doc_clip, windows, long_windows, lr,
-                    momentum, mtp)
+                    momentum, weights)
 
 
 def adam_steps_at(step: int, hp: Hyperparameters) -> bool:
@@ -2695,6 +2787,8 @@ class Trainer:
         torch.manual_seed(hp.seed)  # every rank seeds alike, so all start from the same weights
         with device:
             self.model = GPT(hp)
+        if self.derived.recipe.prefix_loss:
+            self.model.prefix_table.copy_(torch.from_numpy(load_prefix_table(hp)))
         if world_size > 1:
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
@@ -2738,7 +2832,7 @@ class Trainer:
         self._attention_state = None
         for step in range(total_steps(hp)):  # made now: a host-to-device copy in the timed loop would stall it
             plan = self.plan(step)
-            self._on_device(plan.mtp, torch.float32)
+            self._on_device(plan.loss_weights, torch.float32)
             self._on_device(yarn_attention_scale(hp.attn_scale, plan.long_windows), torch.float32)
         self.last_val_predictions = 0
         self._val_tokens = val_tokens
@@ -2768,7 +2862,7 @@ class Trainer:
             self._attention_state = plan.long_windows
         scale = yarn_attention_scale(self.hp.attn_scale, plan.long_windows)
         return (windows or plan.windows, self._on_device(scale, torch.float32),
-                self._on_device(plan.mtp, torch.float32))
+                self._on_device(plan.loss_weights, torch.float32))
 
     def train_step(self, step: int, loader: DistributedTrainLoader) -> torch.Tensor:
         """One optimizer step over the stage's batch; returns this rank's mean weighted train loss (device)."""
@@ -2817,18 +2911,10 @@ class Trainer:
         `step` (the final validation: --final_val_windows, the rotary tables unchanged)."""
         plan = self.plan(min(step, total_steps(self.hp) - 1))
         windows, scale, _ = self._forward_inputs(plan, self.derived.recipe.final_val_windows if final else None)
-        weights = self._on_device((1.0,) + (0.0,) * (len(plan.mtp) - 1), torch.float32)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = torch.zeros((), device=self.device, dtype=torch.float64)
-        for inputs, targets, cu, (docs, max_len) in validation_chunks(self.val_tokens, self.hp, self.rank,
-                                                                      self.world_size, self.device):
-            loss_sum += self.model(inputs, targets, cu, attention_meta(docs, max_len, windows), scale, weights).double()
-            count += (targets != -100).sum()
-        if self.world_size > 1:
-            dist.all_reduce(loss_sum)
-            dist.all_reduce(count)
-        self.last_val_predictions = int(count.item())  # val_tokens - 1 on every world size (tested)
-        return (loss_sum / count).item()
+        weights = self._on_device((1.0,) + (0.0,) * (len(plan.loss_weights) - 1), torch.float32)
+        loss, self.last_val_predictions = validation_loss(self.model, self.val_tokens, self.hp, windows, scale, weights,
+                                                          self.rank, self.world_size, self.device)
+        return loss
 
     @property
     def val_tokens(self) -> np.ndarray:
@@ -2929,7 +3015,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             windows, scale, _ = trainer._forward_inputs(plan, derived.recipe.final_val_windows if final else None)
             with torch.no_grad():
                 trainer.model(inputs, targets, cu, attention_meta(docs, max_len, windows), scale,
-                              trainer._on_device(plan.mtp, torch.float32))
+                              trainer._on_device(plan.loss_weights, torch.float32))
         _sync(device)
         phases = f"first_train_step:{t_first:.1f}s first_val_forward:{time.perf_counter() - t_val:.1f}s "
         trainer.restore(snap)
@@ -3158,6 +3244,8 @@ def main(argv: list[str] | None = None) -> int:
         hp = parse_args(argv)
         rank, world_size, device = setup_distributed(hp)
         derive(hp, world_size)
+        if parse_recipe(hp).prefix_loss:
+            load_prefix_table(hp)  # a missing or foreign vocabulary is a usage error before anything compiles
         if hp.resume_from:
             read_checkpoint(hp.resume_from, hp)
         log = RunLog(hp, rank)

@@ -18,7 +18,11 @@ BOS = 50256
 # End-to-end CPU runs use a small vocabulary: with GPT-2's 50,304-wide embedding and head, the tiny model's
 # time goes almost all into them. Shards of synthetic_tokens(..., bos=SMALL_BOS) hold ids below SMALL_VOCAB.
 SMALL_VOCAB, SMALL_BOS = 256, 255
-SMALL_VOCAB_FLAGS = [f"--vocab_size={SMALL_VOCAB}", f"--tokenizer_vocab={SMALL_VOCAB}", f"--bos_id={SMALL_BOS}"]
+# Its "tokenizer" for the prefix-token loss: ids 0-15 one byte (a-p), 16-143 two, 144-254 three (each the
+# two-byte token's text and one of x, y, z), 255 <|endoftext|>; each longer token's prefix is a token.
+SMALL_VOCAB_ENCODER = ROOT / "tests/data/small_vocab_encoder.json"
+SMALL_VOCAB_FLAGS = [f"--vocab_size={SMALL_VOCAB}", f"--tokenizer_vocab={SMALL_VOCAB}", f"--bos_id={SMALL_BOS}",
+                     f"--prefix_vocab={SMALL_VOCAB_ENCODER}"]
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 

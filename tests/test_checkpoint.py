@@ -195,3 +195,21 @@ def test_optimizer_state_round_trips_through_any_world_size_layout():
     assert torch.equal(torch.cat(shards), torch.tensor([0.0, 1, 2, 3, 4, 0])), "rank r holds rows r*k.., zero padded"
     with pytest.raises(ValueError, match="Adam holds 1 parameters"):
         train_gpt.DistAdam([(params[0], 0.1, (0.9, 0.99), 0.0)], 1e-8, 0, 1).load_state_dict(state)
+
+
+def test_eval_checkpoint_reproduces_the_final_validation_and_compares_windows(straight, capsys):
+    """tools/eval_checkpoint.py on the last checkpoint: at the run's final validation windows it prints the log's
+    final val loss; other windows give other losses (negative control: the windows reach the attention)."""
+    tool = load_script("tools/eval_checkpoint.py", "eval_checkpoint")
+    hp = train_gpt.parse_args(["--preset=tiny"])
+    final, other = hp.final_val_windows, "1:1"
+    with one_torch_thread():
+        assert tool.main([str(straight["step"](22)), "--windows", final, other, "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    losses = {line.split()[1]: float(line.split()[2].split(":")[1]) for line in lines}
+    assert set(losses) == {f"windows:{final}", f"windows:{other}"}, lines
+    assert losses[f"windows:{final}"] == pytest.approx(straight["losses"][22], abs=5e-5), \
+        f"the final validation logged {straight['losses'][22]}, the tool {losses}"
+    assert abs(losses[f"windows:{other}"] - losses[f"windows:{final}"]) > 1e-6, losses
+    assert tool.main([str(straight["step"](22)), "--windows", "3"]) == 2, "a malformed window is a usage error"
+    assert "error: --windows: '3' is not short:long" in capsys.readouterr().err

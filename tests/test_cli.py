@@ -43,6 +43,8 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--stage_windows=1:3,3,5:11"], ["--stage_windows: '3' is not short:long"]),
     (["--mtp_weights=1;1"], ["--mtp_weights has 2 stage(s)", "the schedule has 3"]),
     (["--mtp_weights=1,0.5>-1;1;1"], ["is not a weight w >= 0 or a ramp a>b"]),
+    (["--prefix_weights=0.25;0"], ["--prefix_weights has 2 stage(s)", "the schedule has 3"]),
+    (["--prefix_weights=0.25,0.1;0;0"], ["--prefix_weights: '0.25,0.1' has 2 weights; a stage has one"]),
     (["--xsa_layers=1,11"], ["--xsa_layers: layer 11 does not exist"]),
     (["--value_embed_layers=1,6"], ["--value_embed_layers: layer 6 has no attention"]),
     (["--skip_connection=6>3"], ["--skip_connection='6>3' must be a>b"]),
@@ -61,7 +63,7 @@ def test_bad_flags_fail_with_a_message_naming_the_fix(trainer, argv, words, caps
     assert "usage:" in capsys.readouterr().err, "the usage line follows the error"
 
 
-STAGE_LIST_FLAGS = {"--stage_batch_tokens", "--stage_starts", "--stage_windows", "--mtp_weights", "--untie_stage",
+STAGE_LIST_FLAGS = {"--stage_batch_tokens", "--stage_starts", "--stage_windows", "--mtp_weights", "--prefix_weights", "--untie_stage",
                     "--xsa_layers", "--value_embed_layers", "--skip_connection"}
 
 

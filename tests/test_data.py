@@ -1,5 +1,5 @@
 """Specifications of data/: the shard format, the hub downloaders (run offline against a hub cache laid
-out here) and the text tokenizer (run with GPT-2's vocabulary files shipped in tests/data/gpt2/)."""
+out here) and the text tokenizer (run with GPT-2's vocabulary files shipped in data/gpt2/)."""
 import hashlib
 import itertools
 import json
@@ -19,8 +19,8 @@ import hub_shards
 import shard_format
 import tokenize_text
 
-VOCAB_BPE = ROOT / "tests" / "data" / "gpt2" / "vocab.bpe"
-ENCODER_JSON = ROOT / "tests" / "data" / "gpt2" / "encoder.json"
+VOCAB_BPE = ROOT / "data" / "gpt2" / "vocab.bpe"
+ENCODER_JSON = ROOT / "data" / "gpt2" / "encoder.json"
 
 
 def shard_tokens(path):

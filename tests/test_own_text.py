@@ -26,7 +26,7 @@ from train_gpt import PRESETS
 TOKENIZE = "python data/tokenize_text.py my/*.txt --out data/mine"
 TRAIN = ('python train_gpt.py --preset=tiny --train_files="data/mine/text_train_*.bin" '
          '--val_files="data/mine/text_val_*.bin"')
-OFFLINE = "--vocab-bpe tests/data/gpt2/vocab.bpe --encoder-json tests/data/gpt2/encoder.json"
+OFFLINE = "--vocab-bpe data/gpt2/vocab.bpe --encoder-json data/gpt2/encoder.json"
 N_FILES = 13
 TINY_VAL_TOKENS = PRESETS["tiny"]["flags"]["val_tokens"]  # what README's train command validates on
 TINY_VAL_SEQ_LEN = PRESETS["tiny"]["flags"]["val_seq_len"]
@@ -74,8 +74,7 @@ def tokenized(tmp_path_factory):
     for name in ("tokenize_text.py", "shard_format.py"):
         shutil.copy(ROOT / "data" / name, repo / "data" / name)
     shutil.copy(ROOT / "train_gpt.py", repo / "train_gpt.py")
-    (repo / "tests" / "data").mkdir(parents=True)
-    (repo / "tests" / "data" / "gpt2").symlink_to(ROOT / "tests" / "data" / "gpt2")
+    (repo / "data" / "gpt2").symlink_to(ROOT / "data" / "gpt2")
     (repo / "my").mkdir()
     texts = [licence_like_text(seed, n_words=900 + 100 * seed) for seed in range(N_FILES)]
     for i, text in enumerate(texts):
@@ -95,8 +94,8 @@ def test_readme_tokenize_command_writes_shards_and_prints_the_train_command(toke
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["text_train_000001.bin", "text_val_000000.bin"]
     val, train = (shard_documents(mine / f"text_{split}.bin") for split in ("val_000000", "train_000001"))
-    encoding = tokenize_text.load_gpt2_encoding(ROOT / "tests/data/gpt2/vocab.bpe",
-                                                ROOT / "tests/data/gpt2/encoder.json")
+    encoding = tokenize_text.load_gpt2_encoding(ROOT / "data/gpt2/vocab.bpe",
+                                                ROOT / "data/gpt2/encoder.json")
     assert [encoding.decode(d) for d in val + train] == tokenized["texts"], "one document per file, in order"
     val_tokens = sum(len(d) + 1 for d in val)
     assert len(val[0]) + 1 < TINY_VAL_TOKENS, \

@@ -1,6 +1,7 @@
 """The staged recipe: schedule as data (stage boundaries, lr, momentum, windows, MTP weights, YaRN), the
 fused softcapped multi-token loss against naive references, the new model components against plain
 formulas, tie/untie, and a warm-up that compiles everything the timed loop runs."""
+import json
 import math
 import os
 import subprocess
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, SMALL_VOCAB_FLAGS, shared_code_only
+from conftest import BOS, ROOT, SMALL_VOCAB_FLAGS, shared_code_only
 
 pytestmark = shared_code_only
 
@@ -60,14 +61,20 @@ def test_momentum_warms_up_then_falls_back_over_the_last_steps(trainer):
     assert mom[-1] == pytest.approx(0.85 + 0.1 / 50) and mom[1260] < 0.95, "back towards 0.85 over the last 50"
 
 
-def test_mtp_weights_ramp_within_each_stage(trainer):
-    hp = trainer.parse_args([])
+def test_mtp_and_prefix_weights_ramp_within_each_stage(trainer):
+    """Loss weights: the next 1, 2, 3 tokens' (MTP), then the prefix target's: 0.25 in stage 1, 0.25 -> 0
+    across stage 2, none after (the public recipe's, records #53 and #88; off by default until measured)."""
+    hp = trainer.parse_args(["--prefix_weights=0.25;0.25>0;0"])
     d = trainer.derive(hp, 1)
-    w = {s: trainer.plan_step(s, hp, d).mtp for s in (0, 211, 422, 423, 846, 847, 1284)}
-    assert w[0] == (1.0, 0.5, 0.25) and w[422][2] == pytest.approx(0.25 * (1 - 422 / 423))
-    assert w[211][2] == pytest.approx(0.25 * (1 - 211 / 423))
-    assert w[423] == (1.0, 0.5, 0.0) and w[846][1] == pytest.approx(0.5 / 424)
-    assert w[847] == w[1284] == (1.0, 0.0, 0.0), "stage 3 and the extension: the next token only"
+    w = {s: trainer.plan_step(s, hp, d).loss_weights for s in (0, 211, 422, 423, 846, 847, 1284)}
+    assert w[0] == (1.0, 0.5, 0.25, 0.25) and w[422][2] == pytest.approx(0.25 * (1 - 422 / 423))
+    assert w[211][2] == pytest.approx(0.25 * (1 - 211 / 423)) and w[211][3] == w[422][3] == 0.25
+    assert w[423] == (1.0, 0.5, 0.0, 0.25) and w[846][1] == pytest.approx(0.5 / 424)
+    assert w[846][3] == pytest.approx(0.25 / 424), "the prefix weight ramps to 0 across stage 2"
+    assert w[847] == w[1284] == (1.0, 0.0, 0.0, 0.0), "stage 3 and the extension: the next token only"
+    off = trainer.parse_args([])
+    assert trainer.plan_step(0, off, trainer.derive(off, 1)).loss_weights == (1.0, 0.5, 0.25), \
+        "without a prefix weight the loss has no prefix target at all"
 
 
 def test_yarn_keeps_fast_pairs_and_compresses_slow_ones(trainer):
@@ -96,14 +103,18 @@ def test_warmup_steps_cover_every_stage_the_untie_and_the_extension(trainer):
 # Fused softcapped multi-token cross-entropy
 
 
-def _naive_mtp_loss(z, targets, weights, cap, offset, temp):
-    """Token by token: sum_t sum_k w_k CE(softcap(z_t), y_{t+k}) with a Python loop and F.cross_entropy."""
+def _naive_mtp_loss(z, targets, weights, cap, offset, temp, prefix_table=None):
+    """Token by token: sum_t sum_k w_k CE(softcap(z_t), y_{t+k}) with a Python loop and F.cross_entropy, plus
+    w_p CE(softcap(z_t), P[y_t]) where the table P gives y_t a prefix (w_p: the last weight)."""
     total = torch.zeros((), dtype=torch.float64)
     u = cap * torch.sigmoid((z.double() + offset) / temp)
+    mtp = weights.tolist()[:-1] if prefix_table is not None else weights.tolist()
     for t in range(z.size(0)):
-        for k, w in enumerate(weights.tolist()):
+        for k, w in enumerate(mtp):
             if t + k < z.size(0) and targets[t + k] >= 0:
                 total += w * F.cross_entropy(u[t:t + 1], targets[t + k:t + k + 1])
+        if prefix_table is not None and targets[t] >= 0 and prefix_table[targets[t]] >= 0:
+            total += weights[-1].item() * F.cross_entropy(u[t:t + 1], prefix_table[targets[t]].view(1))
     return total
 
 
@@ -112,22 +123,41 @@ def _ce_case(seed=0, T=37, V=300, dtype=torch.float32):
     z = (3 * torch.randn(T, V, generator=g)).to(dtype)
     targets = torch.randint(0, V, (T,), generator=g)
     targets[[4, 20]] = -100
-    return z, targets, torch.tensor([1.0, 0.5, 0.25])
+    prefix_table = torch.randint(-1, V, (V,), generator=g)  # about one token in V without a prefix
+    prefix_table[targets[7]] = -1
+    return z, targets, torch.tensor([1.0, 0.5, 0.25]), prefix_table
 
 
 def test_multi_token_loss_equals_a_token_by_token_reference(trainer):
-    z, targets, weights = _ce_case()
-    rows, lse = trainer.softcap_mtp_ce(z, targets, weights, 23.0, 5.0, 7.5)
+    z, targets, weights, _ = _ce_case()
+    y = trainer.target_matrix(targets, 3)
+    rows, lse = trainer.softcap_mtp_ce(z, y, weights, 23.0, 5.0, 7.5)
     naive = _naive_mtp_loss(z, targets, weights, 23.0, 5.0, 7.5)
     assert rows.sum().item() == pytest.approx(naive.item(), rel=1e-5)
-    only_next = trainer.softcap_mtp_ce(z, targets, torch.tensor([1.0, 0.0, 0.0]), 23.0, 5.0, 7.5)[0].sum()
+    only_next = trainer.softcap_mtp_ce(z, y, torch.tensor([1.0, 0.0, 0.0]), 23.0, 5.0, 7.5)[0].sum()
     assert only_next.item() == pytest.approx(_naive_mtp_loss(z, targets, torch.tensor([1.0]), 23.0, 5.0, 7.5).item(),
                                              rel=1e-5), "weights (1, 0, 0) are plain next-token cross-entropy"
     assert rows.sum() > only_next, "negative control: the later tokens add loss"
 
 
+def test_prefix_target_loss_equals_a_token_by_token_reference(trainer):
+    """With a prefix table the last weight scores CE against the next token's prefix token, where it has one
+    (the -100 targets and the tokens the table maps to -1 add nothing)."""
+    z, targets, weights, table = _ce_case(seed=2)
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.4])
+    y = trainer.target_matrix(targets, 3, table)
+    assert y.shape == (37, 4) and y[7, 3] == -100 and y[4, 3] == -100, "no prefix target where none exists"
+    rows, _ = trainer.softcap_mtp_ce(z, y, weights, 23.0, 5.0, 7.5)
+    naive = _naive_mtp_loss(z, targets, weights, 23.0, 5.0, 7.5, prefix_table=table)
+    assert rows.sum().item() == pytest.approx(naive.item(), rel=1e-5)
+    without = _naive_mtp_loss(z, targets, weights[:3], 23.0, 5.0, 7.5)
+    assert rows.sum().item() != pytest.approx(without.item(), rel=1e-3), "negative control: the prefix adds loss"
+
+
 def test_the_loss_gradient_formula_equals_autograd_of_the_reference(trainer):
-    z, targets, weights = _ce_case(seed=1)
+    z, targets, _, table = _ce_case(seed=1)
+    targets, weights = trainer.target_matrix(targets, 3, table), torch.tensor([1.0, 0.5, 0.25, 0.4])
+    targets[3, 3] = targets[3, 0]  # a prefix target equal to another of the row's: both count
     zr = z.clone().requires_grad_()
     rows, _ = trainer.softcap_mtp_ce_reference(zr, targets, weights, 23.0, 5.0, 7.5)
     grad = torch.rand(z.size(0))
@@ -148,7 +178,8 @@ for seed, (T, V) in enumerate([(37, 300), (5, 64), (70, 1000)]):
     z = (3 * torch.randn(T, V, generator=g)).requires_grad_()
     targets = torch.randint(0, V, (T,), generator=g)
     targets[T // 2] = -100
-    w = torch.tensor([1.0, 0.5, 0.25])
+    targets = t.target_matrix(targets, 3, torch.randint(-1, V, (V,), generator=g))
+    w = torch.tensor([1.0, 0.5, 0.25, 0.4])
     rows, lse = t.softcap_mtp_ce(z, targets, w, 23.0, 5.0, 7.5)
     grad = torch.rand(T, generator=g)
     (rows * grad).sum().backward()
@@ -305,3 +336,60 @@ def test_the_default_recipe_reads_about_what_the_public_compressed_run_reads(tra
     tokens = sum(d.recipe.stages[trainer.plan_step(s, hp, d).stage].batch_tokens for s in range(205))
     assert tokens == 63 * 131072 + 64 * 262144 + 63 * 393216 + 15 * 393216 == 55_705_600
     assert np.isclose(tokens / 205, 271_734, atol=1)
+
+
+# -----------------------------------------------------------------------------
+# Prefix-token table (records #88)
+
+
+def test_prefix_table_maps_each_token_to_its_longest_byte_prefix_token(trainer):
+    """GPT-2's own vocabulary (data/gpt2/encoder.json): every token with a table entry has that token's bytes as
+    a proper prefix, no longer proper prefix is a token, and single bytes and <|endoftext|> have none."""
+    hp = trainer.parse_args([])
+    table = trainer.load_prefix_table(hp)
+    encoder = json.loads((ROOT / "data/gpt2/encoder.json").read_text())
+    decode = trainer._gpt2_byte_decoder()
+    spelled = {i: bytes(decode[c] for c in text) for text, i in encoder.items() if i != BOS}
+    by_bytes = {b: i for i, b in spelled.items()}
+    assert table.shape == (hp.vocab_size,) and table[BOS] == -1 and (table[hp.tokenizer_vocab:] == -1).all()
+    assert (table[[by_bytes[bytes([b])] for b in range(256)]] == -1).all(), "a single byte has no proper prefix"
+    assert spelled[table[by_bytes[b" hello"]]] == b" hell" and spelled[table[by_bytes[b"ing"]]] == b"in"
+    for token in range(0, hp.tokenizer_vocab - 1, 97):  # a spread of the vocabulary, brute force
+        b = spelled[token]
+        longest = next((by_bytes[b[:n]] for n in range(len(b) - 1, 0, -1) if b[:n] in by_bytes), -1)
+        assert table[token] == longest, f"token {token} {b!r}: table {table[token]}, longest prefix token {longest}"
+    assert (table >= 0).sum() == hp.tokenizer_vocab - 257, "all but the 256 bytes and <|endoftext|> have a prefix"
+
+
+def test_prefix_loss_needs_the_datas_own_vocabulary(trainer, tmp_path):
+    """A missing file or a vocabulary of another size is a usage error naming the fix; zero prefix weights
+    need no file at all."""
+    with pytest.raises(trainer.ConfigError, match="cannot read it.*data/gpt2.*--prefix_weights"):
+        trainer.load_prefix_table(trainer.parse_args([f"--prefix_vocab={tmp_path}/none.json"]))
+    with pytest.raises(trainer.ConfigError, match="holds 50257 tokens, not --tokenizer_vocab=256"):
+        trainer.load_prefix_table(trainer.parse_args(["--tokenizer_vocab=256", "--vocab_size=256", "--bos_id=255"]))
+    assert not trainer.parse_recipe(trainer.parse_args(["--prefix_weights=0;0;0"])).prefix_loss
+
+
+def test_the_model_scores_the_prefix_target_with_the_last_loss_weight(trainer):
+    """GPT.head_loss with loss weights (1, 0, 0, w) is the next-token loss plus w times the softcapped CE of each
+    position's logits against the prefix token of its target (the Trainer fills the table from the vocabulary)."""
+    hp = trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS])
+    torch.manual_seed(0)
+    model = trainer.GPT(hp)
+    table = torch.from_numpy(trainer.load_prefix_table(hp))
+    model.prefix_table.copy_(table)
+    x = torch.randn(64, hp.model_dim)
+    targets = torch.randint(0, 255, (64,))
+    targets[5] = -100
+    w = 0.4
+    with torch.no_grad():
+        both = model.head_loss(x, targets, torch.tensor([1.0, 0.0, 0.0, w]))
+        next_only = model.head_loss(x, targets, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+        logits = trainer.softcap_logits(trainer.F.linear(trainer.rms_norm(x), model.lm_head_w), hp.logit_softcap,
+                                        hp.logit_offset, hp.logit_temp)
+    prefix = table[targets.clamp_min(0)]
+    keep = (targets >= 0) & (prefix >= 0)
+    assert keep.sum() > 20 and (~keep).sum() > 1, "the case has tokens with and without a prefix"
+    expected = next_only + w * F.cross_entropy(logits[keep], prefix[keep], reduction="sum")
+    assert both.item() == pytest.approx(expected.item(), rel=1e-5)

@@ -5,7 +5,7 @@ import train_gpt
 from conftest import ROOT, load_script, one_torch_thread
 
 sample = load_script("sample.py", "sample")
-GPT2 = ROOT / "tests/data/gpt2"
+GPT2 = ROOT / "data/gpt2"
 OFFLINE = ["--vocab-bpe", str(GPT2 / "vocab.bpe"), "--encoder-json", str(GPT2 / "encoder.json")]
 
 
@@ -33,8 +33,10 @@ def test_sampling_scores_are_the_logits_the_loss_was_trained_on(checkpoint, tiny
     targets = torch.cat([tokens[1:], torch.tensor([-100])])
     with torch.no_grad():
         cu, docs, max_len = train_gpt.document_bounds(tokens.numpy(), hp.bos_id)
+        width = len(train_gpt.plan_step(0, hp, train_gpt.derive(hp, 1)).loss_weights)  # MTP and prefix slots
+        next_token_only = torch.tensor([1.0] + [0.0] * (width - 1))
         loss = model(tokens, targets, torch.from_numpy(cu), train_gpt.attention_meta(docs, max_len, windows), scale,
-                     torch.ones(1))
+                     next_token_only)
     torch.testing.assert_close(ce, loss, rtol=1e-5, atol=1e-4, msg=lambda m: f"sampling scores != training logits\n{m}")
 
 

@@ -34,6 +34,7 @@ MEDIUM_RECIPE = {
     "stage_windows": '"13:27"',
     "stage_lr_mul": '"1"',
     "mtp_weights": '"1"',
+    "prefix_weights": '"0"',
     "untie_stage": "0",
     "cooldown_frac": "0.7",
     "final_lr_frac": "0.0",

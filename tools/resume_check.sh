@@ -22,4 +22,4 @@ grep -h -E "^(checkpoint|resumed_from): " "$LOGS/straight.txt" "$LOGS/resumed.tx
 python records/verify.py "$LOGS" --plot "$LOGS/resume_check.png" || true
 FINAL=$(ls -d "$LOGS"/straight/step_* | sort -V | tail -n 1)
 python sample.py "$FINAL" --prompt "The meaning of life is" --tokens 60 --samples 2 \
-    --vocab-bpe tests/data/gpt2/vocab.bpe --encoder-json tests/data/gpt2/encoder.json
+    --vocab-bpe data/gpt2/vocab.bpe --encoder-json data/gpt2/encoder.json
