@@ -121,11 +121,15 @@ def parse_args(argv):
     return args
 
 
+def trainer_and_device(args):
+    """(the trainer module named by args.trainer, the torch.device args.device asks for: auto = GPU if any)."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    return importlib.import_module(args.trainer), torch.device("cuda" if use_cuda else "cpu")
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    tg = importlib.import_module(args.trainer)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    tg, device = trainer_and_device(args)
     try:
         model, hp, meta = load_model(tg, args.checkpoint, device)
         encoding = tokenize_text.load_gpt2_encoding(args.vocab_bpe, args.encoder_json)

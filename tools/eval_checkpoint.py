@@ -11,7 +11,6 @@ differ. One process (GPU when there is one); exit status 2 with one `error:` lin
 checkpoint or a malformed window.
 """
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -50,9 +49,7 @@ def evaluate_windows(tg, checkpoint: str, windows: list[str], device: torch.devi
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    tg = importlib.import_module(args.trainer)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if use_cuda else "cpu")
+    tg, device = sample.trainer_and_device(args)
     try:
         results = evaluate_windows(tg, args.checkpoint, args.windows, device, args.val_files)
     except (tg.ConfigError, tg.DataError) as e:
