@@ -2013,9 +2013,10 @@ class Block(nn.Module):
         attention = spec.attention != "-"
         # Q and K as blocks of two heads ([Q blocks; K blocks], each [2 D, dim]), which Muon orthogonalizes one
         # by one (the speedrun's per-pair Q/K, records #80); block j holds heads j and j + H/2, the pair that
-        # paired attention interleaves. V and O as [2, hdim, dim] (O applied transposed).
+        # paired attention interleaves. V [hdim, dim]; O stored [hdim, dim] (in, out) and applied transposed.
         self.qk_w = nn.Parameter(torch.empty(H, 2 * D, hp.model_dim)) if attention else None
-        self.vo_w = nn.Parameter(torch.empty(2, hdim, hp.model_dim)) if attention else None
+        self.v_w = nn.Parameter(torch.empty(hdim, hp.model_dim)) if attention else None
+        self.o_w = nn.Parameter(torch.empty(hdim, hp.model_dim)) if attention else None
         # Both MLP matrices stored [hidden, dim] (the output one applied transposed), so Muon's shape scale and
         # NorMuon's per-row statistic treat them alike: per hidden unit.
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
@@ -2023,7 +2024,11 @@ class Block(nn.Module):
         _init_linear_(self.mlp_fc)
         if attention:
             _init_linear_(self.qk_w)
-            _init_linear_(self.vo_w)
+            vo = torch.empty(2, hdim, hp.model_dim)
+            _init_linear_(vo)  # V and O in one draw, as when they were one parameter
+            with torch.no_grad():
+                self.v_w.copy_(vo[0])
+                self.o_w.copy_(vo[1])
         # Static gates start neutral: 2 sigmoid(0) = 1 for the value embedding, sigmoid(0) = 1/2 on the output.
         static = not spec.dynamic_gates
         self.ve_gate = (nn.Parameter(torch.zeros(H, 2 * VE_GATE_DIMS))
@@ -2033,14 +2038,15 @@ class Block(nn.Module):
 
     def matrices(self):
         """(matrix parameter, Muon lr multiplier) pairs."""
-        pairs = [(self.qk_w, 1.0), (self.vo_w, 1.0), (self.mlp_fc, 1.0), (self.mlp_proj, MLP_PROJ_LR_MUL)]
+        pairs = [(self.qk_w, 1.0), (self.v_w, 1.0), (self.o_w, 1.0), (self.mlp_fc, 1.0),
+                 (self.mlp_proj, MLP_PROJ_LR_MUL)]
         return [(p, lr_mul) for p, lr_mul in pairs if p is not None]
 
     def qkv_weight(self, dtype) -> torch.Tensor:
         """[3 hdim, dim]: the rows of q, k and v in head order (head e H/2 + j is half e of Q/K block j)."""
         H, D = self.num_heads, self.head_dim
         qk = self.qk_w.view(2, H // 2, 2, D, -1).transpose(1, 2).reshape(2 * H * D, -1)
-        return torch.cat([qk, self.vo_w[0]]).to(dtype)
+        return torch.cat([qk, self.v_w]).to(dtype)
 
     def attention(self, xhat, ve, s, cu, attn_meta, attn_scale):
         T = xhat.size(0)
@@ -2078,7 +2084,7 @@ class Block(nn.Module):
             else:
                 gate = torch.sigmoid(F.linear(xhat[..., :GATE_DIMS], self.attn_gate.type_as(xhat)))
             y = y * gate[..., None]
-        return y.reshape(T, H * D) @ self.vo_w[1].type_as(y)
+        return y.reshape(T, H * D) @ self.o_w.type_as(y)
 
     def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale):
         """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; s: this layer's

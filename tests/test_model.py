@@ -192,7 +192,8 @@ def test_mlp_output_projections_start_at_zero_and_attention_weights_do_not(train
         assert block.mlp_proj.abs().max() == 0, "each MLP starts as a no-op"
         if block.qk_w is not None:
             assert (block.qk_w.flatten(1).abs().amax(1) > 0).all(), "q and k start nonzero (the speedrun's init)"
-            assert (block.vo_w.flatten(1).abs().amax(1) > 0).all(), "v and o start nonzero (the speedrun's init)"
+            for w in (block.v_w, block.o_w):
+                assert (w.abs().amax(1) > 0).all(), "v and o start nonzero (the speedrun's init)"
 
 
 def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer):
@@ -200,7 +201,7 @@ def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer)
     no_attention = [i for i, kind in enumerate(hp.layer_attention) if kind == "-"]
     assert no_attention and all(model.blocks[i].qk_w is None for i in no_attention)
     attention_layers = len(hp.layer_attention) - len(no_attention)
-    assert len(model.hidden_matrices()) == 2 * attention_layers + 2 * hp.num_layers, "qk, vo stacks and 2 MLP matrices"
+    assert len(model.hidden_matrices()) == 3 * attention_layers + 2 * hp.num_layers, "qk stack, v, o and 2 MLP matrices"
     inputs = _tokens_with_documents(256, [0], BOS)
     _call(model, inputs, torch.roll(inputs, -1)).backward()
     assert model.blocks[no_attention[0]].mlp_proj.grad.abs().sum() > 0, "the attention-free layer's MLP learns"
