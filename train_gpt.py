@@ -106,13 +106,16 @@ class Hyperparameters:
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
     adam_lr_value_embed: float = 0.6  # value embeddings and the bigram table
-    adam_lr_scalar: float = 0.04
+    adam_lr_scalar: float = 0.04  # the scalars but the residual and sublayer weights (the next two)
+    adam_lr_resid: float = 0.04  # the residual weights r of x <- r x + p f(x) (the public's resid_lambdas: 0.04)
+    adam_lr_post: float = 0.04  # the sublayer weights p (the public's post_lambdas: 0.008)
     adam_lr_gate: float = 0.008
     adam_lr_mudd: float = 0.002  # MUDD's coefficient generators: 0.25 x 0.008 (records #81)
     adam_lr_dynamic_gate: float = 0.0008  # the per-token gate generators: 0.1 x 0.008 (records #85)
     adam_betas_embed: str = "0.5,0.95"  # embedding and head: a rare token's large step is forgotten fast
     adam_betas_value_embed: str = "0.75,0.95"
     adam_betas_scalar: str = "0.9,0.99"  # scalars, gates and the coefficient generators
+    adam_betas_lambdas: str = "0.9,0.99"  # the residual and sublayer weights (the public's: 0.9,0.95)
     adam_eps: float = 1e-10
     adam_every: int = 1  # Adam steps every N steps on the gradients summed over them (Muon: every step; public: 2)
     # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
@@ -343,7 +346,7 @@ def parse_recipe(hp) -> Recipe:
                           f"embedding: it needs all of them, and the last layer ({last}) with attention and a value "
                           "embedding (--value_embed_layers); or --mudd=false")
     betas = {}
-    for group in ("embed", "value_embed", "scalar"):
+    for group in ("embed", "value_embed", "scalar", "lambdas"):
         name = f"adam_betas_{group}"
         pair = _numbers(name, getattr(hp, name))
         if len(pair) != 2 or not all(0 <= b < 1 for b in pair):
@@ -1902,11 +1905,14 @@ def layer_specs(hp: Hyperparameters, r: Recipe) -> list[LayerSpec]:
 MLP_PROJ_LR_MUL = 2.0  # Muon lr multiplier of the MLP's output matrix (the speedrun's, records #48 and later)
 
 
-# The per-layer scalars, in the order of each row of GPT.layer_scalars, with their initial values: the
-# residual and sublayer weights of attention and MLP (x <- r x + p f(x)), the gates of x0 and of the bigram
-# embedding added after attention, and the scale of the values.
-LAYER_SCALARS = dict(resid_attn=RESIDUAL_INIT, post_attn=1.0, resid_mlp=RESIDUAL_INIT, post_mlp=1.0,
-                     x0_gate=0.0, bigram_gate=0.05, value_scale=0.5)
+# The per-layer scalars, each table in the order of the rows of its [L, n] parameter, with their initial
+# values: the residual weights r and the sublayer weights p of attention and MLP (x <- r x + p f(x)), in
+# GPT.resid_scalars and GPT.post_scalars (Adam lrs and betas of their own: the public's resid_lambdas and
+# post_lambdas), and in GPT.layer_scalars the gates of x0 and of the bigram embedding added after attention,
+# and the scale of the values.
+RESID_SCALARS = dict(resid_attn=RESIDUAL_INIT, resid_mlp=RESIDUAL_INIT)
+POST_SCALARS = dict(post_attn=1.0, post_mlp=1.0)
+LAYER_SCALARS = dict(x0_gate=0.0, bigram_gate=0.05, value_scale=0.5)
 # The model-wide scalars: the bigram gate before layer 0, the skip's sigmoid logit and gate (their product
 # starts near 0.09), the backout weight of the cached layer, and the smear weight (0: starts off).
 GLOBAL_SCALARS = dict(bigram_gate=0.05, skip_logit=-1.5, skip_gate=0.5, backout=0.5, smear=0.0)
@@ -2088,8 +2094,9 @@ class Block(nn.Module):
 
     def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale):
         """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; s: this layer's
-        weights and gates by name (LAYER_SCALARS, BLOCK_GATES, MUDD_IN's ve_gate [T, H] and value_add [T, dim]);
-        cu, attn_meta: the row's documents and windows (GPT.forward); attn_scale: a float, or a 0-d tensor."""
+        weights and gates by name (RESID_SCALARS, POST_SCALARS, LAYER_SCALARS, BLOCK_GATES, MUDD_IN's ve_gate
+        [T, H] and value_add [T, dim]); cu, attn_meta: the row's documents and windows (GPT.forward); attn_scale:
+        a float, or a 0-d tensor."""
         if self.qk_w is not None:
             xhat = rms_norm(x if cached is None else cached)
             attn = self.attention(xhat, ve, s, cu, attn_meta, attn_scale)
@@ -2149,10 +2156,12 @@ class GPT(nn.Module):
         self.layer_scalar_names = tuple(n for n in LAYER_SCALARS if not (split and n in DYNAMIC_LAYER_SCALARS))
         self.global_scalar_names = tuple(n for n in GLOBAL_SCALARS if not (split and n in DYNAMIC_GLOBAL_SCALARS)
                                          and not (hp.mudd and n == "backout"))
-        # (Under MUDD the last row's four sublayer weights are unused: MUDD_IN has them per token.)
+        # (Under MUDD the last rows of resid_scalars and post_scalars are unused: MUDD_IN has them per token.)
         layer_init = torch.tensor([LAYER_SCALARS[n] for n in self.layer_scalar_names])
         # 1 / the step's micro-batch count, set by the trainer: the FP8 head's gradient scale follows the loss's.
         self.register_buffer("head_grad_scale", torch.ones(()), persistent=False)
+        self.resid_scalars = nn.Parameter(torch.tensor(list(RESID_SCALARS.values())).repeat(L, 1))
+        self.post_scalars = nn.Parameter(torch.tensor(list(POST_SCALARS.values())).repeat(L, 1))
         self.layer_scalars = nn.Parameter(layer_init.repeat(L, 1))
         self.global_scalars = nn.Parameter(torch.tensor([GLOBAL_SCALARS[n] for n in self.global_scalar_names]))
         self.gate_layouts = gate_layout(hp, self.recipe) if split else ([], [])
@@ -2170,6 +2179,15 @@ class GPT(nn.Module):
     def hidden_matrices(self):
         """(matrix, Muon lr multiplier) pairs of every block."""
         return [pair for b in self.blocks for pair in b.matrices()]
+
+    def layer_scalar_tables(self) -> list:
+        """(column names, [L, n] parameter) of each table of per-layer scalars."""
+        return [(tuple(RESID_SCALARS), self.resid_scalars), (tuple(POST_SCALARS), self.post_scalars),
+                (self.layer_scalar_names, self.layer_scalars)]
+
+    def layer_weights(self, i: int) -> dict:
+        """Layer i's scalars by name (0-d): its row of every table of layer_scalar_tables."""
+        return {name: w for names, table in self.layer_scalar_tables() for name, w in zip(names, table[i].unbind(0))}
 
     def compile_per_block(self, backend: str = "inductor"):
         """torch.compile each block and the head separately, in place (validation always; training with
@@ -2229,7 +2247,7 @@ class GPT(nn.Module):
             if skip is not None and i == skip[1]:
                 gate = gates[("skip_gate", i)] if split else g["skip_gate"]
                 x = x + torch.sigmoid(g["skip_logit"]) * gate * skip_saved
-            s = dict(zip(self.layer_scalar_names, self.layer_scalars[i].unbind(0)))
+            s = self.layer_weights(i)
             s |= {kind: gates[(kind, i)] for kind in BLOCK_GATES if (kind, i) in gates}
             layer_x0 = x0
             if spec.mudd:
@@ -2721,7 +2739,9 @@ class Trainer:
         adam_params += [(t, hp.adam_lr_value_embed, betas["value_embed"], wd_value) for t in m.value_embeds]
         if m.bigram is not None:
             adam_params.append((m.bigram, hp.adam_lr_value_embed, betas["value_embed"], wd_value))
-        adam_params += [(m.layer_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0),
+        adam_params += [(m.resid_scalars, hp.adam_lr_resid, betas["lambdas"], 0.0),
+                        (m.post_scalars, hp.adam_lr_post, betas["lambdas"], 0.0),
+                        (m.layer_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0),
                         (m.global_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0)]
         if m.smear_gate is not None:  # the smear gate learns 100x slower than the other gates (records #52)
             adam_params.append((m.smear_gate, hp.adam_lr_gate / 100, betas["scalar"], 0.0))

@@ -133,12 +133,16 @@ def _call(model, inputs, targets, windows=(1, 2), scale=0.1, weights=(1.0, 0.0))
     return model(inputs, targets, cu, trainer.attention_meta(docs, max_len, windows), scale, torch.tensor(weights))
 
 
+# Scalar tables _randomize leaves at their initial values (drawn like the rest, residual weights would be near 0).
+SCALAR_TABLES = ("resid_scalars", "post_scalars", "layer_scalars", "global_scalars")
+
+
 def _randomize(model, std=0.05):
     """Non-trivial weights everywhere, so every path of the forward carries signal (zero-initialized
     tables, gates and projections would hide a wrong connection)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name not in ("layer_scalars", "global_scalars"):
+            if name not in SCALAR_TABLES:
                 p.normal_(std=std if p.ndim > 1 else 0.5)
         model.global_scalars.add_(0.3)  # the smear weight starts at 0: turn it on
 
@@ -293,7 +297,7 @@ def test_a_compiled_block_takes_new_documents_and_windows_without_recompiling(tr
     counters.clear()
     compiled = torch.compile(block, backend="eager", dynamic=False)
     x = torch.randn(512, hp.model_dim)
-    s = dict(zip(model.layer_scalar_names, model.layer_scalars[1].detach().unbind(0)))
+    s = {name: w.detach() for name, w in model.layer_weights(1).items()}
     s |= {"xsa": torch.randn(512, hp.num_heads), "x0_gate": torch.rand(512, 1), "bigram_gate": torch.rand(512, 1)}
     for windows, bos in [((1, 2), [0, 100]), ((2, 3), [0, 300, 301]), ((4, 4), [0])]:
         cu, docs, max_len = _bounds(trainer, _tokens_with_documents(512, bos, BOS))

@@ -1,10 +1,12 @@
 """Specification of the Optimizers section (Muon, NorMuon, cautious weight decay, OrScale, Scion: the papers cited in train_gpt.py).
 
-Two parts. First, distributed equivalence: on 2, 3 and 4 gloo ranks, with parameter counts that
+Three parts. First, distributed equivalence: on 2, 3 and 4 gloo ranks, with parameter counts that
 split unevenly (so shards are padded), two steps of DistAdam and of DistMuon in every variant give
 the same parameters as the single-process run (world_size == 1, which calls no collective). Second,
 the variants' defining properties, checked by calling the pure functions (`normuon_normalize`,
-`muon_update`, `muon_shape_scale`) and DistAdam on one process.
+`muon_update`, `muon_shape_scale`) and DistAdam on one process. Third, the public recipe's settings
+behind flags (off by default): the residual and sublayer weights' Adam lrs and betas, in the tiny model,
+on one process and on 2 gloo ranks.
 
 Tests run against train_gpt.py; train_gpt_medium.py shares this code line for line
 (tests/test_tracks.py). Property tests run in float64 where the formula is to be checked exactly: the
@@ -16,7 +18,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_gloo_ranks, shared_code_only
+from conftest import SMALL_VOCAB_FLAGS, one_torch_thread, run_gloo_ranks, shared_code_only
 
 F64 = torch.float64
 
@@ -507,3 +509,94 @@ def test_a_paused_adam_parameter_keeps_its_state_and_can_take_over_anothers(trai
     adam.step(1.0)
     adam.finish()
     assert not torch.equal(b, b_before), "with a's moments and a zero gradient, b still moves (negative control)"
+
+
+# -----------------------------------------------------------------------------
+# The public's settings behind flags, off by default: the residual and sublayer weights' own Adam lrs and
+# betas (--adam_lr_resid, --adam_lr_post, --adam_betas_lambdas)
+# -----------------------------------------------------------------------------
+
+PUBLIC_LAMBDAS = ("--adam_lr_post=0.008", "--adam_betas_lambdas=0.9,0.95")
+SCALAR_TABLES = ("resid_scalars", "post_scalars", "layer_scalars", "global_scalars")
+
+
+def _adam_settings(trainer, *flags) -> dict:
+    """Scalar table -> (lr, betas, weight decay) of its DistAdam entry in the tiny trainer with `flags`."""
+    hp = trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS, *flags])
+    t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
+    entry = {id(e["param"]): e for e in t.adam.entries}
+    return {name: (entry[id(getattr(t.model, name))]["lr"], entry[id(getattr(t.model, name))]["betas"],
+                   entry[id(getattr(t.model, name))]["wd"]) for name in SCALAR_TABLES}
+
+
+def test_residual_and_sublayer_weights_are_tables_of_their_own_with_the_scalars_adam_settings_by_default(trainer):
+    """The residual weights r and sublayer weights p of x <- r x + p f(x) have their own [L, 2] tables (the
+    public's resid_lambdas and post_lambdas), so Adam can step them apart from the other scalars; by default
+    with the other scalars' lr 0.04, betas (0.9, 0.99) and no decay: Adam is elementwise, so that is the step
+    of the one table they were part of. Each column holds what its name says, at its initial value, and
+    each layer reads its row by name. Negative control: --adam_lr_post moves the sublayer weights' lr only."""
+    model = trainer.GPT(trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS]))
+    L = model.hp.num_layers
+    tables = {names: table for names, table in model.layer_scalar_tables()}
+    assert list(tables) == [("resid_attn", "resid_mlp"), ("post_attn", "post_mlp"), model.layer_scalar_names]
+    assert tables[("resid_attn", "resid_mlp")] is model.resid_scalars and model.resid_scalars.shape == (L, 2)
+    assert tables[("post_attn", "post_mlp")] is model.post_scalars and model.post_scalars.shape == (L, 2)
+    assert torch.equal(model.resid_scalars, torch.full((L, 2), 1.1 ** 0.5)), "r starts at sqrt(1.1) (records #45)"
+    assert torch.equal(model.post_scalars, torch.ones(L, 2)), "p starts at 1"
+    assert not {"resid_attn", "post_attn", "resid_mlp", "post_mlp"} & set(model.layer_scalar_names), \
+        "a weight in two tables would have two optimizer entries"
+    with torch.no_grad():
+        model.resid_scalars[2] = torch.tensor([3.0, 4.0])
+        model.post_scalars[2] = torch.tensor([5.0, 6.0])
+    weights = model.layer_weights(2)
+    assert {n: weights[n].item() for n in ("resid_attn", "resid_mlp", "post_attn", "post_mlp")} == \
+        dict(resid_attn=3.0, resid_mlp=4.0, post_attn=5.0, post_mlp=6.0), "layer 2 reads its row by column name"
+    scalar = (0.04, (0.9, 0.99), 0.0)
+    assert _adam_settings(trainer) == dict.fromkeys(SCALAR_TABLES, scalar), \
+        "by default every scalar table steps as the one table of before: lr 0.04, betas (0.9, 0.99), no decay"
+    moved = _adam_settings(trainer, "--adam_lr_post=0.01")
+    assert moved == {**dict.fromkeys(SCALAR_TABLES, scalar), "post_scalars": (0.01, (0.9, 0.99), 0.0)}, moved
+
+
+def test_public_lambda_flags_step_resid_at_0_04_post_at_0_008_both_with_betas_0_9_0_95(trainer):
+    """--adam_lr_post=0.008 --adam_betas_lambdas=0.9,0.95 give the public's groups (frontier 2.4, 6):
+    resid_lambdas at lr_mul 5 x 0.008 = 0.04, post_lambdas at 0.008, both betas (0.9, 0.95), no decay;
+    the other scalars keep 0.04 and (0.9, 0.99). Malformed betas are a usage error naming the flag."""
+    got = _adam_settings(trainer, *PUBLIC_LAMBDAS)
+    assert got == dict(resid_scalars=(0.04, (0.9, 0.95), 0.0), post_scalars=(0.008, (0.9, 0.95), 0.0),
+                       layer_scalars=(0.04, (0.9, 0.99), 0.0), global_scalars=(0.04, (0.9, 0.99), 0.0)), got
+    with pytest.raises(trainer.ConfigError, match="--adam_betas_lambdas='0.95' must be two betas"):
+        trainer.parse_args(["--adam_betas_lambdas=0.95"])
+
+
+def train_two_steps(rank, world_size, module, *flags):
+    """Every parameter after the tiny trainer's first two steps (two micro-batches a step: accumulated on one
+    rank, one each on two)."""
+    trainer = importlib.import_module(module)
+    hp = trainer.parse_args(["--preset=tiny", *flags])
+    run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))
+    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"),
+                                            trainer.row_specs(range(2), hp, run.derived))
+    for step in range(2):
+        run.train_step(step, loader)
+    return {name: p.detach().clone() for name, p in run.model.named_parameters()}
+
+
+def test_one_and_two_gloo_ranks_take_the_same_steps_with_the_public_lambdas(trainer, tiny_corpus, tmp_path):
+    """With the public settings on, two train steps on 2 gloo ranks (each holding a shard of every Adam table)
+    give the parameters of one process; only float summation order differs. Negative control: without the
+    flags the same steps end measurably elsewhere (the comparison would see a setting lost on one side)."""
+    flags = [*tiny_corpus["flags"], *PUBLIC_LAMBDAS]
+    with one_torch_thread():
+        single = train_two_steps(0, 1, trainer.__name__, *flags)
+        default = train_two_steps(0, 1, trainer.__name__, *tiny_corpus["flags"])
+    ranks = run_gloo_ranks("test_optimizers:train_two_steps", 2, tmp_path, trainer.__name__, *flags)
+    tol = dict(rtol=1e-4, atol=1e-6)  # measured: 4e-6 at most (the bigram table, entries ~1)
+    for rank, params in enumerate(ranks):
+        assert params.keys() == single.keys()
+        for name in single:
+            torch.testing.assert_close(params[name], single[name], **tol, msg=lambda m: (
+                f"{name} on rank {rank} of 2 differs from one process's after two steps\n{m}"))
+    for name in ("resid_scalars", "post_scalars"):
+        assert not torch.allclose(single[name], default[name], **tol), \
+            f"negative control: {name} ends within the tolerance of where it ends with the public settings off"
