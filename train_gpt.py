@@ -137,6 +137,7 @@ class Hyperparameters:
     normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
     normuon_beta2: float = 0.9
     normuon_eps: float = 1e-10
+    normuon_out_rows: bool = False  # attention output matrix stored (out, in): NorMuon per output channel, the public's
     orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
     orscale_r_max: float = 5.0
     scion_radius: float = 1.0  # spectral radius of the Scion step (arXiv 2502.07529)
@@ -2019,10 +2020,15 @@ class Block(nn.Module):
         attention = spec.attention != "-"
         # Q and K as blocks of two heads ([Q blocks; K blocks], each [2 D, dim]), which Muon orthogonalizes one
         # by one (the speedrun's per-pair Q/K, records #80); block j holds heads j and j + H/2, the pair that
-        # paired attention interleaves. V [hdim, dim]; O stored [hdim, dim] (in, out) and applied transposed.
+        # paired attention interleaves. V [hdim, dim]; O stored [hdim, dim] (in, out) and applied transposed, so
+        # NorMuon's per-row statistic of a square O is per input channel; with --normuon_out_rows O is stored
+        # [dim, hdim] (out, in) like the other matrices: per output channel, the public's, and Muon's shape
+        # scale max(1, m/n)^0.5 reads it as out over in.
+        self.o_out_in = hp.normuon_out_rows
+        o_shape = (hp.model_dim, hdim) if self.o_out_in else (hdim, hp.model_dim)
         self.qk_w = nn.Parameter(torch.empty(H, 2 * D, hp.model_dim)) if attention else None
         self.v_w = nn.Parameter(torch.empty(hdim, hp.model_dim)) if attention else None
-        self.o_w = nn.Parameter(torch.empty(hdim, hp.model_dim)) if attention else None
+        self.o_w = nn.Parameter(torch.empty(o_shape)) if attention else None
         # Both MLP matrices stored [hidden, dim] (the output one applied transposed), so Muon's shape scale and
         # NorMuon's per-row statistic treat them alike: per hidden unit.
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
@@ -2031,10 +2037,10 @@ class Block(nn.Module):
         if attention:
             _init_linear_(self.qk_w)
             vo = torch.empty(2, hdim, hp.model_dim)
-            _init_linear_(vo)  # V and O in one draw, as when they were one parameter
+            _init_linear_(vo)  # V and O in one draw: the same initial weights in either layout of O
             with torch.no_grad():
                 self.v_w.copy_(vo[0])
-                self.o_w.copy_(vo[1])
+                self.o_w.copy_(vo[1].T if self.o_out_in else vo[1])
         # Static gates start neutral: 2 sigmoid(0) = 1 for the value embedding, sigmoid(0) = 1/2 on the output.
         static = not spec.dynamic_gates
         self.ve_gate = (nn.Parameter(torch.zeros(H, 2 * VE_GATE_DIMS))
@@ -2090,7 +2096,8 @@ class Block(nn.Module):
             else:
                 gate = torch.sigmoid(F.linear(xhat[..., :GATE_DIMS], self.attn_gate.type_as(xhat)))
             y = y * gate[..., None]
-        return y.reshape(T, H * D) @ self.o_w.type_as(y)
+        y = y.reshape(T, H * D)
+        return F.linear(y, self.o_w.type_as(y)) if self.o_out_in else y @ self.o_w.type_as(y)
 
     def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale):
         """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; s: this layer's
