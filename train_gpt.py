@@ -109,13 +109,16 @@ class Hyperparameters:
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
     adam_lr_value_embed: float = 0.6  # value embeddings and the bigram table
-    adam_lr_scalar: float = 0.04
+    adam_lr_scalar: float = 0.04  # the scalars but the residual and sublayer weights (the next two)
+    adam_lr_resid: float = 0.04  # the residual weights r of x <- r x + p f(x) (the public's resid_lambdas: 0.04)
+    adam_lr_post: float = 0.04  # the sublayer weights p (the public's post_lambdas: 0.008)
     adam_lr_gate: float = 0.008
     adam_lr_mudd: float = 0.002  # MUDD's coefficient generators: 0.25 x 0.008 (records #81)
     adam_lr_dynamic_gate: float = 0.0008  # the per-token gate generators: 0.1 x 0.008 (records #85)
     adam_betas_embed: str = "0.5,0.95"  # embedding and head: a rare token's large step is forgotten fast
     adam_betas_value_embed: str = "0.75,0.95"
     adam_betas_scalar: str = "0.9,0.99"  # scalars, gates and the coefficient generators
+    adam_betas_lambdas: str = "0.9,0.99"  # the residual and sublayer weights (the public's: 0.9,0.95)
     adam_eps: float = 1e-10
     adam_every: int = 1  # Adam steps every N steps on the gradients summed over them (Muon: every step; public: 2)
     # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
@@ -137,6 +140,7 @@ class Hyperparameters:
     normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
     normuon_beta2: float = 0.9
     normuon_eps: float = 1e-10
+    normuon_out_rows: bool = False  # attention output matrix stored (out, in): NorMuon per output channel, the public's
     orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
     orscale_r_max: float = 5.0
     scion_radius: float = 1.0  # spectral radius of the Scion step (arXiv 2502.07529)
@@ -352,7 +356,7 @@ def parse_recipe(hp) -> Recipe:
                           f"embedding: it needs all of them, and the last layer ({last}) with attention and a value "
                           "embedding (--value_embed_layers); or --mudd=false")
     betas = {}
-    for group in ("embed", "value_embed", "scalar"):
+    for group in ("embed", "value_embed", "scalar", "lambdas"):
         name = f"adam_betas_{group}"
         pair = _numbers(name, getattr(hp, name))
         if len(pair) != 2 or not all(0 <= b < 1 for b in pair):
@@ -1967,11 +1971,14 @@ def layer_specs(hp: Hyperparameters, r: Recipe) -> list[LayerSpec]:
 MLP_PROJ_LR_MUL = 2.0  # Muon lr multiplier of the MLP's output matrix (the speedrun's, records #48 and later)
 
 
-# The per-layer scalars, in the order of each row of GPT.layer_scalars, with their initial values: the
-# residual and sublayer weights of attention and MLP (x <- r x + p f(x)), the gates of x0 and of the bigram
-# embedding added after attention, and the scale of the values.
-LAYER_SCALARS = dict(resid_attn=RESIDUAL_INIT, post_attn=1.0, resid_mlp=RESIDUAL_INIT, post_mlp=1.0,
-                     x0_gate=0.0, bigram_gate=0.05, value_scale=0.5)
+# The per-layer scalars, each table in the order of the rows of its [L, n] parameter, with their initial
+# values: the residual weights r and the sublayer weights p of attention and MLP (x <- r x + p f(x)), in
+# GPT.resid_scalars and GPT.post_scalars (Adam lrs and betas of their own: the public's resid_lambdas and
+# post_lambdas), and in GPT.layer_scalars the gates of x0 and of the bigram embedding added after attention,
+# and the scale of the values.
+RESID_SCALARS = dict(resid_attn=RESIDUAL_INIT, resid_mlp=RESIDUAL_INIT)
+POST_SCALARS = dict(post_attn=1.0, post_mlp=1.0)
+LAYER_SCALARS = dict(x0_gate=0.0, bigram_gate=0.05, value_scale=0.5)
 # The model-wide scalars: the bigram gate before layer 0, the skip's sigmoid logit and gate (their product
 # starts near 0.09), the backout weight of the cached layer, and the smear weight (0: starts off).
 GLOBAL_SCALARS = dict(bigram_gate=0.05, skip_logit=-1.5, skip_gate=0.5, backout=0.5, smear=0.0)
@@ -2078,9 +2085,15 @@ class Block(nn.Module):
         attention = spec.attention != "-"
         # Q and K as blocks of two heads ([Q blocks; K blocks], each [2 D, dim]), which Muon orthogonalizes one
         # by one (the speedrun's per-pair Q/K, records #80); block j holds heads j and j + H/2, the pair that
-        # paired attention interleaves. V and O as [2, hdim, dim] (O applied transposed).
+        # paired attention interleaves. V [hdim, dim]; O stored [hdim, dim] (in, out) and applied transposed, so
+        # NorMuon's per-row statistic of a square O is per input channel; with --normuon_out_rows O is stored
+        # [dim, hdim] (out, in) like the other matrices: per output channel, the public's, and Muon's shape
+        # scale max(1, m/n)^0.5 reads it as out over in.
+        self.o_out_in = hp.normuon_out_rows
+        o_shape = (hp.model_dim, hdim) if self.o_out_in else (hdim, hp.model_dim)
         self.qk_w = nn.Parameter(torch.empty(H, 2 * D, hp.model_dim)) if attention else None
-        self.vo_w = nn.Parameter(torch.empty(2, hdim, hp.model_dim)) if attention else None
+        self.v_w = nn.Parameter(torch.empty(hdim, hp.model_dim)) if attention else None
+        self.o_w = nn.Parameter(torch.empty(o_shape)) if attention else None
         # Both MLP matrices stored [hidden, dim] (the output one applied transposed), so Muon's shape scale and
         # NorMuon's per-row statistic treat them alike: per hidden unit.
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
@@ -2088,7 +2101,11 @@ class Block(nn.Module):
         _init_linear_(self.mlp_fc)
         if attention:
             _init_linear_(self.qk_w)
-            _init_linear_(self.vo_w)
+            vo = torch.empty(2, hdim, hp.model_dim)
+            _init_linear_(vo)  # V and O in one draw: the same initial weights in either layout of O
+            with torch.no_grad():
+                self.v_w.copy_(vo[0])
+                self.o_w.copy_(vo[1].T if self.o_out_in else vo[1])
         # Static gates start neutral: 2 sigmoid(0) = 1 for the value embedding, sigmoid(0) = 1/2 on the output.
         static = not spec.dynamic_gates
         self.ve_gate = (nn.Parameter(torch.zeros(H, 2 * VE_GATE_DIMS))
@@ -2098,14 +2115,15 @@ class Block(nn.Module):
 
     def matrices(self):
         """(matrix parameter, Muon lr multiplier) pairs."""
-        pairs = [(self.qk_w, 1.0), (self.vo_w, 1.0), (self.mlp_fc, 1.0), (self.mlp_proj, MLP_PROJ_LR_MUL)]
+        pairs = [(self.qk_w, 1.0), (self.v_w, 1.0), (self.o_w, 1.0), (self.mlp_fc, 1.0),
+                 (self.mlp_proj, MLP_PROJ_LR_MUL)]
         return [(p, lr_mul) for p, lr_mul in pairs if p is not None]
 
     def qkv_weight(self, dtype) -> torch.Tensor:
         """[3 hdim, dim]: the rows of q, k and v in head order (head e H/2 + j is half e of Q/K block j)."""
         H, D = self.num_heads, self.head_dim
         qk = self.qk_w.view(2, H // 2, 2, D, -1).transpose(1, 2).reshape(2 * H * D, -1)
-        return torch.cat([qk, self.vo_w[0]]).to(dtype)
+        return torch.cat([qk, self.v_w]).to(dtype)
 
     def attention(self, xhat, ve, s, cu, attn_meta, attn_scale):
         T = xhat.size(0)
@@ -2143,12 +2161,14 @@ class Block(nn.Module):
             else:
                 gate = torch.sigmoid(F.linear(xhat[..., :GATE_DIMS], self.attn_gate.type_as(xhat)))
             y = y * gate[..., None]
-        return y.reshape(T, H * D) @ self.vo_w[1].type_as(y)
+        y = y.reshape(T, H * D)
+        return F.linear(y, self.o_w.type_as(y)) if self.o_out_in else y @ self.o_w.type_as(y)
 
     def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale):
         """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; s: this layer's
-        weights and gates by name (LAYER_SCALARS, BLOCK_GATES, MUDD_IN's ve_gate [T, H] and value_add [T, dim]);
-        cu, attn_meta: the row's documents and windows (GPT.forward); attn_scale: a float, or a 0-d tensor."""
+        weights and gates by name (RESID_SCALARS, POST_SCALARS, LAYER_SCALARS, BLOCK_GATES, MUDD_IN's ve_gate
+        [T, H] and value_add [T, dim]); cu, attn_meta: the row's documents and windows (GPT.forward); attn_scale:
+        a float, or a 0-d tensor."""
         if self.qk_w is not None:
             xhat = rms_norm(x if cached is None else cached)
             attn = self.attention(xhat, ve, s, cu, attn_meta, attn_scale)
@@ -2208,12 +2228,14 @@ class GPT(nn.Module):
         self.layer_scalar_names = tuple(n for n in LAYER_SCALARS if not (split and n in DYNAMIC_LAYER_SCALARS))
         self.global_scalar_names = tuple(n for n in GLOBAL_SCALARS if not (split and n in DYNAMIC_GLOBAL_SCALARS)
                                          and not (hp.mudd and n == "backout"))
-        # (Under MUDD the last row's four sublayer weights are unused: MUDD_IN has them per token.)
+        # (Under MUDD the last rows of resid_scalars and post_scalars are unused: MUDD_IN has them per token.)
         layer_init = torch.tensor([LAYER_SCALARS[n] for n in self.layer_scalar_names])
         # 1 / the step's micro-batch count, set by the trainer: the FP8 head's gradient scale follows the loss's.
         self.register_buffer("head_grad_scale", torch.ones(()), persistent=False)
         # Each token's byte-prefix token (-1: none), filled by the trainer from --prefix_vocab (prefix_token_table).
         self.register_buffer("prefix_table", torch.full((hp.vocab_size,), -1, dtype=torch.long), persistent=False)
+        self.resid_scalars = nn.Parameter(torch.tensor(list(RESID_SCALARS.values())).repeat(L, 1))
+        self.post_scalars = nn.Parameter(torch.tensor(list(POST_SCALARS.values())).repeat(L, 1))
         self.layer_scalars = nn.Parameter(layer_init.repeat(L, 1))
         self.global_scalars = nn.Parameter(torch.tensor([GLOBAL_SCALARS[n] for n in self.global_scalar_names]))
         self.gate_layouts = gate_layout(hp, self.recipe) if split else ([], [])
@@ -2231,6 +2253,15 @@ class GPT(nn.Module):
     def hidden_matrices(self):
         """(matrix, Muon lr multiplier) pairs of every block."""
         return [pair for b in self.blocks for pair in b.matrices()]
+
+    def layer_scalar_tables(self) -> list:
+        """(column names, [L, n] parameter) of each table of per-layer scalars."""
+        return [(tuple(RESID_SCALARS), self.resid_scalars), (tuple(POST_SCALARS), self.post_scalars),
+                (self.layer_scalar_names, self.layer_scalars)]
+
+    def layer_weights(self, i: int) -> dict:
+        """Layer i's scalars by name (0-d): its row of every table of layer_scalar_tables."""
+        return {name: w for names, table in self.layer_scalar_tables() for name, w in zip(names, table[i].unbind(0))}
 
     def compile_per_block(self, backend: str = "inductor"):
         """torch.compile each block and the head separately, in place (validation always; training with
@@ -2291,7 +2322,7 @@ class GPT(nn.Module):
             if skip is not None and i == skip[1]:
                 gate = gates[("skip_gate", i)] if split else g["skip_gate"]
                 x = x + torch.sigmoid(g["skip_logit"]) * gate * skip_saved
-            s = dict(zip(self.layer_scalar_names, self.layer_scalars[i].unbind(0)))
+            s = self.layer_weights(i)
             s |= {kind: gates[(kind, i)] for kind in BLOCK_GATES if (kind, i) in gates}
             layer_x0 = x0
             if spec.mudd:
@@ -2809,7 +2840,9 @@ class Trainer:
         adam_params += [(t, hp.adam_lr_value_embed, betas["value_embed"], wd_value) for t in m.value_embeds]
         if m.bigram is not None:
             adam_params.append((m.bigram, hp.adam_lr_value_embed, betas["value_embed"], wd_value))
-        adam_params += [(m.layer_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0),
+        adam_params += [(m.resid_scalars, hp.adam_lr_resid, betas["lambdas"], 0.0),
+                        (m.post_scalars, hp.adam_lr_post, betas["lambdas"], 0.0),
+                        (m.layer_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0),
                         (m.global_scalars, hp.adam_lr_scalar, betas["scalar"], 0.0)]
         if m.smear_gate is not None:  # the smear gate learns 100x slower than the other gates (records #52)
             adam_params.append((m.smear_gate, hp.adam_lr_gate / 100, betas["scalar"], 0.0))

@@ -133,12 +133,16 @@ def _call(model, inputs, targets, windows=(1, 2), scale=0.1, weights=(1.0, 0.0))
     return model(inputs, targets, cu, trainer.attention_meta(docs, max_len, windows), scale, torch.tensor(weights))
 
 
+# Scalar tables _randomize leaves at their initial values (drawn like the rest, residual weights would be near 0).
+SCALAR_TABLES = ("resid_scalars", "post_scalars", "layer_scalars", "global_scalars")
+
+
 def _randomize(model, std=0.05):
     """Non-trivial weights everywhere, so every path of the forward carries signal (zero-initialized
     tables, gates and projections would hide a wrong connection)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name not in ("layer_scalars", "global_scalars"):
+            if name not in SCALAR_TABLES:
                 p.normal_(std=std if p.ndim > 1 else 0.5)
         model.global_scalars.add_(0.3)  # the smear weight starts at 0: turn it on
 
@@ -192,7 +196,8 @@ def test_mlp_output_projections_start_at_zero_and_attention_weights_do_not(train
         assert block.mlp_proj.abs().max() == 0, "each MLP starts as a no-op"
         if block.qk_w is not None:
             assert (block.qk_w.flatten(1).abs().amax(1) > 0).all(), "q and k start nonzero (the speedrun's init)"
-            assert (block.vo_w.flatten(1).abs().amax(1) > 0).all(), "v and o start nonzero (the speedrun's init)"
+            for w in (block.v_w, block.o_w):
+                assert (w.abs().amax(1) > 0).all(), "v and o start nonzero (the speedrun's init)"
 
 
 def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer):
@@ -200,7 +205,7 @@ def test_layers_marked_dash_have_no_attention_and_still_learn_their_mlp(trainer)
     no_attention = [i for i, kind in enumerate(hp.layer_attention) if kind == "-"]
     assert no_attention and all(model.blocks[i].qk_w is None for i in no_attention)
     attention_layers = len(hp.layer_attention) - len(no_attention)
-    assert len(model.hidden_matrices()) == 2 * attention_layers + 2 * hp.num_layers, "qk, vo stacks and 2 MLP matrices"
+    assert len(model.hidden_matrices()) == 3 * attention_layers + 2 * hp.num_layers, "qk stack, v, o and 2 MLP matrices"
     inputs = _tokens_with_documents(256, [0], BOS)
     _call(model, inputs, torch.roll(inputs, -1)).backward()
     assert model.blocks[no_attention[0]].mlp_proj.grad.abs().sum() > 0, "the attention-free layer's MLP learns"
@@ -292,7 +297,7 @@ def test_a_compiled_block_takes_new_documents_and_windows_without_recompiling(tr
     counters.clear()
     compiled = torch.compile(block, backend="eager", dynamic=False)
     x = torch.randn(512, hp.model_dim)
-    s = dict(zip(model.layer_scalar_names, model.layer_scalars[1].detach().unbind(0)))
+    s = {name: w.detach() for name, w in model.layer_weights(1).items()}
     s |= {"xsa": torch.randn(512, hp.num_heads), "x0_gate": torch.rand(512, 1), "bigram_gate": torch.rand(512, 1)}
     for windows, bos in [((1, 2), [0, 100]), ((2, 3), [0, 300, 301]), ((4, 4), [0])]:
         cu, docs, max_len = _bounds(trainer, _tokens_with_documents(512, bos, BOS))

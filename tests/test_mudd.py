@@ -110,6 +110,7 @@ def test_dc_equals_dense_masked_attention_forward_and_gradient(trainer):
 # The model: new gates against the static ones they replace
 
 STATIC = ["--gate_split_layer=0", "--mudd=false", "--dc_layers="]
+SCALAR_TABLES = ("resid_scalars", "post_scalars", "layer_scalars", "global_scalars")  # not randomized by _pair
 
 
 def _slots(model):
@@ -129,15 +130,20 @@ def _set(model, kind, layer, value):
     gen.b.data[cols] = torch.as_tensor(value, dtype=torch.float32) / gen.scale.data
 
 
+def _columns(model) -> dict:
+    """Per-layer scalar name -> its column [L] of the model's table (a view: writing it writes the parameter)."""
+    return {n: table[:, j] for names, table in model.layer_scalar_tables() for j, n in enumerate(names)}
+
+
 def _sync(new, static):
     """Set every gate and MUDD coefficient of `new` that has a static counterpart in `static` to that value;
     the output gates to the static ones' value at zero weights, sigmoid(0) = 0.5, and MUDD's value-embedding
     gate to the static one's 2 sigmoid(0) = 1."""
-    row = {n: static.layer_scalars[:, j] for j, n in enumerate(static.layer_scalar_names)}
+    row = _columns(static)
     glob = dict(zip(static.global_scalar_names, static.global_scalars))
     with torch.no_grad():
-        for j, n in enumerate(new.layer_scalar_names):
-            new.layer_scalars[:, j] = row[n]
+        for n, column in _columns(new).items():
+            column.copy_(row[n])
         for j, n in enumerate(new.global_scalar_names):
             new.global_scalars[j] = glob[n]
         for kind, i in _slots(new):
@@ -164,13 +170,16 @@ def _pair(trainer, at_init=False):
     new_params = dict(new.named_parameters())
     with torch.no_grad():
         for name, p in static.named_parameters():
-            if name in ("layer_scalars", "global_scalars") or any(g in name for g in ("attn_gate", "xsa", "ve_gate")):
+            if name in SCALAR_TABLES or any(g in name for g in ("attn_gate", "xsa", "ve_gate")):
                 continue
-            p.normal_(std=0.05 if p.ndim > 1 else 0.5)
+            # The output matrices 10x: a layer's attention output (values averaged over the window) would
+            # otherwise be ~1% of the residual, too little for the loss to see the last layer's sublayer weight.
+            p.normal_(std=0.5 if name.endswith(".o_w") else 0.05 if p.ndim > 1 else 0.5)
             new_params[name].copy_(p)
         if not at_init:
-            static.layer_scalars.add_(0.2 * torch.randn_like(static.layer_scalars))
-            static.layer_scalars[-1, static.layer_scalar_names.index("x0_gate")] = 0.0
+            for _, table in static.layer_scalar_tables():
+                table.add_(0.2 * torch.randn_like(table))
+            _columns(static)["x0_gate"][-1] = 0.0
             static.global_scalars.add_(0.3)
     _sync(new, static)
     return new, static
@@ -203,7 +212,8 @@ def test_at_init_the_new_model_is_the_static_model_but_for_two_gate_values(train
                            ("mudd_in", ve_gates), ("mudd_out", [])):
         moved = ~torch.isclose(getattr(new, name).b, getattr(fresh, name).b)
         assert moved.nonzero().flatten().tolist() == expected, f"{name}: more moved than the two gates"
-    assert torch.equal(new.layer_scalars, fresh.layer_scalars) and torch.equal(new.global_scalars, fresh.global_scalars)
+    for name in SCALAR_TABLES:
+        assert torch.equal(getattr(new, name), getattr(fresh, name)), f"{name} moved off its init"
     want = _loss(static)
     torch.testing.assert_close(_loss(new), want, rtol=1e-6, atol=1e-5)
     _set(new, "attn_gate", 3, 0.25)
@@ -216,15 +226,14 @@ def test_each_gate_output_reaches_the_quantity_it_replaces(trainer):
     new, static = _pair(trainer)
     base = _loss(new)
     torch.testing.assert_close(base, _loss(static), rtol=1e-6, atol=1e-5)
-    row = static.layer_scalar_names.index
     glob = static.global_scalar_names.index
     cases = {"xsa 1": lambda m: m.blocks[1].xsa_alpha.copy_(torch.tensor([0.7, -1.3])),
-             "x0 gate 1": lambda m: m.layer_scalars[1, row("x0_gate")].add_(0.4),
-             "bigram gate 1": lambda m: m.layer_scalars[1, row("bigram_gate")].add_(0.4),
+             "x0 gate 1": lambda m: _columns(m)["x0_gate"][1].add_(0.4),
+             "bigram gate 1": lambda m: _columns(m)["bigram_gate"][1].add_(0.4),
              "bigram gate 0": lambda m: m.global_scalars[glob("bigram_gate")].add_(0.4),
              "skip gate": lambda m: m.global_scalars[glob("skip_gate")].add_(0.7),
              "backout": lambda m: m.global_scalars[glob("backout")].add_(0.3)}
-    cases |= {f"last layer {n}": lambda m, n=n: m.layer_scalars[-1, row(n)].add_(0.3)
+    cases |= {f"last layer {n}": lambda m, n=n: _columns(m)[n][-1].add_(0.3)
               for n in ("resid_attn", "post_attn", "bigram_gate", "resid_mlp", "post_mlp")}
     for case, move in cases.items():
         with torch.no_grad():

@@ -1,10 +1,12 @@
 """Specification of the Optimizers section (Muon, NorMuon, cautious weight decay, OrScale, Scion: the papers cited in train_gpt.py).
 
-Two parts. First, distributed equivalence: on 2, 3 and 4 gloo ranks, with parameter counts that
+Three parts. First, distributed equivalence: on 2, 3 and 4 gloo ranks, with parameter counts that
 split unevenly (so shards are padded), two steps of DistAdam and of DistMuon in every variant give
 the same parameters as the single-process run (world_size == 1, which calls no collective). Second,
 the variants' defining properties, checked by calling the pure functions (`normuon_normalize`,
-`muon_update`, `muon_shape_scale`) and DistAdam on one process.
+`muon_update`, `muon_shape_scale`) and DistAdam on one process. Third, the public recipe's settings
+behind flags (off by default): the residual and sublayer weights' Adam lrs and betas, and the attention
+output matrix stored (out, in) for NorMuon, in the tiny model, on one process and on 2 gloo ranks.
 
 Tests run against train_gpt.py; train_gpt_medium.py shares this code line for line
 (tests/test_tracks.py). Property tests run in float64 where the formula is to be checked exactly: the
@@ -16,7 +18,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_gloo_ranks, shared_code_only
+from conftest import SMALL_BOS, SMALL_VOCAB_FLAGS, one_torch_thread, run_gloo_ranks, shared_code_only
 
 F64 = torch.float64
 
@@ -507,3 +509,192 @@ def test_a_paused_adam_parameter_keeps_its_state_and_can_take_over_anothers(trai
     adam.step(1.0)
     adam.finish()
     assert not torch.equal(b, b_before), "with a's moments and a zero gradient, b still moves (negative control)"
+
+
+# -----------------------------------------------------------------------------
+# The public's settings behind flags, off by default: the residual and sublayer weights' own Adam lrs and
+# betas (--adam_lr_resid, --adam_lr_post, --adam_betas_lambdas) and the attention output matrix stored
+# (out, in), so NorMuon normalizes it per output channel (--normuon_out_rows)
+# -----------------------------------------------------------------------------
+
+PUBLIC_LAMBDAS = ("--adam_lr_post=0.008", "--adam_betas_lambdas=0.9,0.95")
+SCALAR_TABLES = ("resid_scalars", "post_scalars", "layer_scalars", "global_scalars")
+
+
+def _adam_settings(trainer, *flags) -> dict:
+    """Scalar table -> (lr, betas, weight decay) of its DistAdam entry in the tiny trainer with `flags`."""
+    hp = trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS, *flags])
+    t = trainer.Trainer(hp, 0, 1, torch.device("cpu"))
+    entry = {id(e["param"]): e for e in t.adam.entries}
+    return {name: (entry[id(getattr(t.model, name))]["lr"], entry[id(getattr(t.model, name))]["betas"],
+                   entry[id(getattr(t.model, name))]["wd"]) for name in SCALAR_TABLES}
+
+
+def test_residual_and_sublayer_weights_are_tables_of_their_own_with_the_scalars_adam_settings_by_default(trainer):
+    """The residual weights r and sublayer weights p of x <- r x + p f(x) have their own [L, 2] tables (the
+    public's resid_lambdas and post_lambdas), so Adam can step them apart from the other scalars; by default
+    with the other scalars' lr 0.04, betas (0.9, 0.99) and no decay: Adam is elementwise, so that is the step
+    of the one table they were part of. Each column holds what its name says, at its initial value, and
+    each layer reads its row by name. Negative control: --adam_lr_post moves the sublayer weights' lr only."""
+    model = trainer.GPT(trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS]))
+    L = model.hp.num_layers
+    tables = {names: table for names, table in model.layer_scalar_tables()}
+    assert list(tables) == [("resid_attn", "resid_mlp"), ("post_attn", "post_mlp"), model.layer_scalar_names]
+    assert tables[("resid_attn", "resid_mlp")] is model.resid_scalars and model.resid_scalars.shape == (L, 2)
+    assert tables[("post_attn", "post_mlp")] is model.post_scalars and model.post_scalars.shape == (L, 2)
+    assert torch.equal(model.resid_scalars, torch.full((L, 2), 1.1 ** 0.5)), "r starts at sqrt(1.1) (records #45)"
+    assert torch.equal(model.post_scalars, torch.ones(L, 2)), "p starts at 1"
+    assert not {"resid_attn", "post_attn", "resid_mlp", "post_mlp"} & set(model.layer_scalar_names), \
+        "a weight in two tables would have two optimizer entries"
+    with torch.no_grad():
+        model.resid_scalars[2] = torch.tensor([3.0, 4.0])
+        model.post_scalars[2] = torch.tensor([5.0, 6.0])
+    weights = model.layer_weights(2)
+    assert {n: weights[n].item() for n in ("resid_attn", "resid_mlp", "post_attn", "post_mlp")} == \
+        dict(resid_attn=3.0, resid_mlp=4.0, post_attn=5.0, post_mlp=6.0), "layer 2 reads its row by column name"
+    scalar = (0.04, (0.9, 0.99), 0.0)
+    assert _adam_settings(trainer) == dict.fromkeys(SCALAR_TABLES, scalar), \
+        "by default every scalar table steps as the one table of before: lr 0.04, betas (0.9, 0.99), no decay"
+    moved = _adam_settings(trainer, "--adam_lr_post=0.01")
+    assert moved == {**dict.fromkeys(SCALAR_TABLES, scalar), "post_scalars": (0.01, (0.9, 0.99), 0.0)}, moved
+
+
+def test_public_lambda_flags_step_resid_at_0_04_post_at_0_008_both_with_betas_0_9_0_95(trainer):
+    """--adam_lr_post=0.008 --adam_betas_lambdas=0.9,0.95 give the public's groups (frontier 2.4, 6):
+    resid_lambdas at lr_mul 5 x 0.008 = 0.04, post_lambdas at 0.008, both betas (0.9, 0.95), no decay;
+    the other scalars keep 0.04 and (0.9, 0.99). Malformed betas are a usage error naming the flag."""
+    got = _adam_settings(trainer, *PUBLIC_LAMBDAS)
+    assert got == dict(resid_scalars=(0.04, (0.9, 0.95), 0.0), post_scalars=(0.008, (0.9, 0.95), 0.0),
+                       layer_scalars=(0.04, (0.9, 0.99), 0.0), global_scalars=(0.04, (0.9, 0.99), 0.0)), got
+    with pytest.raises(trainer.ConfigError, match="--adam_betas_lambdas='0.95' must be two betas"):
+        trainer.parse_args(["--adam_betas_lambdas=0.95"])
+
+
+def _stack_rows(muon, param, key):
+    """The rows of DistMuon state `key` ([k, ...] per shape group, one process) that belong to param's matrices."""
+    for g in muon.groups:
+        offset = 0
+        for p in g["params"]:
+            count = p.numel() // (g["shape"][0] * g["shape"][1])
+            if p is param:
+                return g["state"][key][offset:offset + count]
+            offset += count
+    raise KeyError("not a Muon parameter")
+
+
+def _output_matrix_step(trainer, *flags) -> dict:
+    """One DistMuon step (one process) of the tiny model from its initial weights on one batch of documents:
+    the loss, and per attention layer O before, its gradient, O after and NorMuon's v of O; and hp."""
+    hp = trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS, *flags])
+    torch.manual_seed(0)
+    model = trainer.GPT(hp)
+    tokens = torch.randint(0, SMALL_BOS, (257,), generator=torch.Generator().manual_seed(3))
+    tokens[[0, 90, 200]] = SMALL_BOS
+    cu, docs, max_len = trainer.document_bounds(tokens[:-1].numpy(), SMALL_BOS)
+    loss = model(tokens[:-1], tokens[1:], torch.from_numpy(cu), trainer.attention_meta(docs, max_len, (1, 2)), 0.1,
+                 torch.tensor([1.0, 0.5]))
+    loss.backward()
+    muon = trainer.DistMuon(model.hidden_matrices(), hp, 0, 1)
+    outputs = [b.o_w for b in model.blocks if b.o_w is not None]
+    before = [(o.detach().clone(), o.grad.clone()) for o in outputs]
+    muon.reduce_grads()
+    muon.step(1.0, hp.muon_momentum)
+    muon.finish()
+    return dict(hp=hp, loss=loss.item(), W=[w for w, _ in before], G=[g for _, g in before],
+                after=[o.detach().clone() for o in outputs], v=[_stack_rows(muon, o, "v")[0] for o in outputs])
+
+
+def _orthogonalized(trainer, hp, G):
+    """O of muon_update's first step from zero momentum: orthogonalize((1 - b) G + b M), M = (1 - b) G."""
+    M = torch.zeros_like(G).lerp(G, 1 - hp.muon_momentum)
+    return trainer.orthogonalize(G.lerp(M, hp.muon_momentum)[None], hp.muon_ortho).float()[0]
+
+
+def test_normuon_out_rows_normalizes_the_attention_output_matrix_per_output_channel(trainer):
+    """The attention output matrix O (the residual's dim outputs from the heads' hdim inputs) is stored (in, out)
+    by default, so NorMuon's per-row statistic of the square matrix is per input channel; --normuon_out_rows
+    stores it (out, in), as the public and as Q, K, V and the MLP: one second moment per output channel, the
+    update being muon_update's (normuon_normalize included) on the (out, in) matrix. The same initial weights
+    (transposed) and model either way; the flag changes NorMuon's statistic only: with --normuon=false the two
+    steps agree up to the transpose (orthogonalization does not care), with NorMuon they differ (negative control)."""
+    off, on = _output_matrix_step(trainer), _output_matrix_step(trainer, "--normuon_out_rows=true")
+    hp, dim, hdim = on["hp"], on["hp"].model_dim, on["hp"].num_heads * on["hp"].head_dim
+    assert dim == hdim, "the tiny model's O is square, as the 124M model's"
+    assert on["loss"] == pytest.approx(off["loss"], rel=1e-6), "the flag changes the layout, not the model"
+    b2 = hp.normuon_beta2
+    for i, (W, G, after, v) in enumerate(zip(on["W"], on["G"], on["after"], on["v"])):
+        assert torch.equal(W, off["W"][i].T), f"attention layer {i}: O starts at the default's weights, transposed"
+        torch.testing.assert_close(G, off["G"][i].T, rtol=1e-4, atol=1e-9)
+        O = _orthogonalized(trainer, hp, G)  # (out, in)
+        per_output, per_input = O.square().mean(dim=1), O.square().mean(dim=0)
+        assert v.shape == (dim,), f"attention layer {i}: v holds {tuple(v.shape)}, not one entry per output channel"
+        torch.testing.assert_close(v, (1 - b2) * per_output, rtol=1e-4, atol=0, msg=lambda m: (
+            f"attention layer {i}: with --normuon_out_rows, v should be the EMA of O^2 per output channel\n{m}"))
+        torch.testing.assert_close(off["v"][i], (1 - b2) * per_input, rtol=1e-4, atol=0, msg=lambda m: (
+            f"attention layer {i}: by default v should be the EMA of O^2 per input channel\n{m}"))
+        assert not torch.allclose(per_output, per_input, rtol=1e-3), "negative control: the two statistics differ"
+        state = dict(momentum=torch.zeros(1, dim, hdim), v=torch.zeros(1, dim), c=torch.zeros(1))
+        want = trainer.muon_update(W[None], G[None], state, hp, hp.muon_lr, hp.muon_momentum)[0]
+        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-7, msg=lambda m: (
+            f"attention layer {i}: DistMuon's step of O should be muon_update's on the (out, in) matrix\n{m}"))
+        gap = (after - off["after"][i].T).abs().max().item()
+        assert gap > 1e-5, f"attention layer {i}: per output or input channel, the steps differ by only {gap:.1e}"
+    plain_off, plain_on = (_output_matrix_step(trainer, "--normuon=false", *flags)
+                           for flags in ([], ["--normuon_out_rows=true"]))
+    for i, (a, b) in enumerate(zip(plain_on["after"], plain_off["after"])):
+        torch.testing.assert_close(a, b.T, rtol=1e-5, atol=1e-7, msg=lambda m: (
+            f"attention layer {i}: without NorMuon the flag should change nothing but the layout\n{m}"))
+
+
+def test_normuon_out_rows_gives_a_non_square_output_matrix_the_out_in_shape_scale(trainer):
+    """With hdim != dim (heads of 48 in a model of 64; value embeddings and MUDD, which add [T, dim] to the values,
+    off) O stored (out, in) is [64, 96]: its own Muon shape group (V stays [96, 64]) with shape scale
+    max(1, 64/96)^0.5 = 1, where the default [96, 64] shares V's group and scale (3/2)^0.5. NorMuon's statistic
+    runs along the longer side, 96, in either layout."""
+    non_square = ["--head_dim=48", "--value_embed_layers=", "--mudd=false"]
+    for flags, o_shape, scale in (([], (96, 64), 1.5 ** 0.5), (["--normuon_out_rows=true"], (64, 96), 1.0)):
+        hp = trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS, *non_square, *flags])
+        model = trainer.GPT(hp)
+        muon = trainer.DistMuon(model.hidden_matrices(), hp, 0, 1)
+        outputs = [b.o_w for b in model.blocks if b.o_w is not None]
+        group = next(g for g in muon.groups if any(p is outputs[0] for p in g["params"]))
+        assert group["shape"] == o_shape and all(p.shape == o_shape for p in outputs), (flags, group["shape"])
+        assert trainer.muon_shape_scale(*group["shape"]) == pytest.approx(scale)
+        assert group["state"]["v"].shape[-1] == 96
+        shared = any(p is model.blocks[0].v_w for p in group["params"])
+        assert shared == (not flags), "V and O share a group exactly when they have one shape"
+
+
+def train_two_steps(rank, world_size, module, *flags):
+    """Every parameter after the tiny trainer's first two steps (two micro-batches a step: accumulated on one
+    rank, one each on two)."""
+    trainer = importlib.import_module(module)
+    hp = trainer.parse_args(["--preset=tiny", *flags])
+    run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))
+    loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"),
+                                            trainer.row_specs(range(2), hp, run.derived))
+    for step in range(2):
+        run.train_step(step, loader)
+    return {name: p.detach().clone() for name, p in run.model.named_parameters()}
+
+
+def test_one_and_two_gloo_ranks_take_the_same_steps_with_the_public_lambdas_and_out_rows(trainer, tiny_corpus,
+                                                                                          tmp_path):
+    """With the three public settings on, two train steps on 2 gloo ranks (each rank orthogonalizing its share
+    of the stacked matrices, O in its (out, in) layout among them; each holding a shard of every Adam table)
+    give the parameters of one process; only float summation order differs. Negative control: without the
+    flags the same steps end measurably elsewhere (the comparison would see a setting lost on one side)."""
+    flags = [*tiny_corpus["flags"], *PUBLIC_LAMBDAS, "--normuon_out_rows=true"]
+    with one_torch_thread():
+        single = train_two_steps(0, 1, trainer.__name__, *flags)
+        default = train_two_steps(0, 1, trainer.__name__, *tiny_corpus["flags"])
+    ranks = run_gloo_ranks("test_optimizers:train_two_steps", 2, tmp_path, trainer.__name__, *flags)
+    tol = dict(rtol=1e-4, atol=1e-6)  # measured: 4e-6 at most (the bigram table, entries ~1)
+    for rank, params in enumerate(ranks):
+        assert params.keys() == single.keys()
+        for name in single:
+            torch.testing.assert_close(params[name], single[name], **tol, msg=lambda m: (
+                f"{name} on rank {rank} of 2 differs from one process's after two steps\n{m}"))
+    for name, layout in (("resid_scalars", lambda w: w), ("post_scalars", lambda w: w), ("blocks.1.o_w", torch.t)):
+        assert not torch.allclose(single[name], layout(default[name]), **tol), \
+            f"negative control: {name} ends within the tolerance of where it ends with the public settings off"
