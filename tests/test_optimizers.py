@@ -15,10 +15,13 @@ remaining error is one float32 rounding of O (relative 6e-8) times lr.
 """
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import SMALL_BOS, SMALL_VOCAB_FLAGS, one_torch_thread, run_gloo_ranks, shared_code_only
+from conftest import ROOT, SMALL_BOS, SMALL_VOCAB_FLAGS, one_torch_thread, run_gloo_ranks, shared_code_only
 
 F64 = torch.float64
 
@@ -479,6 +482,39 @@ def test_dist_adam_cautious_decay_is_lr_squared_wd_where_step_and_weight_agree(t
     assert 0.2 < agree.float().mean() < 0.8, "negative control: the mask should have both kinds of entries"
     torch.testing.assert_close(results[0] - results[1], (lr * factor) ** 2 * wd * W * agree, rtol=1e-4, atol=1e-7,
                                msg=lambda m: f"decay must be (lr*factor)^2*wd*W where u*W > 0, else 0\n{m}")
+
+
+_INTERPRETED_ADAM = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import train_gpt as t
+assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
+worst = {}
+for n, decay in ((10_000, 0.3), (37, 0.0)):  # several blocks with a ragged tail; one partial block, no decay
+    g = torch.Generator().manual_seed(n)
+    w, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    m, v = 0.1 * torch.randn(n, generator=g), torch.rand(n, generator=g)
+    args = ((0.9, 0.99), 0.05, 0.3, 1e-10, decay)
+    kernel_m, kernel_v = m.clone(), v.clone()
+    kernel = t.adam_update(w, grad, kernel_m, kernel_v, *args)
+    t._kernels_interpreted = lambda: False  # the torch formula, the kernel's specification
+    ref_m, ref_v = m.clone(), v.clone()
+    ref = t.adam_update(w, grad, ref_m, ref_v, *args)
+    t._kernels_interpreted = lambda: True
+    for name, a, b in (("w", kernel, ref), ("m", kernel_m, ref_m), ("v", kernel_v, ref_v)):
+        worst[name] = max(worst.get(name, 0.0), ((a - b).norm() / b.norm()).item())
+    assert not torch.equal(kernel, w), "negative control: the weights moved"
+print(max(worst.values()))
+"""
+
+
+def test_fused_adam_kernel_equals_the_torch_formula_under_the_interpreter(trainer):
+    """The one-pass Adam kernel (GPU path of DistAdam.step), run by the Triton interpreter on CPU in float32:
+    new weights and both moments equal the torch formula's within float rounding, with and without decay."""
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED_ADAM, str(ROOT)], env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip()) < 1e-6, f"relative error of the interpreted Adam kernel: {out.stdout}"
 
 
 def test_muon_shape_scale_is_sqrt_of_fan_out_over_fan_in_at_least_one(trainer):
