@@ -1102,8 +1102,8 @@ def softcap_mtp_ce(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
     rows = torch.empty(T, dtype=torch.float32, device=z.device)
     lse = torch.empty(T, dtype=torch.float32, device=z.device)
     block, warps = _ce_launch()
-    _softcap_mtp_ce_fwd_kernel[(T,)](z, targets, weights, rows, lse, T, V, z.stride(0), cap, offset, 1 / temp,
-                                     K=weights.numel(), BLOCK=block, num_warps=warps)
+    _softcap_mtp_ce_fwd_kernel[(T,)](z, targets.contiguous(), weights, rows, lse, T, V, z.stride(0), cap, offset,
+                                     1 / temp, K=weights.numel(), BLOCK=block, num_warps=warps)
     return rows, lse
 
 
@@ -1121,7 +1121,7 @@ def softcap_mtp_ce_backward(z: torch.Tensor, targets: torch.Tensor, weights: tor
     T, V = z.shape
     dz = torch.empty_like(z)
     block, warps = _ce_launch()
-    _softcap_mtp_ce_bwd_kernel[(T,)](z, targets, weights, lse, grad.contiguous(), dz, T, V, z.stride(0),
+    _softcap_mtp_ce_bwd_kernel[(T,)](z, targets.contiguous(), weights, lse, grad.contiguous(), dz, T, V, z.stride(0),
                                      dz.stride(0), cap, offset, 1 / temp, K=weights.numel(), BLOCK=block,
                                      num_warps=warps)
     return dz
@@ -2507,7 +2507,10 @@ class _ShardPrefetcher:
 
     def __init__(self, path, vocab, bos_id, seq_len):
         self.result, self.error = None, None
-        self.thread = threading.Thread(target=self._run, args=(path, vocab, bos_id, seq_len), daemon=True)
+        # Not a daemon: the interpreter waits for it at exit. A daemon thread still reading when the process
+        # ends is stopped inside numpy's C code, which aborts the process ("terminate called without an active
+        # exception", seen on gloo ranks in the tests).
+        self.thread = threading.Thread(target=self._run, args=(path, vocab, bos_id, seq_len))
         self.thread.start()
 
     def _run(self, path, vocab, bos_id, seq_len):
