@@ -27,11 +27,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "data")]
 import tokenize_text  # noqa: E402 (after the path insert: data/ is a folder of scripts)
 
 
-def load_model(tg, checkpoint: str, device: torch.device):
-    """(model in eval mode, its Hyperparameters, the checkpoint's meta.json) from a checkpoint folder; raises
-    tg.ConfigError for an unusable one."""
+def load_model(tg, checkpoint: str, device: torch.device, **overrides):
+    """(model in eval mode, its Hyperparameters, the checkpoint's meta.json) from a checkpoint folder, with
+    `overrides` of hyperparameters that do not change the parameters (e.g. val_seq_len); raises tg.ConfigError
+    for an unusable checkpoint."""
     meta = tg.read_checkpoint(checkpoint, None)
-    hp = tg.Hyperparameters(**meta["hyperparameters"])
+    hp = tg.Hyperparameters(**{**meta["hyperparameters"], **overrides})
     state = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", mmap=True, weights_only=True)
     with device:
         model = tg.GPT(hp)

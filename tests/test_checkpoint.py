@@ -213,3 +213,9 @@ def test_eval_checkpoint_reproduces_the_final_validation_and_compares_windows(st
     assert abs(losses[f"windows:{other}"] - losses[f"windows:{final}"]) > 1e-6, losses
     assert tool.main([str(straight["step"](22)), "--windows", "3"]) == 2, "a malformed window is a usage error"
     assert "error: --windows: '3' is not short:long" in capsys.readouterr().err
+    with one_torch_thread():  # longer validation chunks (fewer context resets): another loss of the same model
+        assert tool.main([str(straight["step"](22)), "--windows", final, "--val_seq_len", "4096", "--device", "cpu"]) == 0
+    longer = float(capsys.readouterr().out.split("val_loss:")[1])
+    assert longer != pytest.approx(losses[f"windows:{final}"], abs=1e-6), "--val_seq_len must reach the validation"
+    assert tool.main([str(straight["step"](22)), "--windows", final, "--val_seq_len", "1000"]) == 2
+    assert "--val_tokens=4096 must be a multiple of --val_seq_len=1000" in capsys.readouterr().err

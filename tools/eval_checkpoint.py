@@ -2,12 +2,13 @@
 
     python tools/eval_checkpoint.py logs/RUN/step_205 --windows 6:20 6:13 5:11
     python tools/eval_checkpoint.py logs/RUN/step_205 --windows 6:13 --val_files "other/val_*.bin"
+    python tools/eval_checkpoint.py logs/RUN/step_205 --windows 6:20 --val_seq_len 262144   # longer val chunks
 
 Prints one line per window pair (short:long, in 128-token blocks): the mean next-token loss over the run's
 --val_tokens first validation tokens, as the trainer's validation computes it (tests/test_checkpoint.py
 checks the match at the run's own final windows). The rotary tables and softmax scale are those of the
 checkpoint's step (after the last step: the final validation's, no YaRN change), so only the windows
-differ. One process (GPU when there is one); exit status 2 with one `error:` line for an unusable
+differ (and the validation chunk length, with --val_seq_len: each chunk starts without context). One process (GPU when there is one); exit status 2 with one `error:` line for an unusable
 checkpoint or a malformed window.
 """
 import argparse
@@ -26,19 +27,20 @@ def parse_args(argv):
     p.add_argument("checkpoint", help="a checkpoint folder, <log_dir>/<run_id>/step_<k>")
     p.add_argument("--windows", nargs="+", required=True, help="short:long window pairs in 128-token blocks")
     p.add_argument("--val_files", help="validation shards (default: the run's)")
+    p.add_argument("--val_seq_len", type=int, help="tokens per validation forward (default: the run's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--trainer", default="train_gpt", choices=["train_gpt", "train_gpt_medium"],
                    help="the trainer module whose model the checkpoint holds")
     return p.parse_args(argv)
 
 
-def evaluate_windows(tg, checkpoint: str, windows: list[str], device: torch.device, val_files: str | None = None
+def evaluate_windows(tg, checkpoint: str, windows: list[str], device: torch.device, **overrides
                      ) -> list[tuple[tuple[int, int], float]]:
-    """[((short, long), val loss)] of the checkpoint's model at each window pair; raises tg.ConfigError."""
+    """[((short, long), val loss)] of the checkpoint's model at each window pair, with `overrides` of the run's
+    validation settings (val_files, val_seq_len); raises tg.ConfigError."""
     pairs = [tg._window_pair("windows", w) for w in windows]
-    model, hp, meta = sample.load_model(tg, checkpoint, device)
-    if val_files:
-        hp.val_files = val_files
+    model, hp, meta = sample.load_model(tg, checkpoint, device, **overrides)
+    tg.derive(hp, 1)  # checks that val_seq_len divides val_tokens
     _, scale = sample.attention_inputs(tg, model, hp, meta["step"])
     width = len(tg.plan_step(0, hp, tg.derive(hp, 1)).loss_weights)
     weights = torch.tensor((1.0,) + (0.0,) * (width - 1), device=device)
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     tg, device = sample.trainer_and_device(args)
     try:
-        results = evaluate_windows(tg, args.checkpoint, args.windows, device, args.val_files)
+        overrides = {name: getattr(args, name) for name in ("val_files", "val_seq_len") if getattr(args, name)}
+        results = evaluate_windows(tg, args.checkpoint, args.windows, device, **overrides)
     except (tg.ConfigError, tg.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
