@@ -91,7 +91,7 @@ def generate(tg, model, hp, step: int, prompt_ids: list[int], n_tokens: int, tem
     """The n_tokens ids that follow BOS + prompt_ids."""
     device = model.lm_head_w.device
     windows, scale = attention_inputs(tg, model, hp, step)
-    longest = max(tg.longest_train_row(hp), hp.val_seq_len)
+    longest = max(tg.longest_train_row(tg.parse_recipe(hp)), hp.val_seq_len)
     generator = torch.Generator().manual_seed(seed)
     ids, new = [hp.bos_id, *prompt_ids], []
     for _ in range(n_tokens):

@@ -649,6 +649,11 @@ def _kernels_interpreted():
     return HAS_TRITON and isinstance(_ns_sym_kernel, _TritonInterpretedFunction)
 
 
+def _triton_runs_on(t: torch.Tensor) -> bool:
+    """Whether this file's Triton kernels can take tensor t: on CUDA, or anywhere under the interpreter."""
+    return HAS_TRITON and (t.is_cuda or _kernels_interpreted())
+
+
 def _ns_config(M, K, batch=1, symmetric=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a line kernel with M output rows and
     other extent K (line 1: X [M, K]; line 2: A [M, M]; line 3: output [M, K]) on `batch` matrices;
@@ -675,7 +680,7 @@ def _check_triton_launch(*tensors):
     for t in tensors:
         if t.dtype not in _LINE_DTYPES:
             raise ValueError(f"Triton line kernels take {_LINE_DTYPES}, got {t.dtype}")
-        if not (t.is_cuda or _kernels_interpreted()):
+        if not _triton_runs_on(t):
             raise ValueError("Triton line kernels need CUDA tensors (or kernels built under TRITON_INTERPRET=1)")
 
 
@@ -917,7 +922,7 @@ def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2 or x.element_size() != 1 or not x.is_contiguous():
         raise ValueError(f"transpose_bytes takes a contiguous 2-d tensor of 1-byte elements, got "
                          f"{tuple(x.shape)} {x.dtype}")
-    if not HAS_TRITON or not (x.is_cuda or _kernels_interpreted()):
+    if not _triton_runs_on(x):
         return x.T.contiguous()
     M, N = x.shape
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
@@ -1081,10 +1086,6 @@ if HAS_TRITON:
             tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=cols < V)
 
 
-def _ce_on_triton(z):
-    return HAS_TRITON and (z.is_cuda or _kernels_interpreted())
-
-
 def _ce_launch():
     """(columns per iteration, warps) of the loss kernels."""
     return (CE_BLOCK_INTERPRET, 4) if _kernels_interpreted() else (CE_BLOCK, 8)
@@ -1096,7 +1097,7 @@ def softcap_mtp_ce(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
     """(row losses [T], row log-sum-exp [T]), fp32, of raw logits z [T, V] (contiguous rows), targets [T, K]
     (target_matrix: int64, contiguous, -100: none) and their weights [K] (fp32): the fused kernel on GPU, the
     reference otherwise."""
-    if not _ce_on_triton(z):
+    if not _triton_runs_on(z):
         return softcap_mtp_ce_reference(z, targets, weights, cap, offset, temp)
     T, V = z.shape
     rows = torch.empty(T, dtype=torch.float32, device=z.device)
@@ -1116,7 +1117,7 @@ def _(z, targets, weights, cap, offset, temp):
 def softcap_mtp_ce_backward(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, lse: torch.Tensor,
                             grad: torch.Tensor, cap: float, offset: float, temp: float) -> torch.Tensor:
     """dL/dz [T, V] in z's dtype for row gradients grad [T] (fp32)."""
-    if not _ce_on_triton(z):
+    if not _triton_runs_on(z):
         return softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap, offset, temp)
     T, V = z.shape
     dz = torch.empty_like(z)
@@ -1392,7 +1393,7 @@ def adam_update(w, g, m, v, betas, step_size: float, bc2: float, eps: float, dec
     or a new tensor. The fused kernel on GPU (and under the Triton interpreter), the torch formula otherwise."""
     beta1, beta2 = betas
     out = torch.empty_like(w) if out is None else out
-    if HAS_TRITON and (w.is_cuda or _kernels_interpreted()):
+    if _triton_runs_on(w):
         n = w.numel()
         _adam_kernel[(triton.cdiv(n, ADAM_BLOCK),)](w, g, m, v, out, n, beta1, beta2, step_size, 1 / bc2, eps, decay,
                                                     BLOCK=ADAM_BLOCK)
@@ -2261,7 +2262,7 @@ class GPT(nn.Module):
             signs = 2 * torch.randint(0, 2, (BIGRAM_SIGN_ROWS, D), generator=g, device="cpu") - 1
             self.register_buffer("bigram_signs", signs.to(torch.get_default_device(), torch.float32), persistent=False)
         self.smear_gate = nn.Parameter(torch.zeros(GATE_DIMS)) if hp.smear else None
-        rotary = Rotary(hp.head_dim, 2 * max(longest_train_row(hp), hp.val_seq_len))  # paired layers: 2T positions
+        rotary = Rotary(hp.head_dim, 2 * max(longest_train_row(self.recipe), hp.val_seq_len))  # paired: 2T positions
         self.blocks = nn.ModuleList([Block(hp, rotary, spec) for spec in self.specs])
         split = self.recipe.gate_split
         self.layer_scalar_names = tuple(n for n in LAYER_SCALARS if not (split and n in DYNAMIC_LAYER_SCALARS))
@@ -2404,7 +2405,7 @@ class GPT(nn.Module):
         # the fused kernels on GPU, autograd through the reference on CPU.
         prefix = self.recipe.prefix_loss
         y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None)
-        loss = softcap_mtp_ce if _ce_on_triton(logits) else softcap_mtp_ce_reference
+        loss = softcap_mtp_ce if _triton_runs_on(logits) else softcap_mtp_ce_reference
         rows, _ = loss(logits, y, loss_weights, hp.logit_softcap, hp.logit_offset, hp.logit_temp)
         return rows.sum()
 
@@ -2532,8 +2533,8 @@ class TrainStream:
     """The global sequence of training rows (micro-batches), independent of the world size.
 
     Row j is seq_len + 1 tokens (or the length next_micro_batch asks for); where each begins is next_row_start's
-    rule. The tail of a shard that cannot hold a whole row is skipped. Rank r of W takes rows j = r mod W. `on_shard(path, tokens, rows)`
-    is called as each shard is opened (the log's account of how much of the data the rows use). `start`, a
+    rule. The tail of a shard that cannot hold a whole row is skipped. Rank r of W takes rows j = r mod W.
+    `on_shard(path, tokens, rows)` is called as each shard is opened (the log's account of how much of the data the rows use). `start`, a
     `position()` of an earlier stream over the same files, continues from there (a resumed run).
     """
 
@@ -2595,14 +2596,14 @@ class DistributedTrainLoader:
     int64 tokens, int32 document starts and host ints (document_bounds).
 
     `rows` gives the (sequence length, document clip) of each round of world_size rows (one row per rank), in
-    order: the schedule's (row_specs), so that the stream is the same at any world size. The next batch is staged while the
-    current one computes (pinned host memory, non-blocking copy). `start`: the stream's start (TrainStream).
+    order: the schedule's (row_specs), so that the stream is the same at any world size. The next batch is
+    staged while the current one computes (pinned host memory, non-blocking copy). `start`: the stream's start (TrainStream).
     """
 
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, rows, on_shard=None,
                  start: dict | None = None):
-        self.stream = TrainStream(hp.train_files, longest_train_row(hp), vocab=hp.tokenizer_vocab, bos_id=hp.bos_id,
-                                  cycle=hp.cycle_train_data, on_shard=on_shard, start=start)
+        self.stream = TrainStream(hp.train_files, longest_train_row(parse_recipe(hp)), vocab=hp.tokenizer_vocab,
+                                  bos_id=hp.bos_id, cycle=hp.cycle_train_data, on_shard=on_shard, start=start)
         self.rank, self.world_size, self.device, self.rows = rank, world_size, device, iter(rows)
         self.bos_id = hp.bos_id
         self._staged = self._stage()
@@ -2769,9 +2770,14 @@ class StepPlan:
     # prefix target if the recipe has one (GPT.head_loss)
 
 
-def longest_train_row(hp: Hyperparameters) -> int:
+def next_token_weights(plan: StepPlan) -> tuple[float, ...]:
+    """Loss weights of the plan's width that score the next token only: what validation measures."""
+    return (1.0,) + (0.0,) * (len(plan.loss_weights) - 1)
+
+
+def longest_train_row(recipe: Recipe) -> int:
     """The longest micro-batch of any stage, in tokens per rank."""
-    return max(_numbers("stage_seq_len", hp.stage_seq_len, int))
+    return max(stage.seq_len for stage in recipe.stages)
 
 
 def total_steps(hp: Hyperparameters) -> int:
@@ -2811,8 +2817,8 @@ def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
     weights = tuple(a + (b - a) * progress for a, b in stage.mtp) + (0.0,) * (width - len(stage.mtp))
     if derived.recipe.prefix_loss:
         weights += (stage.prefix[0] + (stage.prefix[1] - stage.prefix[0]) * progress,)
-    return StepPlan(step, k, stage.batch_tokens, stage.seq_len, derived.grad_accum[k], stage.doc_clip, windows, long_windows, lr,
-                    momentum, weights)
+    return StepPlan(step, k, stage.batch_tokens, stage.seq_len, derived.grad_accum[k], stage.doc_clip, windows,
+                    long_windows, lr, momentum, weights)
 
 
 def adam_steps_at(step: int, hp: Hyperparameters) -> bool:
@@ -2986,7 +2992,7 @@ class Trainer:
         `step` (the final validation: --final_val_windows, the rotary tables unchanged)."""
         plan = self.plan(min(step, total_steps(self.hp) - 1))
         windows, scale, _ = self._forward_inputs(plan, self.derived.recipe.final_val_windows if final else None)
-        weights = self._on_device((1.0,) + (0.0,) * (len(plan.loss_weights) - 1), torch.float32)
+        weights = self._on_device(next_token_weights(plan), torch.float32)
         loss, self.last_val_predictions = validation_loss(self.model, self.val_tokens, self.hp, windows, scale, weights,
                                                           self.rank, self.world_size, self.device)
         return loss
@@ -3101,7 +3107,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
 
     start, train_ms, position = resume(trainer, hp.resume_from, log) if hp.resume_from else (0, 0.0, None)
     loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(range(start, N), hp, derived),
-                                    on_shard=shard_reporter(log, longest_train_row(hp)), start=position)
+                                    on_shard=shard_reporter(log, longest_train_row(derived.recipe)), start=position)
     pending = None
     _sync(device)
     t0 = time.perf_counter()
@@ -3318,8 +3324,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hp = parse_args(argv)
         rank, world_size, device = setup_distributed(hp)
-        derive(hp, world_size)
-        if parse_recipe(hp).prefix_loss:
+        if derive(hp, world_size).recipe.prefix_loss:
             load_prefix_table(hp)  # a missing or foreign vocabulary is a usage error before anything compiles
         if hp.resume_from:
             read_checkpoint(hp.resume_from, hp)

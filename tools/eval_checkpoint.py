@@ -40,10 +40,9 @@ def evaluate_windows(tg, checkpoint: str, windows: list[str], device: torch.devi
     validation settings (val_files, val_seq_len); raises tg.ConfigError."""
     pairs = [tg._window_pair("windows", w) for w in windows]
     model, hp, meta = sample.load_model(tg, checkpoint, device, **overrides)
-    tg.derive(hp, 1)  # checks that val_seq_len divides val_tokens
+    derived = tg.derive(hp, 1)  # also checks that val_seq_len divides val_tokens
     _, scale = sample.attention_inputs(tg, model, hp, meta["step"])
-    width = len(tg.plan_step(0, hp, tg.derive(hp, 1)).loss_weights)
-    weights = torch.tensor((1.0,) + (0.0,) * (width - 1), device=device)
+    weights = torch.tensor(tg.next_token_weights(tg.plan_step(0, hp, derived)), device=device)
     scale = torch.tensor(scale, dtype=torch.float32, device=device)
     tokens = tg.load_validation_tokens(hp)
     return [(pair, tg.validation_loss(model, tokens, hp, pair, scale, weights, 0, 1, device)[0]) for pair in pairs]
