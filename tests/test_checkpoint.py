@@ -206,7 +206,8 @@ def test_eval_checkpoint_reproduces_the_final_validation_and_compares_windows(st
     with one_torch_thread():
         assert tool.main([str(straight["step"](22)), "--windows", final, other, "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    losses = {line.split()[1]: float(line.split()[2].split(":")[1]) for line in lines}
+    losses = {line.split()[1]: float(line.split("val_loss:")[1]) for line in lines}
+    assert all(f"val_seq_len:{hp.val_seq_len} " in line for line in lines), lines
     assert set(losses) == {f"windows:{final}", f"windows:{other}"}, lines
     assert losses[f"windows:{final}"] == pytest.approx(straight["losses"][22], abs=5e-5), \
         f"the final validation logged {straight['losses'][22]}, the tool {losses}"
@@ -215,7 +216,9 @@ def test_eval_checkpoint_reproduces_the_final_validation_and_compares_windows(st
     assert "error: --windows: '3' is not short:long" in capsys.readouterr().err
     with one_torch_thread():  # longer validation chunks (fewer context resets): another loss of the same model
         assert tool.main([str(straight["step"](22)), "--windows", final, "--val_seq_len", "4096", "--device", "cpu"]) == 0
-    longer = float(capsys.readouterr().out.split("val_loss:")[1])
+    out = capsys.readouterr().out
+    assert "val_seq_len:4096 " in out, out
+    longer = float(out.split("val_loss:")[1])
     assert longer != pytest.approx(losses[f"windows:{final}"], abs=1e-6), "--val_seq_len must reach the validation"
     assert tool.main([str(straight["step"](22)), "--windows", final, "--val_seq_len", "1000"]) == 2
     assert "--val_tokens=4096 must be a multiple of --val_seq_len=1000" in capsys.readouterr().err
