@@ -76,7 +76,7 @@ class Hyperparameters:
     cooldown_frac: float = 0.7  # fraction of the scheduled steps in the final linear lr cooldown
     final_lr_frac: float = 0.0  # lr multiplier (floor) at the end of the cooldown and in the extension
     mtp_weights: str = "1"  # per stage (;): loss weights of the next 1, 2, .. tokens; a>b ramps
-    prefix_weights: str = "0"  # per stage (;): weight of the next token's byte-prefix token as a target (public: 0.25;0.25>0;0)
+    prefix_weights: str = "0"  # per stage (;): weight of the next token's byte-prefix token as a target (records #88)
     prefix_vocab: str = "data/gpt2/encoder.json"  # the tokenizer whose tokens' byte prefixes make those targets
     val_seq_len: int = 64 * 1024  # tokens per validation forward per GPU
     # model
@@ -105,6 +105,7 @@ class Hyperparameters:
     logit_offset: float = 5.0
     logit_temp: float = 7.5
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
+    fp8_head_fused_grad: bool = False  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -1040,11 +1041,8 @@ def softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap: float
 if HAS_TRITON:
 
     @triton.jit
-    def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, T, V, stride_z, cap, offset, inv_temp,
-                                   K: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per row t of Z [T, V] (fp32/bf16): ROWS[t] = sum_k W[k] (lse - u[TGT[t, k]]), LSE[t]."""
-        row = tl.program_id(0)
-        z_row = Z + row.to(tl.int64) * stride_z
+    def _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K: tl.constexpr, BLOCK: tl.constexpr):
+        """(sum_k W[k] (lse - u[TGT[row, k]]) over the row's targets, lse) of one row z_row of Z."""
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -1058,18 +1056,12 @@ if HAS_TRITON:
             zy = tl.load(z_row + tl.maximum(y, 0), mask=hit, other=0.0).to(tl.float32)
             u_y = cap * tl.sigmoid((zy + offset) * inv_temp)
             loss += tl.where(hit, tl.load(W + k) * (lse - u_y), 0.0)
-        tl.store(ROWS + row, loss)
-        tl.store(LSE + row, lse)
+        return loss, lse
 
     @triton.jit
-    def _softcap_mtp_ce_bwd_kernel(Z, TGT, W, LSE, G, DZ, T, V, stride_z, stride_dz, cap, offset, inv_temp,
-                                   K: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per row t: DZ[t] = dL/dZ[t] (the formula above), in DZ's dtype."""
-        row = tl.program_id(0)
-        z_row = Z + row.to(tl.int64) * stride_z
-        dz_row = DZ + row.to(tl.int64) * stride_dz
-        lse = tl.load(LSE + row)
-        g = tl.load(G + row)
+    def _ce_row_grad(z_row, out_row, TGT, W, row, V, lse, g, cap, offset, inv_temp, K: tl.constexpr,
+                     BLOCK: tl.constexpr, CLAMP: tl.constexpr):
+        """out_row = g dL/dz of one row (the formula above), clamped to +-CLAMP when CLAMP > 0, in out_row's dtype."""
         total = 0.0
         for k in tl.static_range(K):
             y = tl.load(TGT + row * K + k)
@@ -1083,7 +1075,38 @@ if HAS_TRITON:
                 y = tl.load(TGT + row * K + k)
                 dl -= tl.where(cols == y, tl.load(W + k), 0.0)
             dz = g * dl * cap * s * (1 - s) * inv_temp
-            tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=cols < V)
+            if CLAMP > 0:
+                dz = tl.minimum(tl.maximum(dz, -CLAMP), CLAMP)
+            tl.store(out_row + cols, dz.to(out_row.dtype.element_ty), mask=cols < V)
+
+    @triton.jit
+    def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, T, V, stride_z, cap, offset, inv_temp,
+                                   K: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per row t of Z [T, V] (fp32/bf16): ROWS[t] = sum_k W[k] (lse - u[TGT[t, k]]), LSE[t]."""
+        row = tl.program_id(0)
+        loss, lse = _ce_row_loss(Z + row.to(tl.int64) * stride_z, TGT, W, row, V, cap, offset, inv_temp, K, BLOCK)
+        tl.store(ROWS + row, loss)
+        tl.store(LSE + row, lse)
+
+    @triton.jit
+    def _softcap_mtp_ce_bwd_kernel(Z, TGT, W, LSE, G, DZ, T, V, stride_z, stride_dz, cap, offset, inv_temp,
+                                   K: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per row t: DZ[t] = G[t] dL/dZ[t], in DZ's dtype."""
+        row = tl.program_id(0)
+        _ce_row_grad(Z + row.to(tl.int64) * stride_z, DZ + row.to(tl.int64) * stride_dz, TGT, W, row, V,
+                     tl.load(LSE + row), tl.load(G + row), cap, offset, inv_temp, K, BLOCK, 0.0)
+
+    @triton.jit
+    def _softcap_mtp_ce_grad_kernel(Z, TGT, W, ROWS, DZ, T, V, stride_z, stride_dz, cap, offset, inv_temp, grad_mul,
+                                    K: tl.constexpr, BLOCK: tl.constexpr, CLAMP: tl.constexpr):
+        """One program per row t: ROWS[t] as the forward kernel, then, in a second pass over the row (mostly from
+        L2), DZ[t] = grad_mul dL/dZ[t] at a unit row gradient, clamped to +-CLAMP, in DZ's dtype."""
+        row = tl.program_id(0)
+        z_row = Z + row.to(tl.int64) * stride_z
+        loss, lse = _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K, BLOCK)
+        tl.store(ROWS + row, loss)
+        _ce_row_grad(z_row, DZ + row.to(tl.int64) * stride_dz, TGT, W, row, V, lse, grad_mul, cap, offset, inv_temp,
+                     K, BLOCK, CLAMP)
 
 
 def _ce_launch():
@@ -1146,6 +1169,32 @@ def _softcap_mtp_ce_grad(ctx, grad_rows, grad_lse):
 
 
 softcap_mtp_ce.register_autograd(_softcap_mtp_ce_grad, setup_context=_softcap_mtp_ce_setup)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::softcap_mtp_ce_with_grad", mutates_args=())
+def softcap_mtp_ce_with_grad(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, cap: float, offset: float,
+                             temp: float, grad_mul: float, clamp: float, out_dtype: torch.dtype
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row losses [T] fp32, grad_mul dL/dz [T, V] at unit row gradients, clamped to +-clamp, in out_dtype): the
+    loss and its logit gradient in one kernel (a second pass over each row in the same program), for callers
+    that know the row gradient's form in advance (FP8HeadLoss: a sum)."""
+    if not _triton_runs_on(z):
+        rows, lse = softcap_mtp_ce_reference(z, targets, weights, cap, offset, temp)
+        dz = softcap_mtp_ce_backward_reference(z.float(), targets, weights, lse, torch.ones_like(rows), cap, offset, temp)
+        return rows, (dz * grad_mul).clamp(-clamp, clamp).to(out_dtype)
+    T, V = z.shape
+    rows = torch.empty(T, dtype=torch.float32, device=z.device)
+    dz = torch.empty(T, V, dtype=out_dtype, device=z.device)
+    block, warps = _ce_launch()
+    _softcap_mtp_ce_grad_kernel[(T,)](z, targets.contiguous(), weights, rows, dz, T, V, z.stride(0), dz.stride(0),
+                                      cap, offset, 1 / temp, grad_mul, K=weights.numel(), BLOCK=block, CLAMP=clamp,
+                                      num_warps=warps)
+    return rows, dz
+
+
+@softcap_mtp_ce_with_grad.register_fake
+def _(z, targets, weights, cap, offset, temp, grad_mul, clamp, out_dtype):
+    return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.shape, dtype=out_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -1806,9 +1855,10 @@ def attention_meta(docs: int, max_len: int, windows: tuple[int, int]) -> dict[st
 # cast divides by grad_s = (1/m) 0.75/448 (GPT.head_grad_scale holds 1/m): e5m2 then sees the same values at
 # every m, instead of values m times smaller whose small entries fall below e5m2's smallest (1.5e-5) and
 # vanish (the speedrun's grad_scale, records #67; HEAD's 0.75). Casts saturate
-# (clamp) rather than overflow, so an outlier cannot turn into NaN. The casts stay in the traced graph, so the compiler fuses the
-# gradient's cast into the loss backward instead of making extra passes over the [tokens, vocab]
-# gradient; the matmuls (`fp8_mm`) and the K-major copies they need (`transpose_bytes`) are opaque ops.
+# (clamp) rather than overflow, so an outlier cannot turn into NaN. The casts stay in the traced graph; the
+# matmuls (`fp8_mm`) and the K-major copies they need (`transpose_bytes`) are opaque ops. The loss backward is
+# an opaque kernel too, so FP8Linear's gradient cast is one more pass over the [tokens, vocab] gradient;
+# FP8HeadLoss (--fp8_head_fused_grad) has the loss kernel write the cast gradient instead.
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
 FP8_HEAD_W_MAX = 1.6  # |w| bound of the head's e4m3 cast (the speedrun's scale, records #55); larger clamps
@@ -1835,6 +1885,23 @@ def fp8_head_applies(hp, x) -> bool:
     return hp.fp8_head and x.is_cuda and torch.is_grad_enabled()
 
 
+def _e4m3(t: torch.Tensor, scale) -> torch.Tensor:
+    return t.div(scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _fp8_head_operands(x, w, x_s: float, w_s: float):
+    """(x8, w8, x_s, w_s): the head's operands cast to e4m3 and their scales as 0-d fp32 tensors on x's device."""
+    return _e4m3(x, x_s), _e4m3(w, w_s), *(x.new_full((), scale, dtype=torch.float32) for scale in (x_s, w_s))
+
+
+def _fp8_head_grads(x8, w8, g8, x_s, w_s, grad_s):
+    """(dL/dx bf16, dL/dw fp32) from the e5m2 logit gradient g8 = dL/dy / grad_s."""
+    grad_x = fp8_mm(g8, transpose_bytes(w8), grad_s, w_s, False, False)  # g w: [T, V] [V, K]
+    # w's gradient as (x^T g)^T: the [K, T] x [T, V] product is the faster cuBLAS shape for K << V.
+    grad_w = fp8_mm(transpose_bytes(x8), transpose_bytes(g8), x_s, grad_s, True, False).T
+    return grad_x, grad_w
+
+
 class FP8Linear(torch.autograd.Function):
     """y = x w^T (bf16) for x [T, K] (bf16) and w [V, K] (fp32) through float8 operands; gradients likewise.
     x_s, w_s: floats; grad_s: a 0-d fp32 tensor on x's device (it changes with the micro-batch count, and a
@@ -1842,9 +1909,7 @@ class FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, x_s: float, w_s: float, grad_s: torch.Tensor):
-        x8 = x.div(x_s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        w8 = w.div(w_s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        x_s, w_s = (x.new_full((), scale, dtype=torch.float32) for scale in (x_s, w_s))
+        x8, w8, x_s, w_s = _fp8_head_operands(x, w, x_s, w_s)
         ctx.save_for_backward(x8, w8, x_s, w_s, grad_s)
         return fp8_mm(x8, w8, x_s, w_s, False, True)
 
@@ -1852,10 +1917,30 @@ class FP8Linear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x8, w8, x_s, w_s, grad_s = ctx.saved_tensors
         g8 = (grad_y / grad_s).clamp(-FP8_E5M2_MAX, FP8_E5M2_MAX).to(torch.float8_e5m2)
-        grad_x = fp8_mm(g8, transpose_bytes(w8), grad_s, w_s, False, False)  # g w: [T, V] [V, K]
-        # w's gradient as (x^T g)^T: the [K, T] x [T, V] product is the faster cuBLAS shape for K << V.
-        grad_w = fp8_mm(transpose_bytes(x8), transpose_bytes(g8), x_s, grad_s, True, False).T
-        return grad_x, grad_w, None, None, None
+        return *_fp8_head_grads(x8, w8, g8, x_s, w_s, grad_s), None, None, None
+
+
+class FP8HeadLoss(torch.autograd.Function):
+    """sum_t of softcap_mtp_ce's row losses on the logits x w^T (FP8Linear's product), with the logit gradient
+    made by the loss kernel's forward, already divided by the cast scale and cast to e5m2 (records #67): the
+    [T, V] gradient is never written in bf16, read back and cast, and the logits are not kept for the
+    backward. The sum's incoming gradient g (1/m under the trainer's loss scaling) goes into the matmuls'
+    scale (g 0.75/448), so no micro-batch count is needed. Same arguments as FP8Linear and softcap_mtp_ce."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, weights, x_s: float, w_s: float, cap: float, offset: float, temp: float):
+        x8, w8, x_s, w_s = _fp8_head_operands(x, w, x_s, w_s)
+        logits = fp8_mm(x8, w8, x_s, w_s, False, True)
+        rows, g8 = softcap_mtp_ce_with_grad(logits, targets, weights, cap, offset, temp, 1 / FP8_HEAD_GRAD_SCALE,
+                                            FP8_E5M2_MAX, torch.float8_e5m2)
+        ctx.save_for_backward(x8, w8, g8, x_s, w_s)
+        return rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x8, w8, g8, x_s, w_s = ctx.saved_tensors
+        grad_s = grad_loss.float() * FP8_HEAD_GRAD_SCALE
+        return *_fp8_head_grads(x8, w8, g8, x_s, w_s, grad_s), None, None, None, None, None, None, None
 
 
 class Rotary(nn.Module):
@@ -2395,18 +2480,20 @@ class GPT(nn.Module):
         token (records #88: an easier neighbour of the answer), where it has one."""
         hp = self.hp
         x = rms_norm(x)
+        prefix = self.recipe.prefix_loss
+        y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None)
+        softcap = (hp.logit_softcap, hp.logit_offset, hp.logit_temp)
         if fp8_head_applies(hp, x):
-            scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX,
-                      self.head_grad_scale * FP8_HEAD_GRAD_SCALE)
-            logits = FP8Linear.apply(x, self.lm_head_w, *scales)  # bf16
+            scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX)
+            if hp.fp8_head_fused_grad:
+                return FP8HeadLoss.apply(x, self.lm_head_w, y, loss_weights, *scales, *softcap)
+            logits = FP8Linear.apply(x, self.lm_head_w, *scales, self.head_grad_scale * FP8_HEAD_GRAD_SCALE)  # bf16
         else:
             logits = F.linear(x, self.lm_head_w.type_as(x))
         # Softcapped into (0, cap), asymmetric around z = 0 (the speedrun's form since records #54), inside the loss:
         # the fused kernels on GPU, autograd through the reference on CPU.
-        prefix = self.recipe.prefix_loss
-        y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None)
         loss = softcap_mtp_ce if _triton_runs_on(logits) else softcap_mtp_ce_reference
-        rows, _ = loss(logits, y, loss_weights, hp.logit_softcap, hp.logit_offset, hp.logit_temp)
+        rows, _ = loss(logits, y, loss_weights, *softcap)
         return rows.sum()
 
 

@@ -367,6 +367,62 @@ def test_fp8_head_gradient_cast_follows_the_micro_batch_count(trainer):
     assert err["followed"] < 0.1 and err["fixed"] > 3 * err["followed"], f"relative error of the head's gradient: {err}"
 
 
+def _fp8_head_loss_case(trainer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
+    w = (0.3 * torch.randn(48, 32, generator=g)).requires_grad_()
+    targets = trainer.target_matrix(torch.randint(0, 48, (64,), generator=g), 2)
+    scales = (32 ** 0.5 / trainer.FP8_E4M3_MAX, trainer.FP8_HEAD_W_MAX / trainer.FP8_E4M3_MAX)
+    return x, w, targets, torch.tensor([1.0, 0.5]), scales
+
+
+def test_fp8_head_loss_with_the_gradient_from_the_loss_kernel_matches_the_two_step_path(trainer):
+    """FP8HeadLoss (the logit gradient made, scaled and cast to e5m2 by the loss kernel's forward) against
+    FP8Linear then softcap_mtp_ce (bf16 gradient from the loss backward, cast after): the same loss, and
+    gradients within e5m2's rounding of each other; the loss scaled by 1/m gives gradients of exactly 1/m
+    (the scale rides in the matmuls, whatever m is)."""
+    x, w, y, weights, scales = _fp8_head_loss_case(trainer)
+    softcap = (23.0, 5.0, 7.5)
+    fused = trainer.FP8HeadLoss.apply(x, w, y, weights, *scales, *softcap)
+    fused.backward()
+    fused_grads = x.grad.float().clone(), w.grad.clone()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logits = trainer.FP8Linear.apply(x2, w2, *scales, torch.tensor(trainer.FP8_HEAD_GRAD_SCALE))
+    rows, _ = trainer.softcap_mtp_ce_reference(logits, y, weights, *softcap)
+    rows.sum().backward()
+    assert fused.item() == pytest.approx(rows.sum().item(), rel=1e-6), "the same logits, the same loss"
+    for name, got, want in [("grad_x", fused_grads[0], x2.grad.float()), ("grad_w", fused_grads[1], w2.grad)]:
+        rel = ((got - want).norm() / want.norm()).item()
+        assert 0 < rel < 0.05, f"{name}: relative difference {rel:.4f} (expected: e5m2 rounding, not zero)"
+    x.grad = w.grad = None
+    m = 8
+    (trainer.FP8HeadLoss.apply(x, w, y, weights, *scales, *softcap) / m).backward()
+    assert torch.equal(x.grad.float(), fused_grads[0] / m) and torch.equal(w.grad, fused_grads[1] / m)
+
+
+def test_fp8_head_fused_gradient_flag_selects_the_path(trainer, monkeypatch):
+    """--fp8_head_fused_grad makes head_loss call FP8HeadLoss, its default FP8Linear (FP8 needs CUDA: the check
+    is forced here, and each path is stopped at its entry)."""
+    class Taken(Exception):
+        pass
+
+    def stop(name):
+        def stub(*args):
+            raise Taken(name)
+        return stub
+
+    monkeypatch.setattr(trainer, "fp8_head_applies", lambda hp, x: True)
+    monkeypatch.setattr(trainer.FP8HeadLoss, "apply", stop("FP8HeadLoss"))
+    monkeypatch.setattr(trainer.FP8Linear, "apply", stop("FP8Linear"))
+    taken = []
+    for flags in (["--fp8_head_fused_grad=true"], []):
+        hp = trainer.parse_args(["--preset=tiny", *flags])
+        with pytest.raises(Taken) as path:
+            trainer.GPT(hp).head_loss(torch.randn(4, hp.model_dim), torch.zeros(4, dtype=torch.long), torch.ones(1))
+        taken.append(str(path.value))
+    assert taken == ["FP8HeadLoss", "FP8Linear"], taken
+
+
 def test_transpose_bytes_is_an_exact_transposed_copy_and_checks_input(trainer):
     x = torch.randint(0, 256, (5, 7), dtype=torch.uint8).view(torch.float8_e4m3fn)
     assert torch.equal(trainer.transpose_bytes(x).view(torch.uint8), x.view(torch.uint8).T)

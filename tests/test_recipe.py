@@ -63,8 +63,8 @@ def test_momentum_warms_up_then_falls_back_over_the_last_steps(trainer):
 
 def test_mtp_and_prefix_weights_ramp_within_each_stage(trainer):
     """Loss weights: the next 1, 2, 3 tokens' (MTP), then the prefix target's: 0.25 in stage 1, 0.25 -> 0
-    across stage 2, none after (the public recipe's, records #53 and #88; off by default until measured)."""
-    hp = trainer.parse_args(["--prefix_weights=0.25;0.25>0;0"])
+    across stage 2, none after (the public recipe's, records #53 and #88; the default)."""
+    hp = trainer.parse_args([])
     d = trainer.derive(hp, 1)
     w = {s: trainer.plan_step(s, hp, d).loss_weights for s in (0, 211, 422, 423, 846, 847, 1284)}
     assert w[0] == (1.0, 0.5, 0.25, 0.25) and w[422][2] == pytest.approx(0.25 * (1 - 422 / 423))
@@ -72,7 +72,7 @@ def test_mtp_and_prefix_weights_ramp_within_each_stage(trainer):
     assert w[423] == (1.0, 0.5, 0.0, 0.25) and w[846][1] == pytest.approx(0.5 / 424)
     assert w[846][3] == pytest.approx(0.25 / 424), "the prefix weight ramps to 0 across stage 2"
     assert w[847] == w[1284] == (1.0, 0.0, 0.0, 0.0), "stage 3 and the extension: the next token only"
-    off = trainer.parse_args([])
+    off = trainer.parse_args(["--prefix_weights=0;0;0"])
     assert trainer.plan_step(0, off, trainer.derive(off, 1)).loss_weights == (1.0, 0.5, 0.25), \
         "without a prefix weight the loss has no prefix target at all"
 
@@ -185,21 +185,65 @@ for seed, (T, V) in enumerate([(37, 300), (5, 64), (70, 1000)]):
     (rows * grad).sum().backward()
     ref_rows, ref_lse = t.softcap_mtp_ce_reference(z.detach(), targets, w, 23.0, 5.0, 7.5)
     ref_dz = t.softcap_mtp_ce_backward_reference(z.detach(), targets, w, ref_lse, grad, 23.0, 5.0, 7.5)
-    for got, want in ((rows, ref_rows), (lse, ref_lse), (z.grad, ref_dz)):
+    # The loss and its gradient from one kernel (FP8HeadLoss's): unit row gradients times grad_mul = 3.
+    unit = t.softcap_mtp_ce_backward_reference(z.detach(), targets, w, ref_lse, torch.ones(T), 23.0, 5.0, 7.5)
+    fused_rows, fused_dz = t.softcap_mtp_ce_with_grad(z.detach(), targets, w, 23.0, 5.0, 7.5, 3.0, 1e30,
+                                                      torch.float32)
+    for got, want in ((rows, ref_rows), (lse, ref_lse), (z.grad, ref_dz), (fused_rows, ref_rows),
+                      (fused_dz, 3 * unit)):
         worst = max(worst, ((got.detach() - want).norm() / want.norm()).item())
+    _, clipped = t.softcap_mtp_ce_with_grad(z.detach(), targets, w, 23.0, 5.0, 7.5, 3.0, 1e-3, torch.float32)
+    assert clipped.abs().max() == 1e-3 and (3 * unit).abs().max() > 1e-3, "the clamp reaches the output"
 print(worst)
 """
 
 
 def test_triton_loss_kernels_equal_the_reference_under_the_interpreter(trainer):
-    """Forward and backward kernels, run by the Triton interpreter on CPU in float32, against the torch
-    reference (rows, log-sum-exp, gradient), on shapes where the vocabulary is and is not a block multiple."""
+    """Forward, backward and loss-with-gradient kernels, run by the Triton interpreter on CPU in float32, against
+    the torch reference (rows, log-sum-exp, gradient; the last also clamped), on shapes where the vocabulary
+    is and is not a block multiple. (The interpreter's float8 conversion is not the GPU's: the e5m2 store is
+    checked on a GPU, test_loss_with_gradient_kernel_casts_like_torch_on_a_gpu.)"""
     if not trainer.HAS_TRITON:
         pytest.skip("triton is not installed")
     out = subprocess.run([sys.executable, "-c", _INTERPRETED_CE.format(module=trainer.__name__), str(ROOT)],
                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip()) < 1e-5, f"relative error of the interpreted kernels: {out.stdout}"
+
+
+def _e5m2_case(trainer):
+    z, targets, _, table = _ce_case(seed=3, T=64, V=1000)
+    y, w = trainer.target_matrix(targets, 3, table), torch.tensor([1.0, 0.5, 0.25, 0.4])
+    _, lse = trainer.softcap_mtp_ce_reference(z, y, w, 23.0, 5.0, 7.5)
+    unit = trainer.softcap_mtp_ce_backward_reference(z, y, w, lse, torch.ones(z.size(0)), 23.0, 5.0, 7.5)
+    return z, y, w, unit / trainer.FP8_HEAD_GRAD_SCALE
+
+
+def test_loss_with_gradient_casts_the_scaled_gradient_to_e5m2(trainer):
+    """softcap_mtp_ce_with_grad's gradient (the reference path, as on CPU): the unit-row-gradient dL/dz times
+    grad_mul, clamped, cast to e5m2 with torch's rounding; the loss rows are the forward's."""
+    z, y, w, want = _e5m2_case(trainer)
+    rows, g8 = trainer.softcap_mtp_ce_with_grad(z, y, w, 23.0, 5.0, 7.5, 1 / trainer.FP8_HEAD_GRAD_SCALE,
+                                                trainer.FP8_E5M2_MAX, torch.float8_e5m2)
+    assert g8.dtype == torch.float8_e5m2 and g8.shape == z.shape
+    assert torch.equal(g8.float(), want.to(torch.float8_e5m2).float())
+    torch.testing.assert_close(rows, trainer.softcap_mtp_ce_reference(z, y, w, 23.0, 5.0, 7.5)[0])
+    _, small = trainer.softcap_mtp_ce_with_grad(z, y, w, 23.0, 5.0, 7.5, 1.0, trainer.FP8_E5M2_MAX, torch.float8_e5m2)
+    lost = (small.float() == 0).float().mean() - (g8.float() == 0).float().mean()
+    assert lost > 0.02, "negative control: without the scale, small gradients fall below e5m2's subnormals"
+    torch.library.opcheck(trainer.softcap_mtp_ce_with_grad, (z, y, w, 23.0, 5.0, 7.5, 600.0, 57344.0,
+                                                             torch.float8_e5m2), test_utils=("test_faketensor",))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_loss_with_gradient_kernel_casts_like_torch_on_a_gpu(trainer):
+    """On a GPU the Triton kernel's e5m2 store equals torch's cast of its own fp32 gradient (round to nearest)."""
+    z, y, w, want = (t.cuda() for t in _e5m2_case(trainer))
+    args = (z, y, w, 23.0, 5.0, 7.5, 1 / trainer.FP8_HEAD_GRAD_SCALE, trainer.FP8_E5M2_MAX)
+    _, g32 = trainer.softcap_mtp_ce_with_grad(*args, torch.float32)
+    _, g8 = trainer.softcap_mtp_ce_with_grad(*args, torch.float8_e5m2)
+    torch.testing.assert_close(g32, want, rtol=1e-4, atol=1e-6)
+    assert torch.equal(g8.float(), g32.to(torch.float8_e5m2).float())
 
 
 # -----------------------------------------------------------------------------
