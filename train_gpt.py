@@ -106,6 +106,7 @@ class Hyperparameters:
     logit_temp: float = 7.5
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
     fp8_head_fused_grad: bool = False  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
+    fused_mlp: bool = False  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -1197,6 +1198,96 @@ def _(z, targets, weights, cap, offset, temp, grad_mul, clamp, out_dtype):
     return z.new_empty(z.size(0), dtype=torch.float32), z.new_empty(z.shape, dtype=out_dtype)
 
 
+# The MLP's matmuls with the activation fused (the speedrun's records #59, in our own kernel): the
+# up-projection's epilogue applies relu(.)^2 to the accumulator, so pre = x w1^T is never written; the
+# backward's product grad w2^T is multiplied in its epilogue by relu'(pre)-times-2relu(pre) = 2 sqrt(post).
+# Two elementwise passes over the [tokens, 4 dim] activations go, and only post is kept for the backward.
+if HAS_TRITON:
+
+    @triton.jit
+    def _mlp_matmul_kernel(A, B, AUX, C, M, N, K, stride_a, stride_b, stride_aux, stride_c,
+                           EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """C = epilogue(A B^T) for row-major A [M, K], B [N, K], fp32 accumulation. EPILOGUE 0: relu(.)^2 (the MLP's
+        activation); 1: (.) * 2 sqrt(AUX) with AUX [M, N] = relu(pre)^2 (its gradient). Tiles in groups of GROUP_M
+        rows so neighbouring programs share B's tiles in L2."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
+        pid_n = (pid % (GROUP_M * tiles_n)) // rows_in_group
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptr = A + rm[:, None].to(tl.int64) * stride_a + rk[None, :]
+        b_ptr = B + rn[:, None].to(tl.int64) * stride_b + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0)
+            b = tl.load(b_ptr, mask=(rn[:, None] < N) & (rk[None, :] + k < K), other=0.0)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+            a_ptr += BLOCK_K
+            b_ptr += BLOCK_K
+        inside = (rm[:, None] < M) & (rn[None, :] < N)
+        if EPILOGUE == 0:
+            r = tl.maximum(acc, 0.0)
+            out = r * r
+        else:
+            aux = tl.load(AUX + rm[:, None].to(tl.int64) * stride_aux + rn[None, :], mask=inside, other=0.0)
+            out = acc * 2 * tl.sqrt(aux.to(tl.float32))
+        tl.store(C + rm[:, None].to(tl.int64) * stride_c + rn[None, :], out.to(C.dtype.element_ty), mask=inside)
+
+
+MLP_MATMUL_CONFIG = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages on GPU (not tuned yet)
+MLP_MATMUL_CONFIG_INTERPRET = (32, 32, 32, 4, 1)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::mlp_matmul", mutates_args=())
+def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
+    """epilogue(a b^T) for a [M, K], b [N, K] in a's dtype: 0 gives relu(a b^T)^2, 1 gives (a b^T) 2 sqrt(aux):
+    one Triton GEMM with the activation (or its gradient) applied to the accumulator before the store; the
+    torch formula where Triton does not run."""
+    if not _triton_runs_on(a):
+        c = (a @ b.T).float()
+        return (torch.relu(c).square() if epilogue == 0 else c * 2 * aux.float().sqrt()).to(a.dtype)
+    a, b = a.contiguous(), b.contiguous()
+    M, K = a.shape
+    N = b.size(0)
+    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    bm, bn, bk, warps, stages = MLP_MATMUL_CONFIG_INTERPRET if _kernels_interpreted() else MLP_MATMUL_CONFIG
+    aux = c if aux is None else aux.contiguous()
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _mlp_matmul_kernel[grid](a, b, aux, c, M, N, K, a.stride(0), b.stride(0), aux.stride(0), c.stride(0),
+                             EPILOGUE=epilogue, PRECISION=_dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                             BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return c
+
+
+@mlp_matmul.register_fake
+def _(a, b, aux, epilogue):
+    return a.new_empty(a.size(0), b.size(0))
+
+
+class ReluSquaredMLP(torch.autograd.Function):
+    """relu(x w1^T)^2 w2 for x [T, D], w1 and w2 [H, D] (one dtype), with the activation in the up-projection's
+    epilogue and its gradient in the epilogue of the product that makes it (records #59's fusion, our own
+    kernel): only post = relu(pre)^2 is written and kept, and relu(pre) = sqrt(post) in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        post = mlp_matmul(x, w1, None, 0)
+        ctx.save_for_backward(x, w1, w2, post)
+        return post @ w2
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w1, w2, post = ctx.saved_tensors
+        grad_pre = mlp_matmul(grad, w2, post, 1)  # (grad w2^T) 2 relu(pre)
+        return grad_pre @ w1, grad_pre.T @ x, post.T @ grad
+
+
 # -----------------------------------------------------------------------------
 # Orthogonalization
 # -----------------------------------------------------------------------------
@@ -2223,6 +2314,7 @@ class Block(nn.Module):
         # NorMuon's per-row statistic treat them alike: per hidden unit.
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         self.mlp_proj = nn.Parameter(torch.zeros(hp.mlp_ratio * hp.model_dim, hp.model_dim))
+        self.fused_mlp = hp.fused_mlp
         _init_linear_(self.mlp_fc)
         if attention:
             _init_linear_(self.qk_w)
@@ -2300,8 +2392,12 @@ class Block(nn.Module):
             x = s["resid_attn"] * x + s["post_attn"] * attn + s["x0_gate"] * x0
             if bigram is not None:
                 x = x + s["bigram_gate"] * bigram
-        hidden = F.relu(F.linear(rms_norm(x), self.mlp_fc.type_as(x))).square()
-        return s["resid_mlp"] * x + s["post_mlp"] * (hidden @ self.mlp_proj.type_as(x))
+        xn, w1, w2 = rms_norm(x), self.mlp_fc.type_as(x), self.mlp_proj.type_as(x)
+        if self.fused_mlp and _triton_runs_on(xn):
+            mlp = ReluSquaredMLP.apply(xn, w1, w2)
+        else:
+            mlp = F.relu(F.linear(xn, w1)).square() @ w2
+        return s["resid_mlp"] * x + s["post_mlp"] * mlp
 
 
 BIGRAM_HASH = (36313, 27191)  # multipliers of the current and previous token ids (the speedrun's, #62)

@@ -200,3 +200,17 @@ def test_plot_draws_each_variants_loss_against_time_in_one_color(bench, tmp_path
     monkeypatch.setattr(bench.verify, "_pyplot", lambda: None)
     assert bench.main(["--logs", *map(str, logs), "--plot", str(tmp_path / "no.png"), "--peak_tflops=1"]) == 1
     assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "no.png").exists()
+
+
+def test_fused_kernel_benchmark_runs_both_cases_and_reports_agreement(capsys):
+    """benchmarks/bench_fused.py at tiny shapes on CPU (the torch paths of the fused ops, eager): both cases time
+    both arms, and the fused arm agrees with the plain one (equal outputs; gradients within e5m2 rounding for
+    the head, equal for the MLP's weights); so the GPU run of it will not fail on a typo."""
+    fused = load_script("benchmarks/bench_fused.py", "bench_fused")
+    rows = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256", "--vocab", "512",
+                       "--no_compile", "--reps", "2"])
+    assert [r["case"] for r in rows] == ["mlp", "head"]
+    for r in rows:
+        assert r["plain_ms"] > 0 and r["fused_ms"] > 0 and r["output_difference"] < 1e-5, r
+        assert max(r["gradient_differences"]) < 0.05, r
+    assert "| mlp |" in capsys.readouterr().out

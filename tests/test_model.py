@@ -2,13 +2,16 @@
 import math
 
 import importlib
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, shared_code_only
+from conftest import BOS, ROOT, shared_code_only
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -421,6 +424,104 @@ def test_fp8_head_fused_gradient_flag_selects_the_path(trainer, monkeypatch):
             trainer.GPT(hp).head_loss(torch.randn(4, hp.model_dim), torch.zeros(4, dtype=torch.long), torch.ones(1))
         taken.append(str(path.value))
     assert taken == ["FP8HeadLoss", "FP8Linear"], taken
+
+
+def _plain_mlp(x, w1, w2):
+    return torch.relu(x @ w1.T).square() @ w2
+
+
+def _mlp_case(T=70, D=40, H=50, seed=0):
+    """Shapes that are not multiples of the kernel's tiles (32 under the interpreter)."""
+    g = torch.Generator().manual_seed(seed)
+    x, w1, w2 = torch.randn(T, D, generator=g), torch.randn(H, D, generator=g) / D ** 0.5, torch.randn(H, D, generator=g)
+    return x, w1, w2, torch.randn(T, D, generator=g)
+
+
+def _mlp_grads(fn, x, w1, w2, grad):
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def test_relu_squared_mlp_function_equals_autograd_of_the_plain_mlp(trainer):
+    """ReluSquaredMLP's forward and its backward (relu(pre) recovered as sqrt(post)) against autograd of
+    relu(x w1^T)^2 w2, in float32 through the torch path of its matmul op; about half the pre-activations are
+    negative (their gradient must be 0)."""
+    x, w1, w2, grad = _mlp_case()
+    got = _mlp_grads(trainer.ReluSquaredMLP.apply, x, w1, w2, grad)
+    want = _mlp_grads(_plain_mlp, x, w1, w2, grad)
+    assert 0.3 < ((x @ w1.T) < 0).float().mean() < 0.7
+    for name, a, b in zip(("out", "grad_x", "grad_w1", "grad_w2"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    torch.library.opcheck(trainer.mlp_matmul, (x, w1, None, 0), test_utils=("test_faketensor",))
+
+
+_INTERPRETED_MLP = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+import train_gpt as t
+from test_model import _mlp_case, _mlp_grads, _plain_mlp
+assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
+worst = 0.0
+for seed, shape in enumerate([(70, 40, 50), (32, 32, 32), (5, 96, 33)]):
+    x, w1, w2, grad = _mlp_case(*shape, seed=seed)
+    pre = x @ w1.T
+    post = t.mlp_matmul(x, w1, None, 0)
+    back = t.mlp_matmul(grad, w2, post, 1)
+    pairs = [(post, torch.relu(pre).square()), (back, (grad @ w2.T) * 2 * torch.relu(pre))]
+    pairs += list(zip(_mlp_grads(t.ReluSquaredMLP.apply, x, w1, w2, grad), _mlp_grads(_plain_mlp, x, w1, w2, grad)))
+    for a, b in pairs:
+        worst = max(worst, ((a - b).norm() / b.norm()).item())
+print(worst)
+"""
+
+
+def test_mlp_matmul_kernel_equals_torch_under_the_interpreter(trainer):
+    """The MLP's Triton matmul (relu^2 epilogue; gradient epilogue 2 sqrt(post)) and the whole ReluSquaredMLP
+    through it, run by the interpreter in float32, against torch on ragged shapes (rows, columns and the inner
+    dimension not multiples of the 32-wide tiles)."""
+    if not trainer.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED_MLP, str(ROOT)], env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.strip()) < 1e-5, f"relative error of the interpreted MLP kernel: {out.stdout}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mlp_matmul_kernel_matches_torch_in_bf16_on_a_gpu(trainer):
+    """The compiled kernel at the 124M model's shapes (one 48K-token row): within bf16 rounding of torch's."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(49152, 768, device="cuda", generator=g).bfloat16()
+    w1, w2 = (torch.randn(3072, 768, device="cuda", generator=g).bfloat16() / 28 for _ in range(2))
+    grad = torch.randn(49152, 768, device="cuda", generator=g).bfloat16()
+    pre = (x.float() @ w1.float().T)
+    post = trainer.mlp_matmul(x, w1, None, 0)
+    back = trainer.mlp_matmul(grad, w2, post, 1)
+    for name, a, b in (("post", post, torch.relu(pre).square()), ("grad", back, (grad.float() @ w2.float().T) * 2 * torch.relu(pre))):
+        rel = ((a.float() - b).norm() / b.norm()).item()
+        assert rel < 1e-2, f"{name}: relative error {rel:.4f}"
+
+
+def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
+    """--fused_mlp makes the block call ReluSquaredMLP where the Triton kernels run (forced here) with its
+    normed input and both matrices; without the flag the block never calls it."""
+    calls = []  # the stub computes the plain MLP from the arguments it gets: the block must pass (x, w1, w2)
+    monkeypatch.setattr(trainer.ReluSquaredMLP, "apply", lambda *a: calls.append(1) or _plain_mlp(*a))
+    monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
+    outs = []
+    for flags in (["--fused_mlp=true"], []):
+        torch.manual_seed(0)
+        hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
+        model = trainer.GPT(hp)
+        assert model.blocks[2].qk_w is None, "the tiny preset's layer 2 has no attention: the MLP alone runs"
+        x = torch.randn(16, hp.model_dim)
+        s = {name: w.detach() for name, w in model.layer_weights(2).items()}
+        outs.append(model.blocks[2](x, x, None, None, None, s, None, None, 0.1))
+    assert len(calls) == 1, f"ReluSquaredMLP called {len(calls)} times over one fused and one plain block"
+    torch.testing.assert_close(outs[0], outs[1])
 
 
 def test_transpose_bytes_is_an_exact_transposed_copy_and_checks_input(trainer):

@@ -1,0 +1,172 @@
+"""The fused kernels of train_gpt.py against the paths they replace: time, memory and agreement per call.
+
+    python benchmarks/bench_fused.py [--tokens 49152] [--json out.json]     # one GPU, the 124M model's shapes
+    python benchmarks/bench_fused.py --device cpu --tokens 64 --vocab 512 --no_compile   # a smoke run
+
+Two cases, each forward + backward of one micro-batch (one packed row of --tokens tokens), both arms inside
+torch.compile as in training (unless --no_compile):
+- mlp: relu(x w1^T)^2 w2 as the trainer writes it without --fused_mlp (Inductor: cuBLAS matmuls and fused
+  elementwise kernels) against ReluSquaredMLP (--fused_mlp: the activation and its gradient in the epilogues
+  of Triton matmuls), x [T, 768] bf16, w1 and w2 [3072, 768] bf16.
+- head: FP8Linear then softcap_mtp_ce (the loss backward writes the bf16 logit gradient, then it is cast to
+  e5m2) against FP8HeadLoss (--fp8_head_fused_grad: the loss kernel writes the e5m2 gradient in its forward),
+  x [T, 768] bf16, the head [V, 768] fp32, four target columns (3 next tokens and the byte prefix, stage 1's)
+  and the loss divided by 8 micro-batches as the trainer does.
+Prints per case and arm the median ms over --reps calls after 3 warm-up calls (CUDA events on GPU, wall
+clock on CPU), the peak memory of one call beyond what was allocated before it, and the relative
+difference of the fused arm's output and gradients from the other's.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402 (after the path insert: benchmarks/ is a folder of scripts)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=49152, help="tokens per micro-batch (stage 3's row)")
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--hidden", type=int, default=3072)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--no_compile", action="store_true", help="run both arms eagerly")
+    p.add_argument("--json", help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def median_ms(fn, reps: int, device: torch.device) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def peak_mib(fn, device: torch.device) -> float | None:
+    """Memory one call needs beyond what was allocated before it (MiB); None off GPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def forward_backward(fn, leaves, scale=1.0):
+    """A call that runs fn(*leaves) and backpropagates its output times scale (a loss), or a gradient of scale
+    everywhere (an activation); it returns (output, gradients), the gradients cleared first."""
+    def call():
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves)
+        if out.dim() == 0:  # a loss
+            (out * scale).backward()
+        else:
+            out.backward(scale * torch.ones_like(out))
+        return out.detach(), [t.grad for t in leaves]
+    return call
+
+
+def mlp_case(args, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(args.tokens, args.dim, device=device, generator=g).bfloat16().requires_grad_()
+    w1, w2 = ((torch.randn(args.hidden, args.dim, device=device, generator=g) / args.dim ** 0.5).bfloat16()
+              .requires_grad_() for _ in range(2))
+
+    def plain(x, w1, w2):
+        return F.relu(F.linear(x, w1)).square() @ w2
+
+    def fused(x, w1, w2):
+        return train_gpt.ReluSquaredMLP.apply(x, w1, w2)
+    return (x, w1, w2), plain, fused, 1.0
+
+
+def head_case(args, device):
+    g = torch.Generator(device=device).manual_seed(1)
+    x = train_gpt.rms_norm(torch.randn(args.tokens, args.dim, device=device, generator=g)).bfloat16().requires_grad_()
+    w = (0.005 * torch.randn(args.vocab, args.dim, device=device, generator=g)).requires_grad_()
+    tokens = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
+    prefix = torch.randint(-1, args.vocab, (args.vocab,), device=device, generator=g)
+    targets = train_gpt.target_matrix(tokens, 3, prefix)
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.25], device=device)
+    scales = (args.dim ** 0.5 / train_gpt.FP8_E4M3_MAX, train_gpt.FP8_HEAD_W_MAX / train_gpt.FP8_E4M3_MAX)
+    softcap = (23.0, 5.0, 7.5)
+    micro_batches = 8
+    grad_s = torch.tensor(train_gpt.FP8_HEAD_GRAD_SCALE / micro_batches, device=device)
+
+    def plain(x, w):
+        logits = train_gpt.FP8Linear.apply(x, w, *scales, grad_s)
+        loss = train_gpt.softcap_mtp_ce if train_gpt._triton_runs_on(logits) else train_gpt.softcap_mtp_ce_reference
+        return loss(logits, targets, weights, *softcap)[0].sum()
+
+    def fused(x, w):
+        return train_gpt.FP8HeadLoss.apply(x, w, targets, weights, *scales, *softcap)
+    return (x, w), plain, fused, 1 / micro_batches
+
+
+def run_case(name, case, args, device):
+    leaves, plain, fused, scale = case
+    arms = {"plain": plain, "fused": fused}
+    if not args.no_compile:
+        arms = {arm: torch.compile(fn, fullgraph=True) for arm, fn in arms.items()}
+    calls = {arm: forward_backward(fn, leaves, scale) for arm, fn in arms.items()}
+    results = {arm: call() for arm, call in calls.items()}  # also compiles
+    row = {"case": name}
+    for arm, call in calls.items():
+        row[f"{arm}_ms"] = median_ms(call, args.reps, device)
+        row[f"{arm}_peak_mib"] = peak_mib(call, device)
+    (out_p, grads_p), (out_f, grads_f) = results["plain"], results["fused"]
+    row["output_difference"] = relative_difference(out_f, out_p)
+    row["gradient_differences"] = [relative_difference(a, b) for a, b in zip(grads_f, grads_p)]
+    row["speedup"] = row["plain_ms"] / row["fused_ms"]
+    return row
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: no GPU here; --device cpu runs a smoke test (times are not meaningful)")
+    device = torch.device(args.device)
+    print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  torch {torch.__version__}  "
+          f"tokens {args.tokens}  compile {not args.no_compile}")
+    rows = [run_case("mlp", mlp_case(args, device), args, device),
+            run_case("head", head_case(args, device), args, device)]
+    print("| case | plain ms | fused ms | speedup | plain peak MiB | fused peak MiB | output diff | gradient diffs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        mib = [f"{r[k]:.0f}" if r[k] is not None else "-" for k in ("plain_peak_mib", "fused_peak_mib")]
+        print(f"| {r['case']} | {r['plain_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | {mib[0]} | {mib[1]} | "
+              f"{r['output_difference']:.2e} | {', '.join(f'{d:.2e}' for d in r['gradient_differences'])} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
