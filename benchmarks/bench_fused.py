@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_gpt  # noqa: E402 (after the path insert: benchmarks/ is a folder of scripts)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention  # noqa: E402 (after the path inserts: benchmarks/ is a folder of scripts)
+import train_gpt  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,21 +46,16 @@ def parse_args(argv=None):
 
 
 def median_ms(fn, reps: int, device: torch.device) -> float:
+    """bench_attention's CUDA-event median on a GPU; wall clock after 3 warm-up calls on CPU."""
+    if device.type == "cuda":
+        return bench_attention.median_ms(fn, reps)
     for _ in range(3):
         fn()
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
 
 
