@@ -1200,7 +1200,7 @@ def _(z, targets, weights, cap, offset, temp, grad_mul, clamp, out_dtype):
 
 # The MLP's matmuls with the activation fused (the speedrun's records #59, in our own kernel): the
 # up-projection's epilogue applies relu(.)^2 to the accumulator, so pre = x w1^T is never written; the
-# backward's product grad w2^T is multiplied in its epilogue by relu'(pre)-times-2relu(pre) = 2 sqrt(post).
+# backward's product grad w2^T is multiplied in its epilogue by the activation's derivative 2 relu(pre) = 2 sqrt(post).
 # Two elementwise passes over the [tokens, 4 dim] activations go, and only post is kept for the backward.
 if HAS_TRITON:
 
