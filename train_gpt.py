@@ -17,6 +17,7 @@ Importing this file has no side effects; tests import its pieces.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import glob
 import hashlib
 import json
@@ -3544,6 +3545,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous_handler)
         log.close()
         if dist.is_initialized():
+            # Free now, while the interpreter is whole, any reference cycle that still holds tensors of the
+            # collectives: freed during interpreter exit they can abort the process ("terminate called without
+            # an active exception", seen on gloo at random; README: "Tests").
+            gc.collect()
             dist.destroy_process_group()
     return status
 
