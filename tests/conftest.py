@@ -117,7 +117,7 @@ def trainer(request):
 # One gloo rank of `run_gloo_ranks`: calls tests/<module>.<function>(rank, world_size, *args) inside an
 # initialized process group and saves what it returns.
 _GLOO_WORKER = r"""
-import datetime, importlib, sys
+import datetime, gc, importlib, sys
 import torch, torch.distributed as dist
 root, tests, target, rank, world_size, store, out, *args = sys.argv[1:]
 rank, world_size = int(rank), int(world_size)
@@ -128,6 +128,7 @@ work = getattr(importlib.import_module(module), function)
 dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world_size,
                         timeout=datetime.timedelta(seconds=60))
 result = work(rank, world_size, *args)
+gc.collect()  # as the trainer does: collective tensors freed during interpreter exit can abort the process
 dist.destroy_process_group()
 torch.save(result, out)
 """
