@@ -3292,13 +3292,27 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     start, train_ms, position = resume(trainer, hp.resume_from, log) if hp.resume_from else (0, 0.0, None)
     loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(range(start, N), hp, derived),
                                     on_shard=shard_reporter(log, longest_train_row(derived.recipe)), start=position)
-    pending = None
+    pending = None  # (step, its loss on the device, training ms after it): its line waits for the loss
+
+    def log_pending():
+        """The line of the step before, now that its loss has been read (one step late: no sync per step)."""
+        prev_step, prev_loss, ms = pending
+        value = _global_mean(prev_loss, world_size)
+        loss_field = f"train_loss:{value:.4f} " if math.isfinite(value) else ""  # the error line says the value
+        log(f"step:{prev_step + 1}/{N} {loss_field}train_time:{ms:.0f}ms step_avg:{ms / (prev_step + 1):.2f}ms")
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"non-finite train loss {value} at step {prev_step + 1}")
+
     _sync(device)
     t0 = time.perf_counter()
     val_loss = float("nan")
     for step in range(start, N + 1):
         last = step == N
-        if last or (hp.val_loss_every and step % hp.val_loss_every == 0):
+        validate = last or (hp.val_loss_every and step % hp.val_loss_every == 0)
+        if pending is not None and (validate or checkpoint_due(hp, step, start)):
+            log_pending()  # before the validation or checkpoint lines of this step
+            pending = None
+        if validate:
             _sync(device)
             train_ms += 1000 * (time.perf_counter() - t0)
             val_loss = trainer.evaluate(step, final=last)
@@ -3317,14 +3331,10 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         if last:
             break
         loss = trainer.train_step(step, loader)
-        if pending is not None:  # check the previous step's loss now, so the GPU never idles for it
-            prev_step, prev_loss = pending
-            value = _global_mean(prev_loss, world_size)
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"non-finite train loss {value} at step {prev_step + 1}")
-        pending = (step, loss)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        log(f"step:{step + 1}/{N} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / (step + 1):.2f}ms")
+        if pending is not None:  # read the previous step's loss now, while this one runs: the GPU never idles for it
+            log_pending()
+        pending = (step, loss, approx_ms)
     if val_loss > (1 - NO_LEARNING_FRACTION) * math.log(hp.vocab_size):
         log(f"warning: the model did not learn: final val loss {val_loss:.4f}, a uniform prediction's is "
             f"{math.log(hp.vocab_size):.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")

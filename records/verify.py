@@ -110,7 +110,7 @@ class ValPoint:
 
 @dataclass(frozen=True)
 class StepPoint:
-    """A `step:k/N train_time:Tms step_avg:Sms` line (public logs may add `train_loss:x`)."""
+    """A `step:k/N train_time:Tms step_avg:Sms` line, with `train_loss:x` after the step where a log has it."""
     step: int
     num_iterations: int
     train_time_ms: float

@@ -50,6 +50,13 @@ def test_tiny_run_learns_and_writes_a_speedrun_log(trainer, tiny_corpus, tmp_pat
     total = trainer.total_steps(trainer.parse_args(_args(tiny_corpus, tmp_path, "run", "--num_iterations=20")))
     assert total == 20 + trainer.PRESETS["tiny"]["flags"]["extension_steps"], "the extension steps follow the 20"
     assert [p.step for p in run.step_points] == list(range(1, total + 1)), "one line per step"
+    train_lines = [line for line in after if line.startswith("step:") and " train_loss:" in line]
+    assert [line.split()[0] for line in train_lines] == [f"step:{k}/{total}" for k in range(1, total + 1)], \
+        "every step line carries the step's train loss"
+    train_losses = [float(line.split("train_loss:")[1].split()[0]) for line in train_lines]
+    assert train_losses[-1] < train_losses[0] - 1.0, f"the train loss falls: {train_losses}"
+    assert after.index(train_lines[9]) < after.index(next(x for x in after if x.startswith("step:10/") and "val_loss" in x)), \
+        "a step's line comes before its validation's"
     losses = {p.step: p.val_loss for p in run.val_points}
     assert sorted(losses) == [0, 10, 20, total], "validation at step 0, every val_loss_every steps and at the end"
     decimals = {p.decimals for p in run.val_points}
