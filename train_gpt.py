@@ -1082,7 +1082,7 @@ if HAS_TRITON:
             tl.store(out_row + cols, dz.to(out_row.dtype.element_ty), mask=cols < V)
 
     @triton.jit
-    def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, T, V, stride_z, cap, offset, inv_temp,
+    def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, V, stride_z, cap, offset, inv_temp,
                                    K: tl.constexpr, BLOCK: tl.constexpr):
         """One program per row t of Z [T, V] (fp32/bf16): ROWS[t] = sum_k W[k] (lse - u[TGT[t, k]]), LSE[t]."""
         row = tl.program_id(0)
@@ -1091,7 +1091,7 @@ if HAS_TRITON:
         tl.store(LSE + row, lse)
 
     @triton.jit
-    def _softcap_mtp_ce_bwd_kernel(Z, TGT, W, LSE, G, DZ, T, V, stride_z, stride_dz, cap, offset, inv_temp,
+    def _softcap_mtp_ce_bwd_kernel(Z, TGT, W, LSE, G, DZ, V, stride_z, stride_dz, cap, offset, inv_temp,
                                    K: tl.constexpr, BLOCK: tl.constexpr):
         """One program per row t: DZ[t] = G[t] dL/dZ[t], in DZ's dtype."""
         row = tl.program_id(0)
@@ -1099,7 +1099,7 @@ if HAS_TRITON:
                      tl.load(LSE + row), tl.load(G + row), cap, offset, inv_temp, K, BLOCK, 0.0)
 
     @triton.jit
-    def _softcap_mtp_ce_grad_kernel(Z, TGT, W, ROWS, DZ, T, V, stride_z, stride_dz, cap, offset, inv_temp, grad_mul,
+    def _softcap_mtp_ce_grad_kernel(Z, TGT, W, ROWS, DZ, V, stride_z, stride_dz, cap, offset, inv_temp, grad_mul,
                                     K: tl.constexpr, BLOCK: tl.constexpr, CLAMP: tl.constexpr):
         """One program per row t: ROWS[t] as the forward kernel, then, in a second pass over the row (mostly from
         L2), DZ[t] = grad_mul dL/dZ[t] at a unit row gradient, clamped to +-CLAMP, in DZ's dtype."""
@@ -1128,7 +1128,7 @@ def softcap_mtp_ce(z: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
     rows = torch.empty(T, dtype=torch.float32, device=z.device)
     lse = torch.empty(T, dtype=torch.float32, device=z.device)
     block, warps = _ce_launch()
-    _softcap_mtp_ce_fwd_kernel[(T,)](z, targets.contiguous(), weights, rows, lse, T, V, z.stride(0), cap, offset,
+    _softcap_mtp_ce_fwd_kernel[(T,)](z, targets.contiguous(), weights, rows, lse, V, z.stride(0), cap, offset,
                                      1 / temp, K=weights.numel(), BLOCK=block, num_warps=warps)
     return rows, lse
 
@@ -1147,7 +1147,7 @@ def softcap_mtp_ce_backward(z: torch.Tensor, targets: torch.Tensor, weights: tor
     T, V = z.shape
     dz = torch.empty_like(z)
     block, warps = _ce_launch()
-    _softcap_mtp_ce_bwd_kernel[(T,)](z, targets.contiguous(), weights, lse, grad.contiguous(), dz, T, V, z.stride(0),
+    _softcap_mtp_ce_bwd_kernel[(T,)](z, targets.contiguous(), weights, lse, grad.contiguous(), dz, V, z.stride(0),
                                      dz.stride(0), cap, offset, 1 / temp, K=weights.numel(), BLOCK=block,
                                      num_warps=warps)
     return dz
@@ -1188,7 +1188,7 @@ def softcap_mtp_ce_with_grad(z: torch.Tensor, targets: torch.Tensor, weights: to
     rows = torch.empty(T, dtype=torch.float32, device=z.device)
     dz = torch.empty(T, V, dtype=out_dtype, device=z.device)
     block, warps = _ce_launch()
-    _softcap_mtp_ce_grad_kernel[(T,)](z, targets.contiguous(), weights, rows, dz, T, V, z.stride(0), dz.stride(0),
+    _softcap_mtp_ce_grad_kernel[(T,)](z, targets.contiguous(), weights, rows, dz, V, z.stride(0), dz.stride(0),
                                       cap, offset, 1 / temp, grad_mul, K=weights.numel(), BLOCK=block, CLAMP=clamp,
                                       num_warps=warps)
     return rows, dz
