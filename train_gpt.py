@@ -70,6 +70,7 @@ class Hyperparameters:
     stage_batch_tokens: str = "131072,262144,393216"  # tokens per optimizer step in each stage, all ranks
     stage_seq_len: str = "16384,32768,49152"  # tokens per micro-batch (one packed row) per GPU in each stage
     stage_doc_clip: str = "896,2048,2048"  # each document cut to this many tokens in a row (0: used whole)
+    doc_tails: str = "split"  # what the clip cuts off: "split" it into further clipped pieces, or "drop" it (records #29)
     stage_windows: str = "1:3,3:7,5:11"  # short:long attention window of each stage, in 128-token blocks
     extension_windows: str = "6:13"  # short:long window of the extension steps
     final_val_windows: str = "6:20"  # short:long window of the final validation only (no YaRN change)
@@ -106,7 +107,7 @@ class Hyperparameters:
     logit_offset: float = 5.0
     logit_temp: float = 7.5
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
-    fp8_head_fused_grad: bool = False  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
+    fp8_head_fused_grad: bool = True  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     fused_mlp: bool = False  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
@@ -316,6 +317,12 @@ def parse_recipe(hp) -> Recipe:
     clips = _numbers("stage_doc_clip", hp.stage_doc_clip, int)
     if min(clips) < 0:
         raise ConfigError(f"--stage_doc_clip={hp.stage_doc_clip!r}: clips are >= 0 (0: documents used whole)")
+    if hp.doc_tails not in ("drop", "split"):
+        raise ConfigError(f"--doc_tails={hp.doc_tails!r}: 'drop' (the clip discards the rest of a document) or "
+                          "'split' (the rest goes on in further pieces)")
+    if hp.doc_tails == "split" and 1 in clips:
+        raise ConfigError(f"--doc_tails=split needs clips of 2 or more tokens (a piece is a BOS and clip - 1 "
+                          f"tokens); --stage_doc_clip={hp.stage_doc_clip!r}")
     first_steps = [0] + [round(f * hp.num_iterations) for f in starts]
     if len(set(first_steps)) != n:
         raise ConfigError(f"--num_iterations={hp.num_iterations} is too few steps for {n} stages")
@@ -385,7 +392,7 @@ PRESETS = {
         xsa_layers="1", attn_gate_layers="3", key_offset_layers="3", paired_head_layers="0", skip_connection="1>2",
         cache_layer=1, gate_split_layer=2, mudd=True, dc_layers="3",
         bigram_buckets=1024, stage_seq_len="256,256,512", stage_starts="1/3,2/3", stage_batch_tokens="512,1024,1024",
-        stage_doc_clip="0,0,0", stage_lr_mul="1,1.52,1.73", untie_stage=3,
+        stage_doc_clip="128,256,256", stage_lr_mul="1,1.52,1.73", untie_stage=3,
         stage_windows="1:1,1:2,2:2", extension_windows="2:2", final_val_windows="2:4",
         mtp_weights="1,0.5>0;1,0.25>0;1", prefix_weights="0.25;0.25>0;0", num_iterations=20, extension_steps=2,
         val_seq_len=1024, val_tokens=4096,
@@ -2670,21 +2677,44 @@ def rows_in_shard(bos: np.ndarray, n_tokens: int, seq_len: int) -> int:
     return rows
 
 
-def clipped_row(bos: np.ndarray, pos: int, n_tokens: int, seq_len: int, clip: int):
-    """A row of seq_len + 1 tokens packed from the documents that begin at or after pos, each cut to at most
-    `clip` tokens (the rest of a document is dropped, the speedrun's clipping, records #29 and #72); the last
-    one is cut to fill the row. Returns (segments [(start, length)], end of the last segment), or None if
-    the shard's remaining documents cannot fill a row."""
-    i, need, segments = int(np.searchsorted(bos, pos)), seq_len + 1, []
-    while need:
-        if i >= len(bos):
-            return None
-        start = int(bos[i])
-        end = int(bos[i + 1]) if i + 1 < len(bos) else n_tokens
-        take = min(end - start, clip, need)
+def document_pieces(bos: np.ndarray, pos: int, n_tokens: int, clip: int, split: bool):
+    """The pieces (start, stop, continued) that rows take from a shard, in order, from pos on: each document
+    that begins at or after pos, cut to its first `clip` tokens. With `split` nothing is dropped: a longer
+    document goes on in pieces of clip - 1 tokens that each follow an inserted BOS (continued=True), so
+    every piece is at most clip tokens, and a pos inside a document first yields the rest of it."""
+    i = int(np.searchsorted(bos, pos))
+    ends = np.append(bos[1:], n_tokens)
+    if split:
+        yield from _continuations(pos, int(bos[i]) if i < len(bos) else n_tokens, clip)
+    for start, end in zip(bos[i:].tolist(), ends[i:].tolist()):
+        yield start, min(start + clip, end), False
+        if split:
+            yield from _continuations(start + clip, end, clip)
+
+
+def _continuations(pos: int, end: int, clip: int):
+    for start in range(pos, end, clip - 1):
+        yield start, min(start + clip - 1, end), True
+
+
+def clipped_row(bos: np.ndarray, pos: int, n_tokens: int, seq_len: int, clip: int, split: bool = False):
+    """A row of seq_len + 1 tokens packed from document_pieces (the speedrun's clipping, records #29 and #72,
+    which drops the rest of a long document; or, with `split`, that rest in further pieces); the last piece
+    is cut to fill the row. Returns (segments [(start, length)], where the next row's pieces begin), a
+    segment with start -1 being one inserted BOS; None if the shard's remaining pieces cannot fill a row."""
+    need, segments = seq_len + 1, []
+    for start, stop, continued in document_pieces(bos, pos, n_tokens, clip, split):
+        if continued:
+            segments.append((-1, 1))
+            need -= 1
+            if not need:
+                return segments, start
+        take = min(stop - start, need)
         segments.append((start, take))
-        need, i = need - take, i + 1
-    return segments, segments[-1][0] + segments[-1][1]
+        need -= take
+        if not need:
+            return segments, start + take
+    return None
 
 
 class _ShardPrefetcher:
@@ -2719,13 +2749,15 @@ class TrainStream:
     Row j is seq_len + 1 tokens (or the length next_micro_batch asks for); where each begins is next_row_start's
     rule. The tail of a shard that cannot hold a whole row is skipped. Rank r of W takes rows j = r mod W.
     `on_shard(path, tokens, rows)` is called as each shard is opened (the log's account of how much of the data the rows use). `start`, a
-    `position()` of an earlier stream over the same files, continues from there (a resumed run).
+    `position()` of an earlier stream over the same files, continues from there (a resumed run). `split_tails`:
+    clipped rows keep what the clip cuts off a long document, in further pieces (clipped_row).
     """
 
     def __init__(self, pattern: str, seq_len: int, *, vocab: int, bos_id: int, cycle: bool,
-                 flag: str = "train_files", on_shard=None, start: dict | None = None):
+                 flag: str = "train_files", on_shard=None, start: dict | None = None, split_tails: bool = False):
         self.files = list_shards(pattern, flag)
         self.pattern, self.seq_len, self.cycle, self.on_shard = pattern, seq_len, cycle, on_shard
+        self.bos_id, self.split_tails = bos_id, split_tails
         start = start or dict(file_index=0, pos=0, tokens_served=0)
         self.file_index = start["file_index"] - 1
         self._open = lambda path: _ShardPrefetcher(path, vocab, bos_id, seq_len)
@@ -2755,15 +2787,16 @@ class TrainStream:
 
     def next_micro_batch(self, doc_clip: int = 0, seq_len: int | None = None) -> np.ndarray:
         """The next row of seq_len + 1 tokens (default: the stream's): documents used whole (next_row_start), or
-        each cut to doc_clip tokens (clipped_row)."""
+        cut into pieces of at most doc_clip tokens (clipped_row)."""
         seq_len = seq_len or self.seq_len
         for _ in range(2 * len(self.files) + 1):
             if doc_clip:
-                found = clipped_row(self.bos, self.pos, len(self.tokens), seq_len, doc_clip)
+                found = clipped_row(self.bos, self.pos, len(self.tokens), seq_len, doc_clip, self.split_tails)
                 if found is not None:
                     segments, self.pos = found
                     self.tokens_served += seq_len
-                    return np.concatenate([self.tokens[s:s + n] for s, n in segments])
+                    bos = np.array([self.bos_id], dtype=self.tokens.dtype)
+                    return np.concatenate([self.tokens[s:s + n] if s >= 0 else bos for s, n in segments])
             else:
                 start = next_row_start(self.bos, self.pos, len(self.tokens), seq_len)
                 if start is not None:
@@ -2787,7 +2820,8 @@ class DistributedTrainLoader:
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, rows, on_shard=None,
                  start: dict | None = None):
         self.stream = TrainStream(hp.train_files, longest_train_row(parse_recipe(hp)), vocab=hp.tokenizer_vocab,
-                                  bos_id=hp.bos_id, cycle=hp.cycle_train_data, on_shard=on_shard, start=start)
+                                  bos_id=hp.bos_id, cycle=hp.cycle_train_data, on_shard=on_shard, start=start,
+                                  split_tails=hp.doc_tails == "split")
         self.rank, self.world_size, self.device, self.rows = rank, world_size, device, iter(rows)
         self.bos_id = hp.bos_id
         self._staged = self._stage()

@@ -83,12 +83,12 @@ def test_each_micro_batch_comes_with_the_document_bounds_of_its_inputs(trainer, 
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("clip", [0, 100])
-def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_size, clip):
+@pytest.mark.parametrize("clip, tails", [(0, "drop"), (100, "drop"), (100, "split")])
+def test_token_stream_is_the_same_for_any_world_size(trainer, shard_dir, world_size, clip, tails):
     """Rank r's k-th micro-batch is global micro-batch k*W + r, so the union over ranks of each
-    step's micro-batches is the single-process step's micro-batches, whole or clipped documents alike,
-    and across a change of row length (a new stage)."""
-    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin"])
+    step's micro-batches is the single-process step's micro-batches, whole, clipped or split documents
+    alike, and across a change of row length (a new stage)."""
+    hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin", f"--doc_tails={tails}"])
     lengths = [256] * 12 + [512] * 12
     single = _rank_batches(trainer, hp, 0, 1, 24, [(n, clip) for n in lengths])
     per_rank = [_rank_batches(trainer, hp, r, world_size, 24 // world_size,
@@ -194,3 +194,57 @@ def test_clipped_rows_pack_document_prefixes_and_start_each_at_bos(trainer, tmp_
     assert np.array_equal(row, expected), "documents 0-3 cut to 100 tokens, the fourth cut to fill 201"
     second = stream.next_micro_batch(doc_clip=100)
     assert second[0] == BOS and second[1] == 14, "the next row starts at the next document, not inside the cut one"
+
+
+def _position_coded_documents(lengths):
+    """A shard whose documents have the given lengths and whose every other token is distinct (its
+    position, BOS excepted), so a row says exactly which tokens of the shard it holds."""
+    tokens = np.arange(sum(lengths)) % 50000 + 1
+    tokens[np.cumsum([0] + lengths[:-1])] = BOS
+    return tokens
+
+
+def test_split_tails_put_the_rest_of_a_clipped_document_in_pieces_after_an_inserted_bos(trainer, tmp_path):
+    """--doc_tails=split: what the clip cuts off a document is not dropped: it follows in pieces of a BOS and
+    clip - 1 tokens, and a row that ends inside a piece is continued by the next row, after a BOS."""
+    tokens = _position_coded_documents([50, 300, 20, 100])
+    write_shard(tmp_path / "p_train_000001.bin", tokens)
+    stream = trainer.TrainStream(str(tmp_path / "p_train_*.bin"), 200, vocab=50257, bos_id=BOS, cycle=False,
+                                 split_tails=True)
+    first, second = stream.next_micro_batch(doc_clip=100), stream.next_micro_batch(doc_clip=100)
+    doc1 = tokens[50:350]
+    assert np.array_equal(first, np.r_[tokens[:50], doc1[:100], BOS, doc1[100:150]]), \
+        "document 0 whole, document 1's first 100 tokens, then a BOS and its next 50 to fill 201"
+    assert np.array_equal(second[:154], np.r_[BOS, doc1[150:249], BOS, doc1[249:300], tokens[350:352]]), \
+        "the next row goes on inside document 1, each piece a BOS and at most 99 of its tokens"
+
+
+@pytest.mark.parametrize("tails", ["split", "drop"])
+def test_split_tails_train_on_every_token_once_and_drop_nothing(trainer, tmp_path, tails):
+    """One pass over a shard with --doc_tails=split serves its tokens in order, each once, in documents of at
+    most the clip; the public's clipping (drop, the negative control) skips the tails."""
+    lengths = [50, 300, 20, 400, 90, 1000, 150, 7, 260, 130] * 3
+    tokens = _position_coded_documents(lengths)
+    write_shard(tmp_path / "q_train_000001.bin", tokens)
+    stream = trainer.TrainStream(str(tmp_path / "q_train_*.bin"), 128, vocab=50257, bos_id=BOS, cycle=False,
+                                 split_tails=tails == "split")
+    rows = []
+    with pytest.raises(trainer.DataError, match="exhausted"):
+        while True:
+            rows.append(stream.next_micro_batch(doc_clip=100).copy())
+    for row in rows:
+        _, _, longest = trainer.document_bounds(row[:-1], BOS)
+        assert longest <= 100, f"a document of {longest} tokens in a row clipped at 100"
+    served = np.concatenate(rows)
+    served, original = served[served != BOS], tokens[tokens != BOS]
+    contiguous = np.array_equal(served, original[:len(served)])
+    if tails == "split":
+        assert contiguous, "split rows hold the shard's tokens in order, none skipped or repeated"
+        assert len(original) - len(served) < 128, "all but the last partial row of the shard is used"
+    else:
+        assert not contiguous and len(original) - len(served) > 1000, "drop skips the tails past the clip"
+
+
+def test_doc_tails_takes_drop_or_split(trainer):
+    with pytest.raises(trainer.ConfigError, match="--doc_tails='keep'"):
+        trainer.parse_recipe(trainer.parse_args(["--preset=tiny", "--doc_tails=keep"]))

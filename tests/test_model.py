@@ -404,8 +404,8 @@ def test_fp8_head_loss_with_the_gradient_from_the_loss_kernel_matches_the_two_st
 
 
 def test_fp8_head_fused_gradient_flag_selects_the_path(trainer, monkeypatch):
-    """--fp8_head_fused_grad makes head_loss call FP8HeadLoss, its default FP8Linear (FP8 needs CUDA: the check
-    is forced here, and each path is stopped at its entry)."""
+    """--fp8_head_fused_grad (the default) makes head_loss call FP8HeadLoss, =false FP8Linear (FP8 needs CUDA: the
+    check is forced here, and each path is stopped at its entry)."""
     class Taken(Exception):
         pass
 
@@ -418,7 +418,7 @@ def test_fp8_head_fused_gradient_flag_selects_the_path(trainer, monkeypatch):
     monkeypatch.setattr(trainer.FP8HeadLoss, "apply", stop("FP8HeadLoss"))
     monkeypatch.setattr(trainer.FP8Linear, "apply", stop("FP8Linear"))
     taken = []
-    for flags in (["--fp8_head_fused_grad=true"], []):
+    for flags in ([], ["--fp8_head_fused_grad=false"]):
         hp = trainer.parse_args(["--preset=tiny", *flags])
         with pytest.raises(Taken) as path:
             trainer.GPT(hp).head_loss(torch.randn(4, hp.model_dim), torch.zeros(4, dtype=torch.long), torch.ones(1))
