@@ -35,6 +35,42 @@ SHARED_CODE_MODULES = TRAINER_MODULES[:1]
 shared_code_only = pytest.mark.parametrize("trainer", SHARED_CODE_MODULES, indirect=True)
 
 
+def fix_triton_interpreter_index(monkeypatch=None):
+    """triton <= 3.6's interpreter turns 1-element arrays into ints with int(), which numpy >= 2.4
+    rejects (triton-lang/triton#9171, fixed upstream by #9172): any `range(0, K, BLOCK)` in a kernel fails
+    with "only 0-dimensional arrays can be converted to Python scalars". Wraps the interpreter's tensor
+    patch so __index__ takes the element explicitly (harmless where it is not needed); through
+    `monkeypatch` when given, else for the rest of the process."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    (monkeypatch.setattr if monkeypatch else setattr)(interpreter, "_patch_lang_tensor", patched)
+
+
+# What run_interpreted puts before a script: the repository and tests/ on the path, the interpreter mended.
+_INTERPRETER_PRELUDE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+from conftest import fix_triton_interpreter_index
+fix_triton_interpreter_index()
+"""
+
+
+def run_interpreted(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `script` in a new Python process whose Triton kernels run in the interpreter: TRITON_INTERPRET=1
+    must be set before anything imports triton, which this pytest process may already have done."""
+    return subprocess.run([sys.executable, "-c", _INTERPRETER_PRELUDE + script, str(ROOT)],
+                          env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=timeout)
+
+
 def write_shard(path, tokens, magic=SHARD_MAGIC, version=SHARD_VERSION, header_count=None):
     """Write `tokens` as a FineWeb shard: 256 little-endian int32 header, then uint16 tokens."""
     tokens = np.asarray(tokens)

@@ -2,16 +2,13 @@
 import math
 
 import importlib
-import os
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, ROOT, shared_code_only
+from conftest import BOS, run_interpreted, shared_code_only
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -458,9 +455,7 @@ def test_relu_squared_mlp_function_equals_autograd_of_the_plain_mlp(trainer):
 
 
 _INTERPRETED_MLP = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-sys.path.insert(0, sys.argv[1] + "/tests")
+import torch
 import train_gpt as t
 from test_model import _mlp_case, _mlp_grads, _plain_mlp
 assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
@@ -484,8 +479,7 @@ def test_mlp_matmul_kernel_equals_torch_under_the_interpreter(trainer):
     dimension not multiples of the 32-wide tiles)."""
     if not trainer.HAS_TRITON:
         pytest.skip("triton is not installed")
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED_MLP, str(ROOT)], env=dict(os.environ, TRITON_INTERPRET="1"),
-                         capture_output=True, text=True, timeout=300)
+    out = run_interpreted(_INTERPRETED_MLP)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip()) < 1e-5, f"relative error of the interpreted MLP kernel: {out.stdout}"
 

@@ -15,13 +15,10 @@ remaining error is one float32 rounding of O (relative 6e-8) times lr.
 """
 import importlib
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, SMALL_BOS, SMALL_VOCAB_FLAGS, one_torch_thread, run_gloo_ranks, shared_code_only
+from conftest import SMALL_BOS, SMALL_VOCAB_FLAGS, one_torch_thread, run_gloo_ranks, run_interpreted, shared_code_only
 
 F64 = torch.float64
 
@@ -485,8 +482,7 @@ def test_dist_adam_cautious_decay_is_lr_squared_wd_where_step_and_weight_agree(t
 
 
 _INTERPRETED_ADAM = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
+import torch
 import train_gpt as t
 assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
 worst = {}
@@ -511,8 +507,7 @@ print(max(worst.values()))
 def test_fused_adam_kernel_equals_the_torch_formula_under_the_interpreter(trainer):
     """The one-pass Adam kernel (GPU path of DistAdam.step), run by the Triton interpreter on CPU in float32:
     new weights and both moments equal the torch formula's within float rounding, with and without decay."""
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED_ADAM, str(ROOT)], env=dict(os.environ, TRITON_INTERPRET="1"),
-                         capture_output=True, text=True, timeout=300)
+    out = run_interpreted(_INTERPRETED_ADAM)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip()) < 1e-6, f"relative error of the interpreted Adam kernel: {out.stdout}"
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import load_script, shared_code_only
+from conftest import fix_triton_interpreter_index, load_script, shared_code_only
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -440,23 +440,6 @@ _INTERPRETER_TRAINER_ENV = "ORTHO_TEST_INTERPRETED_TRAINER"
 _INTERPRETER_TEST_PREFIX = "test_triton_"
 
 
-def _fix_interpreter_for_numpy_2_4(monkeypatch):
-    """triton <= 3.6's interpreter turns 1-element arrays into ints with int(), which numpy >= 2.4
-    rejects (triton-lang/triton#9171, fixed upstream by #9172): any `range(0, K, BLOCK)` fails.
-    Wrap the interpreter's tensor patch so __index__ takes the element explicitly."""
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None:
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
-
-
 @pytest.fixture
 def interp(trainer, monkeypatch):
     """The trainer, provided its Triton kernels run in the interpreter (numpy, CPU tensors)."""
@@ -467,7 +450,7 @@ def interp(trainer, monkeypatch):
     only = os.environ.get(_INTERPRETER_TRAINER_ENV)
     if only and only != trainer.__name__:
         pytest.skip(f"this subprocess tests {only}")
-    _fix_interpreter_for_numpy_2_4(monkeypatch)
+    fix_triton_interpreter_index(monkeypatch)
     return trainer
 
 

@@ -3,15 +3,12 @@ fused softcapped multi-token loss against naive references, the new model compon
 formulas, tie/untie, and a warm-up that compiles everything the timed loop runs."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, ROOT, SMALL_VOCAB_FLAGS, shared_code_only
+from conftest import BOS, ROOT, SMALL_VOCAB_FLAGS, run_interpreted, shared_code_only
 
 pytestmark = shared_code_only
 
@@ -168,8 +165,7 @@ def test_the_loss_gradient_formula_equals_autograd_of_the_reference(trainer):
 
 
 _INTERPRETED_CE = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
+import torch
 import {module} as t
 assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
 worst = 0.0
@@ -205,8 +201,7 @@ def test_triton_loss_kernels_equal_the_reference_under_the_interpreter(trainer):
     checked on a GPU, test_loss_with_gradient_kernel_casts_like_torch_on_a_gpu.)"""
     if not trainer.HAS_TRITON:
         pytest.skip("triton is not installed")
-    out = subprocess.run([sys.executable, "-c", _INTERPRETED_CE.format(module=trainer.__name__), str(ROOT)],
-                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    out = run_interpreted(_INTERPRETED_CE.format(module=trainer.__name__))
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip()) < 1e-5, f"relative error of the interpreted kernels: {out.stdout}"
 
