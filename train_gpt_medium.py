@@ -1215,10 +1215,11 @@ if HAS_TRITON:
     @triton.jit
     def _mlp_matmul_kernel(A, B, AUX, C, M, N, K, stride_a, stride_b, stride_aux, stride_c,
                            EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
         """C = epilogue(A B^T) for row-major A [M, K], B [N, K], fp32 accumulation. EPILOGUE 0: relu(.)^2 (the MLP's
         activation); 1: (.) * 2 sqrt(AUX) with AUX [M, N] = relu(pre)^2 (its gradient). Tiles in groups of GROUP_M
-        rows so neighbouring programs share B's tiles in L2."""
+        rows so neighbouring programs share B's tiles in L2. Rows and columns past M and N load wrapped ones
+        (their products are never stored), so the inner loop masks only a ragged K (EVEN_K: none)."""
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         group = pid // (GROUP_M * tiles_n)
@@ -1229,12 +1230,16 @@ if HAS_TRITON:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        a_ptr = A + rm[:, None].to(tl.int64) * stride_a + rk[None, :]
-        b_ptr = B + rn[:, None].to(tl.int64) * stride_b + rk[None, :]
+        a_ptr = A + (rm % M)[:, None].to(tl.int64) * stride_a + rk[None, :]
+        b_ptr = B + (rn % N)[:, None].to(tl.int64) * stride_b + rk[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr, mask=(rm[:, None] < M) & (rk[None, :] + k < K), other=0.0)
-            b = tl.load(b_ptr, mask=(rn[:, None] < N) & (rk[None, :] + k < K), other=0.0)
+            if EVEN_K:
+                a = tl.load(a_ptr)
+                b = tl.load(b_ptr)
+            else:
+                a = tl.load(a_ptr, mask=rk[None, :] + k < K, other=0.0)
+                b = tl.load(b_ptr, mask=rk[None, :] + k < K, other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
             a_ptr += BLOCK_K
             b_ptr += BLOCK_K
@@ -1269,7 +1274,7 @@ def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilo
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _mlp_matmul_kernel[grid](a, b, aux, c, M, N, K, a.stride(0), b.stride(0), aux.stride(0), c.stride(0),
                              EPILOGUE=epilogue, PRECISION=_dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                             BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+                             BLOCK_K=bk, GROUP_M=8, EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages)
     return c
 
 

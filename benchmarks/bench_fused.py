@@ -15,6 +15,11 @@ torch.compile as in training (unless --no_compile):
 Prints per case and arm the median ms over --reps calls after 3 warm-up calls (CUDA events on GPU, wall
 clock on CPU), the peak memory of one call beyond what was allocated before it, and the relative
 difference of the fused arm's output and gradients from the other's.
+
+--mlp_configs "128,256,64,8,3;128,128,64,4,4" also times mlp_matmul alone with each tile configuration
+(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; train_gpt.MLP_MATMUL_CONFIG is the trainer's), forward (relu^2
+epilogue) and backward (2 sqrt(post) epilogue) at [tokens, dim] x [hidden, dim]^T, against the cuBLAS matmul
+of the same shape without its elementwise passes: ms, TFLOP/s and the error against torch per configuration.
 """
 import argparse
 import json
@@ -42,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--no_compile", action="store_true", help="run both arms eagerly")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--mlp_configs", default="", help="tile configurations of mlp_matmul to time, ';'-separated "
+                   "'BLOCK_M,BLOCK_N,BLOCK_K,warps,stages' (GPU; the trainer's: train_gpt.MLP_MATMUL_CONFIG)")
     return p.parse_args(argv)
 
 
@@ -145,6 +152,44 @@ def run_case(name, case, args, device):
     return row
 
 
+def mlp_tile_sweep(args, device):
+    """mlp_matmul's two epilogues per tile configuration against cuBLAS's plain product of the same shape."""
+    g = torch.Generator(device=device).manual_seed(2)
+    x, grad = (torch.randn(args.tokens, args.dim, device=device, generator=g).bfloat16() for _ in range(2))
+    w1, w2 = ((torch.randn(args.hidden, args.dim, device=device, generator=g) / args.dim ** 0.5).bfloat16()
+              for _ in range(2))
+    pre = (x @ w1.T).float()
+    post_ref = torch.relu(pre).square()
+    back_ref = (grad @ w2.T).float() * 2 * torch.relu(pre)
+    post = post_ref.to(x.dtype)
+    tflop = 2 * args.tokens * args.dim * args.hidden / 1e12
+    cublas_ms = median_ms(lambda: x @ w1.T, args.reps, device)
+    rows, trainer_config = [], train_gpt.MLP_MATMUL_CONFIG
+    try:
+        for text in filter(None, (c.strip() for c in args.mlp_configs.split(";"))):
+            config = tuple(int(v) for v in text.split(","))
+            if len(config) != 5:
+                sys.exit(f"error: --mlp_configs entry {text!r} is not BLOCK_M,BLOCK_N,BLOCK_K,warps,stages")
+            train_gpt.MLP_MATMUL_CONFIG = config
+            fwd = lambda: train_gpt.mlp_matmul(x, w1, None, 0)  # noqa: E731
+            bwd = lambda: train_gpt.mlp_matmul(grad, w2, post, 1)  # noqa: E731
+            row = dict(config=config, forward_ms=median_ms(fwd, args.reps, device),
+                       backward_ms=median_ms(bwd, args.reps, device), cublas_ms=cublas_ms,
+                       forward_error=relative_difference(fwd(), post_ref), backward_error=relative_difference(bwd(), back_ref))
+            rows.append(row)
+    finally:
+        train_gpt.MLP_MATMUL_CONFIG = trainer_config
+    print(f"mlp_matmul tiles at [{args.tokens}, {args.dim}] x [{args.hidden}, {args.dim}]^T; cuBLAS's plain product: "
+          f"{cublas_ms:.3f} ms, {tflop / cublas_ms * 1e3:.0f} TFLOP/s")
+    print("| config | forward ms | TFLOP/s | backward ms | TFLOP/s | forward error | backward error |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {','.join(map(str, r['config']))} | {r['forward_ms']:.3f} | {tflop / r['forward_ms'] * 1e3:.0f} | "
+              f"{r['backward_ms']:.3f} | {tflop / r['backward_ms'] * 1e3:.0f} | {r['forward_error']:.1e} | "
+              f"{r['backward_error']:.1e} |")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -154,6 +199,7 @@ def main(argv=None):
           f"tokens {args.tokens}  compile {not args.no_compile}")
     rows = [run_case("mlp", mlp_case(args, device), args, device),
             run_case("head", head_case(args, device), args, device)]
+    sweep = mlp_tile_sweep(args, device) if args.mlp_configs else []
     print("| case | plain ms | fused ms | speedup | plain peak MiB | fused peak MiB | output diff | gradient diffs |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
@@ -161,8 +207,8 @@ def main(argv=None):
         print(f"| {r['case']} | {r['plain_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | {mib[0]} | {mib[1]} | "
               f"{r['output_difference']:.2e} | {', '.join(f'{d:.2e}' for d in r['gradient_differences'])} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return rows
+        Path(args.json).write_text(json.dumps(dict(cases=rows, mlp_tiles=sweep), indent=1))
+    return rows, sweep
 
 
 if __name__ == "__main__":

@@ -207,10 +207,16 @@ def test_fused_kernel_benchmark_runs_both_cases_and_reports_agreement(capsys):
     both arms, and the fused arm agrees with the plain one (equal outputs; gradients within e5m2 rounding for
     the head, equal for the MLP's weights); so the GPU run of it will not fail on a typo."""
     fused = load_script("benchmarks/bench_fused.py", "bench_fused")
-    rows = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256", "--vocab", "512",
-                       "--no_compile", "--reps", "2"])
+    tiles = fused.train_gpt.MLP_MATMUL_CONFIG
+    rows, sweep = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256", "--vocab", "512",
+                              "--no_compile", "--reps", "2", "--mlp_configs", "32,32,32,4,1;64,64,32,4,2"])
     assert [r["case"] for r in rows] == ["mlp", "head"]
     for r in rows:
         assert r["plain_ms"] > 0 and r["fused_ms"] > 0 and r["output_difference"] < 1e-5, r
         assert max(r["gradient_differences"]) < 0.05, r
-    assert "| mlp |" in capsys.readouterr().out
+    assert [r["config"] for r in sweep] == [(32, 32, 32, 4, 1), (64, 64, 32, 4, 2)]
+    for r in sweep:  # bf16 outputs against float32 references
+        assert r["forward_ms"] > 0 and r["forward_error"] < 1e-2 and r["backward_error"] < 1e-2, r
+    out = capsys.readouterr().out
+    assert "| mlp |" in out and "| 64,64,32,4,2 |" in out
+    assert fused.train_gpt.MLP_MATMUL_CONFIG == tiles, "the sweep restores the trainer's tiles"
