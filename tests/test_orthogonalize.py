@@ -10,9 +10,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
-from conftest import fix_triton_interpreter_index, load_script, shared_code_only
+from conftest import ROOT, fix_triton_interpreter_index, load_script, shared_code_only
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -113,6 +114,25 @@ def test_turbo_coefficients_are_the_fit_of_their_stated_interval(trainer):
                                rtol=1e-12, atol=0, msg="TURBO_COEFFS differ from the fit: run tools/fit_turbo_coeffs.py")
     assert trainer.PE_SAFETY == trainer.AOL_SAFETY == trainer.TURBO_FIT["safety"] == 1.02
     assert trainer.NS5_COEFFS == (3.4445, -4.7750, 2.0315) and trainer.NS5_STEPS == 5
+
+
+def test_lower_end_sweep_compares_fits_with_polar_express_on_the_fixture(trainer, capsys):
+    """--sweep_lo: Polar Express first, then one 4-step fit per lower end, each with its slope at 0 (a lower
+    lo lifts the smallest singular values more) and a polar error per stack, then the error of AOL's limit (the
+    polar factor of the AOL-scaled matrix)."""
+    rows = _fit_script().sweep_lower_ends([0.001, 0.01], gaussian=False)  # the 4 captured blocks
+    assert [r[0] for r in rows] == ["polar_express (5 steps)", "turbo_muon, lo=0.001", "turbo_muon, lo=0.01",
+                                    "turbo_muon's limit: polar factor of diag(s) X"]
+    assert rows[1][1] > rows[2][1], "lo=0.001's composition has the steeper slope at 0"
+    for _, _, errors in rows:
+        assert len(errors) == 4 and all(0 < e < 1 for e in errors.values()), errors
+    assert "| turbo_muon, lo=0.01 |" in capsys.readouterr().out
+    fit = _fit_script()
+    G = torch.from_numpy(np.load(ROOT / "tests/data/momentum_124m.npz")["q_pair"].astype(np.float64))
+    coeffs = fit.fit_sequence(lo=0.01, **{k: v for k, v in trainer.TURBO_FIT.items() if k != "lo"})
+    O, P = trainer.orthogonalize(G, "turbo_muon", backend="torch", coeffs=coeffs), trainer.polar_factor_fp64(G)
+    assert abs(rows[2][2]["captured q_pair"] - ((O - P).norm() / P.norm()).item()) < 1e-12, "the row is that fit's error"
+    assert abs(rows[1][2]["captured q_pair"] - rows[2][2]["captured q_pair"]) > 1e-3, "negative control: fits differ"
 
 
 # ----------------------------------------------------------------------------- float64 behaviour

@@ -13,6 +13,12 @@ Turbo-Muon scales X by AOL (arXiv 2208.03160), s_i = rsqrt(1.02 sum_j |(X X^T)_i
     python tools/fit_turbo_coeffs.py                     # print the constants for TURBO_FIT
     python tools/fit_turbo_coeffs.py --check             # exit 1 unless train_gpt.py holds them
     python tools/fit_turbo_coeffs.py --measure .capture/momentum_small.pt [.capture/momentum_medium.pt]
+    python tools/fit_turbo_coeffs.py --sweep_lo 0.0005,0.001,0.002,0.003,0.005,0.01   # fits against Polar Express
+
+--sweep_lo fits 4 steps for each lower end and prints, with Polar Express (5 steps) for comparison, the slope
+of the composition at 0 (how far it lifts the smallest singular values) and the polar error of the iteration in
+float64 (polar_error) on the committed momentum fixture (tests/data/momentum_124m.npz) and on Gaussian stacks,
+and last the error of the polar factor of the AOL-scaled matrix itself (aol_limit_error).
 
 The constants and the parameters that made them sit once in train_gpt.py (TURBO_FIT, TURBO_COEFFS).
 """
@@ -102,6 +108,58 @@ def gaussian_stacks(seed=0, batch=4):
             for m, n in ((768, 768), (256, 768), (3072, 768))}
 
 
+def polar_error(G: torch.Tensor, method: str, coeffs) -> float:
+    """||O - U V^T||_F / ||U V^T||_F over a stack G [B, m, n], O = orthogonalize(G, method) with these coefficients,
+    computed in float64 against the SVD's polar factor. (For Turbo-Muon this is not a function of the spectrum
+    alone: AOL scales rows unequally, so the iteration tends to the polar factor of diag(s) X, not of X.)"""
+    import train_gpt
+
+    G = G.to(torch.float64)
+    O = train_gpt.orthogonalize(G, method, backend="torch", coeffs=coeffs)
+    P = train_gpt.polar_factor_fp64(G)
+    return (torch.linalg.matrix_norm(O - P).square().sum() / torch.linalg.matrix_norm(P).square().sum()).sqrt().item()
+
+
+def aol_limit_error(G: torch.Tensor) -> float:
+    """How far the polar factor of diag(s) X (AOL-scaled; what Turbo-Muon's iteration tends to with enough
+    steps) is from that of X, relative, over a stack: the part of its polar error no coefficients remove."""
+    import train_gpt
+
+    X = G.to(torch.float64)
+    X = X if X.ndim == 3 else X.unsqueeze(0)
+    X = X.mT if X.size(-2) > X.size(-1) else X
+    A, rowsum = train_gpt.ns_line_1_torch(X, rowsum_abs=True)
+    P = train_gpt.polar_factor_fp64(X)
+    P_aol = train_gpt.polar_factor_fp64(train_gpt.aol_row_scale(A, rowsum).unsqueeze(-1) * X)
+    return ((P_aol - P).norm() / P.norm()).item()
+
+
+def sweep_lower_ends(los, fixture=os.path.join(ROOT, "tests/data/momentum_124m.npz"), gaussian=True):
+    """Rows (label, slope at 0, {stack: polar error}) of Polar Express, of 4-step fits to [lo, 1] (TURBO_FIT's
+    other parameters) and of AOL's limit, on the momentum fixture's blocks and (`gaussian`) Gaussian stacks."""
+    import train_gpt
+
+    data = np.load(fixture)
+    stacks = {f"captured {k}": torch.from_numpy(data[k].astype(np.float64)) for k in ("q_pair", "k_pair", "v", "o")}
+    if gaussian:
+        stacks.update(gaussian_stacks())
+    rows = [("polar_express (5 steps)", math.prod(c[0] for c in train_gpt.POLAR_EXPRESS_COEFFS),
+             {name: polar_error(G, "polar_express", None) for name, G in stacks.items()})]
+    params = {k: v for k, v in train_gpt.TURBO_FIT.items() if k != "lo"}
+    for lo in los:
+        coeffs = fit_sequence(lo=lo, **params)
+        rows.append((f"turbo_muon, lo={lo:g}", math.prod(c[0] for c in coeffs),
+                     {name: polar_error(G, "turbo_muon", coeffs) for name, G in stacks.items()}))
+    rows.append(("turbo_muon's limit: polar factor of diag(s) X", math.inf,
+                 {name: aol_limit_error(G) for name, G in stacks.items()}))
+    names = list(stacks)
+    print("| coefficients | slope at 0 | " + " | ".join(names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
+    for label, slope, errors in rows:
+        print(f"| {label} | {slope:.0f} | " + " | ".join(f"{errors[n]:.4f}" for n in names) + " |")  # inf prints "inf"
+    return rows
+
+
 def measure(paths):
     rows = []
     for path in paths:
@@ -121,9 +179,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 unless train_gpt.TURBO_COEFFS equals the fit")
     parser.add_argument("--measure", nargs="*", metavar="CAPTURE", help="AOL-scaled singular values of captures")
+    parser.add_argument("--sweep_lo", metavar="LO,LO,...", help="polar errors of 4-step fits to [lo, 1] against Polar Express")
     args = parser.parse_args()
     import train_gpt
 
+    if args.sweep_lo:
+        sweep_lower_ends([float(v) for v in args.sweep_lo.split(",")])
+        return 0
     if args.measure is not None:
         measure(args.measure)
         return 0
