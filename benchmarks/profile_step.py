@@ -8,7 +8,8 @@ Builds the trainer as a one-process run with the given flags, runs --warmup step
 starting at step --start_step (the attention window grows with the step: profile late steps too),
 times --time_steps steps (median wall ms, synchronized), then records --steps steps with
 torch.profiler. It prints the device time per step split into phases (the compiled forward, the
-optimizer, everything else = backward and the loss), then the top kernels by device time. The phases
+optimizer, everything else = backward and the loss), the time the GPU ran no kernel (waiting on the
+host), then the top kernels by device time. The phases
 come from wrapping the trainer's methods in profiler ranges, so they need no change to the trainer.
 Under torchrun, rank 0 reports, and adds the communication kernels' device time per step and the part
 of it during which no other kernel ran (communication not hidden behind compute).
@@ -75,6 +76,24 @@ def exposed_time(comm, compute) -> tuple[float, float]:
             covered += min(end, compute[k][1]) - max(start, compute[k][0])
             k += 1
     return total, total - covered
+
+
+def busy_time(intervals) -> tuple[float, float]:
+    """(span from the first start to the last end, length of the union of the intervals): the difference is
+    the time no kernel ran."""
+    merged = _merged(intervals)
+    if not merged:
+        return 0.0, 0.0
+    return merged[-1][1] - merged[0][0], sum(end - start for start, end in merged)
+
+
+def device_idle_ms(prof, steps: int) -> tuple[float, float]:
+    """(ms per step from the first kernel's start to the last's end, ms per step of it with no kernel running
+    on this rank's GPU: launch gaps, host work and syncs the device waited for)."""
+    kernels = [(e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events()
+               if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_user_annotation()]
+    span, busy = busy_time(kernels)
+    return span / 1e6 / steps, (span - busy) / 1e6 / steps
 
 
 def communication_ms(prof, steps: int) -> tuple[float, float]:
@@ -158,6 +177,9 @@ def main(argv=None) -> int:
     say(f"\ndevice time per step by phase ({args.steps} steps profiled, rank 0 of {world_size}):")
     for name, ms in phase_table(prof, args.steps):
         say(f"  {name:<22} {ms:9.2f} ms")
+    if device.type == "cuda":
+        span, idle = device_idle_ms(prof, args.steps)
+        say(f"  device idle            {idle:9.2f} ms of the {span:.2f} ms from the first kernel to the last")
     if world_size > 1 and device.type == "cuda":
         comm, exposed = communication_ms(prof, args.steps)
         say(f"  communication kernels  {comm:9.2f} ms, of which not overlapped with compute: {exposed:.2f} ms")

@@ -164,6 +164,13 @@ def profile_step():
     return load_script("benchmarks/profile_step.py", "profile_step")
 
 
+def test_device_idle_is_the_span_minus_the_union_of_kernels(profile_step):
+    """Overlapping kernels count once; the gaps between them are idle."""
+    assert profile_step.busy_time([(0, 10), (5, 15), (20, 30), (29, 31)]) == (31, 26)
+    assert profile_step.busy_time([]) == (0.0, 0.0)
+    assert profile_step.busy_time([(3, 4)]) == (1, 1)
+
+
 def test_exposed_communication_is_the_part_no_compute_kernel_covers(profile_step):
     comm = [(0, 10), (5, 12), (20, 30), (40, 50)]        # union: [0, 12], [20, 30], [40, 50] = 32
     compute = [(2, 4), (3, 6), (11, 25), (29, 41), (60, 70)]
