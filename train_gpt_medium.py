@@ -2688,10 +2688,10 @@ def document_pieces(bos: np.ndarray, pos: int, n_tokens: int, clip: int, split: 
     document goes on in pieces of clip - 1 tokens that each follow an inserted BOS (continued=True), so
     every piece is at most clip tokens, and a pos inside a document first yields the rest of it."""
     i = int(np.searchsorted(bos, pos))
-    ends = np.append(bos[1:], n_tokens)
     if split:
         yield from _continuations(pos, int(bos[i]) if i < len(bos) else n_tokens, clip)
-    for start, end in zip(bos[i:].tolist(), ends[i:].tolist()):
+    for j in range(i, len(bos)):  # lazily: a row takes a few dozen of the shard's documents
+        start, end = int(bos[j]), int(bos[j + 1]) if j + 1 < len(bos) else n_tokens
         yield start, min(start + clip, end), False
         if split:
             yield from _continuations(start + clip, end, clip)
