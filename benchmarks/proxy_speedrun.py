@@ -11,7 +11,8 @@ a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory an
 
 DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
 comes from the trainer's own log: training time excludes compilation, the untimed warm-up and
-validation; ms/step is the median of the per-step increments of train_time, tokens/s the run's tokens
+validation; ms/step is the median of the per-step increments of train_time (by stage: within each stage and
+the extension), tokens/s the run's tokens
 over its training time; time to target is the
 train_time of the first validation at or below the target (so it depends on --val_loss_every).
 
@@ -72,6 +73,18 @@ def run_tokens(hp: train_gpt.Hyperparameters) -> int:
                for s in range(train_gpt.total_steps(hp)))
 
 
+def stage_ms(hp: train_gpt.Hyperparameters, step_ms: dict[int, float]) -> list[float | None]:
+    """Median ms of a step in each stage, then in the extension (None where the log has no such step): step k
+    runs from the log's train_time after k steps to the one after k + 1."""
+    starts = [s.start for s in train_gpt.derive(hp, 1).recipe.stages] + [hp.num_iterations]
+    ends = starts[1:] + [train_gpt.total_steps(hp)]
+    out = []
+    for first, stop in zip(starts, ends):
+        increments = [step_ms[k + 1] - step_ms[k] for k in range(first, stop) if k in step_ms and k + 1 in step_ms]
+        out.append(statistics.median(increments) if increments else None)
+    return out
+
+
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     """Numbers of one training log, read by records/verify.py's reader; None where the log does not have them.
     Logs of earlier recipes, whose hyperparameters this trainer no longer takes, get no FLOP count; their
@@ -80,12 +93,14 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     run = verify.parse_log(path)
     if run.hyperparameters is None:
         raise ValueError(f"{path}: no hyperparameters line; not a train_gpt.py log")
+    step_ms = {p.step: p.train_time_ms for p in run.step_points}
     try:
         hp = train_gpt.Hyperparameters(**run.hyperparameters)
-        fpt, tokens = flops_per_token(hp), run_tokens(hp)
+        clock = step_ms | {p.step: p.train_time_ms for p in run.val_points}  # validations read the clock too
+        fpt, tokens, by_stage = flops_per_token(hp), run_tokens(hp), stage_ms(hp, clock)
     except (TypeError, train_gpt.ConfigError):
         fpt, tokens = None, run.hyperparameters.get("batch_tokens", 0) * (run.num_iterations or 0) or None
-    step_ms = {p.step: p.train_time_ms for p in run.step_points}
+        by_stage = None
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
     increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
     ms = statistics.median(increments) if increments else None
@@ -95,7 +110,7 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     world = run.world_size or 1
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if fpt and tokens_per_s and peak_tflops else None
     reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
-    return {"log": str(path), "world_size": world, "ms_per_step": ms, "tokens_per_s": tokens_per_s,
+    return {"log": str(path), "world_size": world, "ms_per_step": ms, "stage_ms": by_stage, "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt, "mfu": mfu, "time_to_target_s": reached[0] / 1000 if reached else None,
             "final_loss": last_val.val_loss if finished else None,
             "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
@@ -200,21 +215,32 @@ def _fmt(x, spec):
 
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
-    head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | tokens/s | "
-            "MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |")
-    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 12]
+    head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
+            "tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |")
+    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 13]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
-                   f"{_fmt(r['ms_per_step'], '.1f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+                   f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_fmt(r['tokens_per_s'], ',.0f')} | "
                    f"{_fmt(r['flops_per_token'] and r['flops_per_token'] / 1e6, '.1f')} | "
                    f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
                    f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} |")
     return "\n".join(out)
 
 
+def _stages(values):
+    """'252 / 487 / 723 / 732': the stages' and the extension's ms per step."""
+    return "-" if not values else " / ".join(_fmt(v, ".0f") for v in values)
+
+
 def _medians(rows):
     med = {"log": "median", "world_size": rows[0]["world_size"]}
+    columns = [r["stage_ms"] for r in rows if r.get("stage_ms")]
+    if columns and len({len(c) for c in columns}) == 1:  # element-wise, over the runs that have each stage
+        med["stage_ms"] = [statistics.median(v) if (v := [c[i] for c in columns if c[i] is not None]) else None
+                           for i in range(len(columns[0]))]
+    else:
+        med["stage_ms"] = None
     for key in rows[0]:
         if key not in med:
             values = [r[key] for r in rows if isinstance(r[key], (int, float))]

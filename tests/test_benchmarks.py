@@ -2,6 +2,7 @@
 runs configurations side by side."""
 import inspect
 import re
+import statistics
 import sys
 
 import pytest
@@ -41,6 +42,11 @@ def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     assert row["final_loss"] == float(finals[-1].split("val_loss:")[1].split()[0])
     assert row["compile_s"] is not None and row["startup_s"] >= row["compile_s"]
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
+    times = {int(line.split("/")[0][5:]): float(line.split("train_time:")[1].split("ms")[0])
+             for line in log.read_text().splitlines() if line.startswith("step:") and "train_time:" in line}
+    assert row["stage_ms"] == [times[1] - times[0], statistics.median([times[2] - times[1], times[3] - times[2]]),
+                               times[4] - times[3], None], "stages at steps 0, 1 and 3; no extension steps"
+    assert "| r | 1 |" in bench.format_table([row], 20.0, 1.0) and " / -" in bench.format_table([row], 20.0, 1.0)
 
 
 def test_summary_reads_the_log_through_the_records_reader(bench, tmp_path):
@@ -82,7 +88,7 @@ def test_table_gives_each_run_its_own_flops_per_token(bench):
                 "tokens_per_s": 7e5, "mfu": 0.5, "peak_gib": 20.0, "compile_s": 10.0, "startup_s": 12.0}
     rows = [dict(base, log="L7_0.txt", flops_per_token=552.1e6), dict(base, log="L12_0.txt", flops_per_token=759.2e6)]
     lines = bench.format_table(rows, target=2.04, peak=798.0).splitlines()
-    cells = {line.split("|")[1].strip(): line.split("|")[8].strip() for line in lines if line.startswith("| L")}
+    cells = {line.split("|")[1].strip(): line.split("|")[9].strip() for line in lines if line.startswith("| L")}
     assert cells == {"L7_0": "552.1", "L12_0": "759.2"}, lines
 
 
