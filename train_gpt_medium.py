@@ -3247,12 +3247,31 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _global_mean(x: torch.Tensor, world_size: int) -> float:
-    if world_size > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= world_size
-    return x.item()
+class LossReadout:
+    """A step's loss averaged over ranks, on its way to the host: the all-reduce and the copy are queued right
+    after the step (into pinned memory, with an event, on GPU), and value() waits for them alone. x.item() later
+    would wait for everything queued by then (the next step too), and the GPU would idle while the host
+    prepared the step after it."""
+
+    def __init__(self, loss: torch.Tensor, world_size: int):
+        x = loss.detach()
+        if world_size > 1:
+            x = x.clone()
+            dist.all_reduce(x)
+            x /= world_size
+        self.event = None
+        if x.is_cuda:
+            self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self.host.copy_(x, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = x
+
+    def value(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.item()
 
 
 def check_training_data(hp: Hyperparameters, derived: Derived, log: RunLog) -> None:
@@ -3307,7 +3326,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         for i, step in enumerate(warm_steps):
             # The timed loop's loss all-reduce too: a collective's first call can take seconds, so each
             # collective of a timed step runs here first.
-            _global_mean(trainer.train_step(step, warm_loader), world_size)
+            LossReadout(trainer.train_step(step, warm_loader), world_size).value()
             if i == 0:
                 _sync(device)
                 t_first = time.perf_counter() - t_compile
@@ -3331,12 +3350,12 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     start, train_ms, position = resume(trainer, hp.resume_from, log) if hp.resume_from else (0, 0.0, None)
     loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(range(start, N), hp, derived),
                                     on_shard=shard_reporter(log, longest_train_row(derived.recipe)), start=position)
-    pending = None  # (step, its loss on the device, training ms after it): its line waits for the loss
+    pending = None  # (step, its LossReadout, training ms after it): its line waits for the loss
 
     def log_pending():
         """The line of the step before, now that its loss has been read (one step late: no sync per step)."""
         prev_step, prev_loss, ms = pending
-        value = _global_mean(prev_loss, world_size)
+        value = prev_loss.value()
         loss_field = f"train_loss:{value:.4f} " if math.isfinite(value) else ""  # the error line says the value
         log(f"step:{prev_step + 1}/{N} {loss_field}train_time:{ms:.0f}ms step_avg:{ms / (prev_step + 1):.2f}ms")
         if not math.isfinite(value):
@@ -3369,11 +3388,11 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
             t0 = time.perf_counter()
         if last:
             break
-        loss = trainer.train_step(step, loader)
+        readout = LossReadout(trainer.train_step(step, loader), world_size)  # queued behind this step's work
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
         if pending is not None:  # read the previous step's loss now, while this one runs: the GPU never idles for it
             log_pending()
-        pending = (step, loss, approx_ms)
+        pending = (step, readout, approx_ms)
     if val_loss > (1 - NO_LEARNING_FRACTION) * math.log(hp.vocab_size):
         log(f"warning: the model did not learn: final val loss {val_loss:.4f}, a uniform prediction's is "
             f"{math.log(hp.vocab_size):.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")

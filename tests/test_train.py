@@ -356,3 +356,27 @@ def test_a_run_that_does_not_learn_warns(trainer, tiny_corpus, tmp_path, capsys)
     assert any(line.startswith("warning: the model did not learn") for line in _log_lines(tmp_path, "stuck"))
     assert trainer.main(_args(tiny_corpus, tmp_path, "learns")) == 0
     assert not any(line.startswith("warning:") for line in _log_lines(tmp_path, "learns")), "negative control"
+
+
+@shared_code_only
+def test_loss_readout_is_the_loss_on_cpu(trainer):
+    """One process: LossReadout's value is the loss itself (its rank average is checked by the 1- vs 2-rank runs)."""
+    assert trainer.LossReadout(torch.tensor(2.5) * 2, 1).value() == 5.0
+
+
+@shared_code_only
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_loss_readout_waits_for_its_step_not_for_later_work_on_a_gpu(trainer):
+    """The step's loss is read without waiting for work queued after it (the next step's), so the host can queue
+    the step after while the GPU runs: value() returns while a long kernel still runs; .item() (the control) waits."""
+    import time
+    loss = torch.full((), 2.5, device="cuda") * 2
+    readout = trainer.LossReadout(loss, 1)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles, queued behind the readout's copy
+    t0 = time.perf_counter()
+    assert readout.value() == 5.0
+    waited = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert loss.item() == 5.0
+    blocked = time.perf_counter() - t0
+    assert waited < 0.1 < blocked, f"value() took {waited:.3f} s, .item() {blocked:.3f} s"
