@@ -956,8 +956,8 @@ def _(x):
 #   dL/dz_tj = g_t (S_t p_tj - sum_k w_k [y_tk = j]) cap s_tj (1 - s_tj) / temp,
 # with p = softmax(u), s = sigmoid((z + offset) / temp), S_t the weights of row t's targets and g_t the
 # incoming gradient. Unfused, autograd makes several passes over [T, V] fp32 arrays per offset.
-CE_BLOCK = 4096  # vocabulary columns per loop iteration of a row's program
-CE_BLOCK_INTERPRET = 64
+CE_LAUNCH = (4096, 8)  # (vocabulary columns per loop iteration of a row's program, warps) on GPU
+CE_LAUNCH_INTERPRET = (64, 4)
 
 
 def softcap_logits(z: torch.Tensor, cap: float, offset: float, temp: float) -> torch.Tensor:
@@ -1120,7 +1120,7 @@ if HAS_TRITON:
 
 def _ce_launch():
     """(columns per iteration, warps) of the loss kernels."""
-    return (CE_BLOCK_INTERPRET, 4) if _kernels_interpreted() else (CE_BLOCK, 8)
+    return CE_LAUNCH_INTERPRET if _kernels_interpreted() else CE_LAUNCH
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::softcap_mtp_ce", mutates_args=())

@@ -16,6 +16,8 @@ Prints per case and arm the median ms over --reps calls after 3 warm-up calls (C
 clock on CPU), the peak memory of one call beyond what was allocated before it, and the relative
 difference of the fused arm's output and gradients from the other's.
 
+--ce_configs "4096,8;8192,16" times the loss-with-gradient kernel (softcap_mtp_ce_with_grad, the default
+head path) per (BLOCK, warps) launch configuration (train_gpt.CE_LAUNCH is the trainer's), with its GB/s.
 --mlp_configs "128,256,64,8,3;128,128,64,4,4" also times mlp_matmul alone with each tile configuration
 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; train_gpt.MLP_MATMUL_CONFIG is the trainer's), forward (relu^2
 epilogue) and backward (2 sqrt(post) epilogue) at [tokens, dim] x [hidden, dim]^T, against the cuBLAS matmul
@@ -47,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--no_compile", action="store_true", help="run both arms eagerly")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--ce_configs", default="", help="launch configurations of the loss-with-gradient kernel to time, "
+                   "';'-separated 'BLOCK,warps' (GPU; the trainer's: train_gpt.CE_LAUNCH)")
     p.add_argument("--mlp_configs", default="", help="tile configurations of mlp_matmul to time, ';'-separated "
                    "'BLOCK_M,BLOCK_N,BLOCK_K,warps,stages' (GPU; the trainer's: train_gpt.MLP_MATMUL_CONFIG)")
     return p.parse_args(argv)
@@ -152,6 +156,46 @@ def run_case(name, case, args, device):
     return row
 
 
+def _configs(text: str, size: int, flag: str) -> list[tuple[int, ...]]:
+    configs = [tuple(int(v) for v in c.split(",")) for c in text.split(";") if c.strip()]
+    for c in configs:
+        if len(c) != size:
+            sys.exit(f"error: --{flag} entry {c} needs {size} numbers")
+    return configs
+
+
+def ce_launch_sweep(args, device):
+    """softcap_mtp_ce_with_grad (the loss and its e5m2 logit gradient, as FP8HeadLoss calls it) per launch
+    configuration, on bf16 logits [tokens, vocab] with four target columns; its HBM traffic (one read of the
+    logits and one e5m2 write, the least a fused kernel moves) over its time, and its agreement with the first."""
+    g = torch.Generator(device=device).manual_seed(3)
+    z = (4 * torch.randn(args.tokens, args.vocab, device=device, generator=g)).bfloat16()
+    tokens = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
+    targets = train_gpt.target_matrix(tokens, 3, torch.randint(-1, args.vocab, (args.vocab,), device=device, generator=g))
+    weights = torch.tensor([1.0, 0.5, 0.25, 0.25], device=device)
+    dtype = torch.float8_e5m2 if device.type == "cuda" else torch.float32
+    call = lambda: train_gpt.softcap_mtp_ce_with_grad(z, targets, weights, 23.0, 5.0, 7.5, 1.0, 448.0, dtype)  # noqa: E731
+    gbytes = args.tokens * args.vocab * (2 + dtype.itemsize) / 1e9
+    rows, first, trainer_launch = [], None, train_gpt.CE_LAUNCH
+    try:
+        for config in _configs(args.ce_configs, 2, "ce_configs"):
+            train_gpt.CE_LAUNCH = config
+            loss, dz = call()
+            first = first or (loss, dz.float())
+            rows.append(dict(config=config, ms=median_ms(call, args.reps, device),
+                             loss_difference=relative_difference(loss, first[0]),
+                             gradient_difference=relative_difference(dz.float(), first[1])))
+    finally:
+        train_gpt.CE_LAUNCH = trainer_launch
+    print(f"softcap_mtp_ce_with_grad at [{args.tokens}, {args.vocab}] bf16 -> {dtype}: {gbytes:.2f} GB read and written")
+    print("| BLOCK,warps | ms | GB/s | loss diff | gradient diff |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {','.join(map(str, r['config']))} | {r['ms']:.3f} | {gbytes / r['ms'] * 1e3:.0f} | "
+              f"{r['loss_difference']:.1e} | {r['gradient_difference']:.1e} |")
+    return rows
+
+
 def mlp_tile_sweep(args, device):
     """mlp_matmul's two epilogues per tile configuration against cuBLAS's plain product of the same shape."""
     g = torch.Generator(device=device).manual_seed(2)
@@ -166,10 +210,7 @@ def mlp_tile_sweep(args, device):
     cublas_ms = median_ms(lambda: x @ w1.T, args.reps, device)
     rows, trainer_config = [], train_gpt.MLP_MATMUL_CONFIG
     try:
-        for text in filter(None, (c.strip() for c in args.mlp_configs.split(";"))):
-            config = tuple(int(v) for v in text.split(","))
-            if len(config) != 5:
-                sys.exit(f"error: --mlp_configs entry {text!r} is not BLOCK_M,BLOCK_N,BLOCK_K,warps,stages")
+        for config in _configs(args.mlp_configs, 5, "mlp_configs"):
             train_gpt.MLP_MATMUL_CONFIG = config
             fwd = lambda: train_gpt.mlp_matmul(x, w1, None, 0)  # noqa: E731
             bwd = lambda: train_gpt.mlp_matmul(grad, w2, post, 1)  # noqa: E731
@@ -200,6 +241,7 @@ def main(argv=None):
     rows = [run_case("mlp", mlp_case(args, device), args, device),
             run_case("head", head_case(args, device), args, device)]
     sweep = mlp_tile_sweep(args, device) if args.mlp_configs else []
+    ce_sweep = ce_launch_sweep(args, device) if args.ce_configs else []
     print("| case | plain ms | fused ms | speedup | plain peak MiB | fused peak MiB | output diff | gradient diffs |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
@@ -207,8 +249,8 @@ def main(argv=None):
         print(f"| {r['case']} | {r['plain_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | {mib[0]} | {mib[1]} | "
               f"{r['output_difference']:.2e} | {', '.join(f'{d:.2e}' for d in r['gradient_differences'])} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(cases=rows, mlp_tiles=sweep), indent=1))
-    return rows, sweep
+        Path(args.json).write_text(json.dumps(dict(cases=rows, mlp_tiles=sweep, ce_launch=ce_sweep), indent=1))
+    return rows, sweep, ce_sweep
 
 
 if __name__ == "__main__":

@@ -221,8 +221,10 @@ def test_fused_kernel_benchmark_runs_both_cases_and_reports_agreement(capsys):
     the head, equal for the MLP's weights); so the GPU run of it will not fail on a typo."""
     fused = load_script("benchmarks/bench_fused.py", "bench_fused")
     tiles = fused.train_gpt.MLP_MATMUL_CONFIG
-    rows, sweep = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256", "--vocab", "512",
-                              "--no_compile", "--reps", "2", "--mlp_configs", "32,32,32,4,1;64,64,32,4,2"])
+    launch = fused.train_gpt.CE_LAUNCH
+    rows, sweep, ce_sweep = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256",
+                                        "--vocab", "512", "--no_compile", "--reps", "2",
+                                        "--mlp_configs", "32,32,32,4,1;64,64,32,4,2", "--ce_configs", "4096,8;1024,4"])
     assert [r["case"] for r in rows] == ["mlp", "head"]
     for r in rows:
         assert r["plain_ms"] > 0 and r["fused_ms"] > 0 and r["output_difference"] < 1e-5, r
@@ -233,3 +235,6 @@ def test_fused_kernel_benchmark_runs_both_cases_and_reports_agreement(capsys):
     out = capsys.readouterr().out
     assert "| mlp |" in out and "| 64,64,32,4,2 |" in out
     assert fused.train_gpt.MLP_MATMUL_CONFIG == tiles, "the sweep restores the trainer's tiles"
+    assert [r["config"] for r in ce_sweep] == [(4096, 8), (1024, 4)] and fused.train_gpt.CE_LAUNCH == launch
+    assert all(r["ms"] > 0 and r["loss_difference"] < 1e-6 and r["gradient_difference"] < 1e-6 for r in ce_sweep)
+    assert "| 1024,4 |" in out
