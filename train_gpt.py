@@ -1050,13 +1050,25 @@ def softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap: float
 if HAS_TRITON:
 
     @triton.jit
-    def _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K: tl.constexpr, BLOCK: tl.constexpr):
-        """(sum_k W[k] (lse - u[TGT[row, k]]) over the row's targets, lse) of one row z_row of Z."""
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
+    def _ce_block_exp(z_row, start, V, cap, offset, inv_temp, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        """exp(u) of the columns start .. start + BLOCK of a row (0 past V when MASKED; unmasked blocks lie inside)."""
+        cols = start + tl.arange(0, BLOCK)
+        if MASKED:
             z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            acc += tl.where(cols < V, tl.exp(cap * tl.sigmoid((z + offset) * inv_temp)), 0.0)
+            return tl.where(cols < V, tl.exp(cap * tl.sigmoid((z + offset) * inv_temp)), 0.0)
+        z = tl.load(z_row + cols).to(tl.float32)
+        return tl.exp(cap * tl.sigmoid((z + offset) * inv_temp))
+
+    @triton.jit
+    def _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K: tl.constexpr, BLOCK: tl.constexpr):
+        """(sum_k W[k] (lse - u[TGT[row, k]]) over the row's targets, lse) of one row z_row of Z. Whole blocks of
+        columns unmasked, then the partial one."""
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        whole = V - V % BLOCK
+        for start in range(0, whole, BLOCK):
+            acc += _ce_block_exp(z_row, start, V, cap, offset, inv_temp, BLOCK, False)
+        if whole < V:
+            acc += _ce_block_exp(z_row, whole, V, cap, offset, inv_temp, BLOCK, True)
         lse = tl.log(tl.sum(acc, axis=0))
         loss = 0.0
         for k in tl.static_range(K):
@@ -1068,32 +1080,50 @@ if HAS_TRITON:
         return loss, lse
 
     @triton.jit
+    def _ce_block_grad(z_row, out_row, TGT, W, row, start, V, lse, g, total, cap, offset, inv_temp, K: tl.constexpr,
+                       BLOCK: tl.constexpr, CLAMP: tl.constexpr, MASKED: tl.constexpr):
+        """out_row's columns start .. start + BLOCK (those below V when MASKED) = g dL/dz, clamped, in its dtype."""
+        cols = start + tl.arange(0, BLOCK)
+        if MASKED:
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        else:
+            z = tl.load(z_row + cols).to(tl.float32)
+        s = tl.sigmoid((z + offset) * inv_temp)
+        dl = total * tl.exp(cap * s - lse)
+        # The row's K targets fall in at most K of the ~13 blocks of columns: the per-column comparisons run only
+        # there (a branch per block, the same for the whole program).
+        in_block = 0
+        for k in tl.static_range(K):
+            y = tl.load(TGT + row * K + k)
+            in_block += ((y >= start) & (y < start + BLOCK)).to(tl.int32)
+        if in_block > 0:
+            for k in tl.static_range(K):
+                y = tl.load(TGT + row * K + k)
+                dl -= tl.where(cols == y, tl.load(W + k), 0.0)
+        dz = g * dl * cap * s * (1 - s) * inv_temp
+        if CLAMP > 0:
+            dz = tl.minimum(tl.maximum(dz, -CLAMP), CLAMP)
+        if MASKED:
+            tl.store(out_row + cols, dz.to(out_row.dtype.element_ty), mask=cols < V)
+        else:
+            tl.store(out_row + cols, dz.to(out_row.dtype.element_ty))
+
+    @triton.jit
     def _ce_row_grad(z_row, out_row, TGT, W, row, V, lse, g, cap, offset, inv_temp, K: tl.constexpr,
                      BLOCK: tl.constexpr, CLAMP: tl.constexpr):
-        """out_row = g dL/dz of one row (the formula above), clamped to +-CLAMP when CLAMP > 0, in out_row's dtype."""
+        """out_row = g dL/dz of one row (the formula above), clamped to +-CLAMP when CLAMP > 0, in out_row's dtype:
+        whole blocks of columns unmasked, then the partial one."""
         total = 0.0
         for k in tl.static_range(K):
             y = tl.load(TGT + row * K + k)
             total += tl.where(y >= 0, tl.load(W + k), 0.0)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            s = tl.sigmoid((z + offset) * inv_temp)
-            dl = total * tl.exp(cap * s - lse)
-            # The row's K targets fall in at most K of the ~13 blocks of columns: the per-column comparisons
-            # run only there (a branch per block, the same for the whole program).
-            in_block = 0
-            for k in tl.static_range(K):
-                y = tl.load(TGT + row * K + k)
-                in_block += ((y >= start) & (y < start + BLOCK)).to(tl.int32)
-            if in_block > 0:
-                for k in tl.static_range(K):
-                    y = tl.load(TGT + row * K + k)
-                    dl -= tl.where(cols == y, tl.load(W + k), 0.0)
-            dz = g * dl * cap * s * (1 - s) * inv_temp
-            if CLAMP > 0:
-                dz = tl.minimum(tl.maximum(dz, -CLAMP), CLAMP)
-            tl.store(out_row + cols, dz.to(out_row.dtype.element_ty), mask=cols < V)
+        whole = V - V % BLOCK
+        for start in range(0, whole, BLOCK):
+            _ce_block_grad(z_row, out_row, TGT, W, row, start, V, lse, g, total, cap, offset, inv_temp, K, BLOCK,
+                           CLAMP, False)
+        if whole < V:
+            _ce_block_grad(z_row, out_row, TGT, W, row, whole, V, lse, g, total, cap, offset, inv_temp, K, BLOCK,
+                           CLAMP, True)
 
     @triton.jit
     def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, V, stride_z, cap, offset, inv_temp,
