@@ -109,6 +109,7 @@ class Hyperparameters:
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
     fp8_head_fused_grad: bool = True  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     fused_mlp: bool = False  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
+    embed_grad_inplace: bool = False  # the embedding tables' gradients added in place into .grad (RowGather), outside the compiled graph
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -2455,6 +2456,28 @@ BIGRAM_SIGN_ROWS = 8192  # rows of the fixed +-1 table that decorrelates collidi
 BIGRAM_SIGN_SEED = 1234  # the sign table is the same on every rank and run
 
 
+class RowGather(torch.autograd.Function):
+    """table[idx] whose backward adds the rows' gradient into table.grad in place (index_add_) and hands autograd
+    nothing for the table. The plain lookup's backward builds a dense gradient as large as the table each
+    micro-batch, which autograd then adds to .grad: for the bigram and value-embedding tables (290M and 5 x 39M
+    rows x dims) that is gigabytes of memory traffic per micro-batch for 49K rows touched."""
+
+    @staticmethod
+    def forward(ctx, table, idx):
+        ctx.save_for_backward(idx)
+        ctx.table = table
+        return F.embedding(idx, table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        table = ctx.table
+        if table.grad is None:
+            table.grad = torch.zeros_like(table)
+        table.grad.index_add_(0, idx.reshape(-1), grad.reshape(-1, grad.size(-1)).to(table.grad.dtype))
+        return None, None
+
+
 def bigram_indices(tokens: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hash row, sign row) of each position's bigram (previous, current token) of a row tokens [T]:
     h_t = (36313 x_t XOR 27191 x_{t-1}) mod (buckets - 1), s_t = (x_{t-1} XOR x_t) mod 8192; position 0 has
@@ -2552,9 +2575,28 @@ class GPT(nn.Module):
                  (self.mudd_in, hp.adam_lr_mudd), (self.mudd_out, hp.adam_lr_mudd)]
         return [(gen, lr) for gen, lr in pairs if gen is not None]
 
+    def embedding_rows(self, inputs: torch.Tensor):
+        """(token rows, bigram rows, bigram sign index, [value-embedding rows]) of this micro-batch, in the tables'
+        dtype (the bigram ones None without the table). With --embed_grad_inplace the lookups run outside the
+        compiled graph (RowGather's backward writes .grad itself)."""
+        if self.hp.embed_grad_inplace:
+            return self._gather_rows_eager(inputs)
+        return self._gather_rows(inputs, lambda table, idx: F.embedding(idx, table))
+
+    def _gather_rows(self, inputs, gather):
+        h, s = bigram_indices(inputs, self.hp.bigram_buckets) if self.bigram is not None else (None, None)
+        return (gather(self.embed.weight, inputs), None if h is None else gather(self.bigram, h), s,
+                [gather(table, inputs) for table in self.value_embeds])
+
+    @torch.compiler.disable
+    def _gather_rows_eager(self, inputs):
+        return self._gather_rows(inputs, RowGather.apply)
+
     def embed_tokens(self, inputs: torch.Tensor, dtype) -> torch.Tensor:
         """The token embeddings [T, dim]; with smear, e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34)."""
-        e = self.embed(inputs).to(dtype)
+        return self.smear(self.embed(inputs).to(dtype))
+
+    def smear(self, e: torch.Tensor) -> torch.Tensor:
         if self.smear_gate is None:
             return e
         gate = torch.sigmoid(F.linear(e[1:, :GATE_DIMS], self.smear_gate.type_as(e)[None]))
@@ -2575,17 +2617,17 @@ class GPT(nn.Module):
         hp, split = self.hp, self.recipe.gate_split
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         g = dict(zip(self.global_scalar_names, self.global_scalars.unbind(0)))
-        x = x0 = rms_norm(self.embed_tokens(inputs, dtype))
+        token_rows, bigram_rows, bigram_sign, ve_rows = self.embedding_rows(inputs)
+        x = x0 = rms_norm(self.smear(token_rows.to(dtype)))
         gates = self._gates(self.pre_gate, self.gate_layouts[0], x0) if self.pre_gate is not None else {}
         if split:  # the static gates' names read the per-token ones
             g["bigram_gate"] = gates.get(("bigram_gate", 0))
         bigram = None
         if self.bigram is not None:
-            h, s = bigram_indices(inputs, hp.bigram_buckets)
-            bigram = F.embedding(h, self.bigram).to(dtype) * self.bigram_signs[s].to(dtype)
+            bigram = bigram_rows.to(dtype) * self.bigram_signs[bigram_sign].to(dtype)
             x = x + g["bigram_gate"] * bigram
         embedded = x
-        ves = [F.embedding(inputs, table).to(dtype) for table in self.value_embeds]
+        ves = [rows.to(dtype) for rows in ve_rows]
         skip, cached, skip_saved = self.recipe.skip, None, None
         for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
             if i == split and self.post_gate is not None:

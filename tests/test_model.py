@@ -147,6 +147,31 @@ def _randomize(model, std=0.05):
         model.global_scalars.add_(0.3)  # the smear weight starts at 0: turn it on
 
 
+def test_in_place_embedding_gradients_equal_autograds_over_accumulated_micro_batches(trainer):
+    """--embed_grad_inplace (RowGather: index_add_ into .grad, no dense table-sized gradient): after two
+    micro-batches' backward passes every parameter's gradient equals the plain lookups' (the token, bigram and
+    value-embedding tables', whose rows repeat within and across the micro-batches, and all the others');
+    negative control: one micro-batch fewer differs."""
+    grads = {}
+    for flag in ("false", "true"):
+        hp, model = _tiny_model(trainer, f"--embed_grad_inplace={flag}")
+        _randomize(model)
+        for seed in (1, 2):
+            tokens = _tokens_with_documents(257, [0, 90, 200], BOS, seed=seed)
+            _call(model, tokens[:-1], tokens[1:]).backward()
+        grads[flag] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["true"].keys() == grads["false"].keys()
+    tables = ["embed.weight", "bigram"] + [f"value_embeds.{i}" for i in range(len(model.value_embeds))]
+    assert set(tables) <= grads["true"].keys(), "every table gets its gradient"
+    for name, g in grads["false"].items():
+        torch.testing.assert_close(grads["true"][name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    hp, model = _tiny_model(trainer, "--embed_grad_inplace=true")
+    _randomize(model)
+    tokens = _tokens_with_documents(257, [0, 90, 200], BOS, seed=1)
+    _call(model, tokens[:-1], tokens[1:]).backward()
+    assert not torch.allclose(model.bigram.grad, grads["true"]["bigram"]), "negative control: the second pass adds"
+
+
 def test_initial_loss_is_near_uniform_over_the_padded_vocabulary(trainer):
     """The head starts at std 0.005 (tied to the embedding), so the first loss is close to ln(vocab_size)."""
     hp, model = _tiny_model(trainer)
