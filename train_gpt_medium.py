@@ -2460,7 +2460,7 @@ class RowGather(torch.autograd.Function):
     """table[idx] whose backward adds the rows' gradient into table.grad in place (index_add_) and hands autograd
     nothing for the table. The plain lookup's backward builds a dense gradient as large as the table each
     micro-batch, which autograd then adds to .grad: for the bigram and value-embedding tables (290M and 5 x 39M
-    rows x dims) that is gigabytes of memory traffic per micro-batch for 49K rows touched."""
+    entries) that is gigabytes of memory traffic per micro-batch for 49K rows touched."""
 
     @staticmethod
     def forward(ctx, table, idx):
