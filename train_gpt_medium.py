@@ -1050,47 +1050,81 @@ def softcap_mtp_ce_backward_reference(z, targets, weights, lse, grad, cap: float
 
 if HAS_TRITON:
 
+    # Transcendentals of the loss kernels: on GPU one MUFU instruction each (PTX ex2 / rcp .approx.ftz, relative
+    # error below 2^-22, no range fix-ups around them); in the interpreter, which runs no PTX, tl.exp2 and a division.
+    _CE_FAST_MATH = tl.constexpr(not _kernels_interpreted())
+    LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = 2^(x log2(e))
+
     @triton.jit
-    def _ce_block_exp(z_row, start, V, cap, offset, inv_temp, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-        """exp(u) of the columns start .. start + BLOCK of a row (0 past V when MASKED; unmasked blocks lie inside)."""
+    def _exp2(x):
+        if _CE_FAST_MATH:
+            y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        else:
+            y = tl.exp2(x)
+        return y
+
+    @triton.jit
+    def _softcap_sigmoid(z, neg_a, neg_b):
+        """s = sigmoid((z + offset) / temp) = 1 / (1 + 2^(neg_a z + neg_b)), neg_a = -log2(e) / temp and
+        neg_b = offset neg_a (per program)."""
+        d = 1.0 + _exp2(z * neg_a + neg_b)
+        if _CE_FAST_MATH:
+            s = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        else:
+            s = 1.0 / d
+        return s
+
+    @triton.jit
+    def _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+        """exp(u) = 2^(cap2 s) (cap2 = cap log2(e)) of the columns start .. start + BLOCK of a row (0 past V when
+        MASKED; unmasked blocks lie inside)."""
         cols = start + tl.arange(0, BLOCK)
         if MASKED:
             z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            return tl.where(cols < V, tl.exp(cap * tl.sigmoid((z + offset) * inv_temp)), 0.0)
-        z = tl.load(z_row + cols).to(tl.float32)
-        return tl.exp(cap * tl.sigmoid((z + offset) * inv_temp))
+        else:
+            z = tl.load(z_row + cols).to(tl.float32)
+        e = _exp2(cap2 * _softcap_sigmoid(z, neg_a, neg_b))
+        if MASKED:
+            e = tl.where(cols < V, e, 0.0)
+        return e
 
     @triton.jit
     def _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K: tl.constexpr, BLOCK: tl.constexpr):
         """(sum_k W[k] (lse - u[TGT[row, k]]) over the row's targets, lse) of one row z_row of Z. Whole blocks of
         columns unmasked, then the partial one."""
+        neg_a = -inv_temp * LOG2_E
+        neg_b = offset * neg_a
+        cap2 = cap * LOG2_E
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         whole = V - V % BLOCK
         for start in range(0, whole, BLOCK):
-            acc += _ce_block_exp(z_row, start, V, cap, offset, inv_temp, BLOCK, False)
+            acc += _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK, False)
         if whole < V:
-            acc += _ce_block_exp(z_row, whole, V, cap, offset, inv_temp, BLOCK, True)
+            acc += _ce_block_exp(z_row, whole, V, neg_a, neg_b, cap2, BLOCK, True)
         lse = tl.log(tl.sum(acc, axis=0))
         loss = 0.0
         for k in tl.static_range(K):
             y = tl.load(TGT + row * K + k)
             hit = y >= 0
             zy = tl.load(z_row + tl.maximum(y, 0), mask=hit, other=0.0).to(tl.float32)
-            u_y = cap * tl.sigmoid((zy + offset) * inv_temp)
+            u_y = cap * _softcap_sigmoid(zy, neg_a, neg_b)
             loss += tl.where(hit, tl.load(W + k) * (lse - u_y), 0.0)
         return loss, lse
 
     @triton.jit
-    def _ce_block_grad(z_row, out_row, TGT, W, row, start, V, lse, g, total, cap, offset, inv_temp, K: tl.constexpr,
+    def _ce_block_grad(z_row, out_row, TGT, W, row, start, V, neg_a, neg_b, cap2, lse2, scale, total, K: tl.constexpr,
                        BLOCK: tl.constexpr, CLAMP: tl.constexpr, MASKED: tl.constexpr):
-        """out_row's columns start .. start + BLOCK (those below V when MASKED) = g dL/dz, clamped, in its dtype."""
+        """out_row's columns start .. start + BLOCK (those below V when MASKED) = scale (total p - targets' weights)
+        s (1 - s), p = 2^(cap2 s - lse2) the softmax, clamped, in out_row's dtype."""
         cols = start + tl.arange(0, BLOCK)
         if MASKED:
             z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
         else:
             z = tl.load(z_row + cols).to(tl.float32)
-        s = tl.sigmoid((z + offset) * inv_temp)
-        dl = total * tl.exp(cap * s - lse)
+        s = _softcap_sigmoid(z, neg_a, neg_b)
+        dl = total * _exp2(cap2 * s - lse2)
         # The row's K targets fall in at most K of the ~13 blocks of columns: the per-column comparisons run only
         # there (a branch per block, the same for the whole program).
         in_block = 0
@@ -1101,7 +1135,7 @@ if HAS_TRITON:
             for k in tl.static_range(K):
                 y = tl.load(TGT + row * K + k)
                 dl -= tl.where(cols == y, tl.load(W + k), 0.0)
-        dz = g * dl * cap * s * (1 - s) * inv_temp
+        dz = scale * (dl * (s - s * s))
         if CLAMP > 0:
             dz = tl.minimum(tl.maximum(dz, -CLAMP), CLAMP)
         if MASKED:
@@ -1118,12 +1152,17 @@ if HAS_TRITON:
         for k in tl.static_range(K):
             y = tl.load(TGT + row * K + k)
             total += tl.where(y >= 0, tl.load(W + k), 0.0)
+        neg_a = -inv_temp * LOG2_E
+        neg_b = offset * neg_a
+        cap2 = cap * LOG2_E
+        lse2 = lse * LOG2_E
+        scale = g * cap * inv_temp
         whole = V - V % BLOCK
         for start in range(0, whole, BLOCK):
-            _ce_block_grad(z_row, out_row, TGT, W, row, start, V, lse, g, total, cap, offset, inv_temp, K, BLOCK,
+            _ce_block_grad(z_row, out_row, TGT, W, row, start, V, neg_a, neg_b, cap2, lse2, scale, total, K, BLOCK,
                            CLAMP, False)
         if whole < V:
-            _ce_block_grad(z_row, out_row, TGT, W, row, whole, V, lse, g, total, cap, offset, inv_temp, K, BLOCK,
+            _ce_block_grad(z_row, out_row, TGT, W, row, whole, V, neg_a, neg_b, cap2, lse2, scale, total, K, BLOCK,
                            CLAMP, True)
 
     @triton.jit

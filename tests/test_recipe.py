@@ -434,3 +434,56 @@ def test_the_model_scores_the_prefix_target_with_the_last_loss_weight(trainer):
     assert keep.sum() > 20 and (~keep).sum() > 1, "the case has tokens with and without a prefix"
     expected = next_only + w * F.cross_entropy(logits[keep], prefix[keep], reduction="sum")
     assert both.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# The Triton kernels compile for the GPU without one
+
+
+def _compile_for_hopper(kernel, signature, constexprs, warps):
+    """Compiles a @triton.jit kernel for sm_90 (H100/H200) to a cubin with Triton's own ptxas: the GPU-only
+    compile errors (a non-constexpr global, a PTX constraint) caught on a CPU machine."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return compiled.asm
+
+
+_CE_SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "V": "i32", "stride_z": "i32", "cap": "fp32",
+                 "offset": "fp32", "inv_temp": "fp32"}
+
+
+@pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
+                                  "mlp gradient, ragged K"])
+def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
+    """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here, at the trainer's launch
+    configurations, and the loss kernels' transcendentals are the one-instruction PTX forms."""
+    if not trainer.HAS_TRITON or trainer._kernels_interpreted():
+        pytest.skip("needs Triton's compiler (not the interpreter)")
+    pytest.importorskip("triton.backends.nvidia")
+    block, warps = trainer.CE_LAUNCH
+    ce = {"K": 4, "BLOCK": block}
+    kernels = {
+        "loss forward": (trainer._softcap_mtp_ce_fwd_kernel, {**_CE_SIGNATURE, "ROWS": "*fp32", "LSE": "*fp32"}, ce),
+        "loss backward": (trainer._softcap_mtp_ce_bwd_kernel, {**_CE_SIGNATURE, "LSE": "*fp32", "G": "*fp32",
+                                                                "DZ": "*bf16", "stride_dz": "i32"}, ce),
+        "loss with e5m2 gradient": (trainer._softcap_mtp_ce_grad_kernel, {**_CE_SIGNATURE, "ROWS": "*fp32",
+                                    "DZ": "*fp8e5", "stride_dz": "i32", "grad_mul": "fp32"}, {**ce, "CLAMP": 57344.0}),
+    }
+    bm, bn, bk, mlp_warps, _ = trainer.MLP_MATMUL_CONFIG
+    mlp_signature = {"A": "*bf16", "B": "*bf16", "AUX": "*bf16", "C": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                     "stride_a": "i32", "stride_b": "i32", "stride_aux": "i32", "stride_c": "i32"}
+    mlp = {"PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    kernels["mlp relu^2"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 0, "EVEN_K": True})
+    kernels["mlp gradient, ragged K"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 1, "EVEN_K": False})
+    kernel, signature, constexprs = kernels[case]
+    warps = mlp_warps if case.startswith("mlp") else warps
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    # ASTSource wants the arguments in the kernel's order.
+    signature = {name: signature[name] for name in kernel.arg_names}
+    asm = _compile_for_hopper(kernel, signature, constexprs, warps)
+    assert len(asm["cubin"]) > 0
+    if case.startswith("loss"):
+        assert "ex2.approx.ftz.f32" in asm["ptx"] and "rcp.approx.ftz.f32" in asm["ptx"], "the fast forms are used"
