@@ -238,3 +238,16 @@ def test_fused_kernel_benchmark_runs_both_cases_and_reports_agreement(capsys):
     assert [r["config"] for r in ce_sweep] == [(4096, 8), (1024, 4)] and fused.train_gpt.CE_LAUNCH == launch
     assert all(r["ms"] > 0 and r["loss_difference"] < 1e-6 and r["gradient_difference"] < 1e-6 for r in ce_sweep)
     assert "| 1024,4 |" in out
+
+
+def test_kernel_sass_counts_the_loss_kernels_loops(capsys):
+    """benchmarks/kernel_sass.py compiles the loss kernel for sm_90 here and reports its two column loops (the
+    loss pass and the gradient pass), each with its special-function (MUFU) instructions."""
+    import train_gpt
+    if not train_gpt.HAS_TRITON or train_gpt._kernels_interpreted():
+        pytest.skip("needs Triton's compiler (not the interpreter)")
+    pytest.importorskip("triton.backends.nvidia")
+    rows = load_script("benchmarks/kernel_sass.py", "kernel_sass").main([])
+    assert len(rows) == 2 and all(0 < r["mufu"] < r["instructions"] for r in rows), rows
+    assert rows[0]["instructions"] < rows[1]["instructions"], "the gradient pass does more per column"
+    assert "loop 1:" in capsys.readouterr().out

@@ -1,0 +1,95 @@
+"""Static instruction counts of the loss kernel's loops, compiled for sm_90 on any machine (no GPU needed).
+
+    python benchmarks/kernel_sass.py                          # this checkout's train_gpt.py
+    git show 8cd77ed:train_gpt.py > /tmp/old.py && python benchmarks/kernel_sass.py --trainer /tmp/old.py
+
+Compiles softcap_mtp_ce_with_grad's kernel (bf16 logits, four target columns, e5m2 gradient; the default FP8
+head's loss) at the trainer's launch configuration with Triton's own ptxas, disassembles it with the bundled
+nvdisasm, and prints for each loop (a backward branch) its SASS instructions, MUFU (special-function unit) and
+LDG (global load) counts, and the most frequent opcodes. Each loop iteration handles BLOCK / (32 x warps) columns
+per thread. Static counts: a branch inside a loop (the target comparisons) counts in full whether or not it runs,
+and argument divisibility is not specialized as at a real launch (loads are not vectorized here). A guide to
+what a change does to the code, not a measurement of time.
+"""
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "ROWS": "*fp32", "DZ": "*fp8e5", "V": "i32", "stride_z": "i32",
+             "stride_dz": "i32", "cap": "fp32", "offset": "fp32", "inv_temp": "fp32", "grad_mul": "fp32",
+             "K": "constexpr", "BLOCK": "constexpr", "CLAMP": "constexpr"}
+
+
+def load_trainer(path: str):
+    spec = importlib.util.spec_from_file_location("trainer_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def loss_kernel_sass(trainer) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    launch = getattr(trainer, "CE_LAUNCH", None) or (trainer.CE_BLOCK, 8)
+    block, warps = launch
+    source = ASTSource(fn=trainer._softcap_mtp_ce_grad_kernel, signature=SIGNATURE,
+                       constexprs={"K": 4, "BLOCK": block, "CLAMP": 57344.0})
+    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", "-g", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loops(sass: str) -> list[list[str]]:
+    """The instruction lists of each loop: from a label to a later branch back to it."""
+    labels, instructions = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        instruction = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if instruction:
+            instructions.append(instruction.group(1).strip())
+    bodies = []
+    for i, ins in enumerate(instructions):
+        target = re.search(r"BRA\s+.*?(\.L_x_\d+)", ins)
+        if target and target.group(1) in labels and labels[target.group(1)] <= i:
+            bodies.append(instructions[labels[target.group(1)]:i + 1])
+    return bodies
+
+
+def opcode(instruction: str) -> str:
+    return re.sub(r"^@!?U?P[T\d]\s+", "", instruction).split()[0].split(".")[0]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trainer", default=os.path.join(ROOT, "train_gpt.py"), help="the trainer file whose kernel to count")
+    args = ap.parse_args(argv)
+    rows = []
+    for body in loops(loss_kernel_sass(load_trainer(args.trainer))):
+        if len(body) < 8:  # a spin or a trivial loop
+            continue
+        counts = collections.Counter(opcode(b) for b in body)
+        rows.append(dict(instructions=len(body), mufu=counts["MUFU"], ldg=counts["LDG"], top=counts.most_common(8)))
+    print(f"{args.trainer}: softcap_mtp_ce_with_grad kernel, sm_90")
+    for i, r in enumerate(rows):
+        top = ", ".join(f"{op} {n}" for op, n in r["top"])
+        print(f"loop {i}: {r['instructions']} instructions, {r['mufu']} MUFU, {r['ldg']} LDG; {top}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
