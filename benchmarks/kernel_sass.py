@@ -28,9 +28,19 @@ SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "ROWS": "*fp32", "DZ": "
 
 
 def load_trainer(path: str):
-    spec = importlib.util.spec_from_file_location("trainer_under_test", path)
+    """The trainer module of `path`: the one already imported from that file, or a new import under the file's
+    name. (A trainer registers its custom ops under its file's name: importing one file twice would register
+    them twice, so compare another version under another file name, as the example above does.)"""
+    path = os.path.realpath(path)
+    for module in list(sys.modules.values()):
+        if os.path.realpath(getattr(module, "__file__", None) or "") == path:
+            return module
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name in sys.modules:
+        sys.exit(f"error: a module named {name!r} is already imported; copy {path} to a file of another name")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
