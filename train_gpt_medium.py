@@ -1077,15 +1077,20 @@ if HAS_TRITON:
         return s
 
     @triton.jit
+    def _load_block(z_row, cols, V, MASKED: tl.constexpr):
+        """A row's columns `cols` in fp32: masked to those below V (0 past it) in the partial last block only."""
+        if MASKED:
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0)
+        else:
+            z = tl.load(z_row + cols)
+        return z.to(tl.float32)
+
+    @triton.jit
     def _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK: tl.constexpr, MASKED: tl.constexpr):
         """exp(u) = 2^(cap2 s) (cap2 = cap log2(e)) of the columns start .. start + BLOCK of a row (0 past V when
         MASKED; unmasked blocks lie inside)."""
         cols = start + tl.arange(0, BLOCK)
-        if MASKED:
-            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-        else:
-            z = tl.load(z_row + cols).to(tl.float32)
-        e = _exp2(cap2 * _softcap_sigmoid(z, neg_a, neg_b))
+        e = _exp2(cap2 * _softcap_sigmoid(_load_block(z_row, cols, V, MASKED), neg_a, neg_b))
         if MASKED:
             e = tl.where(cols < V, e, 0.0)
         return e
@@ -1119,11 +1124,7 @@ if HAS_TRITON:
         """out_row's columns start .. start + BLOCK (those below V when MASKED) = scale (total p - targets' weights)
         s (1 - s), p = 2^(cap2 s - lse2) the softmax, clamped, in out_row's dtype."""
         cols = start + tl.arange(0, BLOCK)
-        if MASKED:
-            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-        else:
-            z = tl.load(z_row + cols).to(tl.float32)
-        s = _softcap_sigmoid(z, neg_a, neg_b)
+        s = _softcap_sigmoid(_load_block(z_row, cols, V, MASKED), neg_a, neg_b)
         dl = total * _exp2(cap2 * s - lse2)
         # The row's K targets fall in at most K of the ~13 blocks of columns: the per-column comparisons run only
         # there (a branch per block, the same for the whole program).
@@ -2631,11 +2632,8 @@ class GPT(nn.Module):
     def _gather_rows_eager(self, inputs):
         return self._gather_rows(inputs, RowGather.apply)
 
-    def embed_tokens(self, inputs: torch.Tensor, dtype) -> torch.Tensor:
-        """The token embeddings [T, dim]; with smear, e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34)."""
-        return self.smear(self.embed(inputs).to(dtype))
-
     def smear(self, e: torch.Tensor) -> torch.Tensor:
+        """Token embeddings e [T, dim] with smear: e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34)."""
         if self.smear_gate is None:
             return e
         gate = torch.sigmoid(F.linear(e[1:, :GATE_DIMS], self.smear_gate.type_as(e)[None]))

@@ -288,7 +288,7 @@ def test_smear_adds_the_gated_previous_embedding(trainer):
     e = model.embed(x)
     gate = torch.sigmoid(e[1:, :12] @ model.smear_gate)
     expected = torch.cat([e[:1], e[1:] + 0.7 * gate[:, None] * e[:-1]])
-    torch.testing.assert_close(model.embed_tokens(x, torch.float32), expected)
+    torch.testing.assert_close(model.smear(model.embed(x)), expected)
 
 
 # -----------------------------------------------------------------------------
