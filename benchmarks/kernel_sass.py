@@ -23,8 +23,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "ROWS": "*fp32", "DZ": "*fp8e5", "V": "i32", "stride_z": "i32",
-             "stride_dz": "i32", "cap": "fp32", "offset": "fp32", "inv_temp": "fp32", "grad_mul": "fp32",
-             "K": "constexpr", "BLOCK": "constexpr", "CLAMP": "constexpr"}
+             "stride_dz": "i32", "cap": "fp32", "offset": "fp32", "inv_temp": "fp32", "grad_mul": "fp32"}
 
 
 def load_trainer(path: str):
@@ -45,20 +44,26 @@ def load_trainer(path: str):
     return module
 
 
-def loss_kernel_sass(trainer) -> str:
+def compile_for_hopper(kernel, signature: dict, constexprs: dict, warps: int) -> dict:
+    """A @triton.jit kernel compiled for sm_90 (H100/H200) with Triton's own ptxas, no GPU needed: its asm by stage
+    (ttir ... ptx, cubin). `signature` types the runtime arguments; as at the trainer's launches every pointer is
+    taken as 16-byte aligned and every int a multiple of 16 (Triton specializes on both: vectorized loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    launch = getattr(trainer, "CE_LAUNCH", None) or (trainer.CE_BLOCK, 8)
-    block, warps = launch
-    kernel = trainer._softcap_mtp_ce_grad_kernel
-    # As at the trainer's launch: every pointer is 16-byte aligned and every int (V = 50304, the strides) a
-    # multiple of 16, which Triton specializes on (vectorized loads follow from it).
+    types = dict(signature, **{name: "constexpr" for name in constexprs})
+    types = {name: types[name] for name in kernel.arg_names}  # in the kernel's order
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-               for name, kind in SIGNATURE.items() if kind.startswith("*") or kind == "i32"}
-    source = ASTSource(fn=kernel, signature=SIGNATURE, constexprs={"K": 4, "BLOCK": block, "CLAMP": 57344.0},
-                       attrs=aligned)
-    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+               for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}
+    source = ASTSource(fn=kernel, signature=types, constexprs=constexprs, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm
+
+
+def loss_kernel_sass(trainer) -> str:
+    import triton
+    block, warps = getattr(trainer, "CE_LAUNCH", None) or (trainer.CE_BLOCK, 8)
+    cubin = compile_for_hopper(trainer._softcap_mtp_ce_grad_kernel, SIGNATURE,
+                               {"K": 4, "BLOCK": block, "CLAMP": 57344.0}, warps)["cubin"]
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

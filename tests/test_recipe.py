@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, ROOT, SMALL_VOCAB_FLAGS, run_interpreted, shared_code_only
+from conftest import BOS, ROOT, SMALL_VOCAB_FLAGS, load_script, run_interpreted, shared_code_only
 
 pytestmark = shared_code_only
 
@@ -440,17 +440,6 @@ def test_the_model_scores_the_prefix_target_with_the_last_loss_weight(trainer):
 # The Triton kernels compile for the GPU without one
 
 
-def _compile_for_hopper(kernel, signature, constexprs, warps):
-    """Compiles a @triton.jit kernel for sm_90 (H100/H200) to a cubin with Triton's own ptxas: the GPU-only
-    compile errors (a non-constexpr global, a PTX constraint) caught on a CPU machine."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    return compiled.asm
-
-
 _CE_SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "V": "i32", "stride_z": "i32", "cap": "fp32",
                  "offset": "fp32", "inv_temp": "fp32"}
 
@@ -458,8 +447,10 @@ _CE_SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "V": "i32", "stride_
 @pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
                                   "mlp gradient, ragged K"])
 def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
-    """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here, at the trainer's launch
-    configurations, and the loss kernels' transcendentals are the one-instruction PTX forms."""
+    """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here with Triton's own ptxas
+    (benchmarks/kernel_sass.compile_for_hopper), at the trainer's launch configurations: the GPU-only compile
+    errors (a non-constexpr global, a PTX constraint) caught on a CPU machine; and the loss kernels'
+    transcendentals are the one-instruction PTX forms."""
     if not trainer.HAS_TRITON or trainer._kernels_interpreted():
         pytest.skip("needs Triton's compiler (not the interpreter)")
     pytest.importorskip("triton.backends.nvidia")
@@ -480,10 +471,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     kernels["mlp gradient, ragged K"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 1, "EVEN_K": False})
     kernel, signature, constexprs = kernels[case]
     warps = mlp_warps if case.startswith("mlp") else warps
-    signature = dict(signature, **{name: "constexpr" for name in constexprs})
-    # ASTSource wants the arguments in the kernel's order.
-    signature = {name: signature[name] for name in kernel.arg_names}
-    asm = _compile_for_hopper(kernel, signature, constexprs, warps)
+    asm = load_script("benchmarks/kernel_sass.py", "kernel_sass").compile_for_hopper(kernel, signature, constexprs, warps)
     assert len(asm["cubin"]) > 0
     if case.startswith("loss"):
         assert "ex2.approx.ftz.f32" in asm["ptx"] and "rcp.approx.ftz.f32" in asm["ptx"], "the fast forms are used"

@@ -83,15 +83,20 @@ def scalar_map(coeffs, x):
     return x
 
 
-def aol_singular_values(G: torch.Tensor) -> torch.Tensor:
-    """Singular values of diag(s) X, X = G oriented wide, s the trainer's AOL scale; float64, [B, min(m, n)]."""
+def aol_scaled(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, diag(s) X): G in float64 as a stack oriented wide, and scaled by the trainer's AOL row scale s."""
     import train_gpt
 
     X = G.to(torch.float64)
     X = X if X.ndim == 3 else X.unsqueeze(0)
     X = X.mT if X.size(-2) > X.size(-1) else X
     A, rowsum = train_gpt.ns_line_1_torch(X, rowsum_abs=True)
-    return torch.linalg.svdvals(train_gpt.aol_row_scale(A, rowsum).unsqueeze(-1) * X)
+    return X, train_gpt.aol_row_scale(A, rowsum).unsqueeze(-1) * X
+
+
+def aol_singular_values(G: torch.Tensor) -> torch.Tensor:
+    """Singular values of diag(s) X, X = G oriented wide, s the trainer's AOL scale; float64, [B, min(m, n)]."""
+    return torch.linalg.svdvals(aol_scaled(G)[1])
 
 
 def interval_stats(sv: torch.Tensor) -> dict:
@@ -122,15 +127,11 @@ def polar_error(G: torch.Tensor, method: str, coeffs) -> float:
 
 def aol_limit_error(G: torch.Tensor) -> float:
     """How far the polar factor of diag(s) X (AOL-scaled; what Turbo-Muon's iteration tends to with enough
-    steps) is from that of X, relative, over a stack: the part of its polar error no coefficients remove."""
+    steps) is from that of X, relative, over a stack: where a converged Turbo-Muon would land."""
     import train_gpt
 
-    X = G.to(torch.float64)
-    X = X if X.ndim == 3 else X.unsqueeze(0)
-    X = X.mT if X.size(-2) > X.size(-1) else X
-    A, rowsum = train_gpt.ns_line_1_torch(X, rowsum_abs=True)
-    P = train_gpt.polar_factor_fp64(X)
-    P_aol = train_gpt.polar_factor_fp64(train_gpt.aol_row_scale(A, rowsum).unsqueeze(-1) * X)
+    X, scaled = aol_scaled(G)
+    P, P_aol = train_gpt.polar_factor_fp64(X), train_gpt.polar_factor_fp64(scaled)
     return ((P_aol - P).norm() / P.norm()).item()
 
 
