@@ -957,7 +957,7 @@ def _(x):
 #   dL/dz_tj = g_t (S_t p_tj - sum_k w_k [y_tk = j]) cap s_tj (1 - s_tj) / temp,
 # with p = softmax(u), s = sigmoid((z + offset) / temp), S_t the weights of row t's targets and g_t the
 # incoming gradient. Unfused, autograd makes several passes over [T, V] fp32 arrays per offset.
-CE_LAUNCH = (4096, 8)  # (vocabulary columns per loop iteration of a row's program, warps) on GPU
+CE_LAUNCH = (4096, 16)  # (vocabulary columns per loop iteration of a row's program, warps) on GPU
 CE_LAUNCH_INTERPRET = (64, 4)
 
 

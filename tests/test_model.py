@@ -176,7 +176,8 @@ def test_in_place_embedding_gradients_equal_autograds_over_accumulated_micro_bat
 def test_in_place_embedding_gradients_equal_autograds_under_compile_on_a_gpu(trainer):
     """The training path on a GPU: the whole model compiled (the lookups then run before a graph break), bf16
     activations, two micro-batches: the tables' gradients match the compiled plain lookups' within float
-    rounding of their different summation orders."""
+    rounding of their different summation orders (bf16: an element that cancels to near zero can differ by a
+    few units of the tensor's own scale, so the absolute tolerance follows that scale)."""
     grads = {}
     for flag in ("false", "true"):
         torch._dynamo.reset()
@@ -193,7 +194,9 @@ def test_in_place_embedding_gradients_equal_autograds_under_compile_on_a_gpu(tra
     torch._dynamo.reset()
     assert grads["true"].keys() == grads["false"].keys()
     for name, g in grads["false"].items():
-        torch.testing.assert_close(grads["true"][name], g, rtol=2e-2, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        scale = g.abs().max().item()
+        torch.testing.assert_close(grads["true"][name], g, rtol=2e-2, atol=1e-2 * scale + 1e-8,
+                                   msg=lambda m: f"{name} (largest |gradient| {scale:.2e}): {m}")
 
 
 def test_initial_loss_is_near_uniform_over_the_padded_vocabulary(trainer):
