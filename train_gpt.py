@@ -138,7 +138,7 @@ class Hyperparameters:
     muon_momentum_start: float = 0.85  # momentum warms up linearly from this value ...
     muon_momentum_warmup_frac: float = 0.236  # ... over this fraction of the scheduled steps
     muon_momentum_cooldown_frac: float = 0.039  # and falls back to the start value over the last fraction
-    muon_ortho: str = "polar_express"  # orthogonalization (README: "Muon options")
+    muon_ortho: str = "turbo_muon"  # orthogonalization (README: "Muon options")
     muon_variant: str = "muon"  # update rule around the orthogonalized momentum (README: "Muon options")
     muon_weight_decay: float = 1.2  # W -= lr_eff * (wd * lr_t) * W: the decay goes as lr^2 (orscale: its own form)
     cautious_wd: bool = True  # decay only where update and weight agree in sign (arXiv 2510.12402)

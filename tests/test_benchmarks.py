@@ -149,7 +149,7 @@ def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsy
         line = next(x for x in (tmp_path / f"{run_id}.txt").read_text().splitlines()
                     if x.startswith("hyperparameters: "))
         orthos[run_id] = json.loads(line.split(": ", 1)[1])["muon_ortho"]
-    assert orthos == {"base_0": "polar_express", "ns5_0": "newton_schulz5"}
+    assert orthos == {"base_0": "turbo_muon", "ns5_0": "newton_schulz5"}, "the default, and the variant's flag"
     assert "| base_0 |" in capsys.readouterr().out
 
 

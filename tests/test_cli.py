@@ -88,7 +88,8 @@ def test_default_recipe_runs_the_same_batches_on_any_gpu_count(trainer):
 def test_help_shows_each_flags_meaning_and_allowed_values(trainer, capsys):
     assert trainer.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "--muon_ortho='polar_express'  (newton_schulz5 | polar_express | turbo_muon): orthogonalization" in out
+    ortho = trainer.Hyperparameters().muon_ortho
+    assert f"--muon_ortho='{ortho}'  (newton_schulz5 | polar_express | turbo_muon): orthogonalization" in out
     assert "--cycle_train_data=False  (true | false): restart the training shards" in out
     assert "tiny (tracks: small, medium): --num_layers=4" in out, "presets are listed with the flags they set"
     comments = trainer.field_comments()
