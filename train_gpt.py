@@ -1288,71 +1288,75 @@ def _(z, targets, weights, cap, offset, temp, grad_mul, clamp, out_dtype):
 # up-projection's epilogue applies relu(.)^2 to the accumulator, so pre = x w1^T is never written; the
 # backward's product grad w2^T is multiplied in its epilogue by the activation's derivative 2 relu(pre) = 2 sqrt(post).
 # Two elementwise passes over the [tokens, 4 dim] activations go, and only post is kept for the backward.
+# Persistent (one program per SM walks the output tiles) with TMA tensor descriptors, as the public kernel
+# (frontier #59): the tiles' loads and the store are bulk copies that the hardware bounds-checks, so ragged
+# edges need no masks (README: "fused MLP" for the measured history).
 if HAS_TRITON:
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
-    def _mlp_matmul_kernel(A, B, AUX, C, M, N, K, stride_a, stride_b, stride_aux, stride_c,
-                           EPILOGUE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-        """C = epilogue(A B^T) for row-major A [M, K], B [N, K], fp32 accumulation. EPILOGUE 0: relu(.)^2 (the MLP's
-        activation); 1: (.) * 2 sqrt(AUX) with AUX [M, N] = relu(pre)^2 (its gradient). Tiles in groups of GROUP_M
-        rows so neighbouring programs share B's tiles in L2. Rows and columns past M and N load wrapped ones
-        (their products are never stored), so the inner loop masks only a ragged K (EVEN_K: none)."""
-        pid = tl.program_id(0)
+    def _mlp_matmul_kernel(a_desc, b_desc, aux_desc, c_desc, M, N, K, programs, EPILOGUE: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """C = epilogue(A B^T) for A [M, K], B [N, K] (descriptors of BLOCK_M x BLOCK_K and BLOCK_N x BLOCK_K
+        tiles), fp32 accumulation. EPILOGUE 0: relu(.)^2 (the MLP's activation); 1: (.) * 2 sqrt(AUX) with AUX
+        [M, N] = relu(pre)^2 (its gradient). Program p computes tiles p, p + programs, ...; tiles go in groups
+        of GROUP_M rows so programs working at the same time share B's tiles in L2. Reads past an edge are
+        zeros and writes past it are dropped by the TMA unit."""
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
-        pid_n = (pid % (GROUP_M * tiles_n)) // rows_in_group
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        a_ptr = A + (rm % M)[:, None].to(tl.int64) * stride_a + rk[None, :]
-        b_ptr = B + (rn % N)[:, None].to(tl.int64) * stride_b + rk[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptr)
-                b = tl.load(b_ptr)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs):
+            group = tile // (GROUP_M * tiles_n)
+            first_m = group * GROUP_M
+            rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+            row0 = (first_m + (tile % (GROUP_M * tiles_n)) % rows_in_group) * BLOCK_M
+            col0 = (tile % (GROUP_M * tiles_n)) // rows_in_group * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                acc = tl.dot(a_desc.load([row0, k]), b_desc.load([col0, k]).T, acc, input_precision=PRECISION)
+            if EPILOGUE == 0:
+                r = tl.maximum(acc, 0.0)
+                out = r * r
             else:
-                a = tl.load(a_ptr, mask=rk[None, :] + k < K, other=0.0)
-                b = tl.load(b_ptr, mask=rk[None, :] + k < K, other=0.0)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-            a_ptr += BLOCK_K
-            b_ptr += BLOCK_K
-        inside = (rm[:, None] < M) & (rn[None, :] < N)
-        if EPILOGUE == 0:
-            r = tl.maximum(acc, 0.0)
-            out = r * r
-        else:
-            aux = tl.load(AUX + rm[:, None].to(tl.int64) * stride_aux + rn[None, :], mask=inside, other=0.0)
-            out = acc * 2 * tl.sqrt(aux.to(tl.float32))
-        tl.store(C + rm[:, None].to(tl.int64) * stride_c + rn[None, :], out.to(C.dtype.element_ty), mask=inside)
+                out = acc * 2 * tl.sqrt(aux_desc.load([row0, col0]).to(tl.float32))
+            c_desc.store([row0, col0], out.to(c_desc.dtype))
 
 
 MLP_MATMUL_CONFIG = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages on GPU (not tuned yet)
 MLP_MATMUL_CONFIG_INTERPRET = (32, 32, 32, 4, 1)
+MLP_MATMUL_PROGRAMS_INTERPRET = 3  # fewer programs than tiles, so the interpreter walks the persistent loop
+
+
+def _tma_compatible(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned base addresses and row strides (unit stride along a row)."""
+    return all(t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in tensors)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::mlp_matmul", mutates_args=())
 def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
     """epilogue(a b^T) for a [M, K], b [N, K] in a's dtype: 0 gives relu(a b^T)^2, 1 gives (a b^T) 2 sqrt(aux):
-    one Triton GEMM with the activation (or its gradient) applied to the accumulator before the store; the
-    torch formula where Triton does not run."""
-    if not _triton_runs_on(a):
-        c = (a @ b.T).float()
-        return (torch.relu(c).square() if epilogue == 0 else c * 2 * aux.float().sqrt()).to(a.dtype)
+    one persistent Triton GEMM with the activation (or its gradient) applied to the accumulator before the
+    store; the torch formula where Triton does not run or a row is not 16-byte aligned (never at the model's
+    widths, multiples of 64)."""
     a, b = a.contiguous(), b.contiguous()
+    aux = None if aux is None else aux.contiguous()
     M, K = a.shape
     N = b.size(0)
     c = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    bm, bn, bk, warps, stages = MLP_MATMUL_CONFIG_INTERPRET if _kernels_interpreted() else MLP_MATMUL_CONFIG
-    aux = c if aux is None else aux.contiguous()
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _mlp_matmul_kernel[grid](a, b, aux, c, M, N, K, a.stride(0), b.stride(0), aux.stride(0), c.stride(0),
-                             EPILOGUE=epilogue, PRECISION=_dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                             BLOCK_K=bk, GROUP_M=8, EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages)
+    if not (_triton_runs_on(a) and _tma_compatible(a, b, c, *([] if aux is None else [aux]))):
+        prod = (a @ b.T).float()
+        return (torch.relu(prod).square() if epilogue == 0 else prod * 2 * aux.float().sqrt()).to(a.dtype)
+    interpreted = _kernels_interpreted()
+    bm, bn, bk, warps, stages = MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    sms = MLP_MATMUL_PROGRAMS_INTERPRET if interpreted else torch.cuda.get_device_properties(a.device).multi_processor_count
+    programs = min(tiles, sms)
+    a_desc, b_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])
+    c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
+    aux_desc = c_desc if aux is None else TensorDescriptor.from_tensor(aux, [bm, bn])
+    _mlp_matmul_kernel[(programs,)](a_desc, b_desc, aux_desc, c_desc, M, N, K, programs, EPILOGUE=epilogue,
+                                    PRECISION=_dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                    GROUP_M=8, num_warps=warps, num_stages=stages)
     return c
 
 

@@ -59,16 +59,20 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, warps: int) ->
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm
 
 
-def loss_kernel_sass(trainer) -> str:
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin, by the nvdisasm that ships with Triton."""
     import triton
-    block, warps = getattr(trainer, "CE_LAUNCH", None) or (trainer.CE_BLOCK, 8)
-    cubin = compile_for_hopper(trainer._softcap_mtp_ce_grad_kernel, SIGNATURE,
-                               {"K": 4, "BLOCK": block, "CLAMP": 57344.0}, warps)["cubin"]
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         return subprocess.run([nvdisasm, "-c", "-g", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def loss_kernel_sass(trainer) -> str:
+    block, warps = getattr(trainer, "CE_LAUNCH", None) or (trainer.CE_BLOCK, 8)
+    return disassemble(compile_for_hopper(trainer._softcap_mtp_ce_grad_kernel, SIGNATURE,
+                                          {"K": 4, "BLOCK": block, "CLAMP": 57344.0}, warps)["cubin"])
 
 
 def loops(sass: str) -> list[list[str]]:

@@ -3,6 +3,7 @@ fused softcapped multi-token loss against naive references, the new model compon
 formulas, tie/untie, and a warm-up that compiles everything the timed loop runs."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -445,12 +446,13 @@ _CE_SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "V": "i32", "stride_
 
 
 @pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
-                                  "mlp gradient, ragged K"])
+                                  "mlp gradient"])
 def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here with Triton's own ptxas
     (benchmarks/kernel_sass.compile_for_hopper), at the trainer's launch configurations: the GPU-only compile
-    errors (a non-constexpr global, a PTX constraint) caught on a CPU machine; and the loss kernels'
-    transcendentals are the one-instruction PTX forms."""
+    errors (a non-constexpr global, a PTX constraint) caught on a CPU machine; the loss kernels'
+    transcendentals are the one-instruction PTX forms, and the MLP kernel's tiles move by TMA (UTMALDG loads,
+    a UTMASTG store) into wgmma (HGMMA) products."""
     if not trainer.HAS_TRITON or trainer._kernels_interpreted():
         pytest.skip("needs Triton's compiler (not the interpreter)")
     pytest.importorskip("triton.backends.nvidia")
@@ -464,14 +466,20 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
                                     "DZ": "*fp8e5", "stride_dz": "i32", "grad_mul": "fp32"}, {**ce, "CLAMP": 57344.0}),
     }
     bm, bn, bk, mlp_warps, _ = trainer.MLP_MATMUL_CONFIG
-    mlp_signature = {"A": "*bf16", "B": "*bf16", "AUX": "*bf16", "C": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-                     "stride_a": "i32", "stride_b": "i32", "stride_aux": "i32", "stride_c": "i32"}
+    out_tile = f"tensordesc<bf16[{bm}, {bn}]>"
+    mlp_signature = {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+                     "aux_desc": out_tile, "c_desc": out_tile, "M": "i32", "N": "i32", "K": "i32", "programs": "i32"}
     mlp = {"PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-    kernels["mlp relu^2"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 0, "EVEN_K": True})
-    kernels["mlp gradient, ragged K"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 1, "EVEN_K": False})
+    kernels["mlp relu^2"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 0})
+    kernels["mlp gradient"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 1})
     kernel, signature, constexprs = kernels[case]
     warps = mlp_warps if case.startswith("mlp") else warps
-    asm = load_script("benchmarks/kernel_sass.py", "kernel_sass").compile_for_hopper(kernel, signature, constexprs, warps)
+    kernel_sass = load_script("benchmarks/kernel_sass.py", "kernel_sass")
+    asm = kernel_sass.compile_for_hopper(kernel, signature, constexprs, warps)
     assert len(asm["cubin"]) > 0
     if case.startswith("loss"):
         assert "ex2.approx.ftz.f32" in asm["ptx"] and "rcp.approx.ftz.f32" in asm["ptx"], "the fast forms are used"
+    else:
+        opcodes = {kernel_sass.opcode(line.split("*/")[-1].strip().rstrip(";")) for line in
+                   kernel_sass.disassemble(asm["cubin"]).splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)}
+        assert {"UTMALDG", "UTMASTG", "HGMMA"} <= opcodes, f"TMA copies and wgmma expected; opcodes: {sorted(opcodes)}"
