@@ -109,7 +109,6 @@ class Hyperparameters:
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
     fp8_head_fused_grad: bool = True  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     fused_mlp: bool = False  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
-    embed_grad_inplace: bool = False  # the embedding tables' gradients added in place into .grad (RowGather), outside the compiled graph
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -2500,28 +2499,6 @@ BIGRAM_SIGN_ROWS = 8192  # rows of the fixed +-1 table that decorrelates collidi
 BIGRAM_SIGN_SEED = 1234  # the sign table is the same on every rank and run
 
 
-class RowGather(torch.autograd.Function):
-    """table[idx] whose backward adds the rows' gradient into table.grad in place (index_add_) and hands autograd
-    nothing for the table. The plain lookup's backward builds a dense gradient as large as the table each
-    micro-batch, which autograd then adds to .grad: for the bigram and value-embedding tables (290M and 5 x 39M
-    entries) that is gigabytes of memory traffic per micro-batch for 49K rows touched."""
-
-    @staticmethod
-    def forward(ctx, table, idx):
-        ctx.save_for_backward(idx)
-        ctx.table = table
-        return F.embedding(idx, table)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        table = ctx.table
-        if table.grad is None:
-            table.grad = torch.zeros_like(table)
-        table.grad.index_add_(0, idx.reshape(-1), grad.reshape(-1, grad.size(-1)).to(table.grad.dtype))
-        return None, None
-
-
 def bigram_indices(tokens: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hash row, sign row) of each position's bigram (previous, current token) of a row tokens [T]:
     h_t = (36313 x_t XOR 27191 x_{t-1}) mod (buckets - 1), s_t = (x_{t-1} XOR x_t) mod 8192; position 0 has
@@ -2621,20 +2598,10 @@ class GPT(nn.Module):
 
     def embedding_rows(self, inputs: torch.Tensor):
         """(token rows, bigram rows, bigram sign index, [value-embedding rows]) of this micro-batch, in the tables'
-        dtype (the bigram ones None without the table). With --embed_grad_inplace the lookups run outside the
-        compiled graph (RowGather's backward writes .grad itself)."""
-        if self.hp.embed_grad_inplace:
-            return self._gather_rows_eager(inputs)
-        return self._gather_rows(inputs, lambda table, idx: F.embedding(idx, table))
-
-    def _gather_rows(self, inputs, gather):
+        dtype (the bigram ones None without the table)."""
         h, s = bigram_indices(inputs, self.hp.bigram_buckets) if self.bigram is not None else (None, None)
-        return (gather(self.embed.weight, inputs), None if h is None else gather(self.bigram, h), s,
-                [gather(table, inputs) for table in self.value_embeds])
-
-    @torch.compiler.disable
-    def _gather_rows_eager(self, inputs):
-        return self._gather_rows(inputs, RowGather.apply)
+        return (F.embedding(inputs, self.embed.weight), None if h is None else F.embedding(h, self.bigram), s,
+                [F.embedding(inputs, table) for table in self.value_embeds])
 
     def smear(self, e: torch.Tensor) -> torch.Tensor:
         """Token embeddings e [T, dim] with smear: e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34)."""
