@@ -75,6 +75,12 @@ def loss_kernel_sass(trainer) -> str:
                                           {"K": 4, "BLOCK": block, "CLAMP": 57344.0}, warps)["cubin"])
 
 
+def instruction(line: str) -> str | None:
+    """The instruction of one line of nvdisasm's output (after its /*address*/), None if the line holds none."""
+    found = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+    return found.group(1).strip() if found else None
+
+
 def loops(sass: str) -> list[list[str]]:
     """The instruction lists of each loop: from a label to a later branch back to it."""
     labels, instructions = {}, []
@@ -83,9 +89,9 @@ def loops(sass: str) -> list[list[str]]:
         if label:
             labels[label.group(1)] = len(instructions)
             continue
-        instruction = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
-        if instruction:
-            instructions.append(instruction.group(1).strip())
+        ins = instruction(line)
+        if ins:
+            instructions.append(ins)
     bodies = []
     for i, ins in enumerate(instructions):
         target = re.search(r"BRA\s+.*?(\.L_x_\d+)", ins)
