@@ -31,6 +31,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -1320,9 +1321,41 @@ if HAS_TRITON:
             c_desc.store([row0, col0], out.to(c_desc.dtype))
 
 
-MLP_MATMUL_CONFIG = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages on GPU (not tuned yet)
+MLP_MATMUL_CONFIG = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages on GPU (the public's tile)
 MLP_MATMUL_CONFIG_INTERPRET = (32, 32, 32, 4, 1)
 MLP_MATMUL_PROGRAMS_INTERPRET = 3  # fewer programs than tiles, so the interpreter walks the persistent loop
+MLP_MATMUL_SHARED_SLACK = 1024  # bytes beyond the tiles: Triton adds the pipeline's barriers (32 at 4 stages)
+
+
+def mlp_matmul_shared_bytes(config: tuple, element_size: int) -> int:
+    """Shared memory the kernel needs at tile `config`: `stages` buffers of an A and a B tile for the pipeline
+    and the output tile staged for its TMA store, plus slack for the barriers."""
+    bm, bn, bk, _, stages = config
+    return (stages * (bm + bn) * bk + bm * bn) * element_size + MLP_MATMUL_SHARED_SLACK
+
+
+def gpu_properties(index: int) -> dict:
+    """Triton's view of GPU `index` (keys max_shared_mem: bytes a program may use, multiprocessor_count)."""
+    if index not in _GPU_PROPERTIES:
+        _GPU_PROPERTIES[index] = triton.runtime.driver.active.utils.get_device_properties(index)
+    return _GPU_PROPERTIES[index]
+
+
+_GPU_PROPERTIES: dict[int, dict] = {}
+_MLP_TILE_WARNED: set[tuple] = set()
+
+
+def mlp_tile_fits(config: tuple, element_size: int, device: torch.device) -> bool:
+    """Whether the kernel at `config` fits the shared memory of GPU `device`. The default tile wants ~209 KiB,
+    which Hopper has and an A100 (163 KiB) or a consumer GPU does not: there the MLP takes the torch formula,
+    with one warning."""
+    need, have = mlp_matmul_shared_bytes(config, element_size), gpu_properties(device.index)["max_shared_mem"]
+    if need > have and (device.index, config) not in _MLP_TILE_WARNED:
+        _MLP_TILE_WARNED.add((device.index, config))
+        warnings.warn(f"--fused_mlp: the MLP kernel's tile {config} needs {need} bytes of shared memory, GPU "
+                      f"{device.index} has {have}: the MLP runs as cuBLAS matmuls and elementwise kernels instead "
+                      "(as with --fused_mlp=false)", stacklevel=2)
+    return need <= have
 
 
 def _tma_compatible(*tensors: torch.Tensor) -> bool:
@@ -1342,13 +1375,15 @@ def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilo
     M, K = a.shape
     N = b.size(0)
     c = torch.empty(M, N, dtype=a.dtype, device=a.device)
-    if not (_triton_runs_on(a) and _tma_compatible(a, b, c, *([] if aux is None else [aux]))):
+    interpreted = _triton_runs_on(a) and _kernels_interpreted()
+    config = MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG
+    if not (_triton_runs_on(a) and _tma_compatible(a, b, c, *([] if aux is None else [aux]))
+            and (interpreted or mlp_tile_fits(config, a.element_size(), a.device))):
         prod = (a @ b.T).float()
         return (torch.relu(prod).square() if epilogue == 0 else prod * 2 * aux.float().sqrt()).to(a.dtype)
-    interpreted = _kernels_interpreted()
-    bm, bn, bk, warps, stages = MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG
+    bm, bn, bk, warps, stages = config
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    sms = MLP_MATMUL_PROGRAMS_INTERPRET if interpreted else torch.cuda.get_device_properties(a.device).multi_processor_count
+    sms = MLP_MATMUL_PROGRAMS_INTERPRET if interpreted else gpu_properties(a.device.index)["multiprocessor_count"]
     programs = min(tiles, sms)
     a_desc, b_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
@@ -2241,7 +2276,10 @@ def local_head_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.
     scores = torch.einsum("bqhd,bkhd->bhqk", blocks(q), with_previous(blocks(k))).to(acc)
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)  # the diagonal is always visible
     mix = F.rms_norm(w1.to(acc), (H,), eps=1e-6)
-    a = torch.einsum("bhqk,bqh->bqk", probs, blocks(mix))
+    # A product and a sum over the heads rather than an einsum: as a contraction over 6 heads the einsum ran as
+    # float32 matrix-vector kernels (README: "Per-token gates, MUDD and DC"); this form Inductor can fuse with
+    # the softmax, so the probabilities need not be written out
+    a = (probs * blocks(mix).transpose(1, 2)[..., None]).sum(1)
     out = torch.einsum("bqk,bkhd->bqhd", a.type_as(v), with_previous(blocks(v)))
     return (out * blocks(w2.type_as(v))[..., None]).reshape(n * DC_BLOCK, H, D)[:T]
 

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--ce_configs", default="", help="launch configurations of the loss-with-gradient kernel to time, "
                    "';'-separated 'BLOCK,warps' (GPU; the trainer's: train_gpt.CE_LAUNCH)")
+    p.add_argument("--shared_mem_limit", type=int, default=None, help="bytes of shared memory per program the "
+                   "tile sweep assumes (default: the GPU's); tiles that need more are listed as skipped, not run")
     p.add_argument("--mlp_configs", default="", help="tile configurations of mlp_matmul to time, ';'-separated "
                    "'BLOCK_M,BLOCK_N,BLOCK_K,warps,stages' (GPU; the trainer's: train_gpt.MLP_MATMUL_CONFIG)")
     return p.parse_args(argv)
@@ -209,8 +211,15 @@ def mlp_tile_sweep(args, device):
     tflop = 2 * args.tokens * args.dim * args.hidden / 1e12
     cublas_ms = median_ms(lambda: x @ w1.T, args.reps, device)
     rows, trainer_config = [], train_gpt.MLP_MATMUL_CONFIG
+    limit = args.shared_mem_limit
+    if limit is None and device.type == "cuda":
+        limit = train_gpt.gpu_properties(device.index if device.index is not None else torch.cuda.current_device())["max_shared_mem"]
     try:
         for config in _configs(args.mlp_configs, 5, "mlp_configs"):
+            need = train_gpt.mlp_matmul_shared_bytes(config, x.element_size())
+            if limit is not None and need > limit:  # the trainer would take the torch formula: nothing to time
+                rows.append(dict(config=config, skipped=f"needs {need} bytes of shared memory, the limit is {limit}"))
+                continue
             train_gpt.MLP_MATMUL_CONFIG = config
             fwd = lambda: train_gpt.mlp_matmul(x, w1, None, 0)  # noqa: E731
             bwd = lambda: train_gpt.mlp_matmul(grad, w2, post, 1)  # noqa: E731
@@ -225,6 +234,9 @@ def mlp_tile_sweep(args, device):
     print("| config | forward ms | TFLOP/s | backward ms | TFLOP/s | forward error | backward error |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if "skipped" in r:
+            print(f"| {','.join(map(str, r['config']))} | skipped: {r['skipped']} | | | | | |")
+            continue
         print(f"| {','.join(map(str, r['config']))} | {r['forward_ms']:.3f} | {tflop / r['forward_ms'] * 1e3:.0f} | "
               f"{r['backward_ms']:.3f} | {tflop / r['backward_ms'] * 1e3:.0f} | {r['forward_error']:.1e} | "
               f"{r['backward_error']:.1e} |")
@@ -240,14 +252,14 @@ def main(argv=None):
           f"tokens {args.tokens}  compile {not args.no_compile}")
     rows = [run_case("mlp", mlp_case(args, device), args, device),
             run_case("head", head_case(args, device), args, device)]
-    sweep = mlp_tile_sweep(args, device) if args.mlp_configs else []
-    ce_sweep = ce_launch_sweep(args, device) if args.ce_configs else []
     print("| case | plain ms | fused ms | speedup | plain peak MiB | fused peak MiB | output diff | gradient diffs |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
+    for r in rows:  # printed before the sweeps, so a sweep that fails does not take these numbers with it
         mib = [f"{r[k]:.0f}" if r[k] is not None else "-" for k in ("plain_peak_mib", "fused_peak_mib")]
         print(f"| {r['case']} | {r['plain_ms']:.3f} | {r['fused_ms']:.3f} | {r['speedup']:.2f}x | {mib[0]} | {mib[1]} | "
               f"{r['output_difference']:.2e} | {', '.join(f'{d:.2e}' for d in r['gradient_differences'])} |")
+    sweep = mlp_tile_sweep(args, device) if args.mlp_configs else []
+    ce_sweep = ce_launch_sweep(args, device) if args.ce_configs else []
     if args.json:
         Path(args.json).write_text(json.dumps(dict(cases=rows, mlp_tiles=sweep, ce_launch=ce_sweep), indent=1))
     return rows, sweep, ce_sweep

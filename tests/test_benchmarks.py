@@ -224,13 +224,15 @@ def test_fused_kernel_benchmark_runs_both_cases_and_reports_agreement(capsys):
     launch = fused.train_gpt.CE_LAUNCH
     rows, sweep, ce_sweep = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256",
                                         "--vocab", "512", "--no_compile", "--reps", "2",
-                                        "--mlp_configs", "32,32,32,4,1;64,64,32,4,2", "--ce_configs", "4096,8;1024,4"])
+                                        "--mlp_configs", "32,32,32,4,1;64,64,32,4,2;128,256,64,8,4",
+                                        "--shared_mem_limit", "232448", "--ce_configs", "4096,8;1024,4"])
     assert [r["case"] for r in rows] == ["mlp", "head"]
     for r in rows:
         assert r["plain_ms"] > 0 and r["fused_ms"] > 0 and r["output_difference"] < 1e-5, r
         assert max(r["gradient_differences"]) < 0.05, r
-    assert [r["config"] for r in sweep] == [(32, 32, 32, 4, 1), (64, 64, 32, 4, 2)]
-    for r in sweep:  # bf16 outputs against float32 references
+    assert [r["config"] for r in sweep] == [(32, 32, 32, 4, 1), (64, 64, 32, 4, 2), (128, 256, 64, 8, 4)]
+    assert "skipped" in sweep[2] and "skipped" not in sweep[0], "a tile over the shared-memory limit must be skipped"
+    for r in sweep[:2]:  # bf16 outputs against float32 references
         assert r["forward_ms"] > 0 and r["forward_error"] < 1e-2 and r["backward_error"] < 1e-2, r
     out = capsys.readouterr().out
     assert "| mlp |" in out and "| 64,64,32,4,2 |" in out

@@ -4,6 +4,7 @@ import math
 import importlib
 import json
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -508,6 +509,52 @@ def test_mlp_matmul_kernel_equals_torch_under_the_interpreter(trainer):
                                   "(5, 96, 36)": [[2]] * 2, "(6, 33, 50)": []}, result["launches"]
 
 
+H200_MAX_SHARED = 232448  # Triton's max_shared_mem on an H200 (its OutOfResources message on the device)
+A100_MAX_SHARED = 166912  # 163 KiB, the most an A100 gives one block
+
+
+def test_mlp_tile_shared_memory_estimate_matches_what_triton_asked_on_an_h200(trainer):
+    """On an H200 Triton refused tile (128, 256, 64, 8, 4) in bf16 asking 262176 bytes: the estimate must not be
+    below what Triton asks (else the guard lets a launch fail), and the default tile fits an H200, not an A100."""
+    assert 262176 <= trainer.mlp_matmul_shared_bytes((128, 256, 64, 8, 4), 2) <= 262176 + 2048
+    default = trainer.mlp_matmul_shared_bytes(trainer.MLP_MATMUL_CONFIG, 2)
+    assert A100_MAX_SHARED < default <= H200_MAX_SHARED, default
+
+
+class _RecordedLaunches:
+    """Stands in for _mlp_matmul_kernel: records each launch's grid instead of running."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.grids.append(grid)
+
+
+def test_mlp_matmul_takes_the_torch_formula_with_one_warning_where_the_tile_does_not_fit(trainer, monkeypatch):
+    """On a GPU with too little shared memory for the tile (an A100 here, faked) --fused_mlp computes the torch
+    formula and warns once; where it fits (an H200) the kernel is launched, one program per SM."""
+    kernel = _RecordedLaunches()
+    monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
+    monkeypatch.setattr(trainer, "_mlp_matmul_kernel", kernel)
+    monkeypatch.setattr(trainer, "_MLP_TILE_WARNED", set())
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 32, generator=g).bfloat16(), torch.randn(48, 32, generator=g).bfloat16()  # the GPU's dtype
+    monkeypatch.setattr(trainer, "gpu_properties", lambda index: dict(max_shared_mem=A100_MAX_SHARED,
+                                                                       multiprocessor_count=108))
+    with pytest.warns(UserWarning, match="needs .* bytes of shared memory"):
+        out = trainer.mlp_matmul(a, b, None, 0)
+    torch.testing.assert_close(out, torch.relu(a.float() @ b.float().T).square().bfloat16())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning for the same GPU and tile would raise here
+        trainer.mlp_matmul(a, b, None, 0)
+    assert kernel.grids == [], "the kernel was launched on a GPU its tile does not fit"
+    monkeypatch.setattr(trainer, "gpu_properties", lambda index: dict(max_shared_mem=H200_MAX_SHARED,
+                                                                       multiprocessor_count=132))
+    trainer.mlp_matmul(a, b, None, 0)
+    assert kernel.grids == [(1,)], f"one launch of min(tiles, SMs) programs expected, got {kernel.grids}"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_mlp_matmul_kernel_matches_torch_in_bf16_on_a_gpu(trainer):
     """The compiled kernel at the 124M model's shapes (one 48K-token row): within bf16 rounding of torch's."""
@@ -530,7 +577,7 @@ def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
     monkeypatch.setattr(trainer.ReluSquaredMLP, "apply", lambda *a: calls.append(1) or _plain_mlp(*a))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     outs = []
-    for flags in (["--fused_mlp=true"], []):
+    for flags in (["--fused_mlp=true"], ["--fused_mlp=false"]):
         torch.manual_seed(0)
         hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
         model = trainer.GPT(hp)
