@@ -146,6 +146,7 @@ class Hyperparameters:
     normuon_beta2: float = 0.9
     normuon_eps: float = 1e-10
     normuon_out_rows: bool = False  # attention output matrix stored (out, in): NorMuon per output channel, the public's
+    muon_bf16_weights: bool = False  # Muon's matrices held in bf16, their fp32 low halves in Muon (records #57)
     orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
     orscale_r_max: float = 5.0
     scion_radius: float = 1.0  # spectral radius of the Scion step (arXiv 2502.07529)
@@ -1829,6 +1830,22 @@ def muon_update(W: torch.Tensor, G: torch.Tensor, state: dict, hp: Hyperparamete
     return W - (lr * lr_mul * muon_shape_scale(m, n)) * O
 
 
+def split_fp32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) halves of float32 x's bit patterns: high is the bf16 that truncates x, low [int16] the 16
+    bits it drops; join_fp32(high, low) is x, bit for bit (the speedrun's bf16 weights with an fp32 mantissa,
+    records #57)."""
+    bits = x.contiguous().view(torch.int32)
+    high = torch.div(bits, 65536, rounding_mode="floor")  # the arithmetic shift bits >> 16, in [-2^15, 2^15)
+    low = bits - high * 65536  # the low 16 bits, in [0, 2^16)
+    return high.to(torch.int16).view(torch.bfloat16), (low - 65536 * (low >= 32768)).to(torch.int16)
+
+
+def join_fp32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The float32 whose bits are bf16 high's 16 above low's 16 (any 16-bit dtype): split_fp32 undone."""
+    bits = high.contiguous().view(torch.int16).to(torch.int32) * 65536 + (low.view(torch.int16).to(torch.int32) & 0xFFFF)
+    return bits.view(torch.float32)
+
+
 class DistMuon:
     """Muon for hidden matrices, distributed the speedrun way.
 
@@ -1837,11 +1854,17 @@ class DistMuon:
     owns stacked matrices r*k..(r+1)*k-1 (k = P_padded / world_size): it keeps their momentum,
     orthogonalizes only them, and the updated matrices are all-gathered. All reduce-scatters are
     launched before any compute, so one group's communication overlaps another's orthogonalization.
+
+    With --muon_bf16_weights the parameters become bf16 (the forward reads them without a cast, and the
+    all-gather moves half the bytes) and Muon keeps, per owned matrix, the 16 bits of each float32 weight
+    that bf16 drops (state "low"): the update is computed on the exact float32 weight and written back as
+    its two halves, so the float32 weights follow the same path as without the flag, given the gradients.
     """
 
     def __init__(self, params, hp: Hyperparameters, rank, world_size):
         """params: (parameter, lr multiplier) pairs; parameters of one matrix shape and multiplier are stacked."""
         self.hp, self.rank, self.world_size = hp, rank, world_size
+        self.bf16_weights = hp.muon_bf16_weights
         by_shape = {}
         for p, lr_mul in params:
             by_shape.setdefault((tuple(p.shape[-2:]), lr_mul), []).append(p)
@@ -1854,6 +1877,13 @@ class DistMuon:
                          c=torch.zeros(k, device=dev))
             self.groups.append(dict(params=ps, shape=(m, n), lr_mul=lr_mul, count=count, k=k, state=state,
                                     owned=self._owned_ranges(ps, m * n, rank * k, min((rank + 1) * k, count))))
+        if self.bf16_weights:
+            for g in self.groups:  # the low halves of the float32 weights, before the parameters become bf16;
+                # kept as bf16-typed bits (never computed with): NCCL has no int16 for the checkpoint's gather
+                g["state"]["low"] = split_fp32(self._owned_weights(g))[1].view(torch.bfloat16)
+            for g in self.groups:
+                for p in g["params"]:
+                    p.data = split_fp32(p.data.float())[0]
         self._reduced, self._gathers = [], []
 
     @staticmethod
@@ -1869,13 +1899,18 @@ class DistMuon:
         return ranges
 
     def _owned_weights(self, group):
-        """This rank's k stacked matrices [k, m, n] (fp32), zero matrices where it owns padding."""
+        """This rank's k stacked matrices [k, m, n] (fp32), zero matrices where it owns padding; with bf16
+        weights, joined with their low halves."""
         m, n = group["shape"]
-        mats = [p.detach().reshape(-1, m, n)[first:end].float() for p, first, end in group["owned"]]
+        mats = [p.detach().reshape(-1, m, n)[first:end] for p, first, end in group["owned"]]
         pad = group["k"] - sum(end - first for _, first, end in group["owned"])
         if pad:
-            mats.append(torch.zeros(pad, m, n, device=group["state"]["momentum"].device))
-        return torch.cat(mats) if len(mats) > 1 else mats[0]
+            mats.append(torch.zeros(pad, m, n, device=group["state"]["momentum"].device,
+                                    dtype=group["params"][0].dtype))
+        stacked = torch.cat(mats) if len(mats) > 1 else mats[0]
+        if "low" in group["state"]:
+            return join_fp32(stacked, group["state"]["low"])
+        return stacked.float()
 
     def _stack(self, tensors, group):
         m, n = group["shape"]
@@ -1897,6 +1932,9 @@ class DistMuon:
             grad = pending.wait()
             new_w = muon_update(self._owned_weights(g), grad, g["state"], self.hp, self.hp.muon_lr * lr_factor,
                                 momentum, g["lr_mul"])
+            if self.bf16_weights:
+                new_w, low = split_fp32(new_w)
+                g["state"]["low"].copy_(low.view(torch.bfloat16))
             self._gathers.append((g, all_gather(new_w, self.world_size)))
         self._reduced = []
 

@@ -113,6 +113,27 @@ def test_two_ranks_resume_on_two_ranks_and_on_one(tiny_corpus, tmp_path):
     assert abs(one - two) < 2e-3, f"resumed on 1 rank {one}, uninterrupted on 2 ranks {two}"
 
 
+def test_bf16_weights_resume_exactly_with_their_low_halves(tiny_corpus, tmp_path, monkeypatch):
+    """With --muon_bf16_weights the bits bf16 drops live in Muon's state ("low"): a run resumed from step 6 ends
+    at the uninterrupted run's val loss, bit for bit. Negative control: the same resume with the low halves
+    zeroed after loading ends elsewhere."""
+    flags = ("--muon_bf16_weights=true", *SHORT)
+    assert train_gpt.main(_args(tiny_corpus, tmp_path, "bf16", "--checkpoint_every=6", *flags)) == 0
+    checkpoint = f"--resume_from={tmp_path}/bf16/step_6"
+    assert train_gpt.main(_args(tiny_corpus, tmp_path, "bf16_resumed", checkpoint, *flags)) == 0
+    straight = _val_losses(tmp_path, "bf16")[10]
+    assert _val_losses(tmp_path, "bf16_resumed")[10] == straight
+    load = train_gpt.DistMuon.load_state_dict
+
+    def without_low_halves(self, state):
+        load(self, state)
+        for g in self.groups:
+            g["state"]["low"].zero_()
+    monkeypatch.setattr(train_gpt.DistMuon, "load_state_dict", without_low_halves)
+    assert train_gpt.main(_args(tiny_corpus, tmp_path, "bf16_lost", checkpoint, *flags)) == 0
+    assert _val_losses(tmp_path, "bf16_lost")[10] != straight, "the low halves made no difference to the resume"
+
+
 def _broken(case, source, tmp_path):
     """A copy of checkpoint `source` broken as `case` says; (path, words the error must contain)."""
     if case == "missing":

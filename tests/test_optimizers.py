@@ -55,6 +55,7 @@ VARIANTS = {
     "orscale": ["--muon_variant=orscale", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "scion": ["--muon_variant=scion", "--cautious_wd=false", "--muon_weight_decay=0"],
+    "muon+bf16_weights": ["--muon_bf16_weights=true"],  # Muon's matrices bf16 (gradients: `_bf16_grad`)
 }
 
 # Comparison tolerance of a distributed result against the single-process one (float32). The
@@ -97,6 +98,16 @@ def _grad(shape, step, index, rank, world_size):
     return (rank == 0) * G + (rank - (world_size - 1) / 2) * D
 
 
+def _bf16_grad(shape, step, index, rank, world_size):
+    """For bf16 parameters (whose gradients are bf16): rank 0's share G + D, rank 1's -D, the others' zero,
+    with G, D multiples of 1/16 below 8 in size: every share and the sum G are exact in bf16 (8 significant
+    bits), so the ranks' summed gradient is the single process's exactly."""
+    G, D = (torch.round(_dyadic(shape, seed=1000 * step + 2 * index + j).clamp(-7.9, 7.9) * 16) / 16 for j in (0, 1))
+    if world_size == 1:
+        return G
+    return G + D if rank == 0 else -D if rank == 1 else torch.zeros(shape)
+
+
 def _make_params():
     """Fresh Muon and Adam parameters (float32, seeded): ([MUON_SHAPES...], [ADAM_SHAPES...])."""
     gen = torch.Generator().manual_seed(0)
@@ -118,9 +129,10 @@ def two_steps(trainer, flags, rank, world_size, grads_of=None):
     adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS, ADAM_BETAS, ADAM_WDS)), hp.adam_eps, rank, world_size)
     muon = trainer.DistMuon(list(zip(muon_params, MUON_LR_MULS)), hp, rank, world_size)
     params = muon_params + adam_params
+    grad = _bf16_grad if hp.muon_bf16_weights else _grad
     for step, (lr_factor, momentum) in enumerate(STEPS):
         for i, p in enumerate(params):
-            p.grad = _grad(p.shape, step, i, grad_rank, grad_world)
+            p.grad = grad(p.shape, step, i, grad_rank, grad_world).to(p.dtype)
         adam.reduce_grads()
         muon.reduce_grads()
         adam.step(lr_factor)
@@ -188,17 +200,19 @@ def test_dist_muon_on_one_rank_applies_muon_update_to_every_matrix(trainer):
         states = [dict(momentum=torch.zeros_like(W), v=torch.zeros(W.shape[0], max(W.shape[1:])),
                        c=torch.zeros(W.shape[0])) for W in refs]
         muon = trainer.DistMuon(list(zip(params, MUON_LR_MULS)), hp, rank=0, world_size=1)
+        grad = _bf16_grad if hp.muon_bf16_weights else _grad
         for step, (lr_factor, momentum) in enumerate(STEPS):
             for i, p in enumerate(params):
-                p.grad = _grad(p.shape, step, i, 0, 1)
-                refs[i] = trainer.muon_update(refs[i], p.grad.reshape(refs[i].shape), states[i], hp,
+                p.grad = grad(p.shape, step, i, 0, 1).to(p.dtype)
+                refs[i] = trainer.muon_update(refs[i], p.grad.float().reshape(refs[i].shape), states[i], hp,
                                               hp.muon_lr * lr_factor, momentum, MUON_LR_MULS[i])
             muon.reduce_grads()
             muon.step(lr_factor, momentum)
             muon.finish()
         for i, (p, ref) in enumerate(zip(params, refs)):
+            want = trainer.split_fp32(ref)[0] if hp.muon_bf16_weights else ref  # bf16 weights: the high halves
             # Batched and per-parameter matmuls may round differently (float32): see DIST_TOL.
-            torch.testing.assert_close(p.detach(), ref.view_as(p), **DIST_TOL, msg=lambda m: (
+            torch.testing.assert_close(p.detach(), want.view_as(p), **DIST_TOL, msg=lambda m: (
                 f"{name}: {_param_name(i)} after DistMuon(world_size=1) differs from muon_update on it alone\n{m}"))
 
 
@@ -599,6 +613,45 @@ def test_public_lambda_flags_step_resid_at_0_04_post_at_0_008_both_with_betas_0_
                        layer_scalars=(0.04, (0.9, 0.99), 0.0), global_scalars=(0.04, (0.9, 0.99), 0.0)), got
     with pytest.raises(trainer.ConfigError, match="--adam_betas_lambdas='0.95' must be two betas"):
         trainer.parse_args(["--adam_betas_lambdas=0.95"])
+
+
+def test_split_fp32_halves_join_back_bit_for_bit_and_high_is_the_truncation(trainer):
+    """split_fp32 / join_fp32 on normal, subnormal, signed-zero, infinite and extreme values: the join is the
+    input's bits; high is the bf16 truncation (toward zero), which differs from round-to-nearest bf16."""
+    x = torch.cat([torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.randint(-30, 30, (4096,)),
+                   torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.4e38, -3.4e38, float("inf"), -float("inf")])])
+    high, low = trainer.split_fp32(x)
+    assert high.dtype == torch.bfloat16 and low.dtype == torch.int16
+    assert torch.equal(trainer.join_fp32(high, low).view(torch.int32), x.view(torch.int32))
+    assert torch.equal(high.view(torch.int16), (x.view(torch.int32) >> 16).to(torch.int16))
+    assert not torch.equal(high, x.bfloat16()), "negative control: truncation and rounding must differ somewhere"
+
+
+def test_bf16_weights_with_their_low_halves_are_the_float32_weights_bit_for_bit(trainer):
+    """With --muon_bf16_weights the parameters are bf16 and Muon keeps the bits bf16 drops: after two steps on
+    the same (bf16-exact) gradients, each bf16 parameter joined with its low halves is the float32 parameter of
+    a run without the flag, bit for bit. Negative control: the bf16 parameters alone are not."""
+    runs = {}
+    for bf16 in (False, True):
+        hp = _hp(trainer, f"--muon_bf16_weights={str(bf16).lower()}")
+        params, _ = _make_params()
+        muon = trainer.DistMuon(list(zip(params, MUON_LR_MULS)), hp, rank=0, world_size=1)
+        assert all(p.dtype == (torch.bfloat16 if bf16 else torch.float32) for p in params)
+        for step, (lr_factor, momentum) in enumerate(STEPS):
+            for i, p in enumerate(params):
+                p.grad = _bf16_grad(p.shape, step, i, 0, 1).to(p.dtype)
+            muon.reduce_grads()
+            muon.step(lr_factor, momentum)
+            muon.finish()
+        runs[bf16] = (params, muon)
+    (fp32_params, _), (bf16_params, muon) = runs[False], runs[True]
+    for i, (w32, w16) in enumerate(zip(fp32_params, bf16_params)):
+        low = _stack_rows(muon, w16, "low").view_as(w16)
+        joined = trainer.join_fp32(w16.detach(), low)
+        assert torch.equal(joined.view(torch.int32), w32.detach().view(torch.int32)), (
+            f"{_param_name(i)}: bf16 weight + low halves differ from the float32 run's weight")
+    assert not all(torch.equal(w16.detach().float(), w32.detach()) for w32, w16 in zip(fp32_params, bf16_params)), \
+        "negative control: the bf16 weights alone equal the float32 ones, so the low halves are untested"
 
 
 def _stack_rows(muon, param, key):
