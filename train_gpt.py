@@ -101,6 +101,7 @@ class Hyperparameters:
     gate_split_layer: int = 0  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static (4: the public's)
     mudd: bool = False  # the last layer and the output mix earlier layers per token (MUDD, records #81); off: backout
     dc_layers: str = ""  # layers whose heads add a per-token mix of all heads' local attention (DC, records #85; "10")
+    dc_kernel: bool = False  # DC by its Triton kernels on GPU (not yet run on one); off: plain tensor ops
     bigram_buckets: int = 377_280  # rows of the hashed bigram embedding added to the residual (0: off)
     smear: bool = True  # each token's embedding adds a gated share of the previous token's
     untie_stage: int = 3  # embedding tied to the head until this stage begins (1-based; 0: never tied)
@@ -2284,16 +2285,201 @@ DC_WINDOW = 112  # DC's local attention: keys t - 111 .. t of the query's docume
 DC_BLOCK = 128  # DC queries in blocks of 128, each scoring its own and the previous block's keys (>= DC_WINDOW)
 
 
+# DC as three Triton kernels (the public record's DC is a custom Triton forward and backward too, records #85;
+# this is our own): a program takes DC_QUERIES queries and the DC_KEYS keys before and up to them (enough for
+# the window), scores and softmaxes each head on chip and mixes the heads there, so no probability is written.
+# The forward keeps each head's log-sum-exp; the backward recomputes the probabilities, query-major for dq,
+# the mix weights' gradients and the rows' sums E_h = sum_s P_h dA, then key-major for dk and dv (no atomics).
+DC_QUERIES = 16
+DC_KEYS = 128  # >= DC_WINDOW + DC_QUERIES - 1: query t of a block sees keys t - 111 .. t
+DC_WARPS = 8  # the sm_90 build spills fewer registers (STL/LDL in its SASS) than at 4
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dc_scores(Q, K, DOC, tq, tk, T, h, d, H: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        """Head h's scores of queries tq against keys tk, -1e30 where the key is outside the query's window or
+        document; (scores, visible, the head's query tile)."""
+        q_ok, k_ok = tq < T, (tk >= 0) & (tk < T)
+        doc_q = tl.load(DOC + tq, mask=q_ok, other=-1)
+        doc_k = tl.load(DOC + tk, mask=k_ok, other=-2)
+        delta = tq[:, None] - tk[None, :]
+        visible = (delta >= 0) & (delta < WINDOW) & (doc_q[:, None] == doc_k[None, :]) & k_ok[None, :]
+        qh = tl.load(Q + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
+        kh = tl.load(K + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+        scores = tl.where(visible, tl.dot(qh, tl.trans(kh), input_precision=PRECISION), -1.0e30)
+        return scores, visible, qh
+
+    @triton.jit
+    def _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
+                  PRECISION: tl.constexpr):
+        """(head h's probabilities P[tq, tk] from the forward's log-sum-exp, the head's query tile)."""
+        scores, visible, qh = _dc_scores(Q, K, DOC, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
+        lse = tl.load(LSE + tq * H + h, mask=tq < T, other=0.0)
+        return tl.where(visible, tl.exp(scores - lse[:, None]), 0.0), qh
+
+    @triton.jit
+    def _dc_forward_kernel(Q, K, V, MIX, W2, DOC, OUT, LSE, T, H: tl.constexpr, D: tl.constexpr,
+                           WINDOW: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """out_h = w2_h (sum_h' mix_h' P_h') V_h for queries q0 .. q0 + BQ - 1; LSE [T, H] per head."""
+        q0 = tl.program_id(0) * BQ
+        tq, tk, d = q0 + tl.arange(0, BQ), q0 + BQ - BK + tl.arange(0, BK), tl.arange(0, D)
+        q_ok, k_ok = tq < T, (tk >= 0) & (tk < T)
+        mixed = tl.zeros((BQ, BK), dtype=tl.float32)
+        for h in tl.static_range(H):
+            scores, _, _ = _dc_scores(Q, K, DOC, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
+            top = tl.max(scores, 1)
+            e = tl.exp(scores - top[:, None])
+            total = tl.sum(e, 1)
+            tl.store(LSE + tq * H + h, top + tl.log(total), mask=q_ok)
+            weight = tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)
+            mixed += (weight / total)[:, None] * e
+        for h in tl.static_range(H):
+            vh = tl.load(V + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+            out = tl.dot(mixed.to(vh.dtype), vh, input_precision=PRECISION)
+            gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
+            tl.store(OUT + tq[:, None] * (H * D) + h * D + d[None, :], (out * gate[:, None]).to(OUT.dtype.element_ty),
+                     mask=q_ok[:, None])
+
+    @triton.jit
+    def _dc_backward_q_kernel(Q, K, V, MIX, W2, DOC, LSE, GRAD, DQ, DMIX, DW2, ROWSUM, T, H: tl.constexpr,
+                              D: tl.constexpr, WINDOW: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                              PRECISION: tl.constexpr):
+        """Per query block: dw2_h = <grad_h, A V_h>, dA = sum_h (w2_h grad_h) V_h^T, dmix_h = E_h = sum_s P_h dA,
+        dq_h = (mix_h P_h (dA - E_h)) K_h; E goes to ROWSUM for the key-major kernel."""
+        q0 = tl.program_id(0) * BQ
+        tq, tk, d = q0 + tl.arange(0, BQ), q0 + BQ - BK + tl.arange(0, BK), tl.arange(0, D)
+        q_ok, k_ok = tq < T, (tk >= 0) & (tk < T)
+        mixed = tl.zeros((BQ, BK), dtype=tl.float32)
+        for h in tl.static_range(H):
+            probs, _ = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
+            mixed += tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)[:, None] * probs
+        d_mixed = tl.zeros((BQ, BK), dtype=tl.float32)
+        for h in tl.static_range(H):
+            vh = tl.load(V + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+            grad = tl.load(GRAD + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
+            out = tl.dot(mixed.to(vh.dtype), vh, input_precision=PRECISION)
+            tl.store(DW2 + tq * H + h, tl.sum(grad.to(tl.float32) * out, 1), mask=q_ok)
+            gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
+            gated = (grad.to(tl.float32) * gate[:, None]).to(vh.dtype)
+            d_mixed += tl.dot(gated, tl.trans(vh), input_precision=PRECISION)
+        for h in tl.static_range(H):
+            probs, _ = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
+            rowsum = tl.sum(probs * d_mixed, 1)
+            tl.store(DMIX + tq * H + h, rowsum, mask=q_ok)
+            tl.store(ROWSUM + tq * H + h, rowsum, mask=q_ok)
+            weight = tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)
+            d_scores = weight[:, None] * probs * (d_mixed - rowsum[:, None])
+            kh = tl.load(K + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+            dq = tl.dot(d_scores.to(kh.dtype), kh, input_precision=PRECISION)
+            tl.store(DQ + tq[:, None] * (H * D) + h * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+    @triton.jit
+    def _dc_backward_kv_kernel(Q, K, V, MIX, W2, DOC, LSE, GRAD, ROWSUM, DK, DV, T, H: tl.constexpr,
+                               D: tl.constexpr, WINDOW: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                               PRECISION: tl.constexpr):
+        """Per block of BQ keys and the BK queries that can see them: dv_h = A^T (w2_h grad_h),
+        dk_h = (mix_h P_h (dA - E_h))^T Q_h."""
+        k0 = tl.program_id(0) * BQ
+        tk, tq, d = k0 + tl.arange(0, BQ), k0 + tl.arange(0, BK), tl.arange(0, D)
+        q_ok, k_ok = tq < T, tk < T
+        mixed = tl.zeros((BK, BQ), dtype=tl.float32)
+        d_mixed = tl.zeros((BK, BQ), dtype=tl.float32)
+        for h in tl.static_range(H):
+            probs, _ = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
+            mixed += tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)[:, None] * probs
+            vh = tl.load(V + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+            grad = tl.load(GRAD + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
+            gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
+            gated = (grad.to(tl.float32) * gate[:, None]).to(vh.dtype)
+            d_mixed += tl.dot(gated, tl.trans(vh), input_precision=PRECISION)
+        for h in tl.static_range(H):
+            probs, qh = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
+            grad = tl.load(GRAD + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
+            gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
+            gated = (grad.to(tl.float32) * gate[:, None]).to(qh.dtype)
+            dv = tl.dot(tl.trans(mixed.to(qh.dtype)), gated, input_precision=PRECISION)
+            tl.store(DV + tk[:, None] * (H * D) + h * D + d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+            weight = tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)
+            rowsum = tl.load(ROWSUM + tq * H + h, mask=q_ok, other=0.0)
+            d_scores = weight[:, None] * probs * (d_mixed - rowsum[:, None])
+            dk = tl.dot(tl.trans(d_scores.to(qh.dtype)), qh, input_precision=PRECISION)
+            tl.store(DK + tk[:, None] * (H * D) + h * D + d[None, :], dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
+
+
+def _dc_launch_args(q: torch.Tensor):
+    T, H, D = q.shape
+    return dict(H=H, D=D, WINDOW=DC_WINDOW, BQ=DC_QUERIES, BK=DC_KEYS, PRECISION=_dot_precision(q.dtype),
+                num_warps=DC_WARPS), (triton.cdiv(T, DC_QUERIES),)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::dc_mix", mutates_args=())
+def dc_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor, w2: torch.Tensor,
+           doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(DC's correction [T, H, D] in v's dtype, log-sum-exp [T, H] fp32) by the Triton kernels: local_head_mix's
+    math with mix = the RMS-normed w1 and w2 given in fp32 [T, H], doc [T] int32 each position's document."""
+    q, k, v, mix, w2, doc = (t.contiguous() for t in (q, k, v, mix, w2, doc))
+    out = torch.empty_like(v)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    meta, grid = _dc_launch_args(q)
+    _dc_forward_kernel[grid](q, k, v, mix, w2, doc, out, lse, q.size(0), **meta)
+    return out, lse
+
+
+@dc_mix.register_fake
+def _(q, k, v, mix, w2, doc):
+    return torch.empty_like(v), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::dc_mix_backward", mutates_args=())
+def dc_mix_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor,
+                    w2: torch.Tensor, doc: torch.Tensor, lse: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmix, dw2) of dc_mix's output for its gradient grad."""
+    grad, q, k, v, mix, w2, doc = (t.contiguous() for t in (grad, q, k, v, mix, w2, doc))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dmix, dw2, rowsum = (torch.empty_like(mix) for _ in range(3))
+    meta, grid = _dc_launch_args(q)
+    T = q.size(0)
+    _dc_backward_q_kernel[grid](q, k, v, mix, w2, doc, lse, grad, dq, dmix, dw2, rowsum, T, **meta)
+    _dc_backward_kv_kernel[grid](q, k, v, mix, w2, doc, lse, grad, rowsum, dk, dv, T, **meta)
+    return dq, dk, dv, dmix, dw2
+
+
+@dc_mix_backward.register_fake
+def _(grad, q, k, v, mix, w2, doc, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(mix), torch.empty_like(w2)
+
+
+def _dc_mix_setup(ctx, inputs, output):
+    q, k, v, mix, w2, doc = inputs
+    ctx.save_for_backward(q, k, v, mix, w2, doc, output[1])
+
+
+def _dc_mix_grad(ctx, grad_out, grad_lse):
+    q, k, v, mix, w2, doc, lse = ctx.saved_tensors
+    return *dc_mix_backward(grad_out, q, k, v, mix, w2, doc, lse), None
+
+
+dc_mix.register_autograd(_dc_mix_grad, setup_context=_dc_mix_setup)
+
+
 def local_head_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, w1: torch.Tensor,
-                   w2: torch.Tensor) -> torch.Tensor:
+                   w2: torch.Tensor, kernel: bool = False) -> torch.Tensor:
     """The DC correction [T, H, D] of a layer's attention output (lightweight dynamically composable attention,
     arXiv 2405.08553, in the speedrun's form, records #85): P_h[t, s] = softmax of q_h[t] . k_h[s] over the
     keys s in t - 111 .. t of t's document (the softmax scale is folded into q); A[t, s] = sum_h' n_h'[t]
     P_h'[t, s] with n = w1 RMS-normed over heads (eps 1e-6); out_h[t] = w2[t, h] sum_s A[t, s] v_h[s].
     q, k, v [T, H, D]; w1, w2 [T, H]; cu [T + 1] the document starts of document_bounds (padded with T).
-    Plain tensor ops: blocks of 128 queries score the 256 keys of their own and the previous block, so the
-    work is O(T 256 H D) and the shapes are static (T is padded to whole blocks)."""
+    kernel: by the Triton kernels (dc_mix) where they run. Otherwise plain tensor ops: blocks of 128 queries
+    score the 256 keys of their own and the previous block, so the work is O(T 256 H D) and the shapes are
+    static (T is padded to whole blocks)."""
     T, H, D = q.shape
+    if kernel and _triton_runs_on(q):
+        positions = torch.arange(T, device=q.device, dtype=cu.dtype)
+        doc = torch.searchsorted(cu[1:], positions, right=True).to(torch.int32)
+        return dc_mix(q, k, v, F.rms_norm(w1.float(), (H,), eps=1e-6), w2.float(), doc)[0]
     pad = -T % DC_BLOCK
     n = (T + pad) // DC_BLOCK
     pos = torch.arange(T + pad, device=q.device)
@@ -2485,6 +2671,7 @@ class Block(nn.Module):
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         self.mlp_proj = nn.Parameter(torch.zeros(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         self.fused_mlp = hp.fused_mlp
+        self.dc_kernel = hp.dc_kernel
         _init_linear_(self.mlp_fc)
         if attention:
             _init_linear_(self.qk_w)
@@ -2539,7 +2726,7 @@ class Block(nn.Module):
         y, _ = window_attention(q, k, v, cu, attn_meta[kind])
         y = y.view(T, H, D)
         if self.spec.dc:
-            y = y + local_head_mix(q, k, v, cu, s["dc_w1"], s["dc_w2"])
+            y = y + local_head_mix(q, k, v, cu, s["dc_w1"], s["dc_w2"], kernel=self.dc_kernel)
         if self.spec.xsa:
             y = exclude_self_value(y, v, s["xsa"] if self.xsa_alpha is None else self.xsa_alpha.type_as(y))
         if self.spec.attn_gate:

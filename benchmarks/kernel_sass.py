@@ -46,8 +46,9 @@ def load_trainer(path: str):
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, warps: int) -> dict:
     """A @triton.jit kernel compiled for sm_90 (H100/H200) with Triton's own ptxas, no GPU needed: its asm by stage
-    (ttir ... ptx, cubin). `signature` types the runtime arguments; as at the trainer's launches every pointer is
-    taken as 16-byte aligned and every int a multiple of 16 (Triton specializes on both: vectorized loads)."""
+    (ttir ... ptx, cubin) and "shared", the bytes of shared memory a program asks. `signature` types the runtime
+    arguments; as at the trainer's launches every pointer is taken as 16-byte aligned and every int a multiple of
+    16 (Triton specializes on both: vectorized loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -56,7 +57,8 @@ def compile_for_hopper(kernel, signature: dict, constexprs: dict, warps: int) ->
     aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]]
                for name, kind in signature.items() if kind.startswith("*") or kind == "i32"}
     source = ASTSource(fn=kernel, signature=types, constexprs=constexprs, attrs=aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return dict(compiled.asm, shared=compiled.metadata.shared)
 
 
 def disassemble(cubin: bytes) -> str:

@@ -1,11 +1,12 @@
 """Per-token gates, MUDD connections and DC (records #81, #85) against plain references: the generator's
 formula and init, which output goes where, the mixes, DC against dense masked attention, and the model at
 init against the static-gate model it replaces."""
+import json
 import math
 
 import pytest
 import torch
-from conftest import BOS, SMALL_VOCAB_FLAGS, shared_code_only
+from conftest import BOS, SMALL_VOCAB_FLAGS, run_interpreted, shared_code_only
 
 pytestmark = shared_code_only
 
@@ -104,6 +105,84 @@ def test_dc_equals_dense_masked_attention_forward_and_gradient(trainer):
     with torch.no_grad():
         assert not torch.allclose(got, _dense_dc(q, k, v, doc, w1, w2, window=113)), "negative control: window"
         assert not torch.allclose(got, _dense_dc(q, k, v, torch.zeros_like(doc), w1, w2)), "negative control: docs"
+
+
+_INTERPRETED_DC = r"""
+import json
+import torch
+import {module} as t
+assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
+launches = []
+
+
+class CountedLaunches:
+    def __init__(self, name):
+        self.name, self.kernel = name, getattr(t, name)
+
+    def __getitem__(self, grid):
+        launches.append(self.name)
+        return self.kernel[grid]
+
+
+for name in ("_dc_forward_kernel", "_dc_backward_q_kernel", "_dc_backward_kv_kernel"):
+    setattr(t, name, CountedLaunches(name))
+errors = {{}}
+# T not a multiple of the 16-query blocks; documents shorter and longer than the window, one of one token
+for T, starts in ((300, [0, 20, 21, 90, 230]), (37, [0]), (16, [0, 5])):
+    tokens = torch.ones(T, dtype=torch.long)
+    tokens[starts] = 0
+    cu = torch.from_numpy(t.document_bounds(tokens.numpy(), 0)[0])
+    g = torch.Generator().manual_seed(T)
+    inputs = [torch.randn(T, 3, 16, generator=g) for _ in range(3)] + [torch.randn(T, 3, generator=g) for _ in range(2)]
+    grad = torch.randn(T, 3, 16, generator=g)
+    results = []
+    for kernel in (True, False):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = t.local_head_mix(*leaves[:3], cu, *leaves[3:], kernel=kernel)
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad)))
+    errors[T] = [((a - b).norm() / b.norm()).item() for a, b in zip(*results)]
+print(json.dumps(dict(errors=errors, launches=launches)))
+"""
+
+
+def test_dc_kernels_equal_the_tensor_ops_under_the_interpreter(trainer):
+    """DC by its three Triton kernels (forward; backward by query blocks and by key blocks) against the plain
+    tensor ops, float32 under the interpreter: the output and the gradients of q, k, v, w1 and w2, for lengths
+    that are not whole 16-query blocks and documents shorter and longer than the 112-key window. The kernels
+    must have run (three launches per case), or this would compare the tensor ops with themselves."""
+    if not trainer.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    assert trainer.DC_KEYS >= trainer.DC_WINDOW + trainer.DC_QUERIES - 1, "a block's keys must cover its window"
+    out = run_interpreted(_INTERPRETED_DC.format(module=trainer.__name__))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for T, errors in result["errors"].items():
+        for name, error in zip(["out", "dq", "dk", "dv", "dw1", "dw2"], errors):
+            assert error < 1e-5, f"T = {T}: {name} relative error {error:.2e} against the tensor ops"
+    assert result["launches"] == ["_dc_forward_kernel", "_dc_backward_q_kernel", "_dc_backward_kv_kernel"] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dc_kernels_match_the_tensor_ops_in_bf16_on_a_gpu(trainer):
+    """The compiled kernels at the model's shapes (a 48K-token row, 6 heads of 128, many documents): within
+    bf16 rounding of the tensor ops, output and gradients."""
+    T, H, D = 49152, 6, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens = torch.randint(1, 50000, (T,), generator=g, device="cuda")
+    tokens[torch.randint(0, T, (60,), generator=g, device="cuda")] = BOS
+    tokens[0] = BOS
+    cu = torch.from_numpy(trainer.document_bounds(tokens.cpu().numpy(), BOS)[0]).cuda()
+    inputs = [torch.randn(T, H, D, generator=g, device="cuda").bfloat16() / 4 for _ in range(3)]
+    inputs += [torch.randn(T, H, generator=g, device="cuda").bfloat16() for _ in range(2)]
+    grad = torch.randn(T, H, D, generator=g, device="cuda").bfloat16()
+    results = []
+    for kernel in (True, False):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        out = trainer.local_head_mix(*leaves[:3], cu, *leaves[3:], kernel=kernel)
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad)))
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dw1", "dw2"], *results):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert rel < 2e-2, f"{name}: relative error {rel:.2e} against the tensor ops"
 
 
 # -----------------------------------------------------------------------------

@@ -442,14 +442,18 @@ _CE_SIGNATURE = {"Z": "*bf16", "TGT": "*i64", "W": "*fp32", "V": "i32", "stride_
                  "offset": "fp32", "inv_temp": "fp32"}
 
 
+_DC_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MIX": "*fp32", "W2": "*fp32", "DOC": "*i32"}
+
+
 @pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
-                                  "mlp gradient"])
+                                  "mlp gradient", "dc forward", "dc backward q", "dc backward kv"])
 def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here with Triton's own ptxas
     (benchmarks/kernel_sass.compile_for_hopper), at the trainer's launch configurations: the GPU-only compile
     errors (a non-constexpr global, a PTX constraint) caught on a CPU machine; the loss kernels'
     transcendentals are the one-instruction PTX forms, and the MLP kernel's tiles move by TMA (UTMALDG loads,
-    a UTMASTG store) into wgmma (HGMMA) products."""
+    a UTMASTG store) into wgmma (HGMMA) products; DC's kernels at the model's 6 heads of 128 fit one SM's
+    shared memory with room for several programs and spill no more than a few dozen registers."""
     if not trainer.HAS_TRITON or trainer._kernels_interpreted():
         pytest.skip("needs Triton's compiler (not the interpreter)")
     pytest.importorskip("triton.backends.nvidia")
@@ -469,11 +473,27 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     mlp = {"PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
     kernels["mlp relu^2"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 0})
     kernels["mlp gradient"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 1})
+    dc = {"H": 6, "D": 128, "WINDOW": trainer.DC_WINDOW, "BQ": trainer.DC_QUERIES, "BK": trainer.DC_KEYS,
+          "PRECISION": "tf32"}
+    kernels["dc forward"] = (trainer._dc_forward_kernel, {**_DC_SIGNATURE, "OUT": "*bf16", "LSE": "*fp32", "T": "i32"},
+                             dc)
+    kernels["dc backward q"] = (trainer._dc_backward_q_kernel, {
+        **_DC_SIGNATURE, "LSE": "*fp32", "GRAD": "*bf16", "DQ": "*bf16", "DMIX": "*fp32", "DW2": "*fp32",
+        "ROWSUM": "*fp32", "T": "i32"}, dc)
+    kernels["dc backward kv"] = (trainer._dc_backward_kv_kernel, {
+        **_DC_SIGNATURE, "LSE": "*fp32", "GRAD": "*bf16", "ROWSUM": "*fp32", "DK": "*bf16", "DV": "*bf16", "T": "i32"},
+        dc)
     kernel, signature, constexprs = kernels[case]
-    warps = mlp_warps if case.startswith("mlp") else warps
+    warps = mlp_warps if case.startswith("mlp") else trainer.DC_WARPS if case.startswith("dc") else warps
     asm = kernel_sass.compile_for_hopper(kernel, signature, constexprs, warps)
     assert len(asm["cubin"]) > 0
-    if case.startswith("loss"):
+    if case.startswith("dc"):
+        lines = kernel_sass.disassemble(asm["cubin"]).splitlines()
+        opcodes = [kernel_sass.opcode(ins) for ins in map(kernel_sass.instruction, lines) if ins]
+        spills = sum(op.startswith(("STL", "LDL")) for op in opcodes)
+        assert spills <= 100, f"{spills} local-memory loads and stores: the kernel spills registers"
+        assert asm["shared"] <= 64 * 1024, f"{asm['shared']} bytes of shared memory per program"
+    elif case.startswith("loss"):
         assert "ex2.approx.ftz.f32" in asm["ptx"] and "rcp.approx.ftz.f32" in asm["ptx"], "the fast forms are used"
     else:
         lines = kernel_sass.disassemble(asm["cubin"]).splitlines()
