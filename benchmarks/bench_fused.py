@@ -3,7 +3,7 @@
     python benchmarks/bench_fused.py [--tokens 49152] [--json out.json]     # one GPU, the 124M model's shapes
     python benchmarks/bench_fused.py --device cpu --tokens 64 --vocab 512 --no_compile   # a smoke run
 
-Two cases, each forward + backward of one micro-batch (one packed row of --tokens tokens), both arms inside
+Three cases, each forward + backward of one micro-batch (one packed row of --tokens tokens), both arms inside
 torch.compile as in training (unless --no_compile):
 - mlp: relu(x w1^T)^2 w2 as the trainer writes it without --fused_mlp (Inductor: cuBLAS matmuls and fused
   elementwise kernels) against ReluSquaredMLP (--fused_mlp: the activation and its gradient in the epilogues
@@ -12,6 +12,8 @@ torch.compile as in training (unless --no_compile):
   e5m2) against FP8HeadLoss (--fp8_head_fused_grad: the loss kernel writes the e5m2 gradient in its forward),
   x [T, 768] bf16, the head [V, 768] fp32, four target columns (3 next tokens and the byte prefix, stage 1's)
   and the loss divided by 8 micro-batches as the trainer does.
+- dc: DC's correction by tensor ops against its Triton kernels (--dc_kernel), q, k, v [T, 6, 128] bf16 and
+  the per-token weights [T, 6], documents of 200-2000 tokens.
 Prints per case and arm the median ms over --reps calls after 3 warm-up calls (CUDA events on GPU, wall
 clock on CPU), the peak memory of one call beyond what was allocated before it, and the relative
 difference of the fused arm's output and gradients from the other's.
@@ -140,6 +142,27 @@ def head_case(args, device):
     return (x, w), plain, fused, 1 / micro_batches
 
 
+def dc_case(args, device):
+    g = torch.Generator(device=device).manual_seed(3)
+    H = 6
+    q, k, v = ((torch.randn(args.tokens, H, args.dim // H, device=device, generator=g) / 4).bfloat16()
+               .requires_grad_() for _ in range(3))
+    w1, w2 = (torch.randn(args.tokens, H, device=device, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    lengths = torch.randint(200, 2000, (args.tokens // 200 + 1,), generator=torch.Generator().manual_seed(3))
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    starts = starts[starts < args.tokens]
+    cu = torch.full((args.tokens + 1,), args.tokens, dtype=torch.int32)
+    cu[:len(starts)] = starts.to(torch.int32)
+    cu = cu.to(device)
+
+    def plain(q, k, v, w1, w2):
+        return train_gpt.local_head_mix(q, k, v, cu, w1, w2, kernel=False)
+
+    def fused(q, k, v, w1, w2):
+        return train_gpt.local_head_mix(q, k, v, cu, w1, w2, kernel=True)
+    return (q, k, v, w1, w2), plain, fused, 1.0
+
+
 def run_case(name, case, args, device):
     leaves, plain, fused, scale = case
     arms = {"plain": plain, "fused": fused}
@@ -251,7 +274,8 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  torch {torch.__version__}  "
           f"tokens {args.tokens}  compile {not args.no_compile}")
     rows = [run_case("mlp", mlp_case(args, device), args, device),
-            run_case("head", head_case(args, device), args, device)]
+            run_case("head", head_case(args, device), args, device),
+            run_case("dc", dc_case(args, device), args, device)]
     print("| case | plain ms | fused ms | speedup | plain peak MiB | fused peak MiB | output diff | gradient diffs |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:  # printed before the sweeps, so a sweep that fails does not take these numbers with it
