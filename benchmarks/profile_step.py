@@ -9,7 +9,8 @@ starting at step --start_step (the attention window grows with the step: profile
 times --time_steps steps (median wall ms, synchronized), then records --steps steps with
 torch.profiler. It prints the device time per step split into phases (the compiled forward, the
 optimizer, everything else = backward and the loss), the time the GPU ran no kernel (waiting on the
-host), then the top kernels by device time. The phases
+host) split by gap length with the longest gaps and the kernels around them, then the top kernels by
+device time. The phases
 come from wrapping the trainer's methods in profiler ranges, so they need no change to the trainer.
 Under torchrun, rank 0 reports, and adds the communication kernels' device time per step and the part
 of it during which no other kernel ran (communication not hidden behind compute).
@@ -96,6 +97,44 @@ def device_idle_ms(prof, steps: int) -> tuple[float, float]:
     return span / 1e6 / steps, (span - busy) / 1e6 / steps
 
 
+GAP_CLASSES = ((0.0, 10.0), (10.0, 100.0), (100.0, float("inf")))  # microseconds: launch, short stall, host work
+
+
+def gap_summary(kernels, top: int = 8) -> dict:
+    """Where the device waited: kernels [(start, end, name)] (any unit of time, here ns) ->
+    {"count": kernels, "by_class": [(lo, hi, number of gaps, their total)] for gaps in [lo, hi) microseconds
+    (from GAP_CLASSES, times 1000 for ns), "longest": [(gap, kernel before, kernel after)]}. A gap is time after
+    the latest end so far and before the next start, so overlapping kernels leave none."""
+    kernels = sorted(kernels)
+    gaps, last_end, last_name = [], None, None
+    for start, end, name in kernels:
+        if last_end is not None and start > last_end:
+            gaps.append((start - last_end, last_name, name))
+        if last_end is None or end >= last_end:
+            last_end, last_name = end, name
+    by_class = []
+    for lo, hi in GAP_CLASSES:
+        inside = [g for g, *_ in gaps if lo * 1000 <= g < hi * 1000]
+        by_class.append((lo, hi, len(inside), sum(inside)))
+    return dict(count=len(kernels), by_class=by_class, longest=sorted(gaps, key=lambda g: -g[0])[:top])
+
+
+def gap_lines(gaps: dict, steps: int) -> list[str]:
+    """The report of gap_summary (ns) per step: kernels, idle ms per gap class, the longest gaps."""
+    lines = [f"  {'kernels per step':<24} {gaps['count'] / steps:9.0f}"]
+    for lo, hi, count, total in gaps["by_class"]:
+        label = f"idle in gaps {lo:g}-{hi:g} us"
+        lines.append(f"  {label:<24} {total / 1e6 / steps:9.2f} ms ({count / steps:.0f} gaps per step)")
+    lines += [f"    {gap / 1e3:9.1f} us after {before[:60]}, before {after[:60]}" for gap, before, after in gaps["longest"]]
+    return lines
+
+
+def device_gaps(prof) -> dict:
+    """gap_summary of this rank's GPU kernels in the profile (ns)."""
+    return gap_summary([(e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
+                        if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_user_annotation()])
+
+
 def communication_ms(prof, steps: int) -> tuple[float, float]:
     """(NCCL kernel ms per step, of it ms per step with no other kernel running) on this rank's GPU."""
     comm, compute = [], []
@@ -180,6 +219,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         span, idle = device_idle_ms(prof, args.steps)
         say(f"  device idle            {idle:9.2f} ms of the {span:.2f} ms from the first kernel to the last")
+        for line in gap_lines(device_gaps(prof), args.steps):
+            say(line)
     if world_size > 1 and device.type == "cuda":
         comm, exposed = communication_ms(prof, args.steps)
         say(f"  communication kernels  {comm:9.2f} ms, of which not overlapped with compute: {exposed:.2f} ms")

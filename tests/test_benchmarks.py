@@ -177,6 +177,23 @@ def test_device_idle_is_the_span_minus_the_union_of_kernels(profile_step):
     assert profile_step.busy_time([(3, 4)]) == (1, 1)
 
 
+def test_gap_summary_classes_idle_gaps_by_length_and_names_the_kernels_around_the_longest(profile_step):
+    """Gaps are counted after the latest end so far (a kernel overlapping a longer one leaves none), classed by
+    length in microseconds (times in ns), and the longest listed with the kernels before and after."""
+    kernels = [(0, 1000, "a"), (500, 4000, "b"), (3000, 3500, "c"),  # c inside b: no gap after c
+               (9000, 10000, "d"),  # 5 us after b
+               (60000, 61000, "e"),  # 50 us after d
+               (400000, 400100, "f")]  # 339 us after e
+    summary = profile_step.gap_summary(kernels, top=2)
+    assert summary["count"] == 6
+    assert summary["by_class"] == [(0.0, 10.0, 1, 5000), (10.0, 100.0, 1, 50000), (100.0, float("inf"), 1, 339000)]
+    assert summary["longest"] == [(339000, "e", "f"), (50000, "d", "e")]
+    assert profile_step.gap_summary([]) == dict(count=0, by_class=[(lo, hi, 0, 0) for lo, hi in profile_step.GAP_CLASSES],
+                                                longest=[])
+    lines = profile_step.gap_lines(summary, steps=1)
+    assert lines[0].split()[-1] == "6" and "0.34 ms (1 gaps per step)" in lines[3] and "after e, before f" in lines[4], lines
+
+
 def test_exposed_communication_is_the_part_no_compute_kernel_covers(profile_step):
     comm = [(0, 10), (5, 12), (20, 30), (40, 50)]        # union: [0, 12], [20, 30], [40, 50] = 32
     compute = [(2, 4), (3, 6), (11, 25), (29, 41), (60, 70)]
