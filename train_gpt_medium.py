@@ -2343,11 +2343,11 @@ if HAS_TRITON:
                      mask=q_ok[:, None])
 
     @triton.jit
-    def _dc_backward_q_kernel(Q, K, V, MIX, W2, DOC, LSE, GRAD, DQ, DMIX, DW2, ROWSUM, T, H: tl.constexpr,
+    def _dc_backward_q_kernel(Q, K, V, MIX, W2, DOC, LSE, GRAD, DQ, DW2, ROWSUM, T, H: tl.constexpr,
                               D: tl.constexpr, WINDOW: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                               PRECISION: tl.constexpr):
-        """Per query block: dw2_h = <grad_h, A V_h>, dA = sum_h (w2_h grad_h) V_h^T, dmix_h = E_h = sum_s P_h dA,
-        dq_h = (mix_h P_h (dA - E_h)) K_h; E goes to ROWSUM for the key-major kernel."""
+        """Per query block: dw2_h = <grad_h, A V_h>, dA = sum_h (w2_h grad_h) V_h^T, E_h = sum_s P_h dA (ROWSUM:
+        the gradient of mix_h, and the key-major kernel's softmax term), dq_h = (mix_h P_h (dA - E_h)) K_h."""
         q0 = tl.program_id(0) * BQ
         tq, tk, d = q0 + tl.arange(0, BQ), q0 + BQ - BK + tl.arange(0, BK), tl.arange(0, D)
         q_ok, k_ok = tq < T, (tk >= 0) & (tk < T)
@@ -2367,7 +2367,6 @@ if HAS_TRITON:
         for h in tl.static_range(H):
             probs, _ = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
             rowsum = tl.sum(probs * d_mixed, 1)
-            tl.store(DMIX + tq * H + h, rowsum, mask=q_ok)
             tl.store(ROWSUM + tq * H + h, rowsum, mask=q_ok)
             weight = tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)
             d_scores = weight[:, None] * probs * (d_mixed - rowsum[:, None])
@@ -2439,12 +2438,12 @@ def dc_mix_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
     """(dq, dk, dv, dmix, dw2) of dc_mix's output for its gradient grad."""
     grad, q, k, v, mix, w2, doc = (t.contiguous() for t in (grad, q, k, v, mix, w2, doc))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dmix, dw2, rowsum = (torch.empty_like(mix) for _ in range(3))
+    dw2, rowsum = torch.empty_like(mix), torch.empty_like(mix)
     meta, grid = _dc_launch_args(q)
     T = q.size(0)
-    _dc_backward_q_kernel[grid](q, k, v, mix, w2, doc, lse, grad, dq, dmix, dw2, rowsum, T, **meta)
+    _dc_backward_q_kernel[grid](q, k, v, mix, w2, doc, lse, grad, dq, dw2, rowsum, T, **meta)
     _dc_backward_kv_kernel[grid](q, k, v, mix, w2, doc, lse, grad, rowsum, dk, dv, T, **meta)
-    return dq, dk, dv, dmix, dw2
+    return dq, dk, dv, rowsum, dw2  # rowsum is dmix
 
 
 @dc_mix_backward.register_fake

@@ -478,8 +478,8 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     kernels["dc forward"] = (trainer._dc_forward_kernel, {**_DC_SIGNATURE, "OUT": "*bf16", "LSE": "*fp32", "T": "i32"},
                              dc)
     kernels["dc backward q"] = (trainer._dc_backward_q_kernel, {
-        **_DC_SIGNATURE, "LSE": "*fp32", "GRAD": "*bf16", "DQ": "*bf16", "DMIX": "*fp32", "DW2": "*fp32",
-        "ROWSUM": "*fp32", "T": "i32"}, dc)
+        **_DC_SIGNATURE, "LSE": "*fp32", "GRAD": "*bf16", "DQ": "*bf16", "DW2": "*fp32", "ROWSUM": "*fp32",
+        "T": "i32"}, dc)
     kernels["dc backward kv"] = (trainer._dc_backward_kv_kernel, {
         **_DC_SIGNATURE, "LSE": "*fp32", "GRAD": "*bf16", "ROWSUM": "*fp32", "DK": "*bf16", "DV": "*bf16", "T": "i32"},
         dc)
