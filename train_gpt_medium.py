@@ -17,6 +17,7 @@ Importing this file has no side effects; tests import its pieces.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import glob
 import hashlib
@@ -1336,14 +1337,12 @@ def mlp_matmul_shared_bytes(config: tuple, element_size: int) -> int:
     return (stages * (bm + bn) * bk + bm * bn) * element_size + MLP_MATMUL_SHARED_SLACK
 
 
+@functools.cache
 def gpu_properties(index: int) -> dict:
     """Triton's view of GPU `index` (keys max_shared_mem: bytes a program may use, multiprocessor_count)."""
-    if index not in _GPU_PROPERTIES:
-        _GPU_PROPERTIES[index] = triton.runtime.driver.active.utils.get_device_properties(index)
-    return _GPU_PROPERTIES[index]
+    return triton.runtime.driver.active.utils.get_device_properties(index)
 
 
-_GPU_PROPERTIES: dict[int, dict] = {}
 _MLP_TILE_WARNED: set[tuple] = set()
 
 
@@ -1865,7 +1864,6 @@ class DistMuon:
     def __init__(self, params, hp: Hyperparameters, rank, world_size):
         """params: (parameter, lr multiplier) pairs; parameters of one matrix shape and multiplier are stacked."""
         self.hp, self.rank, self.world_size = hp, rank, world_size
-        self.bf16_weights = hp.muon_bf16_weights
         by_shape = {}
         for p, lr_mul in params:
             by_shape.setdefault((tuple(p.shape[-2:]), lr_mul), []).append(p)
@@ -1878,7 +1876,7 @@ class DistMuon:
                          c=torch.zeros(k, device=dev))
             self.groups.append(dict(params=ps, shape=(m, n), lr_mul=lr_mul, count=count, k=k, state=state,
                                     owned=self._owned_ranges(ps, m * n, rank * k, min((rank + 1) * k, count))))
-        if self.bf16_weights:
+        if hp.muon_bf16_weights:
             for g in self.groups:  # the low halves of the float32 weights, before the parameters become bf16;
                 # kept as bf16-typed bits (never computed with): NCCL has no int16 for the checkpoint's gather
                 g["state"]["low"] = split_fp32(self._owned_weights(g))[1].view(torch.bfloat16)
@@ -1933,7 +1931,7 @@ class DistMuon:
             grad = pending.wait()
             new_w = muon_update(self._owned_weights(g), grad, g["state"], self.hp, self.hp.muon_lr * lr_factor,
                                 momentum, g["lr_mul"])
-            if self.bf16_weights:
+            if "low" in g["state"]:  # bf16 weights
                 new_w, low = split_fp32(new_w)
                 g["state"]["low"].copy_(low.view(torch.bfloat16))
             self._gathers.append((g, all_gather(new_w, self.world_size)))
@@ -2297,6 +2295,18 @@ DC_WARPS = 8  # the sm_90 build spills fewer registers (STL/LDL in its SASS) tha
 if HAS_TRITON:
 
     @triton.jit
+    def _dc_tile(X, t, h, d, H: tl.constexpr, D: tl.constexpr):
+        """Pointers to head h's [len(t), D] tile of rows t in X [T, H, D], added pointer first: summing the integer
+        offsets before adding them made the sm_90 build of the key-major kernel spill more registers."""
+        return X + t[:, None] * (H * D) + h * D + d[None, :]
+
+    @triton.jit
+    def _dc_gated(grad, W2, tq, q_ok, h, H: tl.constexpr, dtype: tl.constexpr):
+        """w2_h grad_h of queries tq (grad: head h's output-gradient tile), in dtype: what reaches the head mix."""
+        gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
+        return (grad.to(tl.float32) * gate[:, None]).to(dtype)
+
+    @triton.jit
     def _dc_scores(Q, K, DOC, tq, tk, T, h, d, H: tl.constexpr, D: tl.constexpr, WINDOW: tl.constexpr,
                    PRECISION: tl.constexpr):
         """Head h's scores of queries tq against keys tk, -1e30 where the key is outside the query's window or
@@ -2306,8 +2316,8 @@ if HAS_TRITON:
         doc_k = tl.load(DOC + tk, mask=k_ok, other=-2)
         delta = tq[:, None] - tk[None, :]
         visible = (delta >= 0) & (delta < WINDOW) & (doc_q[:, None] == doc_k[None, :]) & k_ok[None, :]
-        qh = tl.load(Q + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
-        kh = tl.load(K + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+        qh = tl.load(_dc_tile(Q, tq, h, d, H, D), mask=q_ok[:, None], other=0.0)
+        kh = tl.load(_dc_tile(K, tk, h, d, H, D), mask=k_ok[:, None], other=0.0)
         scores = tl.where(visible, tl.dot(qh, tl.trans(kh), input_precision=PRECISION), -1.0e30)
         return scores, visible, qh
 
@@ -2336,10 +2346,10 @@ if HAS_TRITON:
             weight = tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)
             mixed += (weight / total)[:, None] * e
         for h in tl.static_range(H):
-            vh = tl.load(V + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+            vh = tl.load(_dc_tile(V, tk, h, d, H, D), mask=k_ok[:, None], other=0.0)
             out = tl.dot(mixed.to(vh.dtype), vh, input_precision=PRECISION)
             gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
-            tl.store(OUT + tq[:, None] * (H * D) + h * D + d[None, :], (out * gate[:, None]).to(OUT.dtype.element_ty),
+            tl.store(_dc_tile(OUT, tq, h, d, H, D), (out * gate[:, None]).to(OUT.dtype.element_ty),
                      mask=q_ok[:, None])
 
     @triton.jit
@@ -2357,22 +2367,20 @@ if HAS_TRITON:
             mixed += tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)[:, None] * probs
         d_mixed = tl.zeros((BQ, BK), dtype=tl.float32)
         for h in tl.static_range(H):
-            vh = tl.load(V + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
-            grad = tl.load(GRAD + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
+            vh = tl.load(_dc_tile(V, tk, h, d, H, D), mask=k_ok[:, None], other=0.0)
+            grad = tl.load(_dc_tile(GRAD, tq, h, d, H, D), mask=q_ok[:, None], other=0.0)
             out = tl.dot(mixed.to(vh.dtype), vh, input_precision=PRECISION)
             tl.store(DW2 + tq * H + h, tl.sum(grad.to(tl.float32) * out, 1), mask=q_ok)
-            gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
-            gated = (grad.to(tl.float32) * gate[:, None]).to(vh.dtype)
-            d_mixed += tl.dot(gated, tl.trans(vh), input_precision=PRECISION)
+            d_mixed += tl.dot(_dc_gated(grad, W2, tq, q_ok, h, H, vh.dtype), tl.trans(vh), input_precision=PRECISION)
         for h in tl.static_range(H):
             probs, _ = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
             rowsum = tl.sum(probs * d_mixed, 1)
             tl.store(ROWSUM + tq * H + h, rowsum, mask=q_ok)
             weight = tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)
             d_scores = weight[:, None] * probs * (d_mixed - rowsum[:, None])
-            kh = tl.load(K + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
+            kh = tl.load(_dc_tile(K, tk, h, d, H, D), mask=k_ok[:, None], other=0.0)
             dq = tl.dot(d_scores.to(kh.dtype), kh, input_precision=PRECISION)
-            tl.store(DQ + tq[:, None] * (H * D) + h * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
+            tl.store(_dc_tile(DQ, tq, h, d, H, D), dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
     @triton.jit
     def _dc_backward_kv_kernel(Q, K, V, MIX, W2, DOC, LSE, GRAD, ROWSUM, DK, DV, T, H: tl.constexpr,
@@ -2388,23 +2396,20 @@ if HAS_TRITON:
         for h in tl.static_range(H):
             probs, _ = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
             mixed += tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)[:, None] * probs
-            vh = tl.load(V + tk[:, None] * (H * D) + h * D + d[None, :], mask=k_ok[:, None], other=0.0)
-            grad = tl.load(GRAD + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
-            gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
-            gated = (grad.to(tl.float32) * gate[:, None]).to(vh.dtype)
-            d_mixed += tl.dot(gated, tl.trans(vh), input_precision=PRECISION)
+            vh = tl.load(_dc_tile(V, tk, h, d, H, D), mask=k_ok[:, None], other=0.0)
+            grad = tl.load(_dc_tile(GRAD, tq, h, d, H, D), mask=q_ok[:, None], other=0.0)
+            d_mixed += tl.dot(_dc_gated(grad, W2, tq, q_ok, h, H, vh.dtype), tl.trans(vh), input_precision=PRECISION)
         for h in tl.static_range(H):
             probs, qh = _dc_probs(Q, K, DOC, LSE, tq, tk, T, h, d, H, D, WINDOW, PRECISION)
-            grad = tl.load(GRAD + tq[:, None] * (H * D) + h * D + d[None, :], mask=q_ok[:, None], other=0.0)
-            gate = tl.load(W2 + tq * H + h, mask=q_ok, other=0.0)
-            gated = (grad.to(tl.float32) * gate[:, None]).to(qh.dtype)
+            grad = tl.load(_dc_tile(GRAD, tq, h, d, H, D), mask=q_ok[:, None], other=0.0)  # again: 6 heads' tiles
+            gated = _dc_gated(grad, W2, tq, q_ok, h, H, qh.dtype)  # would not fit in registers
             dv = tl.dot(tl.trans(mixed.to(qh.dtype)), gated, input_precision=PRECISION)
-            tl.store(DV + tk[:, None] * (H * D) + h * D + d[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+            tl.store(_dc_tile(DV, tk, h, d, H, D), dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
             weight = tl.load(MIX + tq * H + h, mask=q_ok, other=0.0)
             rowsum = tl.load(ROWSUM + tq * H + h, mask=q_ok, other=0.0)
             d_scores = weight[:, None] * probs * (d_mixed - rowsum[:, None])
             dk = tl.dot(tl.trans(d_scores.to(qh.dtype)), qh, input_precision=PRECISION)
-            tl.store(DK + tk[:, None] * (H * D) + h * D + d[None, :], dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
+            tl.store(_dc_tile(DK, tk, h, d, H, D), dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
 
 
 def _dc_launch_args(q: torch.Tensor):
@@ -2475,14 +2480,14 @@ def local_head_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.
     score the 256 keys of their own and the previous block, so the work is O(T 256 H D) and the shapes are
     static (T is padded to whole blocks)."""
     T, H, D = q.shape
-    if kernel and _triton_runs_on(q):
-        positions = torch.arange(T, device=q.device, dtype=cu.dtype)
-        doc = torch.searchsorted(cu[1:], positions, right=True).to(torch.int32)
-        return dc_mix(q, k, v, F.rms_norm(w1.float(), (H,), eps=1e-6), w2.float(), doc)[0]
     pad = -T % DC_BLOCK
     n = (T + pad) // DC_BLOCK
     pos = torch.arange(T + pad, device=q.device)
     doc = torch.searchsorted(cu[1:], pos.to(cu.dtype), right=True)  # padded positions: one past the last document
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax and head mix in fp32 (fp64 stays fp64: tests)
+    mix = F.rms_norm(w1.to(acc), (H,), eps=1e-6)
+    if kernel and _triton_runs_on(q):
+        return dc_mix(q, k, v, mix, w2.to(acc), doc[:T].to(torch.int32))[0]
 
     def blocks(x):  # [T, ...] -> [n, 128, ...]
         return F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad)).view(n, DC_BLOCK, *x.shape[1:])
@@ -2495,10 +2500,8 @@ def local_head_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.
     delta = t[:, :, None] - s[:, None, :]
     visible = (s[:, None, :] >= 0) & (delta >= 0) & (delta < DC_WINDOW)
     visible = visible & (doc.view(n, DC_BLOCK)[:, :, None] == doc[s.clamp_min(0)][:, None, :])  # [n, 128, 256]
-    acc = torch.promote_types(q.dtype, torch.float32)  # softmax and head mix in fp32 (fp64 stays fp64: tests)
     scores = torch.einsum("bqhd,bkhd->bhqk", blocks(q), with_previous(blocks(k))).to(acc)
     probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)  # the diagonal is always visible
-    mix = F.rms_norm(w1.to(acc), (H,), eps=1e-6)
     # A product and a sum over the heads rather than an einsum: as a contraction over 6 heads the einsum ran as
     # float32 matrix-vector kernels (README: "Per-token gates, MUDD and DC"); this form Inductor can fuse with
     # the softmax, so the probabilities need not be written out
