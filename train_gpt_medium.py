@@ -102,7 +102,7 @@ class Hyperparameters:
     gate_split_layer: int = 0  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static (4: the public's)
     mudd: bool = False  # the last layer and the output mix earlier layers per token (MUDD, records #81); off: backout
     dc_layers: str = ""  # layers whose heads add a per-token mix of all heads' local attention (DC, records #85; "10")
-    dc_kernel: bool = False  # DC by its Triton kernels on GPU (not yet run on one); off: plain tensor ops
+    dc_kernel: bool = True  # DC (--dc_layers) by its Triton kernels on GPU; off, and on CPU: plain tensor ops
     bigram_buckets: int = 377_280  # rows of the hashed bigram embedding added to the residual (0: off)
     smear: bool = True  # each token's embedding adds a gated share of the previous token's
     untie_stage: int = 0  # embedding tied to the head until this stage begins (1-based; 0: never tied)
@@ -149,6 +149,7 @@ class Hyperparameters:
     normuon_eps: float = 1e-10
     normuon_out_rows: bool = False  # attention output matrix stored (out, in): NorMuon per output channel, the public's
     muon_bf16_weights: bool = False  # Muon's matrices held in bf16, their fp32 low halves in Muon (records #57)
+    muon_qk_blocks: str = "pair"  # Muon orthogonalizes Q and K per pair of heads (records #80), or each "whole"
     orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
     orscale_r_max: float = 5.0
     scion_radius: float = 1.0  # spectral radius of the Scion step (arXiv 2502.07529)
@@ -195,6 +196,9 @@ class Hyperparameters:
         if len(self.layer_attention) != self.num_layers or set(self.layer_attention) - set("LS-"):
             raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
                               f"S (short window), - (no attention); got {self.layer_attention!r}")
+        if self.muon_qk_blocks not in ("pair", "whole"):
+            raise ConfigError(f"--muon_qk_blocks={self.muon_qk_blocks!r}: 'pair' (Muon orthogonalizes Q and K per "
+                              "pair of heads, [2 head_dim, dim] blocks) or 'whole' (each as one matrix)")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
             raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no NorMuon or weight "
                               "decay (on by default): add --normuon=false --cautious_wd=false --muon_weight_decay=0")
@@ -1831,18 +1835,21 @@ def muon_update(W: torch.Tensor, G: torch.Tensor, state: dict, hp: Hyperparamete
 
 
 def split_fp32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) halves of float32 x's bit patterns: high is the bf16 that truncates x, low [int16] the 16
-    bits it drops; join_fp32(high, low) is x, bit for bit (the speedrun's bf16 weights with an fp32 mantissa,
-    records #57)."""
+    """(high, low) of float32 x: high the bf16 nearest x (ties away from zero; elsewhere x.bfloat16()), low
+    [int16] the signed difference of the bit patterns, bits(x) - bits(high) << 16, which is within half of
+    bf16's last place, [-2^15, 2^15); join_fp32(high, low) is x, bit for bit (NaNs excepted). The speedrun's bf16
+    weights with an fp32 mantissa (records #57) truncate instead; rounded, the forward reads the weights a
+    float32 run casts to bf16."""
     bits = x.contiguous().view(torch.int32)
-    high = torch.div(bits, 65536, rounding_mode="floor")  # the arithmetic shift bits >> 16, in [-2^15, 2^15)
-    low = bits - high * 65536  # the low 16 bits, in [0, 2^16)
-    return high.to(torch.int16).view(torch.bfloat16), (low - 65536 * (low >= 32768)).to(torch.int16)
+    # bits + 2^15 then an arithmetic shift: sign-magnitude patterns round in magnitude for either sign
+    high = torch.div(bits + 32768, 65536, rounding_mode="floor")
+    return high.to(torch.int16).view(torch.bfloat16), (bits - high * 65536).to(torch.int16)
 
 
 def join_fp32(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """The float32 whose bits are bf16 high's 16 above low's 16 (any 16-bit dtype): split_fp32 undone."""
-    bits = high.contiguous().view(torch.int16).to(torch.int32) * 65536 + (low.view(torch.int16).to(torch.int32) & 0xFFFF)
+    """The float32 whose bits are bf16 high's shifted up 16, plus low's signed 16 (any 16-bit dtype): split_fp32
+    undone."""
+    bits = high.contiguous().view(torch.int16).to(torch.int32) * 65536 + low.view(torch.int16).to(torch.int32)
     return bits.view(torch.float32)
 
 
@@ -1856,8 +1863,8 @@ class DistMuon:
     launched before any compute, so one group's communication overlaps another's orthogonalization.
 
     With --muon_bf16_weights the parameters become bf16 (the forward reads them without a cast, and the
-    all-gather moves half the bytes) and Muon keeps, per owned matrix, the 16 bits of each float32 weight
-    that bf16 drops (state "low"): the update is computed on the exact float32 weight and written back as
+    all-gather moves half the bytes) and Muon keeps, per owned matrix, what each float32 weight has beyond its
+    nearest bf16 (state "low", 16 bits): the update is computed on the exact float32 weight and written back as
     its two halves, so the float32 weights follow the same path as without the flag, given the gradients.
     """
 
@@ -2659,13 +2666,15 @@ class Block(nn.Module):
         attention = spec.attention != "-"
         # Q and K as blocks of two heads ([Q blocks; K blocks], each [2 D, dim]), which Muon orthogonalizes one
         # by one (the speedrun's per-pair Q/K, records #80); block j holds heads j and j + H/2, the pair that
-        # paired attention interleaves. V [hdim, dim]; O stored [hdim, dim] (in, out) and applied transposed, so
+        # paired attention interleaves. --muon_qk_blocks=whole: the same memory as [Q; K], each [H D, dim], so
+        # the same initial weights and model, and Muon orthogonalizes Q and K whole. V [hdim, dim]; O stored [hdim, dim] (in, out) and applied transposed, so
         # NorMuon's per-row statistic of a square O is per input channel; with --normuon_out_rows O is stored
         # [dim, hdim] (out, in) like the other matrices: per output channel, the public's, and Muon's shape
         # scale max(1, m/n)^0.5 reads it as out over in.
         self.o_out_in = hp.normuon_out_rows
         o_shape = (hp.model_dim, hdim) if self.o_out_in else (hdim, hp.model_dim)
-        self.qk_w = nn.Parameter(torch.empty(H, 2 * D, hp.model_dim)) if attention else None
+        qk_shape = (H, 2 * D, hp.model_dim) if hp.muon_qk_blocks == "pair" else (2, hdim, hp.model_dim)
+        self.qk_w = nn.Parameter(torch.empty(qk_shape)) if attention else None
         self.v_w = nn.Parameter(torch.empty(hdim, hp.model_dim)) if attention else None
         self.o_w = nn.Parameter(torch.empty(o_shape)) if attention else None
         # Both MLP matrices stored [hidden, dim] (the output one applied transposed), so Muon's shape scale and

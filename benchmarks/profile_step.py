@@ -103,13 +103,14 @@ GAP_CLASSES = ((0.0, 10.0), (10.0, 100.0), (100.0, float("inf")))  # microsecond
 def gap_summary(kernels, top: int = 8) -> dict:
     """Where the device waited: kernels [(start, end, name)] (any unit of time, here ns) ->
     {"count": kernels, "by_class": [(lo, hi, number of gaps, their total)] for gaps in [lo, hi) microseconds
-    (from GAP_CLASSES, times 1000 for ns), "longest": [(gap, kernel before, kernel after)]}. A gap is time after
-    the latest end so far and before the next start, so overlapping kernels leave none."""
+    (from GAP_CLASSES, times 1000 for ns), "longest": [(gap, kernel before, kernel after, where the gap starts
+    after the first kernel's start)]}. A gap is time after the latest end so far and before the next start, so
+    overlapping kernels leave none."""
     kernels = sorted(kernels)
     gaps, last_end, last_name = [], None, None
     for start, end, name in kernels:
         if last_end is not None and start > last_end:
-            gaps.append((start - last_end, last_name, name))
+            gaps.append((start - last_end, last_name, name, last_end - kernels[0][0]))
         if last_end is None or end >= last_end:
             last_end, last_name = end, name
     by_class = []
@@ -125,8 +126,15 @@ def gap_lines(gaps: dict, steps: int) -> list[str]:
     for lo, hi, count, total in gaps["by_class"]:
         label = f"idle in gaps {lo:g}-{hi:g} us"
         lines.append(f"  {label:<24} {total / 1e6 / steps:9.2f} ms ({count / steps:.0f} gaps per step)")
-    lines += [f"    {gap / 1e3:9.1f} us after {before[:60]}, before {after[:60]}" for gap, before, after in gaps["longest"]]
+    lines += [f"    {gap / 1e3:9.1f} us at {at / 1e6:7.1f} ms, after {kernel_label(before)}, before {kernel_label(after)}"
+              for gap, before, after, at in gaps["longest"]]
     return lines
+
+
+def kernel_label(name: str, width: int = 70) -> str:
+    """A kernel's name short enough for a line: no leading 'void ' or 'at::native::' (C++ template names put
+    the part that tells kernels apart, the functor, after those)."""
+    return name.removeprefix("void ").replace("at::native::", "")[:width]
 
 
 def device_gaps(prof) -> dict:

@@ -187,11 +187,14 @@ def test_gap_summary_classes_idle_gaps_by_length_and_names_the_kernels_around_th
     summary = profile_step.gap_summary(kernels, top=2)
     assert summary["count"] == 6
     assert summary["by_class"] == [(0.0, 10.0, 1, 5000), (10.0, 100.0, 1, 50000), (100.0, float("inf"), 1, 339000)]
-    assert summary["longest"] == [(339000, "e", "f"), (50000, "d", "e")]
+    assert summary["longest"] == [(339000, "e", "f", 61000), (50000, "d", "e", 10000)], "gap, around, where"
     assert profile_step.gap_summary([]) == dict(count=0, by_class=[(lo, hi, 0, 0) for lo, hi in profile_step.GAP_CLASSES],
                                                 longest=[])
     lines = profile_step.gap_lines(summary, steps=1)
-    assert lines[0].split()[-1] == "6" and "0.34 ms (1 gaps per step)" in lines[3] and "after e, before f" in lines[4], lines
+    assert lines[0].split()[-1] == "6" and "0.34 ms (1 gaps per step)" in lines[3], lines
+    assert "339.0 us at     0.1 ms, after e, before f" in lines[4], lines
+    name = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1> >"
+    assert "FillFunctor" in profile_step.kernel_label(name), "the functor that tells kernels apart stays in the label"
 
 
 def test_exposed_communication_is_the_part_no_compute_kernel_covers(profile_step):

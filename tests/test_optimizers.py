@@ -615,16 +615,27 @@ def test_public_lambda_flags_step_resid_at_0_04_post_at_0_008_both_with_betas_0_
         trainer.parse_args(["--adam_betas_lambdas=0.95"])
 
 
-def test_split_fp32_halves_join_back_bit_for_bit_and_high_is_the_truncation(trainer):
-    """split_fp32 / join_fp32 on normal, subnormal, signed-zero, infinite and extreme values: the join is the
-    input's bits; high is the bf16 truncation (toward zero), which differs from round-to-nearest bf16."""
-    x = torch.cat([torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.randint(-30, 30, (4096,)),
-                   torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.4e38, -3.4e38, float("inf"), -float("inf")])])
+def test_split_fp32_halves_join_back_bit_for_bit_and_high_is_the_nearest_bf16(trainer):
+    """split_fp32 / join_fp32 on normal, subnormal, signed-zero, infinite and extreme values and on exact ties: the
+    join is the input's bits; high is the nearest bf16 (x.bfloat16(), which a float32 run's forward reads), but at
+    ties, which it rounds away from zero, so that the low half fits 16 signed bits. Negative control: the
+    truncation the public uses differs from it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-30, 30, (4096,), generator=gen),
+                   torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.3e38, -3.3e38, float("inf"), -float("inf")])])
+    bits = x.view(torch.int32)
+    ties = (bits[:64] & -65536) | 0x8000  # low halves exactly half of bf16's last place
+    halfway_down, halfway_up = ties - 1, ties + 1
+    x = torch.cat([x, *(b.view(torch.float32) for b in (ties, halfway_down, halfway_up))])
     high, low = trainer.split_fp32(x)
     assert high.dtype == torch.bfloat16 and low.dtype == torch.int16
-    assert torch.equal(trainer.join_fp32(high, low).view(torch.int32), x.view(torch.int32))
-    assert torch.equal(high.view(torch.int16), (x.view(torch.int32) >> 16).to(torch.int16))
-    assert not torch.equal(high, x.bfloat16()), "negative control: truncation and rounding must differ somewhere"
+    assert torch.equal(trainer.join_fp32(high, low).view(torch.int32), x.view(torch.int32)), "join undoes split"
+    tie = (x.view(torch.int32) & 0xFFFF) == 0x8000
+    assert tie.sum() >= 64
+    assert torch.equal(high[~tie], x[~tie].bfloat16()), "high is the bf16 nearest x"
+    assert (high[tie].float().abs() > x[tie].abs()).all(), "ties round away from zero"
+    truncated = (x.view(torch.int32) >> 16).to(torch.int16)
+    assert not torch.equal(high.view(torch.int16), truncated), "negative control: truncation differs from rounding"
 
 
 def test_bf16_weights_with_their_low_halves_are_the_float32_weights_bit_for_bit(trainer):
@@ -666,9 +677,10 @@ def _stack_rows(muon, param, key):
     raise KeyError("not a Muon parameter")
 
 
-def _output_matrix_step(trainer, *flags) -> dict:
+def _output_matrix_step(trainer, *flags, matrix: str = "o_w") -> dict:
     """One DistMuon step (one process) of the tiny model from its initial weights on one batch of documents:
-    the loss, and per attention layer O before, its gradient, O after and NorMuon's v of O; and hp."""
+    the loss, and per attention layer the matrix parameter (O by default) before, its gradient, after and
+    NorMuon's v of it; and hp."""
     hp = trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS, *flags])
     torch.manual_seed(0)
     model = trainer.GPT(hp)
@@ -679,7 +691,7 @@ def _output_matrix_step(trainer, *flags) -> dict:
                  torch.tensor([1.0, 0.5]))
     loss.backward()
     muon = trainer.DistMuon(model.hidden_matrices(), hp, 0, 1)
-    outputs = [b.o_w for b in model.blocks if b.o_w is not None]
+    outputs = [getattr(b, matrix) for b in model.blocks if getattr(b, matrix) is not None]
     before = [(o.detach().clone(), o.grad.clone()) for o in outputs]
     muon.reduce_grads()
     muon.step(1.0, hp.muon_momentum)
@@ -749,6 +761,36 @@ def test_normuon_out_rows_gives_a_non_square_output_matrix_the_out_in_shape_scal
         assert group["state"]["v"].shape[-1] == 96
         shared = any(p is model.blocks[0].v_w for p in group["params"])
         assert shared == (not flags), "V and O share a group exactly when they have one shape"
+
+
+def test_muon_qk_blocks_whole_orthogonalizes_q_and_k_each_as_one_matrix(trainer):
+    """By default Muon orthogonalizes Q and K per pair of heads (records #80): the parameter is H blocks [2 D, dim],
+    each its own matrix. --muon_qk_blocks=whole gives the same memory the shape [2, H D, dim]: the same initial
+    weights and loss, and Muon's step of each of Q and K is muon_update's on the whole [H D, dim] matrix (so Q and
+    K join V's shape group). Four heads of 16 (the tiny preset's two heads make one pair: whole). Negative control:
+    the default's per-pair step of the same gradient differs from it."""
+    heads = ["--num_heads=4", "--head_dim=16"]
+    pair = _output_matrix_step(trainer, *heads, matrix="qk_w")
+    whole = _output_matrix_step(trainer, *heads, "--muon_qk_blocks=whole", matrix="qk_w")
+    hp = whole["hp"]
+    H, D, dim = hp.num_heads, hp.head_dim, hp.model_dim
+    assert whole["loss"] == pytest.approx(pair["loss"], rel=1e-6), "the flag changes Muon's blocks, not the model"
+    for i, (W, G, after) in enumerate(zip(whole["W"], whole["G"], whole["after"])):
+        assert W.shape == (2, H * D, dim) and pair["W"][i].shape == (H, 2 * D, dim), (W.shape, pair["W"][i].shape)
+        assert torch.equal(W.flatten(), pair["W"][i].flatten()), f"attention layer {i}: same initial Q and K"
+        torch.testing.assert_close(G.flatten(), pair["G"][i].flatten(), rtol=1e-4, atol=1e-9)
+        state = dict(momentum=torch.zeros_like(W), v=torch.zeros(2, H * D), c=torch.zeros(2))
+        want = trainer.muon_update(W, G, state, hp, hp.muon_lr, hp.muon_momentum)
+        torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-7, msg=lambda m: (
+            f"attention layer {i}: with --muon_qk_blocks=whole, Q and K should each take muon_update's step of the "
+            f"whole matrix\n{m}"))
+        gap = (after.flatten() - pair["after"][i].flatten()).abs().max().item()
+        assert gap > 1e-5, f"attention layer {i}: per pair or whole, Q and K's steps differ by only {gap:.1e}"
+    model = trainer.GPT(hp)
+    muon = trainer.DistMuon(model.hidden_matrices(), hp, 0, 1)
+    group = next(g for g in muon.groups if any(p is model.blocks[0].qk_w for p in g["params"]))
+    assert group["shape"] == (H * D, dim) and any(p is model.blocks[0].v_w for p in group["params"]), \
+        "whole Q and K are stacked with V, the matrices of their shape"
 
 
 def train_two_steps(rank, world_size, module, *flags):
