@@ -161,6 +161,7 @@ class Hyperparameters:
     run_id: str = ""  # log file name: letters, digits, . _ - + = (not starting with .); default a fresh uuid
     compile: bool = True  # torch.compile the model (GPU only)
     compile_per_block: bool = False  # train through per-block graphs: faster cold start, slower steps (README: "Compile time")
+    gc_freeze: bool = True  # after the warm-up, keep what exists from the garbage collector's later full passes
     device: str = "auto"
     # checkpoints, saved under <log_dir>/<run_id>/step_<k> outside the timed region (README: "Checkpoints, resuming
     # and sampling")
@@ -3664,50 +3665,11 @@ def shard_reporter(log: RunLog, seq_len: int):
 NO_LEARNING_FRACTION = 0.02
 
 
-def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog,
-          launch_time: float) -> float:
-    """The whole run: warm-up (untimed, state restored), then the timed loop. Returns the final val loss."""
-    derived = derive(hp, world_size)
-    N = total_steps(hp)
-    check_training_data(hp, derived, log)
-    val_tokens = load_validation_tokens(hp)  # every input is checked before anything compiles
-    trainer = Trainer(hp, rank, world_size, device, val_tokens=val_tokens)
-    stages = " ".join(f"{s.start}:{s.batch_tokens}" for s in derived.recipe.stages)
-    log(f"world_size:{world_size} grad_accum:{','.join(map(str, derived.grad_accum))} stages(step:tokens):{stages} "
-        f"total_steps:{N} device:{device.type} compile:{hp.compile and device.type == 'cuda'}")
-
-    # Untimed warm-up: compiles and tunes kernels on real batches at every stage, then restores the initial
-    # state. The first train step and the first validation forward carry the compiles; the log gives both.
-    t_compile = time.perf_counter()
-    phases = ""
-    warm_steps = warmup_step_list(hp, derived)
-    if warm_steps:
-        snap = trainer.snapshot()
-        warm_loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(warm_steps, hp, derived))
-        for i, step in enumerate(warm_steps):
-            # The timed loop's loss all-reduce too: a collective's first call can take seconds, so each
-            # collective of a timed step runs here first.
-            LossReadout(trainer.train_step(step, warm_loader), world_size).value()
-            if i == 0:
-                _sync(device)
-                t_first = time.perf_counter() - t_compile
-        inputs, targets, cu, (docs, max_len) = next(validation_chunks(trainer.val_tokens, hp, rank, world_size, device))
-        _sync(device)
-        t_val = time.perf_counter()
-        for final in (False, True):
-            plan = trainer.plan(N - 1 if final else 0)
-            windows, scale, _ = trainer._forward_inputs(plan, derived.recipe.final_val_windows if final else None)
-            with torch.no_grad():
-                trainer.model(inputs, targets, cu, attention_meta(docs, max_len, windows), scale,
-                              trainer._on_device(plan.loss_weights, torch.float32))
-        _sync(device)
-        phases = f"first_train_step:{t_first:.1f}s first_val_forward:{time.perf_counter() - t_val:.1f}s "
-        trainer.restore(snap)
-        del warm_loader
-    _sync(device)
-    log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
-        f"startup_time:{time.perf_counter() - launch_time:.1f}s")
-
+def _timed_loop(hp: Hyperparameters, trainer: Trainer, N: int, rank: int, world_size: int, device: torch.device,
+                log: RunLog) -> float:
+    """Steps from the start (or the checkpoint's step) to N, validating and saving as configured; returns the
+    final val loss. Training time counts the steps only."""
+    derived = trainer.derived
     start, train_ms, position = resume(trainer, hp.resume_from, log) if hp.resume_from else (0, 0.0, None)
     loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(range(start, N), hp, derived),
                                     on_shard=shard_reporter(log, longest_train_row(derived.recipe)), start=position)
@@ -3754,6 +3716,90 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         if pending is not None:  # read the previous step's loss now, while this one runs: the GPU never idles for it
             log_pending()
         pending = (step, readout, approx_ms)
+    return val_loss
+
+
+class GcPauses:
+    """The garbage collector's passes while active (gc.callbacks): how many by generation, and the seconds they
+    took. A pass stops the host, so in a step it delays the next launches; a full pass (generation 2) walks every
+    tracked object, of which compiling leaves many, unless gc.freeze() moved them out of its reach."""
+
+    def __init__(self):
+        self.counts, self.seconds, self._start = [0, 0, 0], 0.0, None
+
+    def __call__(self, phase: str, info: dict):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.counts[info["generation"]] += 1
+            self._start = None
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+    def line(self) -> str:
+        return (f"gc: {'/'.join(map(str, self.counts))} passes (generation 0/1/2) in the timed loop, "
+                f"{1000 * self.seconds:.1f} ms")
+
+
+def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog,
+          launch_time: float) -> float:
+    """The whole run: warm-up (untimed, state restored), then the timed loop. Returns the final val loss."""
+    derived = derive(hp, world_size)
+    N = total_steps(hp)
+    check_training_data(hp, derived, log)
+    val_tokens = load_validation_tokens(hp)  # every input is checked before anything compiles
+    trainer = Trainer(hp, rank, world_size, device, val_tokens=val_tokens)
+    stages = " ".join(f"{s.start}:{s.batch_tokens}" for s in derived.recipe.stages)
+    log(f"world_size:{world_size} grad_accum:{','.join(map(str, derived.grad_accum))} stages(step:tokens):{stages} "
+        f"total_steps:{N} device:{device.type} compile:{hp.compile and device.type == 'cuda'}")
+
+    # Untimed warm-up: compiles and tunes kernels on real batches at every stage, then restores the initial
+    # state. The first train step and the first validation forward carry the compiles; the log gives both.
+    t_compile = time.perf_counter()
+    phases = ""
+    warm_steps = warmup_step_list(hp, derived)
+    if warm_steps:
+        snap = trainer.snapshot()
+        warm_loader = DistributedTrainLoader(hp, rank, world_size, device, row_specs(warm_steps, hp, derived))
+        for i, step in enumerate(warm_steps):
+            # The timed loop's loss all-reduce too: a collective's first call can take seconds, so each
+            # collective of a timed step runs here first.
+            LossReadout(trainer.train_step(step, warm_loader), world_size).value()
+            if i == 0:
+                _sync(device)
+                t_first = time.perf_counter() - t_compile
+        inputs, targets, cu, (docs, max_len) = next(validation_chunks(trainer.val_tokens, hp, rank, world_size, device))
+        _sync(device)
+        t_val = time.perf_counter()
+        for final in (False, True):
+            plan = trainer.plan(N - 1 if final else 0)
+            windows, scale, _ = trainer._forward_inputs(plan, derived.recipe.final_val_windows if final else None)
+            with torch.no_grad():
+                trainer.model(inputs, targets, cu, attention_meta(docs, max_len, windows), scale,
+                              trainer._on_device(plan.loss_weights, torch.float32))
+        _sync(device)
+        phases = f"first_train_step:{t_first:.1f}s first_val_forward:{time.perf_counter() - t_val:.1f}s "
+        trainer.restore(snap)
+        del warm_loader
+    _sync(device)
+    log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
+        f"startup_time:{time.perf_counter() - launch_time:.1f}s")
+
+    if hp.gc_freeze:  # the model, compiled graphs and kernels live for the run: later full passes skip them
+        gc.collect()
+        gc.freeze()
+    try:
+        with GcPauses() as pauses:
+            val_loss = _timed_loop(hp, trainer, N, rank, world_size, device, log)
+    finally:
+        gc.unfreeze()  # for a caller that trains again in this process (tests)
+    log(pauses.line())
     if val_loss > (1 - NO_LEARNING_FRACTION) * math.log(hp.vocab_size):
         log(f"warning: the model did not learn: final val loss {val_loss:.4f}, a uniform prediction's is "
             f"{math.log(hp.vocab_size):.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")
@@ -3777,7 +3823,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
 # size and sha256). It is written as step_<k>.tmp and then renamed, so a step_<k> folder is complete.
 CHECKPOINT_FORMAT = 1
 # Fields a resumed run may change: they name the run or do not touch the math (every other field must match).
-RESUME_FREE_FIELDS = ("run_id", "log_dir", "resume_from", "checkpoint_every", "save_checkpoint", "val_loss_every",
+RESUME_FREE_FIELDS = ("run_id", "log_dir", "resume_from", "checkpoint_every", "save_checkpoint", "val_loss_every", "gc_freeze",
                       "warmup_steps", "compile", "compile_per_block", "device")
 
 

@@ -16,6 +16,7 @@ Under torchrun, rank 0 reports, and adds the communication kernels' device time 
 of it during which no other kernel ran (communication not hidden behind compute).
 """
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -206,15 +207,20 @@ def main(argv=None) -> int:
     if hp.compile and device.type == "cuda":
         say("compile time by phase (torch._dynamo.utils.compile_times):\n"
             + torch._dynamo.utils.compile_times(repr="str", aggregate=True))
+    if hp.gc_freeze:  # as train() does before its timed loop
+        gc.collect()
+        gc.freeze()
     times = []
-    for _ in range(args.time_steps):
-        t0 = time.perf_counter()
-        run_step()
-        train_gpt._sync(device)
-        times.append(1000 * (time.perf_counter() - t0))
+    with train_gpt.GcPauses() as pauses:
+        for _ in range(args.time_steps):
+            t0 = time.perf_counter()
+            run_step()
+            train_gpt._sync(device)
+            times.append(1000 * (time.perf_counter() - t0))
     if times:
         say(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
               f"all: {' '.join(f'{t:.1f}' for t in times)}")
+        say(pauses.line().replace("timed loop", f"{len(times)} timed steps"))
     instrument(trainer)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -237,6 +243,7 @@ def main(argv=None) -> int:
     if args.trace and rank == 0:
         prof.export_chrome_trace(args.trace)
         say(f"trace: {args.trace}")
+    gc.unfreeze()
     if train_gpt.dist.is_initialized():
         train_gpt.dist.destroy_process_group()
     return 0

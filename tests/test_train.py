@@ -380,3 +380,40 @@ def test_loss_readout_waits_for_its_step_not_for_later_work_on_a_gpu(trainer):
     assert loss.item() == 5.0
     blocked = time.perf_counter() - t0
     assert waited < 0.1 < blocked, f"value() took {waited:.3f} s, .item() {blocked:.3f} s"
+
+
+@shared_code_only
+def test_gc_pauses_count_the_collector_passes_made_while_active(trainer):
+    """GcPauses counts each pass of the garbage collector by generation, with its time, only while active."""
+    gc = importlib.import_module("gc")
+    gc.collect()
+    with trainer.GcPauses() as pauses:
+        gc.collect(2)
+        gc.collect(0)
+    gc.collect(2)  # negative control: after the context, not counted
+    assert pauses.counts[2] == 1 and pauses.counts[0] >= 1, pauses.counts
+    assert pauses.seconds > 0
+    assert pauses.line().startswith(f"gc: {pauses.counts[0]}/{pauses.counts[1]}/1 passes (generation 0/1/2) in the timed loop, ")
+
+
+@shared_code_only
+def test_the_timed_loop_runs_with_the_warm_up_objects_frozen_and_reports_its_gc_passes(trainer, tiny_corpus, tmp_path,
+                                                                                        monkeypatch):
+    """With --gc_freeze (the default) the objects that exist after the warm-up (model, graphs, kernels) are out of
+    the collector's reach in the timed loop (gc.freeze), so a full pass walks only what the loop made; and they
+    are given back afterwards. With --gc_freeze=false nothing is frozen (the control). Either way the log says
+    how many passes the loop saw and how long they took."""
+    gc = importlib.import_module("gc")
+    frozen_in_loop = []
+    loop = trainer._timed_loop
+
+    def recording_loop(*args, **kwargs):
+        frozen_in_loop.append(gc.get_freeze_count())
+        return loop(*args, **kwargs)
+    monkeypatch.setattr(trainer, "_timed_loop", recording_loop)
+    for run_id, flag in (("frozen", "--gc_freeze=true"), ("unfrozen", "--gc_freeze=false")):
+        assert trainer.main(_args(tiny_corpus, tmp_path, run_id, flag)) == 0
+        assert gc.get_freeze_count() == 0, f"{run_id}: the frozen objects are given back after the loop"
+        gc_lines = [line for line in _log_lines(tmp_path, run_id) if line.startswith("gc: ")]
+        assert len(gc_lines) == 1 and gc_lines[0].endswith(" ms"), gc_lines
+    assert frozen_in_loop[0] > 1000 and frozen_in_loop[1] == 0, frozen_in_loop
