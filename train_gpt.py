@@ -2668,10 +2668,10 @@ class Block(nn.Module):
         # Q and K as blocks of two heads ([Q blocks; K blocks], each [2 D, dim]), which Muon orthogonalizes one
         # by one (the speedrun's per-pair Q/K, records #80); block j holds heads j and j + H/2, the pair that
         # paired attention interleaves. --muon_qk_blocks=whole: the same memory as [Q; K], each [H D, dim], so
-        # the same initial weights and model, and Muon orthogonalizes Q and K whole. V [hdim, dim]; O stored [hdim, dim] (in, out) and applied transposed, so
-        # NorMuon's per-row statistic of a square O is per input channel; with --normuon_out_rows O is stored
-        # [dim, hdim] (out, in) like the other matrices: per output channel, the public's, and Muon's shape
-        # scale max(1, m/n)^0.5 reads it as out over in.
+        # the same initial weights and model, and Muon orthogonalizes Q and K whole. V [hdim, dim]; O stored
+        # [hdim, dim] (in, out) and applied transposed, so NorMuon's per-row statistic of a square O is per input
+        # channel; with --normuon_out_rows O is stored [dim, hdim] (out, in) like the other matrices: per output
+        # channel, the public's, and Muon's shape scale max(1, m/n)^0.5 reads it as out over in.
         self.o_out_in = hp.normuon_out_rows
         o_shape = (hp.model_dim, hdim) if self.o_out_in else (hdim, hp.model_dim)
         qk_shape = (H, 2 * D, hp.model_dim) if hp.muon_qk_blocks == "pair" else (2, hdim, hp.model_dim)
@@ -3786,7 +3786,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
         _sync(device)
         phases = f"first_train_step:{t_first:.1f}s first_val_forward:{time.perf_counter() - t_val:.1f}s "
         trainer.restore(snap)
-        del warm_loader
+        del snap, warm_loader, inputs, targets, cu  # the snapshot holds a copy of every state tensor
     _sync(device)
     log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
         f"startup_time:{time.perf_counter() - launch_time:.1f}s")
@@ -3823,8 +3823,8 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
 # size and sha256). It is written as step_<k>.tmp and then renamed, so a step_<k> folder is complete.
 CHECKPOINT_FORMAT = 1
 # Fields a resumed run may change: they name the run or do not touch the math (every other field must match).
-RESUME_FREE_FIELDS = ("run_id", "log_dir", "resume_from", "checkpoint_every", "save_checkpoint", "val_loss_every", "gc_freeze",
-                      "warmup_steps", "compile", "compile_per_block", "device")
+RESUME_FREE_FIELDS = ("run_id", "log_dir", "resume_from", "checkpoint_every", "save_checkpoint", "val_loss_every",
+                      "warmup_steps", "compile", "compile_per_block", "gc_freeze", "device")
 
 
 class CheckpointError(ConfigError):
