@@ -56,6 +56,11 @@ VARIANTS = {
     "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "scion": ["--muon_variant=scion", "--cautious_wd=false", "--muon_weight_decay=0"],
     "muon+bf16_weights": ["--muon_bf16_weights=true"],  # Muon's matrices bf16 (gradients: `_bf16_grad`)
+    # bf16 weights with the other update rules: each computes on the joined float32 weight
+    "orscale_lm+bf16_weights": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false",
+                                "--muon_bf16_weights=true"],
+    "scion+bf16_weights": ["--muon_variant=scion", "--cautious_wd=false", "--muon_weight_decay=0",
+                           "--muon_bf16_weights=true"],
 }
 
 # Comparison tolerance of a distributed result against the single-process one (float32). The
