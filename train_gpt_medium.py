@@ -3912,6 +3912,14 @@ def read_checkpoint(path: str, hp: Hyperparameters | None) -> dict:
     saved, resuming = meta["hyperparameters"], hp is not None
     if resuming:
         mine = json.loads(json.dumps(dataclasses.asdict(hp)))
+        # Fields one side lacks: a flag added or removed since the save (free fields do not matter)
+        newer = sorted(set(mine) - set(saved) - set(RESUME_FREE_FIELDS))
+        older = sorted(set(saved) - set(mine) - set(RESUME_FREE_FIELDS))
+        if newer or older:
+            lacks = ([f"it had no --{', --'.join(newer)}"] if newer else []) + \
+                    ([f"this one has no --{', --'.join(older)}"] if older else [])
+            raise CheckpointError(f"{where}: saved by another version of the trainer ({'; '.join(lacks)}); resume "
+                                  "it with the trainer that saved it: the run's log begins with its source")
         differ = [k for k in sorted(set(saved) | set(mine))
                   if k not in RESUME_FREE_FIELDS and saved.get(k) != mine.get(k)]
         if differ:

@@ -151,6 +151,13 @@ def _broken(case, source, tmp_path):
     if case == "partial":
         (copy / "meta.json").unlink()  # what an interrupted save leaves (step_10.tmp)
         return copy, "not a complete checkpoint"
+    if case == "another trainer version":  # saved before --muon_qk_blocks existed, with a flag since removed
+        meta = json.loads((copy / "meta.json").read_text())
+        del meta["hyperparameters"]["muon_qk_blocks"], meta["hyperparameters"]["gc_freeze"]  # gc_freeze: free
+        meta["hyperparameters"]["retired_flag"] = 1
+        (copy / "meta.json").write_text(json.dumps(meta))
+        return copy, ("saved by another version of the trainer (it had no --muon_qk_blocks; this one has no "
+                      "--retired_flag); resume it with the trainer that saved it")
     if case == "truncated":
         state.write_bytes(state.read_bytes()[:1000])
         return copy, "missing or truncated"
@@ -160,7 +167,8 @@ def _broken(case, source, tmp_path):
     return copy, "state.pt is corrupt"
 
 
-@pytest.mark.parametrize("case", ["missing", "partial", "truncated", "corrupt", "another configuration"])
+@pytest.mark.parametrize("case", ["missing", "partial", "truncated", "corrupt", "another configuration",
+                                  "another trainer version"])
 def test_an_unusable_checkpoint_is_one_error_line_before_anything_is_built(straight, tiny_corpus, tmp_path, case,
                                                                          capsys, monkeypatch):
     def nothing_built(*args, **kwargs):
