@@ -13,12 +13,14 @@ loss two-sided.
 What is pooled: each run once (a copy of a log, however its bytes differ, and a second finished run
 of one recipe with the same seed are refused), and only runs of one recipe: the same source,
 configuration (hyperparameters but seed/run_id/log_dir), steps, data and hardware. Logs of several
-recipes are listed as groups and tested only with `--group N`. The target is the one the logs
+recipes are listed as groups and tested only with `--group N`, unless `--pool_despite NAMES` pools recipes
+that differ only in the named source or hyperparameters (seeds run by code versions that changed nothing
+they compute; the report says what was pooled over; never steps or hardware). The target is the one the logs
 declare (`target_val_loss`); --target or --track (small by default) gives it for logs that declare
 none, and is refused where it contradicts a log.
 
 Usage:
-    python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--group N]
+    python records/verify.py LOG_OR_FOLDER... [--target 3.28 | --track small|medium] [--group N] [--pool_despite NAMES]
                              [--alpha 0.01] [--baseline LOG_OR_FOLDER...] [--write] [--json] [--plot FILE.png]
     python records/verify.py --table     # rewrite the generated table block in records/README.md
     python records/verify.py --check     # every record's ANALYSIS.md and the table match the logs
@@ -423,8 +425,9 @@ def check_not_resumed(runs):
 class RunGroup:
     """Runs of one recipe: what one test may pool."""
     number: int  # 1-based; groups are numbered in the order of their first log
-    recipe: Recipe
+    recipe: Recipe  # with --pool_despite, the first pooled recipe's
     runs: tuple
+    pooled: tuple = ()  # what the pooled recipes differ in (--pool_despite); empty: one recipe
 
 
 def group_runs(runs):
@@ -443,6 +446,42 @@ def group_runs(runs):
     ordered = sorted(members.items(), key=lambda item: min(position[id(r)] for r in item[1]))
     return [RunGroup(number, recipe, tuple(sorted(rs, key=lambda r: position[id(r)])))
             for number, (recipe, rs) in enumerate(ordered, start=1)]
+
+
+UNPOOLABLE = ("steps", "hardware", "hyperparameters")  # a schedule, a machine, or a log without its configuration
+
+
+def pool_groups(groups, names):
+    """Merge groups whose recipes differ only in `names` (--pool_despite: "source" and hyperparameter names,
+    for runs of code versions that changed nothing these runs computed): a deliberate choice, reported with
+    what was pooled over. Steps, hardware and logs without a configuration never pool. Seeds must then be
+    unique across the merged recipes too."""
+    if not names:
+        return groups
+    if refused := [n for n in names if n in UNPOOLABLE]:
+        raise VerifyError(f"--pool_despite {','.join(refused)}: runs of other {' or '.join(refused)} are never "
+                          "pooled (other schedules or machines); name the source or hyperparameters that differ")
+    merged = []  # lists of groups, each pairwise within `names`
+    for g in groups:
+        home = next((m for m in merged if all(set(group_differences([g, h])) <= set(names) for h in m)), None)
+        if home is None:
+            merged.append([g])
+        else:
+            home.append(g)
+    pooled = []
+    for number, members in enumerate(merged, start=1):
+        runs = tuple(r for g in members for r in g.runs)
+        differ = tuple(group_differences(members)) if len(members) > 1 else ()
+        seeds = {}
+        for run in runs:
+            if run.finished and run.seed is not None:
+                if (other := seeds.get(json.dumps(run.seed))) is not None:
+                    raise VerifyError(f"duplicate seed: {other.path} and {run.path} ran seed {run.seed} in recipes "
+                                      f"pooled by --pool_despite ({', '.join(differ)}): not independent samples; "
+                                      "keep one of them")
+                seeds[json.dumps(run.seed)] = run
+        pooled.append(RunGroup(number, members[0].recipe, runs, differ))
+    return pooled
 
 
 def _recipe_fields(recipe):
@@ -701,11 +740,13 @@ class Analysis:
         """Which group was tested; with several, the others and what differs."""
         if self.group is None:
             return []
+        pooled = ([f"pooled over recipes that differ in: {', '.join(self.group.pooled)} (--pool_despite)"]
+                  if self.group.pooled else [])
         if len(self.groups) <= 1:
-            return [f"runs: one group, {recipe_summary(self.group.recipe)}"]
+            return [f"runs: one group, {recipe_summary(self.group.recipe)}", *pooled]
         head = (f"runs: group {self.group.number} of {len(self.groups)} (--group {self.group.number}); the others "
                 "are not part of this test")
-        return [head, *describe_groups(self.groups)]
+        return [head, *pooled, *describe_groups(self.groups)]
 
     @property
     def passed(self):
@@ -907,7 +948,8 @@ def analysis_dict(a):
              runs=[{r.key: _json(r.value) for r in row} for row in run_rows(a.runs)],
              skipped=[{r.key: _json(r.value) for r in row} for row in skipped_rows(a.skipped)],
              group=None if a.group is None else {"number": a.group.number, "of": len(a.groups),
-                                                  "description": describe_group(a.group, None)})
+                                                  "description": describe_group(a.group, None),
+                                                  "pooled_over": list(a.group.pooled)})
     if a.baseline is not None:
         d["baseline"] = {r.key: _json(r.value) for r in baseline_rows(a)}
         d["baseline"]["skipped"] = [{r.key: _json(r.value) for r in row} for row in skipped_rows(a.baseline.skipped)]
@@ -1073,17 +1115,18 @@ def recorded_args(folder):
     return command_args(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=None, group=None):
-    """parse -> check duplicates -> group -> check target -> analyze for PATH arguments, as the CLI does."""
+def verify_paths(paths, target=None, track=None, alpha=DEFAULT_ALPHA, baseline=None, group=None, pool_despite=()):
+    """parse -> check duplicates -> group (and pool) -> check target -> analyze for PATH arguments, as the CLI
+    does."""
     runs = [parse_log(p) for p in collect_logs(paths)]
     base_runs = [parse_log(p) for p in collect_logs(baseline)] if baseline else []
     check_not_resumed([*runs, *base_runs])
     check_duplicates(runs, base_runs)
-    groups = group_runs(runs)
+    groups = pool_groups(group_runs(runs), pool_despite)
     chosen = select_group(groups, group)
     base_group = None
     if base_runs:
-        base_group = select_group(group_runs(base_runs), what="the --baseline logs",
+        base_group = select_group(pool_groups(group_runs(base_runs), pool_despite), what="the --baseline logs",
                                   choose="point --baseline at the logs of one recipe on the machine of the runs")
         check_same_hardware(chosen, base_group)
     target, source = resolve_target(chosen.runs, target, track)
@@ -1241,6 +1284,10 @@ def build_parser():
     parser.add_argument("--group", type=int, metavar="N",
                         help="test group N of the logs: runs that differ in source, configuration, steps, data "
                              "or hardware are separate groups, listed when there is more than one")
+    parser.add_argument("--pool_despite", metavar="NAME[,NAME]",
+                        help="pool groups whose recipes differ only in these (source, or hyperparameter names as "
+                             "the group listing names them), e.g. seeds of one recipe run by code versions that "
+                             "changed nothing they compute; the report says what was pooled over; not with --write")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help="significance level of the one-sided test (default 0.01, the speedrun rule)")
     parser.add_argument("--baseline", nargs="+", metavar="PATH",
@@ -1267,7 +1314,8 @@ def _verify(args):
             raise VerifyError(f"--plot needs matplotlib, which is not installed: pip install matplotlib "
                               f"({args.plot} not written)")
         print(f"verify.py: wrote {args.plot}", file=sys.stderr)
-    a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline, args.group)
+    a = verify_paths(args.paths, args.target, args.track, args.alpha, args.baseline, args.group,
+                     tuple(args.pool_despite.split(",")) if args.pool_despite else ())
     for folder, n in unread_log_folders(args.paths, args.baseline or ()):
         print(f"verify.py: note: {folder} holds {_plural(n, 'log')} that are not read (sub-folders are not "
               "searched); pass it as PATH to test it, or with --baseline if it holds re-timed runs of the "
@@ -1301,6 +1349,8 @@ def main(argv=None):
         parser.error("--alpha must be between 0 and 1")
     if args.write and (len(args.paths) != 1 or not Path(args.paths[0]).is_dir()):
         parser.error("--write needs exactly one folder PATH")
+    if args.write and args.pool_despite:
+        parser.error("--pool_despite cannot --write: a record is one recipe's runs")
     try:
         if args.table:
             readme = args.records_dir / "README.md"

@@ -741,3 +741,29 @@ def test_parses_logs_written_by_a_tiny_cpu_run_of_train_gpt(tiny_corpus, tmp_pat
     result = json.loads(out)
     assert code in (0, 1) and result["n"] == 2 and result["target"] == run.logged_target
     assert [r["val_loss"] for r in result["runs"]] == [run.final_loss, verify.parse_log(logs[1]).final_loss]
+
+
+def test_pool_despite_pools_recipes_that_differ_only_in_the_named_fields_and_says_so(tmp_path, capsys):
+    """Seeds of one recipe run by two code versions (another source, and a flag these runs never read set
+    otherwise) are two groups; --pool_despite source,muon_lr pools them into one test, and the report says
+    what was pooled over. Negative controls: naming less than what differs leaves two groups; steps and
+    hardware never pool; a seed run by both versions is refused; --write (a record) refuses to pool."""
+    folder = write_logs(tmp_path / "runs", REC, make=our_log)
+    later = {"source": FAKE_SOURCE + "# a later version\n", "hp": {"muon_lr": 0.06}}
+    write_logs(folder, LOWER, make=our_log, first=len(REC), **later)
+    code, out, err = run_cli(capsys, folder, "--pool_despite", "source,muon_lr")
+    assert code == 0, f"REC + LOWER pooled pass (p = 0.007)\n{err}"
+    assert "pooled over recipes that differ in: source, muon_lr (--pool_despite)" in out, out
+    code, out, _ = run_cli(capsys, folder, "--pool_despite", "source,muon_lr", "--json")
+    report = json.loads(out)
+    assert report["n"] == len(REC) + len(LOWER) and report["group"]["pooled_over"] == ["source", "muon_lr"], report
+    code, _, err = run_cli(capsys, folder, "--pool_despite", "source")
+    assert code == 2 and "2 groups" in err and "muon_lr" in err, "muon_lr still differs: two groups"
+    for name in ("steps", "hardware"):
+        code, _, err = run_cli(capsys, folder, "--pool_despite", f"source,{name}")
+        assert code == 2 and "never pooled" in err, err
+    (folder / "again.txt").write_text(our_log(3.2700, seed=0, time_ms=176_999.0, **later))
+    code, _, err = run_cli(capsys, folder, "--pool_despite", "source,muon_lr")
+    assert code == 2 and "duplicate seed" in err and "again.txt" in err, err
+    with pytest.raises(SystemExit):
+        verify.main([str(folder), "--pool_despite", "source", "--write"])
