@@ -3742,8 +3742,8 @@ class GcPauses:
     def __exit__(self, *exc):
         gc.callbacks.remove(self)
 
-    def line(self) -> str:
-        return (f"gc: {'/'.join(map(str, self.counts))} passes (generation 0/1/2) in the timed loop, "
+    def line(self, where: str = "the timed loop") -> str:
+        return (f"gc: {'/'.join(map(str, self.counts))} passes (generation 0/1/2) in {where}, "
                 f"{1000 * self.seconds:.1f} ms")
 
 

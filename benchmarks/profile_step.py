@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     if times:
         say(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
               f"all: {' '.join(f'{t:.1f}' for t in times)}")
-        say(pauses.line().replace("timed loop", f"{len(times)} timed steps"))
+        say(pauses.line(f"the {len(times)} timed steps"))
     instrument(trainer)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
