@@ -115,7 +115,8 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
             "final_loss": last_val.val_loss if finished else None,
             "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
             "peak_gib": run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
-            "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time")}
+            "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time"),
+            "gc_ms": run.gc_passes[3] if run.gc_passes else None}
 
 
 def measure_peak_tflops() -> float | None:
@@ -216,15 +217,16 @@ def _fmt(x, spec):
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
     head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
-            "tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) |")
-    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 13]
+            "tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | GC in the loop (ms) |")
+    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 14]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
                    f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_fmt(r['tokens_per_s'], ',.0f')} | "
                    f"{_fmt(r['flops_per_token'] and r['flops_per_token'] / 1e6, '.1f')} | "
                    f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
-                   f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} |")
+                   f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} | "
+                   f"{_fmt(r.get('gc_ms'), '.0f')} |")
     return "\n".join(out)
 
 

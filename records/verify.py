@@ -83,6 +83,8 @@ RUN_INFO_RE = re.compile(r"world_size:\d+(?: \w+:\S+)*")
 # `warmup_and_compile_time:31.8s first_train_step:20.1s first_val_forward:5.2s startup_time:42.9s`
 TIMINGS_RE = re.compile(rf"warmup_and_compile_time:{_NUM}s(?: \w+:{_NUM}s)*")
 PEAK_RE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (?:(\d+) MiB|.*)")  # CPU runs: "n/a (...)"
+# `gc: 284/25/2 passes (generation 0/1/2) in the timed loop, 245.9 ms`: the garbage collector in the timed loop
+GC_RE = re.compile(rf"gc: (\d+)/(\d+)/(\d+) passes \(generation 0/1/2\) in the timed loop, ({_NUM}) ms")
 ERROR_PREFIXES = ("error:", "crash:", "Traceback")  # the trainer's failure lines (a crash adds its traceback)
 # A GPU row of nvidia-smi's device table: index, name, persistence mode, then two more cells. Its second
 # row starts with the fan speed and process rows have fewer cells, so neither matches.
@@ -158,6 +160,7 @@ class RunLog:
     run_info: dict  # fields of the `world_size:` line, as strings
     timings_s: dict  # fields of the `warmup_and_compile_time:` line, in seconds
     peak_memory_mib: tuple | None  # (allocated, reserved or None)
+    gc_passes: tuple | None = None  # the `gc:` line: (passes of generations 0, 1, 2, their ms) in the timed loop
     errors: tuple = ()  # `error:`, `crash:` and `Traceback` lines
     last_step: int | None = None  # k of the last `step:k/N` line of either kind
     num_iterations: int | None = None  # N of that line
@@ -289,7 +292,7 @@ def parse_log_text(text, path=Path("<text>")):
     no known pattern are ignored. Raises VerifyError on a malformed hyperparameters line."""
     source, environment, output = split_log(text)
     hyperparameters, vals, steps, errors = None, [], [], []
-    run_info, timings, peak, last_step, num_iterations = {}, {}, None, None, None
+    run_info, timings, peak, gc_passes, last_step, num_iterations = {}, {}, None, None, None, None
     output = tuple(line.rstrip() for line in output)
     for line in output:
         if m := VAL_RE.fullmatch(line):
@@ -311,12 +314,15 @@ def parse_log_text(text, path=Path("<text>")):
             timings = {key: float(value.rstrip("s")) for key, value in (f.split(":", 1) for f in line.split())}
         elif m := PEAK_RE.fullmatch(line):
             peak = (int(m[1]), None if m[2] is None else int(m[2]))
+        elif m := GC_RE.fullmatch(line):
+            gc_passes = (int(m[1]), int(m[2]), int(m[3]), float(m[4]))
         elif line.startswith(ERROR_PREFIXES):
             errors.append(line)
     return RunLog(path=Path(path), source=source, environment=environment, output=output,
                   hyperparameters=hyperparameters,
                   val_points=tuple(vals), step_points=tuple(steps), run_info=run_info, timings_s=timings,
-                  peak_memory_mib=peak, errors=tuple(errors), last_step=last_step, num_iterations=num_iterations)
+                  peak_memory_mib=peak, gc_passes=gc_passes, errors=tuple(errors), last_step=last_step,
+                  num_iterations=num_iterations)
 
 
 def parse_log(path):

@@ -41,6 +41,8 @@ def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     finals = [line for line in log.read_text().splitlines() if line.startswith("step:4/4 val_loss:")]
     assert row["final_loss"] == float(finals[-1].split("val_loss:")[1].split()[0])
     assert row["compile_s"] is not None and row["startup_s"] >= row["compile_s"]
+    gc_line = next(line for line in log.read_text().splitlines() if line.startswith("gc: "))
+    assert row["gc_ms"] == float(gc_line.split()[-2]), "the GC time of the log's gc: line"
     assert row["mfu"] == pytest.approx(row["flops_per_token"] * row["tokens_per_s"] / 1e12)
     times = {int(line.split("/")[0][5:]): float(line.split("train_time:")[1].split("ms")[0])
              for line in log.read_text().splitlines() if line.startswith("step:") and "train_time:" in line}
@@ -66,6 +68,7 @@ def test_summary_reads_the_log_through_the_records_reader(bench, tmp_path):
     assert (row["compile_s"], row["startup_s"]) == (31.8, 42.9)
     assert row["time_to_target_s"] == 9.0, "the first validation at or below 7.0 is step 100's (6.58)"
     assert row["ms_per_step"] == 90.0
+    assert row["gc_ms"] is None, "a log without a gc: line (older trainers, public logs)"
     source = inspect.getsource(bench)
     assert not re.search(r"_RE\b|fullmatch|startswith\(\"(step|hyper|world|warmup|peak)", source), \
         "proxy_speedrun.py parses log lines itself"
