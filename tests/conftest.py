@@ -55,6 +55,26 @@ def fix_triton_interpreter_index(monkeypatch=None):
 
 
 # What run_interpreted puts before a script: the repository and tests/ on the path, the interpreter mended.
+class KernelLaunches(list):
+    """The launches of a module's Triton kernels, as (kernel name, grid) in order. watch(module, *names) wraps each
+    named kernel so that a launch is recorded and then runs: an interpreted-kernel test checks with it that the
+    kernel, not a torch fallback, computed what it compares (else it would compare torch with itself)."""
+
+    def watch(self, module, *names):
+        for name in names:
+            setattr(module, name, _RecordedKernel(self, name, getattr(module, name)))
+        return self
+
+
+class _RecordedKernel:
+    def __init__(self, record, name, kernel):
+        self.record, self.name, self.kernel = record, name, kernel
+
+    def __getitem__(self, grid):
+        self.record.append((self.name, grid))
+        return self.kernel[grid]
+
+
 _INTERPRETER_PRELUDE = """
 import sys
 sys.path.insert(0, sys.argv[1])

@@ -460,21 +460,10 @@ _INTERPRETED_MLP = r"""
 import json
 import torch
 import train_gpt as t
+from conftest import KernelLaunches
 from test_model import _mlp_case, _mlp_grads, _plain_mlp
 assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
-launches = []
-
-
-class CountedLaunches:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        launches.append(grid)
-        return self.kernel[grid]
-
-
-t._mlp_matmul_kernel = CountedLaunches(t._mlp_matmul_kernel)
+launches = KernelLaunches().watch(t, "_mlp_matmul_kernel")
 worst, kernel_launches = {}, {}
 for seed, shape in enumerate([(70, 40, 52), (32, 32, 32), (5, 96, 36), (6, 33, 50)]):
     x, w1, w2, grad = _mlp_case(*shape, seed=seed)
@@ -482,7 +471,7 @@ for seed, shape in enumerate([(70, 40, 52), (32, 32, 32), (5, 96, 36), (6, 33, 5
     launches.clear()
     post = t.mlp_matmul(x, w1, None, 0)
     back = t.mlp_matmul(grad, w2, post, 1)
-    kernel_launches[str(shape)] = list(launches)
+    kernel_launches[str(shape)] = [grid for _, grid in launches]
     pairs = [(post, torch.relu(pre).square()), (back, (grad @ w2.T) * 2 * torch.relu(pre))]
     pairs += list(zip(_mlp_grads(t.ReluSquaredMLP.apply, x, w1, w2, grad), _mlp_grads(_plain_mlp, x, w1, w2, grad)))
     worst[str(shape)] = max(((a - b).norm() / b.norm()).item() for a, b in pairs)

@@ -111,21 +111,9 @@ _INTERPRETED_DC = r"""
 import json
 import torch
 import {module} as t
+from conftest import KernelLaunches
 assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
-launches = []
-
-
-class CountedLaunches:
-    def __init__(self, name):
-        self.name, self.kernel = name, getattr(t, name)
-
-    def __getitem__(self, grid):
-        launches.append(self.name)
-        return self.kernel[grid]
-
-
-for name in ("_dc_forward_kernel", "_dc_backward_q_kernel", "_dc_backward_kv_kernel"):
-    setattr(t, name, CountedLaunches(name))
+launches = KernelLaunches().watch(t, "_dc_forward_kernel", "_dc_backward_q_kernel", "_dc_backward_kv_kernel")
 errors = {{}}
 # T not a multiple of the 16-query blocks; documents shorter and longer than the window, one of one token
 for T, starts in ((300, [0, 20, 21, 90, 230]), (37, [0]), (16, [0, 5])):
@@ -141,7 +129,7 @@ for T, starts in ((300, [0, 20, 21, 90, 230]), (37, [0]), (16, [0, 5])):
         out = t.local_head_mix(*leaves[:3], cu, *leaves[3:], kernel=kernel)
         results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad)))
     errors[T] = [((a - b).norm() / b.norm()).item() for a, b in zip(*results)]
-print(json.dumps(dict(errors=errors, launches=launches)))
+print(json.dumps(dict(errors=errors, launches=[name for name, _ in launches])))
 """
 
 
