@@ -197,9 +197,6 @@ class Hyperparameters:
         if len(self.layer_attention) != self.num_layers or set(self.layer_attention) - set("LS-"):
             raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
                               f"S (short window), - (no attention); got {self.layer_attention!r}")
-        if self.muon_qk_blocks not in ("pair", "whole"):
-            raise ConfigError(f"--muon_qk_blocks={self.muon_qk_blocks!r}: 'pair' (Muon orthogonalizes Q and K per "
-                              "pair of heads, [2 head_dim, dim] blocks) or 'whole' (each as one matrix)")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
             raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no NorMuon or weight "
                               "decay (on by default): add --normuon=false --cautious_wd=false --muon_weight_decay=0")
@@ -221,6 +218,7 @@ class Hyperparameters:
 FIELD_CHOICES = {  # fields that take one of a few words
     "muon_ortho": ("newton_schulz5", "polar_express", "turbo_muon"),
     "muon_variant": ("muon", "orscale", "orscale_lm", "scion"),
+    "muon_qk_blocks": ("pair", "whole"),
     "device": ("auto", "cuda", "cpu"),
     "track": ("small", "medium"),
 }

@@ -29,6 +29,7 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--num_iterations=three"], ["--num_iterations expects int", "'three'"]),
     (["--compile=maybe"], ["--compile expects true or false"]),
     (["--muon_ortho=svd"], ["--muon_ortho must be one of", "turbo_muon"]),
+    (["--muon_qk_blocks=halves"], ["--muon_qk_blocks must be one of pair, whole"]),
     (["--preset=huge"], ["unknown preset 'huge'", "tiny"]),
     (["--preset=tiny", "--preset=tiny"], ["one --preset at most"]),
     (["num_iterations=3"], ["unexpected argument"]),
