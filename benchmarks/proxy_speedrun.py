@@ -23,6 +23,9 @@ tokens (the stages' windows, each step weighted by its batch). Document masking 
 of useful work over the measured bf16 matmul peak (8192^3 torch.matmul, median).
 """
 import argparse
+import dataclasses
+import functools
+import importlib
 import importlib.util
 import json
 import math
@@ -85,6 +88,29 @@ def stage_ms(hp: train_gpt.Hyperparameters, step_ms: dict[int, float]) -> list[f
     return out
 
 
+@functools.cache
+def fineweb_iterations(track: str) -> int:
+    """Scheduled steps of the track's FineWeb run: its trainer's default (the medium trainer is imported only
+    for a medium log)."""
+    if track == "medium":
+        return importlib.import_module("train_gpt_medium").Hyperparameters.num_iterations
+    return train_gpt.Hyperparameters.num_iterations
+
+
+def schedule_estimate_s(hp: train_gpt.Hyperparameters, by_stage: list[float | None] | None,
+                        num_iterations: int) -> float | None:
+    """Training seconds of the same recipe at `num_iterations` scheduled steps (the FineWeb schedule: the
+    trainer's default), from a run's median ms per step in each stage and in the extension: an estimate,
+    since the stages' step times do not depend on how many steps they have (the same rows and windows).
+    None where a stage's time is missing."""
+    if not by_stage or any(ms is None for ms in by_stage):
+        return None
+    longer = dataclasses.replace(hp, num_iterations=num_iterations)
+    starts = [s.start for s in train_gpt.derive(longer, 1).recipe.stages] + [num_iterations]
+    steps = [b - a for a, b in zip(starts, starts[1:])] + [longer.extension_steps]
+    return sum(n * ms for n, ms in zip(steps, by_stage)) / 1000
+
+
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     """Numbers of one training log, read by records/verify.py's reader; None where the log does not have them.
     Logs of earlier recipes, whose hyperparameters this trainer no longer takes, get no FLOP count; their
@@ -98,9 +124,10 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
         hp = train_gpt.Hyperparameters(**run.hyperparameters)
         clock = step_ms | {p.step: p.train_time_ms for p in run.val_points}  # validations read the clock too
         fpt, tokens, by_stage = flops_per_token(hp), run_tokens(hp), stage_ms(hp, clock)
+        fineweb_s = schedule_estimate_s(hp, by_stage, fineweb_iterations(hp.track))
     except (TypeError, train_gpt.ConfigError):
         fpt, tokens = None, run.hyperparameters.get("batch_tokens", 0) * (run.num_iterations or 0) or None
-        by_stage = None
+        by_stage, fineweb_s = None, None
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
     increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
     ms = statistics.median(increments) if increments else None
@@ -116,7 +143,7 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
             "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
             "peak_gib": run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
             "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time"),
-            "gc_ms": run.gc_passes[3] if run.gc_passes else None}
+            "gc_ms": run.gc_passes[3] if run.gc_passes else None, "fineweb_estimate_s": fineweb_s}
 
 
 def measure_peak_tflops() -> float | None:
@@ -217,8 +244,9 @@ def _fmt(x, spec):
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
     head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
-            "tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | GC in the loop (ms) |")
-    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 14]
+            "tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | GC in the loop (ms) | "
+            "FineWeb schedule, estimated (s) |")
+    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 15]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
@@ -226,7 +254,7 @@ def format_table(rows: list[dict], target: float, peak: float | None) -> str:
                    f"{_fmt(r['flops_per_token'] and r['flops_per_token'] / 1e6, '.1f')} | "
                    f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
                    f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} | "
-                   f"{_fmt(r.get('gc_ms'), '.0f')} |")
+                   f"{_fmt(r.get('gc_ms'), '.0f')} | {_fmt(r.get('fineweb_estimate_s'), '.0f')} |")
     return "\n".join(out)
 
 

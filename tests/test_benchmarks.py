@@ -276,3 +276,17 @@ def test_kernel_sass_counts_the_loss_kernels_loops(capsys):
     assert len(rows) == 2 and all(0 < r["mufu"] < r["instructions"] for r in rows), rows
     assert rows[0]["instructions"] < rows[1]["instructions"], "the gradient pass does more per column"
     assert "loop 1:" in capsys.readouterr().out
+
+
+def test_the_fineweb_schedule_estimate_counts_each_stages_steps_at_the_runs_step_times(bench):
+    """A proxy run compresses the schedule; its per-stage step times carry over to the track's FineWeb schedule
+    (the trainer's default steps, stage starts at the same fractions, the same extension): 1270 + 15 steps
+    start their stages at 0, 423 and 847. A stage without a measured time gives no estimate."""
+    import train_gpt
+    hp = train_gpt.parse_args(["--num_iterations=190"])
+    assert bench.fineweb_iterations("small") == 1270
+    got = bench.schedule_estimate_s(hp, [200.0, 400.0, 600.0, 700.0], 1270)
+    assert got == pytest.approx((423 * 200 + 424 * 400 + 423 * 600 + 15 * 700) / 1000), got
+    assert bench.schedule_estimate_s(hp, [200.0, 400.0, 600.0, None], 1270) is None
+    assert bench.schedule_estimate_s(hp, None, 1270) is None
+    assert bench.fineweb_iterations("medium") > 1270, "the medium track's longer schedule"
