@@ -1886,7 +1886,6 @@ class DistMuon:
             for g in self.groups:  # the low halves of the float32 weights, before the parameters become bf16;
                 # kept as bf16-typed bits (never computed with): NCCL has no int16 for the checkpoint's gather
                 g["state"]["low"] = split_fp32(self._owned_weights(g))[1].view(torch.bfloat16)
-            for g in self.groups:
                 for p in g["params"]:
                     p.data = split_fp32(p.data.float())[0]
         self._reduced, self._gathers = [], []
@@ -3720,10 +3719,12 @@ def _timed_loop(hp: Hyperparameters, trainer: Trainer, N: int, rank: int, world_
 class GcPauses:
     """The garbage collector's passes while active (gc.callbacks): how many by generation, and the seconds they
     took. A pass stops the host, so in a step it delays the next launches; a full pass (generation 2) walks every
-    tracked object, of which compiling leaves many, unless gc.freeze() moved them out of its reach."""
+    tracked object, of which compiling leaves many, unless gc.freeze() moved them out of its reach: with
+    freeze=True (--gc_freeze) entering collects and freezes what exists (the model, compiled graphs, kernels live
+    for the run) and leaving unfreezes it, for a caller that trains again in this process (tests)."""
 
-    def __init__(self):
-        self.counts, self.seconds, self._start = [0, 0, 0], 0.0, None
+    def __init__(self, freeze: bool = False):
+        self.freeze, self.counts, self.seconds, self._start = freeze, [0, 0, 0], 0.0, None
 
     def __call__(self, phase: str, info: dict):
         if phase == "start":
@@ -3734,11 +3735,16 @@ class GcPauses:
             self._start = None
 
     def __enter__(self):
+        if self.freeze:
+            gc.collect()
+            gc.freeze()
         gc.callbacks.append(self)
         return self
 
     def __exit__(self, *exc):
         gc.callbacks.remove(self)
+        if self.freeze:
+            gc.unfreeze()
 
     def line(self, where: str = "the timed loop") -> str:
         return (f"gc: {'/'.join(map(str, self.counts))} passes (generation 0/1/2) in {where}, "
@@ -3789,14 +3795,8 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
         f"startup_time:{time.perf_counter() - launch_time:.1f}s")
 
-    if hp.gc_freeze:  # the model, compiled graphs and kernels live for the run: later full passes skip them
-        gc.collect()
-        gc.freeze()
-    try:
-        with GcPauses() as pauses:
-            val_loss = _timed_loop(hp, trainer, N, rank, world_size, device, log)
-    finally:
-        gc.unfreeze()  # for a caller that trains again in this process (tests)
+    with GcPauses(freeze=hp.gc_freeze) as pauses:
+        val_loss = _timed_loop(hp, trainer, N, rank, world_size, device, log)
     log(pauses.line())
     if val_loss > (1 - NO_LEARNING_FRACTION) * math.log(hp.vocab_size):
         log(f"warning: the model did not learn: final val loss {val_loss:.4f}, a uniform prediction's is "

@@ -83,6 +83,11 @@ def instruction(line: str) -> str | None:
     return found.group(1).strip() if found else None
 
 
+def opcodes(cubin: bytes) -> list[str]:
+    """The opcode of each instruction of the disassembled cubin, in order."""
+    return [opcode(ins) for ins in map(instruction, disassemble(cubin).splitlines()) if ins]
+
+
 def loops(sass: str) -> list[list[str]]:
     """The instruction lists of each loop: from a label to a later branch back to it."""
     labels, instructions = {}, []

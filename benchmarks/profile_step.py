@@ -16,7 +16,6 @@ Under torchrun, rank 0 reports, and adds the communication kernels' device time 
 of it during which no other kernel ran (communication not hidden behind compute).
 """
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -207,26 +206,23 @@ def main(argv=None) -> int:
     if hp.compile and device.type == "cuda":
         say("compile time by phase (torch._dynamo.utils.compile_times):\n"
             + torch._dynamo.utils.compile_times(repr="str", aggregate=True))
-    if hp.gc_freeze:  # as train() does before its timed loop
-        gc.collect()
-        gc.freeze()
     times = []
-    with train_gpt.GcPauses() as pauses:
+    with train_gpt.GcPauses(freeze=hp.gc_freeze) as pauses:  # as train()'s timed loop runs
         for _ in range(args.time_steps):
             t0 = time.perf_counter()
             run_step()
             train_gpt._sync(device)
             times.append(1000 * (time.perf_counter() - t0))
-    if times:
-        say(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
-              f"all: {' '.join(f'{t:.1f}' for t in times)}")
-        say(pauses.line(f"the {len(times)} timed steps"))
-    instrument(trainer)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(args.steps):
-            run_step()
-        train_gpt._sync(device)
+        if times:
+            say(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
+                  f"all: {' '.join(f'{t:.1f}' for t in times)}")
+            say(pauses.line(f"the {len(times)} timed steps"))
+        instrument(trainer)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                run_step()
+            train_gpt._sync(device)
     say(f"\ndevice time per step by phase ({args.steps} steps profiled, rank 0 of {world_size}):")
     for name, ms in phase_table(prof, args.steps):
         say(f"  {name:<22} {ms:9.2f} ms")
@@ -243,7 +239,6 @@ def main(argv=None) -> int:
     if args.trace and rank == 0:
         prof.export_chrome_trace(args.trace)
         say(f"trace: {args.trace}")
-    gc.unfreeze()
     if train_gpt.dist.is_initialized():
         train_gpt.dist.destroy_process_group()
     return 0

@@ -76,13 +76,17 @@ def run_tokens(hp: train_gpt.Hyperparameters) -> int:
                for s in range(train_gpt.total_steps(hp)))
 
 
+def stage_bounds(hp: train_gpt.Hyperparameters) -> list[tuple[int, int]]:
+    """(first step, step after the last) of each stage, then of the extension."""
+    starts = [s.start for s in train_gpt.derive(hp, 1).recipe.stages] + [hp.num_iterations]
+    return list(zip(starts, starts[1:] + [train_gpt.total_steps(hp)]))
+
+
 def stage_ms(hp: train_gpt.Hyperparameters, step_ms: dict[int, float]) -> list[float | None]:
     """Median ms of a step in each stage, then in the extension (None where the log has no such step): step k
     runs from the log's train_time after k steps to the one after k + 1."""
-    starts = [s.start for s in train_gpt.derive(hp, 1).recipe.stages] + [hp.num_iterations]
-    ends = starts[1:] + [train_gpt.total_steps(hp)]
     out = []
-    for first, stop in zip(starts, ends):
+    for first, stop in stage_bounds(hp):
         increments = [step_ms[k + 1] - step_ms[k] for k in range(first, stop) if k in step_ms and k + 1 in step_ms]
         out.append(statistics.median(increments) if increments else None)
     return out
@@ -105,10 +109,8 @@ def schedule_estimate_s(hp: train_gpt.Hyperparameters, by_stage: list[float | No
     None where a stage's time is missing."""
     if not by_stage or any(ms is None for ms in by_stage):
         return None
-    longer = dataclasses.replace(hp, num_iterations=num_iterations)
-    starts = [s.start for s in train_gpt.derive(longer, 1).recipe.stages] + [num_iterations]
-    steps = [b - a for a, b in zip(starts, starts[1:])] + [longer.extension_steps]
-    return sum(n * ms for n, ms in zip(steps, by_stage)) / 1000
+    bounds = stage_bounds(dataclasses.replace(hp, num_iterations=num_iterations))
+    return sum((stop - first) * ms for (first, stop), ms in zip(bounds, by_stage, strict=True)) / 1000
 
 
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
