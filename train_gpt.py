@@ -131,6 +131,7 @@ class Hyperparameters:
     # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
     # adam_weight_decay * its multiplier (the speedrun's values, records #50 and #53); scalars: none
     adam_weight_decay: float = 0.005
+    adam_cautious_wd: bool = True  # false: Adam's decay on every entry, whatever the step's sign
     adam_wd_mul_embed: float = 150.0  # the embedding and the head
     adam_wd_mul_value_embed: float = 5.0  # value embeddings and the bigram table
     adam_wd_mul_gate: float = 1.0  # gate matrices, the generators' matrices included (biases and scales: none)
@@ -147,7 +148,7 @@ class Hyperparameters:
     normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
     normuon_beta2: float = 0.9
     normuon_eps: float = 1e-10
-    normuon_out_rows: bool = False  # attention output matrix stored (out, in): NorMuon per output channel, the public's
+    normuon_out_rows: bool = True  # attention output matrix stored (out, in): NorMuon per output channel, the public's
     muon_bf16_weights: bool = False  # Muon's matrices held in bf16, their fp32 low halves in Muon (records #57)
     muon_qk_blocks: str = "pair"  # Muon orthogonalizes Q and K per pair of heads (records #80), or each "whole"
     orscale_r_min: float = 0.1  # trust-ratio clip, OrScale-LM defaults (arXiv 2605.07815)
@@ -1642,9 +1643,11 @@ ADAM_BLOCK = 4096
 if HAS_TRITON:
 
     @triton.jit
-    def _adam_kernel(W, G, M, V, OUT, n, beta1, beta2, step_size, inv_bc2, eps, decay, BLOCK: tl.constexpr):
-        """OUT = W - u with u = step_size m / (sqrt(v inv_bc2) + eps) + decay W [u W > 0], after the moment updates
-        m <- m + (1 - beta1)(g - m), v <- v + (1 - beta2)(g^2 - v), all fp32; M and V in place."""
+    def _adam_kernel(W, G, M, V, OUT, n, beta1, beta2, step_size, inv_bc2, eps, decay, CAUTIOUS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """OUT = W - u with u = step_size m / (sqrt(v inv_bc2) + eps) + decay W [u W > 0] (CAUTIOUS; else without
+        the mask), after the moment updates m <- m + (1 - beta1)(g - m), v <- v + (1 - beta2)(g^2 - v), all fp32;
+        M and V in place."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         w = tl.load(W + offs, mask=mask, other=0.0)
@@ -1654,28 +1657,33 @@ if HAS_TRITON:
         m = m + (1 - beta1) * (g - m)
         v = v + (1 - beta2) * (g * g - v)
         u = step_size * m / (tl.sqrt(v * inv_bc2) + eps)
-        u = u + tl.where(u * w > 0, decay * w, 0.0)
+        if CAUTIOUS:
+            u = u + tl.where(u * w > 0, decay * w, 0.0)
+        else:
+            u = u + decay * w
         tl.store(M + offs, m, mask=mask)
         tl.store(V + offs, v, mask=mask)
         tl.store(OUT + offs, w - u, mask=mask)
 
 
-def adam_update(w, g, m, v, betas, step_size: float, bc2: float, eps: float, decay: float, out=None):
+def adam_update(w, g, m, v, betas, step_size: float, bc2: float, eps: float, decay: float, cautious: bool = True,
+                out=None):
     """Adam's new weights for flat fp32 w, g, moments m and v (updated in place): w - u, u = step_size m_hat /
-    (sqrt(v / bc2) + eps) + decay w where u and w agree in sign (cautious decay). Into `out` (may be w itself)
-    or a new tensor. The fused kernel on GPU (and under the Triton interpreter), the torch formula otherwise."""
+    (sqrt(v / bc2) + eps) + decay w where u and w agree in sign (cautious decay; everywhere if not `cautious`).
+    Into `out` (may be w itself) or a new tensor. The fused kernel on GPU (and under the Triton interpreter), the
+    torch formula otherwise."""
     beta1, beta2 = betas
     out = torch.empty_like(w) if out is None else out
     if _triton_runs_on(w):
         n = w.numel()
         _adam_kernel[(triton.cdiv(n, ADAM_BLOCK),)](w, g, m, v, out, n, beta1, beta2, step_size, 1 / bc2, eps, decay,
-                                                    BLOCK=ADAM_BLOCK)
+                                                    CAUTIOUS=cautious, BLOCK=ADAM_BLOCK)
         return out
     m.lerp_(g, 1 - beta1)
     v.lerp_(g * g, 1 - beta2)
     u = step_size * m / (v.div(bc2).sqrt_() + eps)
     if decay:
-        u = u + decay * w * ((u * w) > 0)
+        u = u + (decay * w * ((u * w) > 0) if cautious else decay * w)
     return torch.sub(w, u, out=out)
 
 
@@ -1683,7 +1691,7 @@ class DistAdam:
     """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction, with each parameter's own lr,
     betas and cautious weight decay: with u the Adam step, W -= u + lr_t^2 wd W where u and W agree in sign
     (strictly), lr_t the parameter's scheduled lr (the speedrun's Adam decay, records #50 and #53; cautious
-    masking as in arXiv 2510.12402).
+    masking as in arXiv 2510.12402); cautious=False decays every entry.
 
     Each parameter is flattened and padded to a multiple of world_size; rank r owns the r-th
     contiguous shard, holds the Adam state of that shard only (ZeRO-1), updates it, and all ranks
@@ -1692,9 +1700,9 @@ class DistAdam:
     can be paused (`set_active`): it is then neither reduced nor updated, and its state stays as it was.
     """
 
-    def __init__(self, params, eps, rank, world_size):
+    def __init__(self, params, eps, rank, world_size, cautious: bool = True):
         """params: (parameter, lr, (beta1, beta2), weight decay) tuples."""
-        self.eps, self.rank, self.world_size = eps, rank, world_size
+        self.eps, self.rank, self.world_size, self.cautious = eps, rank, world_size, cautious
         self.entries = []
         for p, lr, betas, wd in params:
             shard = math.ceil(p.numel() / world_size)
@@ -1741,7 +1749,8 @@ class DistAdam:
             if w.numel() < shard:  # the last ranks' shards run past the end: pad them, not the whole parameter
                 w = F.pad(w, (0, shard - w.numel()))
             lr = e["lr"] * lr_factor
-            new_w = adam_update(w, g, e["m"], e["v"], (beta1, beta2), lr / bc1, bc2, self.eps, lr * lr * e["wd"])
+            new_w = adam_update(w, g, e["m"], e["v"], (beta1, beta2), lr / bc1, bc2, self.eps, lr * lr * e["wd"],
+                                self.cautious)
             self._gathers.append((p, all_gather(new_w, self.world_size)))
         self._reduced = []
 
@@ -2666,9 +2675,9 @@ class Block(nn.Module):
         # by one (the speedrun's per-pair Q/K, records #80); block j holds heads j and j + H/2, the pair that
         # paired attention interleaves. --muon_qk_blocks=whole: the same memory as [Q; K], each [H D, dim], so
         # the same initial weights and model, and Muon orthogonalizes Q and K whole. V [hdim, dim]; O stored
-        # [hdim, dim] (in, out) and applied transposed, so NorMuon's per-row statistic of a square O is per input
-        # channel; with --normuon_out_rows O is stored [dim, hdim] (out, in) like the other matrices: per output
-        # channel, the public's, and Muon's shape scale max(1, m/n)^0.5 reads it as out over in.
+        # [dim, hdim] (out, in) like the other matrices, so NorMuon's per-row statistic is per output channel (the
+        # public's) and Muon's shape scale max(1, m/n)^0.5 reads it as out over in; --normuon_out_rows=false
+        # stores O [hdim, dim] (in, out), applied transposed: per input channel of a square O.
         self.o_out_in = hp.normuon_out_rows
         o_shape = (hp.model_dim, hdim) if self.o_out_in else (hdim, hp.model_dim)
         qk_shape = (H, 2 * D, hp.model_dim) if hp.muon_qk_blocks == "pair" else (2, hdim, hp.model_dim)
@@ -3484,7 +3493,7 @@ class Trainer:
         for gen, lr in m.adam_generators():  # records #81 (MUDD, 0.25 x 0.008) and #85 (gates, 0.1 x 0.008)
             adam_params += gen.adam_params(lr, betas["scalar"], wd_gate)
         matrices = m.hidden_matrices()
-        self.adam = DistAdam(adam_params, hp.adam_eps, rank, world_size)
+        self.adam = DistAdam(adam_params, hp.adam_eps, rank, world_size, cautious=hp.adam_cautious_wd)
         self.muon = DistMuon(matrices, hp, rank, world_size)
         self.muon_params = [p for p, _ in matrices]
         owned = [id(entry[0]) for entry in adam_params] + [id(p) for p in self.muon_params]
@@ -3751,6 +3760,41 @@ class GcPauses:
                 f"{1000 * self.seconds:.1f} ms")
 
 
+class AllocatorCalls:
+    """The CUDA caching allocator's calls into the driver while active (torch.cuda.memory_stats' counters):
+    cudaMalloc when no cached block fits, cudaFree when it gives memory back, retries (an allocation that failed,
+    freed the cache and tried again) and its synchronizations of every stream before freeing. cudaFree and those
+    synchronizations stop the host until the GPU is idle, so one in a step makes the GPU wait for the host's next
+    launches. Counted on CUDA only (`line` is None elsewhere); `stats` stands in for memory_stats in tests."""
+
+    COUNTERS = (("num_device_alloc", "cudaMalloc"), ("num_device_free", "cudaFree"), ("num_alloc_retries", "retries"),
+                ("num_sync_all_streams", "stream syncs"))
+
+    def __init__(self, device: torch.device, stats=None):
+        self.active = device.type == "cuda" or stats is not None
+        self.stats = stats or (lambda: torch.cuda.memory_stats(device))
+        self.counts, self._start = None, None
+
+    def _read(self):
+        values = self.stats()
+        return [values.get(key, 0) for key, _ in self.COUNTERS]
+
+    def __enter__(self):
+        if self.active:
+            self._start = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.counts = [after - before for before, after in zip(self._start, self._read())]
+
+    def line(self, where: str = "the timed loop") -> str | None:
+        if self.counts is None:
+            return None
+        calls = ", ".join(f"{n} {name}" for n, (_, name) in zip(self.counts, self.COUNTERS))
+        return f"allocator: {calls} in {where}"
+
+
 def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device, log: RunLog,
           launch_time: float) -> float:
     """The whole run: warm-up (untimed, state restored), then the timed loop. Returns the final val loss."""
@@ -3795,9 +3839,11 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     log(f"warmup_and_compile_time:{time.perf_counter() - t_compile:.1f}s {phases}"
         f"startup_time:{time.perf_counter() - launch_time:.1f}s")
 
-    with GcPauses(freeze=hp.gc_freeze) as pauses:
+    with GcPauses(freeze=hp.gc_freeze) as pauses, AllocatorCalls(device) as allocator:
         val_loss = _timed_loop(hp, trainer, N, rank, world_size, device, log)
     log(pauses.line())
+    if allocator.line():
+        log(allocator.line())
     if val_loss > (1 - NO_LEARNING_FRACTION) * math.log(hp.vocab_size):
         log(f"warning: the model did not learn: final val loss {val_loss:.4f}, a uniform prediction's is "
             f"{math.log(hp.vocab_size):.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")

@@ -208,15 +208,18 @@ def main(argv=None) -> int:
             + torch._dynamo.utils.compile_times(repr="str", aggregate=True))
     times = []
     with train_gpt.GcPauses(freeze=hp.gc_freeze) as pauses:  # as train()'s timed loop runs
-        for _ in range(args.time_steps):
-            t0 = time.perf_counter()
-            run_step()
-            train_gpt._sync(device)
-            times.append(1000 * (time.perf_counter() - t0))
+        with train_gpt.AllocatorCalls(device) as allocator:
+            for _ in range(args.time_steps):
+                t0 = time.perf_counter()
+                run_step()
+                train_gpt._sync(device)
+                times.append(1000 * (time.perf_counter() - t0))
         if times:
             say(f"wall ms/step (median of {len(times)}): {statistics.median(times):.1f}  "
                   f"all: {' '.join(f'{t:.1f}' for t in times)}")
             say(pauses.line(f"the {len(times)} timed steps"))
+            if allocator.line():
+                say(allocator.line(f"the {len(times)} timed steps"))
         instrument(trainer)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:

@@ -289,7 +289,8 @@ def test_at_init_the_new_model_is_the_static_model_but_for_two_gate_values(train
 
 def test_each_gate_output_reaches_the_quantity_it_replaces(trainer):
     """Moving one static quantity off its value and the per-token gate (or MUDD coefficient) that replaces it by
-    as much gives equal losses, and a changed one: each output is wired to its own quantity (XSA per head)."""
+    as much gives equal losses, and a changed one: each output is wired to its own quantity (XSA per head). Each
+    case starts from the same pair (moves made one after another can cancel: the loss is not monotone in them)."""
     new, static = _pair(trainer)
     base = _loss(new)
     torch.testing.assert_close(base, _loss(static), rtol=1e-6, atol=1e-5)
@@ -303,13 +304,13 @@ def test_each_gate_output_reaches_the_quantity_it_replaces(trainer):
     cases |= {f"last layer {n}": lambda m, n=n: _columns(m)[n][-1].add_(0.3)
               for n in ("resid_attn", "post_attn", "bigram_gate", "resid_mlp", "post_mlp")}
     for case, move in cases.items():
+        new, static = _pair(trainer)
         with torch.no_grad():
             move(static)
         _sync(new, static)
         got = _loss(new)
         torch.testing.assert_close(got, _loss(static), rtol=1e-6, atol=1e-5, msg=lambda m: f"{case}\n{m}")
         assert not torch.isclose(got, base, rtol=1e-6, atol=1e-5), f"{case} does not change the loss"
-        base = got
 
 
 def test_generators_are_on_adam_with_the_public_lrs_and_no_decay_on_bias_or_scale(trainer):

@@ -52,6 +52,7 @@ VARIANTS = {
     "muon+normuon": ["--normuon=true"],
     "muon+cautious_wd": ["--muon_weight_decay=3", "--cautious_wd=true"],
     "muon+plain_wd": ["--muon_weight_decay=3", "--cautious_wd=false"],
+    "adam+plain_wd": ["--adam_cautious_wd=false"],  # Adam's decay (ADAM_WDS) on every entry
     "orscale": ["--muon_variant=orscale", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "scion": ["--muon_variant=scion", "--cautious_wd=false", "--muon_weight_decay=0"],
@@ -131,7 +132,8 @@ def two_steps(trainer, flags, rank, world_size, grads_of=None):
     grad_rank, grad_world = grads_of or (rank, world_size)
     hp = _hp(trainer, *flags)
     muon_params, adam_params = _make_params()
-    adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS, ADAM_BETAS, ADAM_WDS)), hp.adam_eps, rank, world_size)
+    adam = trainer.DistAdam(list(zip(adam_params, ADAM_LRS, ADAM_BETAS, ADAM_WDS)), hp.adam_eps, rank, world_size,
+                            cautious=hp.adam_cautious_wd)
     muon = trainer.DistMuon(list(zip(muon_params, MUON_LR_MULS)), hp, rank, world_size)
     params = muon_params + adam_params
     grad = _bf16_grad if hp.muon_bf16_weights else _grad
@@ -481,13 +483,14 @@ def test_dist_adam_lr_factor_scales_every_learning_rate(trainer):
 
 def test_dist_adam_cautious_decay_is_lr_squared_wd_where_step_and_weight_agree(trainer):
     """Compared with the same Adam step without decay, W moves by a further lr_t^2 wd W exactly where the Adam
-    step u and W agree in sign (strictly; the speedrun's Adam decay), lr_t = lr * lr_factor."""
+    step u and W agree in sign (strictly; the speedrun's Adam decay), lr_t = lr * lr_factor; with
+    cautious=False (--adam_cautious_wd=false) by lr_t^2 wd W on every entry."""
     lr, wd, factor = 0.1, 2.0, 0.5
     W = _randn(40, 30, seed=3).float()
     results = []
-    for decay in (0.0, wd):
+    for decay, cautious in ((0.0, True), (wd, True), (wd, False)):
         p = torch.nn.Parameter(W.clone())
-        adam = trainer.DistAdam([(p, lr, (0.9, 0.99), decay)], 1e-10, rank=0, world_size=1)
+        adam = trainer.DistAdam([(p, lr, (0.9, 0.99), decay)], 1e-10, rank=0, world_size=1, cautious=cautious)
         p.grad = _randn(40, 30, seed=4).float()
         adam.reduce_grads()
         adam.step(factor)
@@ -496,8 +499,11 @@ def test_dist_adam_cautious_decay_is_lr_squared_wd_where_step_and_weight_agree(t
     u = W - results[0]
     agree = (u * W) > 0
     assert 0.2 < agree.float().mean() < 0.8, "negative control: the mask should have both kinds of entries"
-    torch.testing.assert_close(results[0] - results[1], (lr * factor) ** 2 * wd * W * agree, rtol=1e-4, atol=1e-7,
+    decay = (lr * factor) ** 2 * wd * W
+    torch.testing.assert_close(results[0] - results[1], decay * agree, rtol=1e-4, atol=1e-7,
                                msg=lambda m: f"decay must be (lr*factor)^2*wd*W where u*W > 0, else 0\n{m}")
+    torch.testing.assert_close(results[0] - results[2], decay, rtol=1e-4, atol=1e-7,
+                               msg=lambda m: f"plain decay must be (lr*factor)^2*wd*W on every entry\n{m}")
 
 
 _INTERPRETED_ADAM = r"""
@@ -505,11 +511,12 @@ import torch
 import train_gpt as t
 assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
 worst = {}
-for n, decay in ((10_000, 0.3), (37, 0.0)):  # several blocks with a ragged tail; one partial block, no decay
+# several blocks with a ragged tail, cautious and plain decay; one partial block, no decay
+for n, decay, cautious in ((10_000, 0.3, True), (10_000, 0.3, False), (37, 0.0, True)):
     g = torch.Generator().manual_seed(n)
     w, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
     m, v = 0.1 * torch.randn(n, generator=g), torch.rand(n, generator=g)
-    args = ((0.9, 0.99), 0.05, 0.3, 1e-10, decay)
+    args = ((0.9, 0.99), 0.05, 0.3, 1e-10, decay, cautious)
     kernel_m, kernel_v = m.clone(), v.clone()
     kernel = t.adam_update(w, grad, kernel_m, kernel_v, *args)
     t._kernels_interpreted = lambda: False  # the torch formula, the kernel's specification
@@ -525,7 +532,8 @@ print(max(worst.values()))
 
 def test_fused_adam_kernel_equals_the_torch_formula_under_the_interpreter(trainer):
     """The one-pass Adam kernel (GPU path of DistAdam.step), run by the Triton interpreter on CPU in float32:
-    new weights and both moments equal the torch formula's within float rounding, with and without decay."""
+    new weights and both moments equal the torch formula's within float rounding, with cautious, plain and no
+    decay."""
     out = run_interpreted(_INTERPRETED_ADAM)
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.strip()) < 1e-6, f"relative error of the interpreted Adam kernel: {out.stdout}"
@@ -712,21 +720,21 @@ def _orthogonalized(trainer, hp, G):
 
 
 def test_normuon_out_rows_normalizes_the_attention_output_matrix_per_output_channel(trainer):
-    """The attention output matrix O (the residual's dim outputs from the heads' hdim inputs) is stored (in, out)
-    by default, so NorMuon's per-row statistic of the square matrix is per input channel; --normuon_out_rows
-    stores it (out, in), as the public and as Q, K, V and the MLP: one second moment per output channel, the
+    """The attention output matrix O (the residual's dim outputs from the heads' hdim inputs) stored (in, out)
+    (--normuon_out_rows=false) gets NorMuon's per-row statistic of the square matrix per input channel; stored
+    (out, in) (the default), as the public and as Q, K, V and the MLP: one second moment per output channel, the
     update being muon_update's (normuon_normalize included) on the (out, in) matrix. The same initial weights
     (transposed) and model either way; the flag changes NorMuon's statistic only: with --normuon=false the two
     steps agree up to the transpose (Polar Express's Frobenius normalization does not care; Turbo-Muon's AOL row
     scaling of a square matrix does, so the test pins Polar Express), with NorMuon they differ (negative control)."""
     pe = "--muon_ortho=polar_express"
-    off, on = _output_matrix_step(trainer, pe), _output_matrix_step(trainer, pe, "--normuon_out_rows=true")
+    off, on = (_output_matrix_step(trainer, pe, f"--normuon_out_rows={v}") for v in ("false", "true"))
     hp, dim, hdim = on["hp"], on["hp"].model_dim, on["hp"].num_heads * on["hp"].head_dim
     assert dim == hdim, "the tiny model's O is square, as the 124M model's"
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-6), "the flag changes the layout, not the model"
     b2 = hp.normuon_beta2
     for i, (W, G, after, v) in enumerate(zip(on["W"], on["G"], on["after"], on["v"])):
-        assert torch.equal(W, off["W"][i].T), f"attention layer {i}: O starts at the default's weights, transposed"
+        assert torch.equal(W, off["W"][i].T), f"attention layer {i}: O starts at the (in, out) layout's weights, transposed"
         torch.testing.assert_close(G, off["G"][i].T, rtol=1e-4, atol=1e-9)
         O = _orthogonalized(trainer, hp, G)  # (out, in)
         per_output, per_input = O.square().mean(dim=1), O.square().mean(dim=0)
@@ -734,7 +742,7 @@ def test_normuon_out_rows_normalizes_the_attention_output_matrix_per_output_chan
         torch.testing.assert_close(v, (1 - b2) * per_output, rtol=1e-4, atol=0, msg=lambda m: (
             f"attention layer {i}: with --normuon_out_rows, v should be the EMA of O^2 per output channel\n{m}"))
         torch.testing.assert_close(off["v"][i], (1 - b2) * per_input, rtol=1e-4, atol=0, msg=lambda m: (
-            f"attention layer {i}: by default v should be the EMA of O^2 per input channel\n{m}"))
+            f"attention layer {i}: O stored (in, out): v should be the EMA of O^2 per input channel\n{m}"))
         assert not torch.allclose(per_output, per_input, rtol=1e-3), "negative control: the two statistics differ"
         state = dict(momentum=torch.zeros(1, dim, hdim), v=torch.zeros(1, dim), c=torch.zeros(1))
         want = trainer.muon_update(W[None], G[None], state, hp, hp.muon_lr, hp.muon_momentum)[0]
@@ -743,7 +751,7 @@ def test_normuon_out_rows_normalizes_the_attention_output_matrix_per_output_chan
         gap = (after - off["after"][i].T).abs().max().item()
         assert gap > 1e-5, f"attention layer {i}: per output or input channel, the steps differ by only {gap:.1e}"
     plain_off, plain_on = (_output_matrix_step(trainer, pe, "--normuon=false", *flags)
-                           for flags in ([], ["--normuon_out_rows=true"]))
+                           for flags in (["--normuon_out_rows=false"], ["--normuon_out_rows=true"]))
     for i, (a, b) in enumerate(zip(plain_on["after"], plain_off["after"])):
         torch.testing.assert_close(a, b.T, rtol=1e-5, atol=1e-7, msg=lambda m: (
             f"attention layer {i}: without NorMuon the flag should change nothing but the layout\n{m}"))
@@ -752,10 +760,11 @@ def test_normuon_out_rows_normalizes_the_attention_output_matrix_per_output_chan
 def test_normuon_out_rows_gives_a_non_square_output_matrix_the_out_in_shape_scale(trainer):
     """With hdim != dim (heads of 48 in a model of 64; value embeddings and MUDD, which add [T, dim] to the values,
     off) O stored (out, in) is [64, 96]: its own Muon shape group (V stays [96, 64]) with shape scale
-    max(1, 64/96)^0.5 = 1, where the default [96, 64] shares V's group and scale (3/2)^0.5. NorMuon's statistic
+    max(1, 64/96)^0.5 = 1, where (in, out) [96, 64] (--normuon_out_rows=false) shares V's group and scale (3/2)^0.5. NorMuon's statistic
     runs along the longer side, 96, in either layout."""
     non_square = ["--head_dim=48", "--value_embed_layers=", "--mudd=false"]
-    for flags, o_shape, scale in (([], (96, 64), 1.5 ** 0.5), (["--normuon_out_rows=true"], (64, 96), 1.0)):
+    for out_in, o_shape, scale in ((False, (96, 64), 1.5 ** 0.5), (True, (64, 96), 1.0)):
+        flags = [f"--normuon_out_rows={str(out_in).lower()}"]
         hp = trainer.parse_args(["--preset=tiny", *SMALL_VOCAB_FLAGS, *non_square, *flags])
         model = trainer.GPT(hp)
         muon = trainer.DistMuon(model.hidden_matrices(), hp, 0, 1)
@@ -765,7 +774,7 @@ def test_normuon_out_rows_gives_a_non_square_output_matrix_the_out_in_shape_scal
         assert trainer.muon_shape_scale(*group["shape"]) == pytest.approx(scale)
         assert group["state"]["v"].shape[-1] == 96
         shared = any(p is model.blocks[0].v_w for p in group["params"])
-        assert shared == (not flags), "V and O share a group exactly when they have one shape"
+        assert shared == (not out_in), "V and O share a group exactly when they have one shape"
 
 
 def test_muon_qk_blocks_whole_orthogonalizes_q_and_k_each_as_one_matrix(trainer):

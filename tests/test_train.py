@@ -397,6 +397,22 @@ def test_gc_pauses_count_the_collector_passes_made_while_active(trainer):
 
 
 @shared_code_only
+def test_allocator_calls_count_the_driver_calls_made_while_active(trainer):
+    """AllocatorCalls reports, by name, how much each of the caching allocator's counters grew between entry and
+    exit; without CUDA (and no stand-in for memory_stats) it reports nothing, so a CPU log has no such line."""
+    counters = dict(num_device_alloc=5, num_device_free=2, num_alloc_retries=0)
+    with trainer.AllocatorCalls(torch.device("cpu"), stats=lambda: dict(counters)) as calls:
+        counters["num_device_alloc"] += 3
+        counters["num_sync_all_streams"] = 1  # a counter first seen at exit counts from zero
+    counters["num_device_free"] += 4  # negative control: after the context, not counted
+    assert calls.line() == "allocator: 3 cudaMalloc, 0 cudaFree, 0 retries, 1 stream syncs in the timed loop"
+    assert calls.line("3 steps").endswith(" in 3 steps")
+    with trainer.AllocatorCalls(torch.device("cpu")) as cpu_calls:
+        pass
+    assert cpu_calls.line() is None
+
+
+@shared_code_only
 def test_the_timed_loop_runs_with_the_warm_up_objects_frozen_and_reports_its_gc_passes(trainer, tiny_corpus, tmp_path,
                                                                                         monkeypatch):
     """With --gc_freeze (the default) the objects that exist after the warm-up (model, graphs, kernels) are out of
@@ -416,4 +432,5 @@ def test_the_timed_loop_runs_with_the_warm_up_objects_frozen_and_reports_its_gc_
         assert gc.get_freeze_count() == 0, f"{run_id}: the frozen objects are given back after the loop"
         gc_lines = [line for line in _log_lines(tmp_path, run_id) if line.startswith("gc: ")]
         assert len(gc_lines) == 1 and gc_lines[0].endswith(" ms"), gc_lines
+        assert not any(line.startswith("allocator: ") for line in _log_lines(tmp_path, run_id)), "CUDA only"
     assert frozen_in_loop[0] > 1000 and frozen_in_loop[1] == 0, frozen_in_loop

@@ -52,6 +52,8 @@ MEDIUM_RECIPE = {
     "muon_ortho": '"polar_express"',
     # the fused MLP kernel is the small track's default on its end-to-end timing; not timed on this model
     "fused_mlp": "False",
+    # O stored (out, in) for NorMuon is the small track's default on its proxy runs; not measured on this model
+    "normuon_out_rows": "False",
 }
 
 MEDIUM_DOCSTRING = '''"""train_gpt_medium.py: the GPT-2-medium-track speedrun trainer, in one file.
