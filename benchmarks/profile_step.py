@@ -120,14 +120,32 @@ def gap_summary(kernels, top: int = 8) -> dict:
     return dict(count=len(kernels), by_class=by_class, longest=sorted(gaps, key=lambda g: -g[0])[:top])
 
 
+def host_during(start: int, end: int, events, top: int = 3, min_cover: float = 0.5) -> list[tuple[str, int]]:
+    """What the host was in while the device waited from start to end: the host events [(start, end, name)] that
+    cover at least min_cover of that window, innermost (shortest) first, as (name, duration). A call that holds
+    the host (a synchronization, cudaFree, a pinned allocation) is the innermost; enclosing ranges follow. Empty
+    when no single event covers it (many short ones: Python between launches)."""
+    window = end - start
+    if window <= 0:
+        return []
+    covering = sorted((e - s, name) for s, e, name in events if min(e, end) - max(s, start) >= min_cover * window)
+    return [(name, duration) for duration, name in covering[:top]]
+
+
 def gap_lines(gaps: dict, steps: int) -> list[str]:
-    """The report of gap_summary (ns) per step: kernels, idle ms per gap class, the longest gaps."""
+    """The report of gap_summary (ns) per step: kernels, idle ms per gap class, the longest gaps (and, where
+    gaps["host"] has them, the host events that cover each)."""
     lines = [f"  {'kernels per step':<24} {gaps['count'] / steps:9.0f}"]
     for lo, hi, count, total in gaps["by_class"]:
         label = f"idle in gaps {lo:g}-{hi:g} us"
         lines.append(f"  {label:<24} {total / 1e6 / steps:9.2f} ms ({count / steps:.0f} gaps per step)")
-    lines += [f"    {gap / 1e3:9.1f} us at {at / 1e6:7.1f} ms, after {kernel_label(before)}, before {kernel_label(after)}"
-              for gap, before, after, at in gaps["longest"]]
+    hosts = gaps.get("host", [None] * len(gaps["longest"]))
+    for (gap, before, after, at), host in zip(gaps["longest"], hosts, strict=True):
+        lines.append(f"    {gap / 1e3:9.1f} us at {at / 1e6:7.1f} ms, after {kernel_label(before)}, "
+                     f"before {kernel_label(after)}")
+        if host is not None:
+            held = ", ".join(f"{kernel_label(name, 50)} {duration / 1e3:.1f} us" for name, duration in host)
+            lines.append(f"      host meanwhile: {held or 'no single call (Python between launches)'}")
     return lines
 
 
@@ -138,9 +156,16 @@ def kernel_label(name: str, width: int = 70) -> str:
 
 
 def device_gaps(prof) -> dict:
-    """gap_summary of this rank's GPU kernels in the profile (ns)."""
-    return gap_summary([(e.start_ns(), e.end_ns(), e.name()) for e in prof.profiler.kineto_results.events()
-                        if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_user_annotation()])
+    """gap_summary of this rank's GPU kernels in the profile (ns), with "host": host_during of each longest gap
+    (the profiler puts host events and kernels on one clock)."""
+    events = prof.profiler.kineto_results.events()
+    kernels = [(e.start_ns(), e.end_ns(), e.name()) for e in events
+               if e.device_type() == torch.autograd.DeviceType.CUDA and not e.is_user_annotation()]
+    host = [(e.start_ns(), e.end_ns(), e.name()) for e in events if e.device_type() == torch.autograd.DeviceType.CPU]
+    summary = gap_summary(kernels)
+    first = min(start for start, _, _ in kernels) if kernels else 0
+    summary["host"] = [host_during(first + at, first + at + gap, host) for gap, _, _, at in summary["longest"]]
+    return summary
 
 
 def communication_ms(prof, steps: int) -> tuple[float, float]:

@@ -4,8 +4,10 @@ import inspect
 import re
 import statistics
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import ROOT, load_script
 
 
@@ -80,7 +82,6 @@ def test_the_matmul_peak_is_measured_by_one_function(bench):
     assert ortho.measure_peak_tflops is bench.measure_peak_tflops
     defined = [p.name for p in (ROOT / "benchmarks").glob("*.py") if "def measure_peak" in p.read_text()]
     assert defined == ["proxy_speedrun.py"], defined
-    import torch
     if not torch.cuda.is_available():
         assert bench.measure_peak_tflops() is None, "no GPU, no peak"
 
@@ -198,6 +199,41 @@ def test_gap_summary_classes_idle_gaps_by_length_and_names_the_kernels_around_th
     assert "339.0 us at     0.1 ms, after e, before f" in lines[4], lines
     name = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1> >"
     assert "FillFunctor" in profile_step.kernel_label(name), "the functor that tells kernels apart stays in the label"
+
+
+def test_host_during_a_gap_names_the_calls_that_cover_it_innermost_first(profile_step):
+    """While the device waited from 100 to 200 (ns), the host events covering at least half of that are listed,
+    the innermost (shortest) first: the synchronization inside the copy inside the step. A launch inside the
+    window covers too little (negative control), as does a call that ended before it; with only such events the
+    answer is empty, and the report says no single call holds the host."""
+    events = [(0, 1000, "step"), (90, 210, "aten::copy_"), (95, 205, "cudaStreamSynchronize"),
+              (120, 130, "cudaLaunchKernel"), (0, 90, "earlier")]
+    assert profile_step.host_during(100, 200, events) == [("cudaStreamSynchronize", 110), ("aten::copy_", 120),
+                                                          ("step", 1000)]
+    assert profile_step.host_during(100, 200, events, top=1) == [("cudaStreamSynchronize", 110)]
+    assert profile_step.host_during(100, 200, events[3:]) == [], "short or earlier calls do not explain the gap"
+    summary = dict(count=2, by_class=[], longest=[(100, "a", "b", 50), (80, "b", "c", 300)],
+                   host=[[("cudaStreamSynchronize", 110)], []])
+    lines = profile_step.gap_lines(summary, steps=1)
+    assert lines[-3].strip() == "host meanwhile: cudaStreamSynchronize 0.1 us", lines
+    assert lines[-1].strip() == "host meanwhile: no single call (Python between launches)", lines
+
+
+def test_device_gaps_reads_kernels_and_host_calls_from_one_profile_clock(profile_step):
+    """device_gaps on a stand-in for torch.profiler's results: kernels at 1000-1100 and 1300-1400 ns leave a
+    200 ns gap that a host synchronization at 1090-1310 covers; a user annotation on the device is not a kernel."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    class Event:
+        def __init__(self, start, end, name, device, annotation=False):
+            self.start_ns, self.end_ns = lambda: start, lambda: end
+            self.name, self.device_type, self.is_user_annotation = lambda: name, lambda: device, lambda: annotation
+    events = [Event(1000, 1100, "gemm", cuda), Event(1300, 1400, "copy", cuda), Event(1050, 1500, "range", cuda, True),
+              Event(1090, 1310, "cudaStreamSynchronize", cpu), Event(900, 2000, "train_step", cpu)]
+    prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(events=lambda: events)))
+    gaps = profile_step.device_gaps(prof)
+    assert gaps["count"] == 2 and gaps["longest"] == [(200, "gemm", "copy", 100)], gaps
+    assert gaps["host"] == [[("cudaStreamSynchronize", 220), ("train_step", 1100)]], gaps["host"]
 
 
 def test_exposed_communication_is_the_part_no_compute_kernel_covers(profile_step):
