@@ -112,6 +112,7 @@ class Hyperparameters:
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
     fp8_head_fused_grad: bool = True  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     fused_mlp: bool = True  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
+    fp8_mlp_up: bool = False  # with --fused_mlp: the up-projection's forward from float8 e4m3 operands, GPU training only (records #84)
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -198,6 +199,8 @@ class Hyperparameters:
         if len(self.layer_attention) != self.num_layers or set(self.layer_attention) - set("LS-"):
             raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
                               f"S (short window), - (no attention); got {self.layer_attention!r}")
+        if self.fp8_mlp_up and not self.fused_mlp:
+            raise ConfigError("--fp8_mlp_up runs in the fused MLP kernel: add --fused_mlp=true")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
             raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no NorMuon or weight "
                               "decay (on by default): add --normuon=false --cautious_wd=false --muon_weight_decay=0")
@@ -1302,14 +1305,15 @@ if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
-    def _mlp_matmul_kernel(a_desc, b_desc, aux_desc, c_desc, M, N, K, programs, EPILOGUE: tl.constexpr,
-                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    def _mlp_matmul_kernel(a_desc, b_desc, aux_desc, c_desc, scale, M, N, K, programs, EPILOGUE: tl.constexpr,
+                           SCALED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C = epilogue(A B^T) for A [M, K], B [N, K] (descriptors of BLOCK_M x BLOCK_K and BLOCK_N x BLOCK_K
-        tiles), fp32 accumulation. EPILOGUE 0: relu(.)^2 (the MLP's activation); 1: (.) * 2 sqrt(AUX) with AUX
-        [M, N] = relu(pre)^2 (its gradient). Program p computes tiles p, p + programs, ...; tiles go in groups
-        of GROUP_M rows so programs working at the same time share B's tiles in L2. Reads past an edge are
-        zeros and writes past it are dropped by the TMA unit."""
+        tiles), fp32 accumulation, times the 0-d fp32 *scale if SCALED (float8 operands' scales). EPILOGUE 0:
+        relu(.)^2 (the MLP's activation); 1: (.) * 2 sqrt(AUX) with AUX [M, N] = relu(pre)^2 (its gradient).
+        Program p computes tiles p, p + programs, ...; tiles go in groups of GROUP_M rows so programs working at
+        the same time share B's tiles in L2. Reads past an edge are zeros and writes past it are dropped by the
+        TMA unit."""
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs):
             group = tile // (GROUP_M * tiles_n)
@@ -1320,6 +1324,8 @@ if HAS_TRITON:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
                 acc = tl.dot(a_desc.load([row0, k]), b_desc.load([col0, k]).T, acc, input_precision=PRECISION)
+            if SCALED:
+                acc = acc * tl.load(scale)
             if EPILOGUE == 0:
                 r = tl.maximum(acc, 0.0)
                 out = r * r
@@ -1329,16 +1335,19 @@ if HAS_TRITON:
 
 
 MLP_MATMUL_CONFIG = (128, 256, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages on GPU (the public's tile)
+MLP_MATMUL_CONFIG_FP8 = (128, 256, 128, 8, 3)  # float8 operands: the same bytes per K step (the public's K tile)
 MLP_MATMUL_CONFIG_INTERPRET = (32, 32, 32, 4, 1)
 MLP_MATMUL_PROGRAMS_INTERPRET = 3  # fewer programs than tiles, so the interpreter walks the persistent loop
 MLP_MATMUL_SHARED_SLACK = 1024  # bytes beyond the tiles: Triton adds the pipeline's barriers (32 at 4 stages)
 
 
-def mlp_matmul_shared_bytes(config: tuple, element_size: int) -> int:
+def mlp_matmul_shared_bytes(config: tuple, element_size: int, out_size: int | None = None) -> int:
     """Shared memory the kernel needs at tile `config`: `stages` buffers of an A and a B tile for the pipeline
-    and the output tile staged for its TMA store, plus slack for the barriers."""
+    (element_size bytes each) and the output tile staged for its TMA store (out_size bytes, default the same),
+    plus slack for the barriers."""
     bm, bn, bk, _, stages = config
-    return (stages * (bm + bn) * bk + bm * bn) * element_size + MLP_MATMUL_SHARED_SLACK
+    return (stages * (bm + bn) * bk * element_size + bm * bn * (out_size or element_size)
+            + MLP_MATMUL_SHARED_SLACK)
 
 
 @functools.cache
@@ -1350,11 +1359,12 @@ def gpu_properties(index: int) -> dict:
 _MLP_TILE_WARNED: set[tuple] = set()
 
 
-def mlp_tile_fits(config: tuple, element_size: int, device: torch.device) -> bool:
+def mlp_tile_fits(config: tuple, element_size: int, device: torch.device, out_size: int | None = None) -> bool:
     """Whether the kernel at `config` fits the shared memory of GPU `device`. The default tile wants ~209 KiB,
     which Hopper has and an A100 (163 KiB) or a consumer GPU does not: there the MLP takes the torch formula,
     with one warning."""
-    need, have = mlp_matmul_shared_bytes(config, element_size), gpu_properties(device.index)["max_shared_mem"]
+    need = mlp_matmul_shared_bytes(config, element_size, out_size)
+    have = gpu_properties(device.index)["max_shared_mem"]
     if need > have and (device.index, config) not in _MLP_TILE_WARNED:
         _MLP_TILE_WARNED.add((device.index, config))
         warnings.warn(f"--fused_mlp: the MLP kernel's tile {config} needs {need} bytes of shared memory, GPU "
@@ -1370,22 +1380,26 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::mlp_matmul", mutates_args=())
-def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int) -> torch.Tensor:
+def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
     """epilogue(a b^T) for a [M, K], b [N, K] in a's dtype: 0 gives relu(a b^T)^2, 1 gives (a b^T) 2 sqrt(aux):
     one persistent Triton GEMM with the activation (or its gradient) applied to the accumulator before the
     store; the torch formula where Triton does not run or a row is not 16-byte aligned (never at the model's
-    widths, multiples of 64)."""
+    widths, multiples of 64). With `scale` (0-d fp32, on a's device) a and b are float8 e4m3 and the product is
+    scale a b^T, in bf16 (the FP8 up-projection)."""
     a, b = a.contiguous(), b.contiguous()
     aux = None if aux is None else aux.contiguous()
     M, K = a.shape
     N = b.size(0)
-    c = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    out_dtype = a.dtype if scale is None else torch.bfloat16
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     interpreted = _triton_runs_on(a) and _kernels_interpreted()
-    config = MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG
+    config = (MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG if scale is None
+              else MLP_MATMUL_CONFIG_FP8)
     if not (_triton_runs_on(a) and _tma_compatible(a, b, c, *([] if aux is None else [aux]))
-            and (interpreted or mlp_tile_fits(config, a.element_size(), a.device))):
-        prod = (a @ b.T).float()
-        return (torch.relu(prod).square() if epilogue == 0 else prod * 2 * aux.float().sqrt()).to(a.dtype)
+            and (interpreted or mlp_tile_fits(config, a.element_size(), a.device, c.element_size()))):
+        prod = (a @ b.T).float() if scale is None else (a.float() @ b.float().T) * scale
+        return (torch.relu(prod).square() if epilogue == 0 else prod * 2 * aux.float().sqrt()).to(out_dtype)
     bm, bn, bk, warps, stages = config
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     sms = MLP_MATMUL_PROGRAMS_INTERPRET if interpreted else gpu_properties(a.device.index)["multiprocessor_count"]
@@ -1393,25 +1407,40 @@ def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilo
     a_desc, b_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
     aux_desc = c_desc if aux is None else TensorDescriptor.from_tensor(aux, [bm, bn])
-    _mlp_matmul_kernel[(programs,)](a_desc, b_desc, aux_desc, c_desc, M, N, K, programs, EPILOGUE=epilogue,
+    _mlp_matmul_kernel[(programs,)](a_desc, b_desc, aux_desc, c_desc, c if scale is None else scale, M, N, K,
+                                    programs, EPILOGUE=epilogue, SCALED=scale is not None,
                                     PRECISION=_dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                     GROUP_M=8, num_warps=warps, num_stages=stages)
     return c
 
 
 @mlp_matmul.register_fake
-def _(a, b, aux, epilogue):
-    return a.new_empty(a.size(0), b.size(0))
+def _(a, b, aux, epilogue, scale=None):
+    return a.new_empty(a.size(0), b.size(0), dtype=a.dtype if scale is None else torch.bfloat16)
+
+
+def e4m3_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / s as float8 e4m3, s) with s = amax|t| / 448 (0-d fp32 on t's device; 1 for an all-zero t): the
+    per-tensor scaling of records #84, from the current values, with no host sync."""
+    amax = t.detach().abs().amax().float()
+    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    return _e4m3(t, scale), scale
 
 
 class ReluSquaredMLP(torch.autograd.Function):
     """relu(x w1^T)^2 w2 for x [T, D], w1 and w2 [H, D] (one dtype), with the activation in the up-projection's
     epilogue and its gradient in the epilogue of the product that makes it (records #59's fusion, our own
-    kernel): only post = relu(pre)^2 is written and kept, and relu(pre) = sqrt(post) in the backward."""
+    kernel): only post = relu(pre)^2 is written and kept, and relu(pre) = sqrt(post) in the backward. With fp8
+    the up-projection multiplies x and w1 cast to e4m3 with per-tensor scales (records #84); the backward
+    stays in x's dtype, from x, w1 and the post that the fp8 product gave."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2):
-        post = mlp_matmul(x, w1, None, 0)
+    def forward(ctx, x, w1, w2, fp8: bool = False):
+        if fp8:
+            (x8, x_s), (w8, w_s) = e4m3_per_tensor(x), e4m3_per_tensor(w1)
+            post = mlp_matmul(x8, w8, None, 0, x_s * w_s).to(x.dtype)
+        else:
+            post = mlp_matmul(x, w1, None, 0)
         ctx.save_for_backward(x, w1, w2, post)
         return post @ w2
 
@@ -1419,7 +1448,7 @@ class ReluSquaredMLP(torch.autograd.Function):
     def backward(ctx, grad):
         x, w1, w2, post = ctx.saved_tensors
         grad_pre = mlp_matmul(grad, w2, post, 1)  # (grad w2^T) 2 relu(pre)
-        return grad_pre @ w1, grad_pre.T @ x, post.T @ grad
+        return grad_pre @ w1, grad_pre.T @ x, post.T @ grad, None
 
 
 # -----------------------------------------------------------------------------
@@ -2688,7 +2717,7 @@ class Block(nn.Module):
         # NorMuon's per-row statistic treat them alike: per hidden unit.
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         self.mlp_proj = nn.Parameter(torch.zeros(hp.mlp_ratio * hp.model_dim, hp.model_dim))
-        self.fused_mlp = hp.fused_mlp
+        self.fused_mlp, self.fp8_mlp_up = hp.fused_mlp, hp.fp8_mlp_up
         self.dc_kernel = hp.dc_kernel
         _init_linear_(self.mlp_fc)
         if attention:
@@ -2769,7 +2798,8 @@ class Block(nn.Module):
                 x = x + s["bigram_gate"] * bigram
         xn, w1, w2 = rms_norm(x), self.mlp_fc.type_as(x), self.mlp_proj.type_as(x)
         if self.fused_mlp and _triton_runs_on(xn):
-            mlp = ReluSquaredMLP.apply(xn, w1, w2)
+            # FP8 while training only, as the head: validation measures the bf16 model (fp8_head_applies)
+            mlp = ReluSquaredMLP.apply(xn, w1, w2, self.fp8_mlp_up and xn.is_cuda and torch.is_grad_enabled())
         else:
             mlp = F.relu(F.linear(xn, w1)).square() @ w2
         return s["resid_mlp"] * x + s["post_mlp"] * mlp

@@ -456,6 +456,41 @@ def test_relu_squared_mlp_function_equals_autograd_of_the_plain_mlp(trainer):
     torch.library.opcheck(trainer.mlp_matmul, (x, w1, None, 0), test_utils=("test_faketensor",))
 
 
+def _fp8_mlp_reference(x, w1, w2):
+    """The FP8 up-projection's math in float32: x and w1 rounded to e4m3 at scales amax / 448, post to bf16 (the
+    op's output dtype with float8 operands)."""
+    x8, w8 = (t.div(t.abs().amax() / 448).to(torch.float8_e4m3fn).float() * (t.abs().amax() / 448) for t in (x, w1))
+    post = torch.relu(x8 @ w8.T).square().bfloat16().float()
+    return post, post @ w2
+
+
+def test_fp8_up_projection_rounds_only_the_forward_product_to_e4m3(trainer):
+    """ReluSquaredMLP with fp8 (the torch path of its op, float32 here): post = relu(x8 w8^T s_x s_w)^2 with x
+    and w1 cast to e4m3 at per-tensor scales amax/448, the output post w2; the backward is the bf16 path's
+    formula on that post, from the unrounded x and w1 (dx = g_pre w1, dw1 = g_pre^T x, dw2 = post^T g with
+    g_pre = (g w2^T) 2 sqrt(post)). Negative control: the fp8 product differs from the exact one, by the
+    e4m3 rounding's few percent."""
+    x, w1, w2, grad = _mlp_case(64, 48, 40)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    out = trainer.ReluSquaredMLP.apply(*leaves, True)
+    out.backward(grad)
+    post, want_out = _fp8_mlp_reference(x, w1, w2)
+    torch.testing.assert_close(out.detach(), want_out, rtol=1e-4, atol=1e-4)
+    grad_pre = (grad @ w2.T) * 2 * post.sqrt()
+    for name, got, want in (("grad_x", leaves[0].grad, grad_pre @ w1), ("grad_w1", leaves[1].grad, grad_pre.T @ x),
+                            ("grad_w2", leaves[2].grad, post.T @ grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    exact = _plain_mlp(x, w1, w2)
+    rel = ((out.detach() - exact).norm() / exact.norm()).item()
+    assert 1e-3 < rel < 0.1, f"the e4m3 forward should differ from the exact one by a few percent, not {rel:.2e}"
+    zero = torch.zeros(3, 16)
+    assert torch.equal(trainer.e4m3_per_tensor(zero)[1], torch.tensor(1.0)), "an all-zero tensor gets scale 1"
+    g = torch.Generator().manual_seed(1)
+    a8 = torch.randn(32, 16, generator=g).to(torch.float8_e4m3fn)
+    b8 = torch.randn(24, 16, generator=g).to(torch.float8_e4m3fn)
+    torch.library.opcheck(trainer.mlp_matmul, (a8, b8, None, 0, torch.tensor(0.5)), test_utils=("test_faketensor",))
+
+
 _INTERPRETED_MLP = r"""
 import json
 import torch
@@ -475,6 +510,18 @@ for seed, shape in enumerate([(70, 40, 52), (32, 32, 32), (5, 96, 36), (6, 33, 5
     pairs = [(post, torch.relu(pre).square()), (back, (grad @ w2.T) * 2 * torch.relu(pre))]
     pairs += list(zip(_mlp_grads(t.ReluSquaredMLP.apply, x, w1, w2, grad), _mlp_grads(_plain_mlp, x, w1, w2, grad)))
     worst[str(shape)] = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+# float8 operands and a scale (the FP8 up-projection): rows of 64 and 96 bytes, bf16 outputs of 40 columns
+for seed, (T, D, H) in enumerate([(70, 64, 40), (5, 96, 32)]):
+    g = torch.Generator().manual_seed(10 + seed)
+    a8 = torch.randn(T, D, generator=g).to(torch.float8_e4m3fn)
+    b8 = (torch.randn(H, D, generator=g) / 4).to(torch.float8_e4m3fn)
+    scale = torch.tensor(0.37)
+    launches.clear()
+    post = t.mlp_matmul(a8, b8, None, 0, scale)
+    kernel_launches["fp8 " + str((T, D, H))] = [grid for _, grid in launches]
+    want = torch.relu((a8.float() @ b8.float().T) * 0.37).square()
+    assert post.dtype == torch.bfloat16, post.dtype
+    worst["fp8 " + str((T, D, H))] = ((post.float() - want).norm() / want.norm()).item()
 print(json.dumps(dict(worst=worst, launches=kernel_launches)))
 """
 
@@ -492,10 +539,12 @@ def test_mlp_matmul_kernel_equals_torch_under_the_interpreter(trainer):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for shape, error in result["worst"].items():
-        assert error < 1e-5, f"relative error of the interpreted MLP at (T, D, H) = {shape}: {error}"
+        bound = 4e-3 if shape.startswith("fp8") else 1e-5  # fp8: the bf16 output's rounding
+        assert error < bound, f"relative error of the interpreted MLP at (T, D, H) = {shape}: {error}"
     programs = trainer.MLP_MATMUL_PROGRAMS_INTERPRET
     assert result["launches"] == {"(70, 40, 52)": [[programs]] * 2, "(32, 32, 32)": [[1]] * 2,
-                                  "(5, 96, 36)": [[2]] * 2, "(6, 33, 50)": []}, result["launches"]
+                                  "(5, 96, 36)": [[2]] * 2, "(6, 33, 50)": [],
+                                  "fp8 (70, 64, 40)": [[programs]], "fp8 (5, 96, 32)": [[1]]}, result["launches"]
 
 
 H200_MAX_SHARED = 232448  # Triton's max_shared_mem on an H200 (its OutOfResources message on the device)
@@ -508,6 +557,8 @@ def test_mlp_tile_shared_memory_estimate_matches_what_triton_asked_on_an_h200(tr
     assert 262176 <= trainer.mlp_matmul_shared_bytes((128, 256, 64, 8, 4), 2) <= 262176 + 2048
     default = trainer.mlp_matmul_shared_bytes(trainer.MLP_MATMUL_CONFIG, 2)
     assert A100_MAX_SHARED < default <= H200_MAX_SHARED, default
+    fp8 = trainer.mlp_matmul_shared_bytes(trainer.MLP_MATMUL_CONFIG_FP8, 1, 2)  # e4m3 tiles, a bf16 output tile
+    assert fp8 == default, "the fp8 tile's doubled K step takes the bytes the bf16 tile's K step does"
 
 
 class _RecordedLaunches:
@@ -559,11 +610,29 @@ def test_mlp_matmul_kernel_matches_torch_in_bf16_on_a_gpu(trainer):
         assert rel < 1e-2, f"{name}: relative error {rel:.4f}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fp8_mlp_matmul_kernel_matches_torch_on_a_gpu(trainer):
+    """The FP8 up-projection's compiled kernel (e4m3 operands, K tile 128) at the 124M model's shapes: within bf16
+    rounding of torch's product of the same e4m3 values, and the whole fp8 MLP within a few percent of bf16's."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(49152, 768, device="cuda", generator=g).bfloat16()
+    w1, w2 = (torch.randn(3072, 768, device="cuda", generator=g).bfloat16() / 28 for _ in range(2))
+    (x8, x_s), (w8, w_s) = trainer.e4m3_per_tensor(x), trainer.e4m3_per_tensor(w1)
+    post = trainer.mlp_matmul(x8, w8, None, 0, x_s * w_s)
+    want = torch.relu((x8.float() @ w8.float().T) * (x_s * w_s)).square()
+    rel = ((post.float() - want).norm() / want.norm()).item()
+    assert rel < 1e-2, f"fp8 kernel against torch on the same e4m3 values: relative error {rel:.4f}"
+    out, exact = trainer.ReluSquaredMLP.apply(x, w1, w2, True), trainer.ReluSquaredMLP.apply(x, w1, w2, False)
+    rel = ((out.float() - exact.float()).norm() / exact.float().norm()).item()
+    assert rel < 0.1, f"fp8 MLP against bf16: relative error {rel:.4f}"
+
+
 def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
     """--fused_mlp makes the block call ReluSquaredMLP where the Triton kernels run (forced here) with its
     normed input and both matrices; without the flag the block never calls it."""
     calls = []  # the stub computes the plain MLP from the arguments it gets: the block must pass (x, w1, w2)
-    monkeypatch.setattr(trainer.ReluSquaredMLP, "apply", lambda *a: calls.append(1) or _plain_mlp(*a))
+    monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
+                        lambda x, w1, w2, fp8: calls.append(fp8) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     outs = []
     for flags in (["--fused_mlp=true"], ["--fused_mlp=false"]):
@@ -574,7 +643,7 @@ def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
         x = torch.randn(16, hp.model_dim)
         s = {name: w.detach() for name, w in model.layer_weights(2).items()}
         outs.append(model.blocks[2](x, x, None, None, None, s, None, None, 0.1))
-    assert len(calls) == 1, f"ReluSquaredMLP called {len(calls)} times over one fused and one plain block"
+    assert calls == [False], f"ReluSquaredMLP calls (their fp8 argument) over one fused and one plain block: {calls}"
     torch.testing.assert_close(outs[0], outs[1])
 
 

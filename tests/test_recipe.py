@@ -446,13 +446,13 @@ _DC_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MIX": "*fp32", "W2":
 
 
 @pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
-                                  "mlp gradient", "dc forward", "dc backward q", "dc backward kv"])
+                                  "mlp gradient", "mlp fp8 relu^2", "dc forward", "dc backward q", "dc backward kv"])
 def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here with Triton's own ptxas
     (benchmarks/kernel_sass.compile_for_hopper), at the trainer's launch configurations: the GPU-only compile
     errors (a non-constexpr global, a PTX constraint) caught on a CPU machine; the loss kernels'
     transcendentals are the one-instruction PTX forms, and the MLP kernel's tiles move by TMA (UTMALDG loads,
-    a UTMASTG store) into wgmma (HGMMA) products; DC's kernels at the model's 6 heads of 128 leave room for two
+    a UTMASTG store) into wgmma products (HGMMA; QGMMA for the FP8 up-projection's e4m3 tiles); DC's kernels at the model's 6 heads of 128 leave room for two
     programs in an SM's shared memory and spill little (at most 100 local loads and stores)."""
     if not trainer.HAS_TRITON or trainer._kernels_interpreted():
         pytest.skip("needs Triton's compiler (not the interpreter)")
@@ -466,13 +466,19 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
                                                                 "DZ": "*bf16", "stride_dz": "i32"}, ce),
         "loss with e5m2 gradient": (trainer._softcap_mtp_ce_grad_kernel, kernel_sass.SIGNATURE, {**ce, "CLAMP": 57344.0}),
     }
-    bm, bn, bk, mlp_warps, _ = trainer.MLP_MATMUL_CONFIG
-    out_tile = f"tensordesc<bf16[{bm}, {bn}]>"
-    mlp_signature = {"a_desc": f"tensordesc<bf16[{bm}, {bk}]>", "b_desc": f"tensordesc<bf16[{bn}, {bk}]>",
-                     "aux_desc": out_tile, "c_desc": out_tile, "M": "i32", "N": "i32", "K": "i32", "programs": "i32"}
-    mlp = {"PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-    kernels["mlp relu^2"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 0})
-    kernels["mlp gradient"] = (trainer._mlp_matmul_kernel, mlp_signature, {**mlp, "EPILOGUE": 1})
+    mlp_warps = trainer.MLP_MATMUL_CONFIG[3]
+    for name, config, operand, epilogue in (("mlp relu^2", trainer.MLP_MATMUL_CONFIG, "bf16", 0),
+                                            ("mlp gradient", trainer.MLP_MATMUL_CONFIG, "bf16", 1),
+                                            ("mlp fp8 relu^2", trainer.MLP_MATMUL_CONFIG_FP8, "fp8e4nv", 0)):
+        bm, bn, bk, _, _ = config
+        assert config[3] == mlp_warps, "the MLP kernel's launches share one warp count"
+        out_tile = f"tensordesc<bf16[{bm}, {bn}]>"
+        signature = {"a_desc": f"tensordesc<{operand}[{bm}, {bk}]>", "b_desc": f"tensordesc<{operand}[{bn}, {bk}]>",
+                     "aux_desc": out_tile, "c_desc": out_tile, "scale": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                     "programs": "i32"}
+        constexprs = {"EPILOGUE": epilogue, "SCALED": operand != "bf16", "PRECISION": "tf32", "BLOCK_M": bm,
+                      "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+        kernels[name] = (trainer._mlp_matmul_kernel, signature, constexprs)
     dc = {"H": 6, "D": 128, "WINDOW": trainer.DC_WINDOW, "BQ": trainer.DC_QUERIES, "BK": trainer.DC_KEYS,
           "PRECISION": "tf32"}
     kernels["dc forward"] = (trainer._dc_forward_kernel, {**_DC_SIGNATURE, "OUT": "*bf16", "LSE": "*fp32", "T": "i32"},
@@ -496,4 +502,5 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
         assert "ex2.approx.ftz.f32" in asm["ptx"] and "rcp.approx.ftz.f32" in asm["ptx"], "the fast forms are used"
     else:
         opcodes = set(kernel_sass.opcodes(asm["cubin"]))
-        assert {"UTMALDG", "UTMASTG", "HGMMA"} <= opcodes, f"TMA copies and wgmma expected; opcodes: {sorted(opcodes)}"
+        gmma = "QGMMA" if "fp8" in case else "HGMMA"
+        assert {"UTMALDG", "UTMASTG", gmma} <= opcodes, f"TMA copies and {gmma} expected; opcodes: {sorted(opcodes)}"
