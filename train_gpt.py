@@ -112,7 +112,7 @@ class Hyperparameters:
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
     fp8_head_fused_grad: bool = True  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     fused_mlp: bool = True  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
-    fp8_mlp_up: bool = False  # with --fused_mlp: the up-projection's forward from float8 e4m3 operands, GPU training only (records #84)
+    fp8_mlp_up: bool = False  # with --fused_mlp: the up-projection's forward from float8 e4m3 operands, Hopper GPU training only (records #84)
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -1309,7 +1309,8 @@ if HAS_TRITON:
                            SCALED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C = epilogue(A B^T) for A [M, K], B [N, K] (descriptors of BLOCK_M x BLOCK_K and BLOCK_N x BLOCK_K
-        tiles), fp32 accumulation, times the 0-d fp32 *scale if SCALED (float8 operands' scales). EPILOGUE 0:
+        tiles), fp32 accumulation (float8 operands: wgmma's reduced-precision accumulation, Triton's default, like
+        the FP8 head's fast accumulation), times the 0-d fp32 *scale if SCALED (their scales). EPILOGUE 0:
         relu(.)^2 (the MLP's activation); 1: (.) * 2 sqrt(AUX) with AUX [M, N] = relu(pre)^2 (its gradient).
         Program p computes tiles p, p + programs, ...; tiles go in groups of GROUP_M rows so programs working at
         the same time share B's tiles in L2. Reads past an edge are zeros and writes past it are dropped by the
@@ -1421,24 +1422,32 @@ def _(a, b, aux, epilogue, scale=None):
 
 def e4m3_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / s as float8 e4m3, s) with s = amax|t| / 448 (0-d fp32 on t's device; 1 for an all-zero t): the
-    per-tensor scaling of records #84, from the current values, with no host sync."""
+    per-tensor scaling of records #84, from the current values, with no host sync; divided in fp32, so a bf16
+    t is rounded once."""
     amax = t.detach().abs().amax().float()
     scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
-    return _e4m3(t, scale), scale
+    return _e4m3(t.float(), scale), scale
+
+
+def fp8_mlp_applies(enabled: bool, x) -> bool:
+    """The up-projection runs in FP8 on GPU while training only, as the head (fp8_head_applies)."""
+    return enabled and x.is_cuda and torch.is_grad_enabled()
 
 
 class ReluSquaredMLP(torch.autograd.Function):
     """relu(x w1^T)^2 w2 for x [T, D], w1 and w2 [H, D] (one dtype), with the activation in the up-projection's
     epilogue and its gradient in the epilogue of the product that makes it (records #59's fusion, our own
-    kernel): only post = relu(pre)^2 is written and kept, and relu(pre) = sqrt(post) in the backward. With fp8
-    the up-projection multiplies x and w1 cast to e4m3 with per-tensor scales (records #84); the backward
-    stays in x's dtype, from x, w1 and the post that the fp8 product gave."""
+    kernel): only post = relu(pre)^2 is written and kept, and relu(pre) = sqrt(post) in the backward. With
+    x_scale (a float) the up-projection multiplies x / x_scale and w1 at its per-tensor scale, both cast to e4m3
+    (records #84): a fixed x_scale that bounds |x| / 448 keeps each token's rounding its own (an amax over the
+    row would let later tokens set it) and needs no pass over x. The backward stays in x's dtype, from x, w1
+    and the post that the fp8 product gave."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, fp8: bool = False):
-        if fp8:
-            (x8, x_s), (w8, w_s) = e4m3_per_tensor(x), e4m3_per_tensor(w1)
-            post = mlp_matmul(x8, w8, None, 0, x_s * w_s).to(x.dtype)
+    def forward(ctx, x, w1, w2, x_scale: float | None = None):
+        if x_scale is not None:
+            (w8, w_s), x8 = e4m3_per_tensor(w1), _e4m3(x.float(), x_scale)
+            post = mlp_matmul(x8, w8, None, 0, w_s * x_scale).to(x.dtype)
         else:
             post = mlp_matmul(x, w1, None, 0)
         ctx.save_for_backward(x, w1, w2, post)
@@ -2798,8 +2807,9 @@ class Block(nn.Module):
                 x = x + s["bigram_gate"] * bigram
         xn, w1, w2 = rms_norm(x), self.mlp_fc.type_as(x), self.mlp_proj.type_as(x)
         if self.fused_mlp and _triton_runs_on(xn):
-            # FP8 while training only, as the head: validation measures the bf16 model (fp8_head_applies)
-            mlp = ReluSquaredMLP.apply(xn, w1, w2, self.fp8_mlp_up and xn.is_cuda and torch.is_grad_enabled())
+            # xn is RMS-normed (no weight): every |entry| <= sqrt(dim), which the e4m3 range then spans
+            x_scale = xn.size(-1) ** 0.5 / FP8_E4M3_MAX if fp8_mlp_applies(self.fp8_mlp_up, xn) else None
+            mlp = ReluSquaredMLP.apply(xn, w1, w2, x_scale)
         else:
             mlp = F.relu(F.linear(xn, w1)).square() @ w2
         return s["resid_mlp"] * x + s["post_mlp"] * mlp

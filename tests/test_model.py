@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, run_interpreted, shared_code_only
+from conftest import BOS, KernelLaunches, run_interpreted, shared_code_only
 
 
 # Code train_gpt_medium.py shares line for line (tests/test_tracks.py): tested through train_gpt.py.
@@ -456,25 +456,28 @@ def test_relu_squared_mlp_function_equals_autograd_of_the_plain_mlp(trainer):
     torch.library.opcheck(trainer.mlp_matmul, (x, w1, None, 0), test_utils=("test_faketensor",))
 
 
-def _fp8_mlp_reference(x, w1, w2):
-    """The FP8 up-projection's math in float32: x and w1 rounded to e4m3 at scales amax / 448, post to bf16 (the
-    op's output dtype with float8 operands)."""
-    x8, w8 = (t.div(t.abs().amax() / 448).to(torch.float8_e4m3fn).float() * (t.abs().amax() / 448) for t in (x, w1))
-    post = torch.relu(x8 @ w8.T).square().bfloat16().float()
+def _fp8_mlp_reference(x, w1, w2, x_scale):
+    """The FP8 up-projection's math in float32: x in e4m3 units of x_scale, w1 in units of amax / 448, their
+    product times both scales, post rounded to bf16 (the op's output dtype with float8 operands)."""
+    def e4m3(t, scale):
+        return t.div(scale).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    w_s = w1.abs().amax() / 448
+    post = torch.relu((e4m3(x, x_scale) @ e4m3(w1, w_s).T) * (w_s * x_scale)).square().bfloat16().float()
     return post, post @ w2
 
 
 def test_fp8_up_projection_rounds_only_the_forward_product_to_e4m3(trainer):
-    """ReluSquaredMLP with fp8 (the torch path of its op, float32 here): post = relu(x8 w8^T s_x s_w)^2 with x
-    and w1 cast to e4m3 at per-tensor scales amax/448, the output post w2; the backward is the bf16 path's
-    formula on that post, from the unrounded x and w1 (dx = g_pre w1, dw1 = g_pre^T x, dw2 = post^T g with
-    g_pre = (g w2^T) 2 sqrt(post)). Negative control: the fp8 product differs from the exact one, by the
-    e4m3 rounding's few percent."""
+    """ReluSquaredMLP with an x_scale (the torch path of its op, float32 here): post = relu(x8 w8^T s_x s_w)^2
+    with x cast to e4m3 at the fixed scale s_x and w1 at its per-tensor scale amax/448, the output post w2; the
+    backward is the bf16 path's formula on that post, from the unrounded x and w1 (dx = g_pre w1, dw1 = g_pre^T
+    x, dw2 = post^T g with g_pre = (g w2^T) 2 sqrt(post)). Negative control: the fp8 product differs from the
+    exact one, by the e4m3 rounding's few percent. Entries beyond 448 x_scale saturate instead of overflowing."""
     x, w1, w2, grad = _mlp_case(64, 48, 40)
+    x_scale = x.abs().max().item() / 448
     leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
-    out = trainer.ReluSquaredMLP.apply(*leaves, True)
+    out = trainer.ReluSquaredMLP.apply(*leaves, x_scale)
     out.backward(grad)
-    post, want_out = _fp8_mlp_reference(x, w1, w2)
+    post, want_out = _fp8_mlp_reference(x, w1, w2, x_scale)
     torch.testing.assert_close(out.detach(), want_out, rtol=1e-4, atol=1e-4)
     grad_pre = (grad @ w2.T) * 2 * post.sqrt()
     for name, got, want in (("grad_x", leaves[0].grad, grad_pre @ w1), ("grad_w1", leaves[1].grad, grad_pre.T @ x),
@@ -483,6 +486,9 @@ def test_fp8_up_projection_rounds_only_the_forward_product_to_e4m3(trainer):
     exact = _plain_mlp(x, w1, w2)
     rel = ((out.detach() - exact).norm() / exact.norm()).item()
     assert 1e-3 < rel < 0.1, f"the e4m3 forward should differ from the exact one by a few percent, not {rel:.2e}"
+    saturated = trainer.ReluSquaredMLP.apply(x, w1, w2, x_scale / 4)
+    torch.testing.assert_close(saturated, _fp8_mlp_reference(x, w1, w2, x_scale / 4)[1], rtol=1e-4, atol=1e-4)
+    assert saturated.isfinite().all(), "x beyond 448 x_scale must clamp to the e4m3 range"
     zero = torch.zeros(3, 16)
     assert torch.equal(trainer.e4m3_per_tensor(zero)[1], torch.tensor(1.0)), "an all-zero tensor gets scale 1"
     g = torch.Generator().manual_seed(1)
@@ -610,21 +616,60 @@ def test_mlp_matmul_kernel_matches_torch_in_bf16_on_a_gpu(trainer):
         assert rel < 1e-2, f"{name}: relative error {rel:.4f}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_fp8_mlp_matmul_kernel_matches_torch_on_a_gpu(trainer):
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper GPU (elsewhere the op takes the torch formula, the reference itself)")
+def test_fp8_mlp_matmul_kernel_matches_torch_on_a_gpu(trainer, monkeypatch):
     """The FP8 up-projection's compiled kernel (e4m3 operands, K tile 128) at the 124M model's shapes: within bf16
-    rounding of torch's product of the same e4m3 values, and the whole fp8 MLP within a few percent of bf16's."""
+    rounding of torch's product of the same e4m3 values (the kernel, not the fallback, must have run), and the
+    whole fp8 MLP, forward and backward, within a few percent of bf16's."""
+    monkeypatch.setattr(trainer, "_mlp_matmul_kernel", trainer._mlp_matmul_kernel)  # the watch is undone after
+    launches = KernelLaunches().watch(trainer, "_mlp_matmul_kernel")
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(49152, 768, device="cuda", generator=g).bfloat16()
+    x = trainer.rms_norm(torch.randn(49152, 768, device="cuda", generator=g)).bfloat16()
     w1, w2 = (torch.randn(3072, 768, device="cuda", generator=g).bfloat16() / 28 for _ in range(2))
-    (x8, x_s), (w8, w_s) = trainer.e4m3_per_tensor(x), trainer.e4m3_per_tensor(w1)
-    post = trainer.mlp_matmul(x8, w8, None, 0, x_s * w_s)
-    want = torch.relu((x8.float() @ w8.float().T) * (x_s * w_s)).square()
+    x_scale = 768 ** 0.5 / 448
+    (w8, w_s), x8 = trainer.e4m3_per_tensor(w1), trainer._e4m3(x.float(), x_scale)
+    post = trainer.mlp_matmul(x8, w8, None, 0, w_s * x_scale)
+    assert len(launches) == 1, f"the fp8 product must run in the kernel, launches: {launches}"
+    want = torch.relu((x8.float() @ w8.float().T) * (w_s * x_scale)).square()
     rel = ((post.float() - want).norm() / want.norm()).item()
     assert rel < 1e-2, f"fp8 kernel against torch on the same e4m3 values: relative error {rel:.4f}"
-    out, exact = trainer.ReluSquaredMLP.apply(x, w1, w2, True), trainer.ReluSquaredMLP.apply(x, w1, w2, False)
-    rel = ((out.float() - exact.float()).norm() / exact.float().norm()).item()
-    assert rel < 0.1, f"fp8 MLP against bf16: relative error {rel:.4f}"
+    grad = torch.randn(49152, 768, device="cuda", generator=g).bfloat16()
+    fp8, exact = (_mlp_grads(lambda *a: trainer.ReluSquaredMLP.apply(*a, scale), x, w1, w2, grad)
+                  for scale in (x_scale, None))
+    for name, a, b in zip(("out", "grad_x", "grad_w1", "grad_w2"), fp8, exact):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert rel < 0.1, f"fp8 MLP against bf16, {name}: relative error {rel:.4f}"
+
+
+def test_fp8_mlp_applies_on_a_gpu_while_training_only(trainer):
+    """--fp8_mlp_up takes effect for CUDA inputs with gradients enabled: validation (no_grad) and CPU runs see the
+    bf16 model, as the FP8 head's."""
+    cuda, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
+    assert trainer.fp8_mlp_applies(True, cuda)
+    assert not trainer.fp8_mlp_applies(False, cuda), "the flag off"
+    assert not trainer.fp8_mlp_applies(True, cpu), "a CPU tensor"
+    with torch.no_grad():
+        assert not trainer.fp8_mlp_applies(True, cuda), "validation"
+
+
+def test_fp8_mlp_flag_reaches_the_fused_function_as_a_fixed_input_scale(trainer, monkeypatch):
+    """With --fp8_mlp_up, the block passes ReluSquaredMLP the fixed input scale sqrt(dim) / 448 (its input is
+    RMS-normed, so no entry exceeds sqrt(dim)) while training, and none under no_grad or without the flag (the
+    GPU check is forced here: the path stops at the stub)."""
+    scales = []
+    monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
+                        lambda x, w1, w2, x_scale: scales.append(x_scale) or _plain_mlp(x, w1, w2))
+    monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
+    monkeypatch.setattr(trainer, "fp8_mlp_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
+    for flags, grad in ((["--fp8_mlp_up=true"], True), (["--fp8_mlp_up=true"], False), ([], True)):
+        hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
+        model = trainer.GPT(hp)
+        x = torch.randn(16, hp.model_dim)
+        s = {name: w.detach() for name, w in model.layer_weights(2).items()}
+        with torch.set_grad_enabled(grad):
+            model.blocks[2](x, x, None, None, None, s, None, None, 0.1)
+    assert scales == [pytest.approx(64 ** 0.5 / 448), None, None], scales
 
 
 def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
@@ -632,7 +677,7 @@ def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
     normed input and both matrices; without the flag the block never calls it."""
     calls = []  # the stub computes the plain MLP from the arguments it gets: the block must pass (x, w1, w2)
     monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
-                        lambda x, w1, w2, fp8: calls.append(fp8) or _plain_mlp(x, w1, w2))
+                        lambda x, w1, w2, x_scale: calls.append(x_scale) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     outs = []
     for flags in (["--fused_mlp=true"], ["--fused_mlp=false"]):
@@ -643,7 +688,7 @@ def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
         x = torch.randn(16, hp.model_dim)
         s = {name: w.detach() for name, w in model.layer_weights(2).items()}
         outs.append(model.blocks[2](x, x, None, None, None, s, None, None, 0.1))
-    assert calls == [False], f"ReluSquaredMLP calls (their fp8 argument) over one fused and one plain block: {calls}"
+    assert calls == [None], f"ReluSquaredMLP calls (their x_scale) over one fused and one plain block: {calls}"
     torch.testing.assert_close(outs[0], outs[1])
 
 
