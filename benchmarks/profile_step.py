@@ -36,9 +36,11 @@ def _in_range(name, fn):
     return wrapped
 
 
-def instrument(trainer: train_gpt.Trainer):
-    """Wrap the forward and the optimizer calls of `trainer` in named profiler ranges."""
+def instrument(trainer: train_gpt.Trainer, loader: train_gpt.DistributedTrainLoader):
+    """Wrap the forward and the optimizer calls of `trainer`, and the loader's hand-out of a micro-batch (which
+    stages the next one: its host work and its copy), in named profiler ranges."""
     trainer.forward = _in_range("phase:forward", trainer.forward)
+    loader.next_batch = _in_range("phase:loader", loader.next_batch)
     for opt_name in ("adam", "muon"):
         opt = getattr(trainer, opt_name)
         for method in ("reduce_grads", "step", "finish"):
@@ -179,23 +181,26 @@ def communication_ms(prof, steps: int) -> tuple[float, float]:
     return total / 1e6 / steps, exposed / 1e6 / steps
 
 
-def phase_table(prof, steps: int) -> list[tuple[str, float]]:
-    """[(phase, device ms per step)], with 'backward+loss+other' the remainder of all kernel time.
+def phase_table(prof, steps: int) -> list[tuple[str, float, float | None]]:
+    """[(phase, device ms per step, host ms per step)], with 'backward+loss+other' the remainder of all kernel
+    time (its host time not separated: None).
 
-    A phase's time is the device time of the kernels launched inside its range (the CPU-side entry);
-    the profiler also lists each range as a device-side annotation, which is not a kernel."""
+    A phase's device time is that of the kernels launched inside its range (the CPU-side entry); its host time
+    is how long the host spent inside the range. A phase whose host time exceeds its device time is one the GPU
+    waits through unless work queued before it covers the difference. The profiler also lists each range as a
+    device-side annotation, which is not a kernel. Without CUDA both are the CPU's time."""
     cuda = torch.cuda.is_available()
     kernel_total, rows, named = 0.0, {}, 0.0
     for e in prof.key_averages():
         is_range = e.key.startswith("phase:")
         if e.device_type == torch.autograd.DeviceType.CPU and is_range:
             t = _device_total(e) if cuda else e.cpu_time_total
-            rows[e.key[len("phase:"):]] = t / 1000 / steps
+            rows[e.key[len("phase:"):]] = (t / 1000 / steps, e.cpu_time_total / 1000 / steps)
             named += t
         elif not is_range and (e.device_type == torch.autograd.DeviceType.CUDA if cuda else True):
             kernel_total += _self_device(e) if cuda else e.self_cpu_time_total
-    return sorted(rows.items()) + [("backward+loss+other", (kernel_total - named) / 1000 / steps),
-                                   ("total", kernel_total / 1000 / steps)]
+    return [(name, device, host) for name, (device, host) in sorted(rows.items())] + [
+        ("backward+loss+other", (kernel_total - named) / 1000 / steps, None), ("total", kernel_total / 1000 / steps, None)]
 
 
 def main(argv=None) -> int:
@@ -245,15 +250,15 @@ def main(argv=None) -> int:
             say(pauses.line(f"the {len(times)} timed steps"))
             if allocator.line():
                 say(allocator.line(f"the {len(times)} timed steps"))
-        instrument(trainer)
+        instrument(trainer, loader)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
                 run_step()
             train_gpt._sync(device)
-    say(f"\ndevice time per step by phase ({args.steps} steps profiled, rank 0 of {world_size}):")
-    for name, ms in phase_table(prof, args.steps):
-        say(f"  {name:<22} {ms:9.2f} ms")
+    say(f"\ndevice time per step by phase ({args.steps} steps profiled, rank 0 of {world_size}), and the host's:")
+    for name, ms, host_ms in phase_table(prof, args.steps):
+        say(f"  {name:<22} {ms:9.2f} ms" + ("" if host_ms is None else f"   host {host_ms:9.2f} ms"))
     if device.type == "cuda":
         span, idle = device_idle_ms(prof, args.steps)
         say(f"  device idle            {idle:9.2f} ms of the {span:.2f} ms from the first kernel to the last")

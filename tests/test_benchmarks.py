@@ -174,6 +174,23 @@ def profile_step():
     return load_script("benchmarks/profile_step.py", "profile_step")
 
 
+def test_profile_step_runs_on_the_cpu_and_reports_each_phase_with_its_host_time(profile_step, tiny_corpus, capsys):
+    """The script end to end on the tiny preset (CPU): warm-up, timed steps with their gc: line, one profiled step,
+    and the phase table (forward, loader, adam, muon, each with the host's time; the rest and the total without),
+    then the kernel table. GPU-only lines (device idle, gaps, allocator calls) are absent here."""
+    flags = ["--preset=tiny", *tiny_corpus["flags"]]
+    assert profile_step.main(["--warmup", "1", "--time_steps", "1", "--steps", "1", "--top", "3", "--", *flags]) == 0
+    out = capsys.readouterr().out
+    table = out.split("and the host's:\n", 1)[1].splitlines()
+    rows = {line.split()[0]: line.split() for line in table[:6]}
+    assert set(rows) == {"adam", "forward", "loader", "muon", "backward+loss+other", "total"}, table[:6]
+    for phase in ("adam", "forward", "loader", "muon"):
+        assert rows[phase][3] == "host" and float(rows[phase][4]) > 0, rows[phase]
+    assert "host" not in rows["total"], "the remainder and the total have no host time of their own"
+    assert "gc: " in out and "wall ms/step" in out
+    assert "device idle" not in out and "allocator:" not in out, "GPU-only lines on a CPU run"
+
+
 def test_device_idle_is_the_span_minus_the_union_of_kernels(profile_step):
     """Overlapping kernels count once; the gaps between them are idle."""
     assert profile_step.busy_time([(0, 10), (5, 15), (20, 30), (29, 31)]) == (31, 26)
