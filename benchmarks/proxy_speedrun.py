@@ -145,7 +145,8 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
             "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
             "peak_gib": run.peak_memory_mib[0] / 1024 if run.peak_memory_mib else None,
             "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time"),
-            "gc_ms": run.gc_passes[3] if run.gc_passes else None, "fineweb_estimate_s": fineweb_s}
+            "gc_ms": run.gc_passes[3] if run.gc_passes else None, "allocator_calls": run.allocator_calls,
+            "fineweb_estimate_s": fineweb_s}
 
 
 def measure_peak_tflops() -> float | None:
@@ -243,12 +244,16 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _calls(counts) -> str:
+    return "-" if counts is None else "/".join(map(str, counts))
+
+
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
     head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
             "tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | GC in the loop (ms) | "
-            "FineWeb schedule, estimated (s) |")
-    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 15]
+            "allocator calls in the loop (malloc/free/retries/syncs) | FineWeb schedule, estimated (s) |")
+    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 16]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
@@ -256,7 +261,8 @@ def format_table(rows: list[dict], target: float, peak: float | None) -> str:
                    f"{_fmt(r['flops_per_token'] and r['flops_per_token'] / 1e6, '.1f')} | "
                    f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
                    f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} | "
-                   f"{_fmt(r.get('gc_ms'), '.0f')} | {_fmt(r.get('fineweb_estimate_s'), '.0f')} |")
+                   f"{_fmt(r.get('gc_ms'), '.0f')} | {_calls(r.get('allocator_calls'))} | "
+                   f"{_fmt(r.get('fineweb_estimate_s'), '.0f')} |")
     return "\n".join(out)
 
 

@@ -85,6 +85,9 @@ TIMINGS_RE = re.compile(rf"warmup_and_compile_time:{_NUM}s(?: \w+:{_NUM}s)*")
 PEAK_RE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (?:(\d+) MiB|.*)")  # CPU runs: "n/a (...)"
 # `gc: 284/25/2 passes (generation 0/1/2) in the timed loop, 245.9 ms`: the garbage collector in the timed loop
 GC_RE = re.compile(rf"gc: (\d+)/(\d+)/(\d+) passes \(generation 0/1/2\) in the timed loop, ({_NUM}) ms")
+# `allocator: 3 cudaMalloc, 0 cudaFree, 0 retries, 0 stream syncs in the timed loop` (CUDA runs)
+ALLOCATOR_RE = re.compile(r"allocator: (\d+) cudaMalloc, (\d+) cudaFree, (\d+) retries, (\d+) stream syncs "
+                          r"in the timed loop")
 ERROR_PREFIXES = ("error:", "crash:", "Traceback")  # the trainer's failure lines (a crash adds its traceback)
 # A GPU row of nvidia-smi's device table: index, name, persistence mode, then two more cells. Its second
 # row starts with the fan speed and process rows have fewer cells, so neither matches.
@@ -161,6 +164,7 @@ class RunLog:
     timings_s: dict  # fields of the `warmup_and_compile_time:` line, in seconds
     peak_memory_mib: tuple | None  # (allocated, reserved or None)
     gc_passes: tuple | None = None  # the `gc:` line: (passes of generations 0, 1, 2, their ms) in the timed loop
+    allocator_calls: tuple | None = None  # the `allocator:` line: (cudaMalloc, cudaFree, retries, stream syncs)
     errors: tuple = ()  # `error:`, `crash:` and `Traceback` lines
     last_step: int | None = None  # k of the last `step:k/N` line of either kind
     num_iterations: int | None = None  # N of that line
@@ -293,6 +297,7 @@ def parse_log_text(text, path=Path("<text>")):
     source, environment, output = split_log(text)
     hyperparameters, vals, steps, errors = None, [], [], []
     run_info, timings, peak, gc_passes, last_step, num_iterations = {}, {}, None, None, None, None
+    allocator_calls = None
     output = tuple(line.rstrip() for line in output)
     for line in output:
         if m := VAL_RE.fullmatch(line):
@@ -316,12 +321,15 @@ def parse_log_text(text, path=Path("<text>")):
             peak = (int(m[1]), None if m[2] is None else int(m[2]))
         elif m := GC_RE.fullmatch(line):
             gc_passes = (int(m[1]), int(m[2]), int(m[3]), float(m[4]))
+        elif m := ALLOCATOR_RE.fullmatch(line):
+            allocator_calls = tuple(int(m[i]) for i in range(1, 5))
         elif line.startswith(ERROR_PREFIXES):
             errors.append(line)
     return RunLog(path=Path(path), source=source, environment=environment, output=output,
                   hyperparameters=hyperparameters,
                   val_points=tuple(vals), step_points=tuple(steps), run_info=run_info, timings_s=timings,
-                  peak_memory_mib=peak, gc_passes=gc_passes, errors=tuple(errors), last_step=last_step,
+                  peak_memory_mib=peak, gc_passes=gc_passes, allocator_calls=allocator_calls, errors=tuple(errors),
+                  last_step=last_step,
                   num_iterations=num_iterations)
 
 

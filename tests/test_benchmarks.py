@@ -53,6 +53,24 @@ def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     assert "| r | 1 |" in bench.format_table([row], 20.0, 1.0) and " / -" in bench.format_table([row], 20.0, 1.0)
 
 
+def test_summary_shows_the_allocator_calls_of_a_cuda_log(bench, tmp_path):
+    """A CUDA log's `allocator:` line (the caching allocator's calls in the timed loop) is read by the records
+    reader and shown as malloc/free/retries/syncs; a log without one (CPU runs, older trainers) shows '-'."""
+    from test_verify import our_log
+    text = our_log(3.27, n_steps=20, val_every=10)
+    line = "allocator: 3 cudaMalloc, 0 cudaFree, 1 retries, 2 stream syncs in the timed loop"
+    with_line, without = tmp_path / "cuda.txt", tmp_path / "cpu.txt"
+    with_line.write_text(text.replace("peak memory allocated", line + "\npeak memory allocated", 1))
+    without.write_text(text)
+    assert line in with_line.read_text(), "the stand-in log has the line"
+    assert bench.verify.parse_log(with_line).allocator_calls == (3, 0, 1, 2)
+    rows = [bench.summarize_log(p, target=3.28, peak_tflops=None) for p in (with_line, without)]
+    assert [r["allocator_calls"] for r in rows] == [(3, 0, 1, 2), None]
+    table = bench.format_table(rows, 3.28, None).splitlines()
+    assert "allocator calls in the loop" in table[2] and table[2].count("|") == table[4].count("|") == 17
+    assert "| 3/0/1/2 |" in table[4] and "| 3/0/1/2 |" not in table[5], table[4:6]
+
+
 def test_summary_reads_the_log_through_the_records_reader(bench, tmp_path):
     """Every number of a summary comes from `verify.parse_log_text`, the one reader of the log grammar;
     the script has no line patterns of its own."""
