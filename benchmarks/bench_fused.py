@@ -8,6 +8,9 @@ torch.compile as in training (unless --no_compile):
 - mlp: relu(x w1^T)^2 w2 as the trainer writes it without --fused_mlp (Inductor: cuBLAS matmuls and fused
   elementwise kernels) against ReluSquaredMLP (--fused_mlp: the activation and its gradient in the epilogues
   of Triton matmuls), x [T, 768] bf16, w1 and w2 [3072, 768] bf16.
+- mlp fp8: ReluSquaredMLP against itself with the FP8 up-projection (--fp8_mlp_up: x at the fixed scale
+  sqrt(768)/448, w1 at its amax/448, cast to e4m3), x RMS-normed as the block's; its "difference" is e4m3's
+  rounding, not an error.
 - head: FP8Linear then softcap_mtp_ce (the loss backward writes the bf16 logit gradient, then it is cast to
   e5m2) against FP8HeadLoss (--fp8_head_fused_grad: the loss kernel writes the e5m2 gradient in its forward),
   x [T, 768] bf16, the head [V, 768] fp32, four target columns (3 next tokens and the byte prefix, stage 1's)
@@ -117,6 +120,21 @@ def mlp_case(args, device):
     def fused(x, w1, w2):
         return train_gpt.ReluSquaredMLP.apply(x, w1, w2)
     return (x, w1, w2), plain, fused, 1.0
+
+
+def mlp_fp8_case(args, device):
+    g = torch.Generator(device=device).manual_seed(4)
+    x = train_gpt.rms_norm(torch.randn(args.tokens, args.dim, device=device, generator=g)).bfloat16().requires_grad_()
+    w1, w2 = ((torch.randn(args.hidden, args.dim, device=device, generator=g) / args.dim ** 0.5).bfloat16()
+              .requires_grad_() for _ in range(2))
+    x_scale = args.dim ** 0.5 / train_gpt.FP8_E4M3_MAX
+
+    def bf16(x, w1, w2):
+        return train_gpt.ReluSquaredMLP.apply(x, w1, w2)
+
+    def fp8(x, w1, w2):
+        return train_gpt.ReluSquaredMLP.apply(x, w1, w2, x_scale)
+    return (x, w1, w2), bf16, fp8, 1.0
 
 
 def head_case(args, device):
@@ -274,6 +292,7 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}  torch {torch.__version__}  "
           f"tokens {args.tokens}  compile {not args.no_compile}")
     rows = [run_case("mlp", mlp_case(args, device), args, device),
+            run_case("mlp fp8", mlp_fp8_case(args, device), args, device),
             run_case("head", head_case(args, device), args, device),
             run_case("dc", dc_case(args, device), args, device)]
     print("| case | plain ms | fused ms | speedup | plain peak MiB | fused peak MiB | output diff | gradient diffs |")
