@@ -8,7 +8,8 @@ way the public speedrun tests it: a one-sided one-sample t-test of the runs' fin
 
 With `--baseline`, the runs are also compared with re-timed runs of the previous recipe by Welch's
 t-test (`scipy.stats.ttest_ind(new, baseline, equal_var=False)`): time one-sided (new is faster),
-loss two-sided.
+loss two-sided; where two or more seeds were logged by both, also by the paired t-test over those seeds
+(`scipy.stats.ttest_rel`), the same sidedness.
 
 What is pooled: each run once (a copy of a log, however its bytes differ, and a second finished run
 of one recipe with the same seed are refused), and only runs of one recipe: the same source,
@@ -714,25 +715,53 @@ class BaselineComparison:
     time_diff_ci95: tuple
     time_diff_df: float
     skipped: tuple = ()  # unfinished baseline runs
+    # Paired by seed (the seeds both samples ran, at least 2; else empty and None): the same seed gives the same
+    # initial weights and data order, so the per-seed differences carry less of the seeds' spread.
+    paired_seeds: tuple = ()
+    paired_loss_diff: float | None = None  # mean over the pairs of new - baseline
+    paired_loss_p: float | None = None  # two-sided
+    paired_time_diff_s: float | None = None
+    paired_time_p: float | None = None  # one-sided, H1: new runs are faster
+
+
+def pairs_by_seed(runs, baseline_runs) -> list[tuple]:
+    """[(seed, run, baseline run)] for each seed that a finished run and a finished baseline run both logged, in
+    seed order (check_duplicates keeps seeds unique within each sample)."""
+    base = {json.dumps(r.seed): r for r in baseline_runs if r.finished and r.seed is not None}
+    pairs = [(r.seed, r, base[json.dumps(r.seed)]) for r in runs
+             if r.finished and r.seed is not None and json.dumps(r.seed) in base]
+    return sorted(pairs, key=lambda p: json.dumps(p[0]))
 
 
 def compare_with_baseline(runs, baseline_runs):
-    """Welch's t-tests of the finished runs against the finished baseline runs."""
+    """Welch's t-tests of the finished runs against the finished baseline runs, and paired t-tests over the seeds
+    both ran."""
     base = [r for r in baseline_runs if r.finished]
     if len(base) < 2:
         raise VerifyError(f"need at least 2 finished baseline runs (got {len(base)} of {len(baseline_runs)})")
     new_t, base_t = [r.time_s for r in runs], [r.time_s for r in base]
     new_l, base_l = [r.final_loss for r in runs], [r.final_loss for r in base]
+    pairs = pairs_by_seed(runs, base)
+    paired = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # constant samples give nan, reported as such
         time_p = stats.ttest_ind(new_t, base_t, equal_var=False, alternative="less").pvalue
         loss_p = stats.ttest_ind(new_l, base_l, equal_var=False).pvalue
+        if len(pairs) >= 2:
+            (pl_new, pl_base), (pt_new, pt_base) = (([getattr(r, key) for _, r, _ in pairs],
+                                                     [getattr(b, key) for _, _, b in pairs])
+                                                    for key in ("final_loss", "time_s"))
+            paired = dict(paired_seeds=tuple(seed for seed, _, _ in pairs),
+                          paired_loss_diff=mean_std([a - b for a, b in zip(pl_new, pl_base)])[0],
+                          paired_loss_p=float(stats.ttest_rel(pl_new, pl_base).pvalue),
+                          paired_time_diff_s=mean_std([a - b for a, b in zip(pt_new, pt_base)])[0],
+                          paired_time_p=float(stats.ttest_rel(pt_new, pt_base, alternative="less").pvalue))
     diff, ci, df = welch_interval(new_t, base_t)
     (mt, st), (ml, sl) = mean_std(base_t), mean_std(base_l)
     return BaselineComparison(n=len(base), mean_time_s=mt, std_time_s=st, mean_loss=ml, std_loss=sl,
                               welch_time_p=float(time_p), welch_loss_p=float(loss_p), time_diff_s=diff,
                               time_diff_ci95=ci, time_diff_df=df,
-                              skipped=tuple(r for r in baseline_runs if not r.finished))
+                              skipped=tuple(r for r in baseline_runs if not r.finished), **paired)
 
 
 @dataclass(frozen=True)
@@ -860,7 +889,13 @@ def baseline_rows(a):
             Row("welch_time_p", 'time p, `ttest_ind(new, baseline, equal_var=False, alternative="less")`',
                 b.welch_time_p, ".4g"),
             Row("welch_loss_p", "loss p, `ttest_ind(new, baseline, equal_var=False)` (two-sided)", b.welch_loss_p,
-                ".4g")]
+                ".4g")] + ([] if not b.paired_seeds else [
+            Row("paired_seeds", "paired by seed: the seeds both ran", b.paired_seeds),
+            Row("paired_loss_diff", "paired mean loss difference new - baseline", b.paired_loss_diff, "+.6f"),
+            Row("paired_loss_p", "paired loss p, `ttest_rel(new, baseline)` (two-sided)", b.paired_loss_p, ".4g"),
+            Row("paired_time_diff_s", "paired mean time difference new - baseline (s)", b.paired_time_diff_s, "+.3f"),
+            Row("paired_time_p", 'paired time p, `ttest_rel(new, baseline, alternative="less")`', b.paired_time_p,
+                ".4g")])
 
 
 def run_rows(runs):

@@ -586,6 +586,8 @@ def test_report_analysis_md_and_json_show_one_list_of_summary_rows(tmp_path, cap
         assert f"| {r.label} | " in md, f"ANALYSIS.md lacks {r.label!r}"
         got = result["baseline"][r.key] if r in verify.baseline_rows(a) else result[r.key]
         want = list(r.value) if isinstance(r.value, tuple) else r.value
+        if isinstance(want, float) and math.isnan(want):
+            want = None  # not a JSON number (here: the paired time test of runs timed alike)
         assert got == want, f"JSON {r.key}: {got!r}, row: {r.value!r}"
 
 
@@ -616,6 +618,36 @@ def test_baseline_json_matches_scipy_welch(tmp_path, capsys):
     assert set(b) >= {"n", "mean_time_s", "mean_loss", "welch_time_p", "welch_loss_p", "time_diff_s", "time_diff_ci95"}
     code, out, _ = run_cli(capsys, new, "--baseline", base)
     assert "baseline runs n: 5" in out and "Welch CI" in out
+
+
+def test_baseline_runs_of_the_same_seeds_are_also_compared_pair_by_pair(tmp_path, capsys):
+    """Runs and baseline runs that logged the same seeds (3 of them here: 1, 2, 3) are also compared by the paired
+    t-test over those seeds (scipy's ttest_rel: loss two-sided, time one-sided), with the mean per-seed
+    differences; the Welch tests stay as they were. Negative control: pairing by position (seed 0 with seed 1,
+    ...) gives another loss p. Without a shared seed (public logs log none) there is no paired row."""
+    new_losses, base_losses = [3.2700, 3.2712, 3.2695, 3.2731], [3.2760, 3.2741, 3.2768, 3.2779]
+    new = write_logs(tmp_path / "new", new_losses, make=our_log)  # seeds 0-3, times 175.0 + 0.137 i s
+    base = write_logs(tmp_path / "base", base_losses, make=our_log, first=1)  # seeds 1-4, times 175.137 + ...
+    code, out, _ = run_cli(capsys, new, "--baseline", base, "--json")
+    b = json.loads(out)["baseline"]
+    assert code in (0, 1) and b["paired_seeds"] == [1, 2, 3], b
+    new_l, base_l = new_losses[1:4], base_losses[0:3]
+    new_t, base_t = [175.0 + 0.137 * i for i in (1, 2, 3)], [175.0 + 0.137 * i for i in (1, 2, 3)]
+    assert b["paired_loss_p"] == pytest.approx(stats.ttest_rel(new_l, base_l).pvalue, rel=1e-9)
+    assert b["paired_loss_diff"] == pytest.approx(np.mean(np.subtract(new_l, base_l)), rel=1e-9)
+    assert b["paired_time_diff_s"] == pytest.approx(np.mean(np.subtract(new_t, base_t)), abs=1e-9)
+    assert b["welch_loss_p"] == pytest.approx(stats.ttest_ind(new_losses, base_losses, equal_var=False).pvalue,
+                                              rel=1e-9), "the Welch test still uses every run"
+    by_position = stats.ttest_rel(new_losses[:3], base_losses[:3]).pvalue
+    assert b["paired_loss_p"] != pytest.approx(by_position, rel=1e-3), "negative control: pairs are by seed"
+    code, out, _ = run_cli(capsys, new, "--baseline", base)
+    assert "paired by seed: the seeds both ran: [1, 2, 3]" in out and "paired loss p, `ttest_rel" in out, out
+    public_base = tmp_path / "public"
+    public_base.mkdir()
+    for i, loss in enumerate(base_losses):
+        (public_base / f"b{i}.txt").write_text(public_log(loss, time_ms=178_000.0 + i))
+    code, out, _ = run_cli(capsys, new, "--baseline", public_base)
+    assert "paired" not in out, "no logged seeds in common: no paired comparison"
 
 
 def test_write_is_deterministic_and_records_a_canonical_command(tmp_path, capsys, monkeypatch):
