@@ -1429,11 +1429,6 @@ def e4m3_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _e4m3(t.float(), scale), scale
 
 
-def fp8_mlp_applies(enabled: bool, x) -> bool:
-    """The up-projection runs in FP8 on GPU while training only, as the head (fp8_head_applies)."""
-    return enabled and x.is_cuda and torch.is_grad_enabled()
-
-
 class ReluSquaredMLP(torch.autograd.Function):
     """relu(x w1^T)^2 w2 for x [T, D], w1 and w2 [H, D] (one dtype), with the activation in the up-projection's
     epilogue and its gradient in the epilogue of the product that makes it (records #59's fusion, our own
@@ -2174,6 +2169,12 @@ FP8_HEAD_W_MAX = 1.6  # |w| bound of the head's e4m3 cast (the speedrun's scale,
 FP8_HEAD_GRAD_SCALE = 0.75 / FP8_E4M3_MAX  # the logit gradient's cast scale at one micro-batch per step
 
 
+def normed_e4m3_scale(dim: int) -> float:
+    """The e4m3 scale of an RMS-normed (weightless) row of width dim: no entry exceeds sqrt(dim), which 448 then
+    spans; fixed, so it needs no pass over the values and no token's rounding depends on another token."""
+    return dim ** 0.5 / FP8_E4M3_MAX
+
+
 @torch.library.custom_op(f"{OP_NAMESPACE}::fp8_mm", mutates_args=())
 def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tensor, out_f32: bool, fast_accum: bool
            ) -> torch.Tensor:
@@ -2188,10 +2189,11 @@ def _(a, b, a_s, b_s, out_f32, fast_accum):
     return a.new_empty(a.size(0), b.size(0), dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 
-def fp8_head_applies(hp, x) -> bool:
-    """The head runs in FP8 on GPU while training only: validation (no gradients) reads bf16 logits, as the
-    public code does (it casts when training), so the measured loss carries no e4m3 rounding of x and W."""
-    return hp.fp8_head and x.is_cuda and torch.is_grad_enabled()
+def fp8_applies(enabled: bool, x) -> bool:
+    """An FP8 matmul (the head's, --fp8_head; the MLP up-projection's, --fp8_mlp_up) runs on GPU while training
+    only: validation (no gradients) reads the bf16 model, as the public code does (it casts when training), so
+    the measured loss carries no e4m3 rounding."""
+    return enabled and x.is_cuda and torch.is_grad_enabled()
 
 
 def _e4m3(t: torch.Tensor, scale) -> torch.Tensor:
@@ -2807,8 +2809,7 @@ class Block(nn.Module):
                 x = x + s["bigram_gate"] * bigram
         xn, w1, w2 = rms_norm(x), self.mlp_fc.type_as(x), self.mlp_proj.type_as(x)
         if self.fused_mlp and _triton_runs_on(xn):
-            # xn is RMS-normed (no weight): every |entry| <= sqrt(dim), which the e4m3 range then spans
-            x_scale = xn.size(-1) ** 0.5 / FP8_E4M3_MAX if fp8_mlp_applies(self.fp8_mlp_up, xn) else None
+            x_scale = normed_e4m3_scale(xn.size(-1)) if fp8_applies(self.fp8_mlp_up, xn) else None
             mlp = ReluSquaredMLP.apply(xn, w1, w2, x_scale)
         else:
             mlp = F.relu(F.linear(xn, w1)).square() @ w2
@@ -3000,8 +3001,8 @@ class GPT(nn.Module):
         prefix = self.recipe.prefix_loss
         y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None)
         softcap = (hp.logit_softcap, hp.logit_offset, hp.logit_temp)
-        if fp8_head_applies(hp, x):
-            scales = (hp.model_dim ** 0.5 / FP8_E4M3_MAX, FP8_HEAD_W_MAX / FP8_E4M3_MAX)
+        if fp8_applies(hp.fp8_head, x):
+            scales = (normed_e4m3_scale(hp.model_dim), FP8_HEAD_W_MAX / FP8_E4M3_MAX)
             if hp.fp8_head_fused_grad:
                 return FP8HeadLoss.apply(x, self.lm_head_w, y, loss_weights, *scales, *softcap)
             logits = FP8Linear.apply(x, self.lm_head_w, *scales, self.head_grad_scale * FP8_HEAD_GRAD_SCALE)  # bf16

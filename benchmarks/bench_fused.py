@@ -127,7 +127,7 @@ def mlp_fp8_case(args, device):
     x = train_gpt.rms_norm(torch.randn(args.tokens, args.dim, device=device, generator=g)).bfloat16().requires_grad_()
     w1, w2 = ((torch.randn(args.hidden, args.dim, device=device, generator=g) / args.dim ** 0.5).bfloat16()
               .requires_grad_() for _ in range(2))
-    x_scale = args.dim ** 0.5 / train_gpt.FP8_E4M3_MAX
+    x_scale = train_gpt.normed_e4m3_scale(args.dim)
 
     def bf16(x, w1, w2):
         return train_gpt.ReluSquaredMLP.apply(x, w1, w2)
@@ -145,7 +145,7 @@ def head_case(args, device):
     prefix = torch.randint(-1, args.vocab, (args.vocab,), device=device, generator=g)
     targets = train_gpt.target_matrix(tokens, 3, prefix)
     weights = torch.tensor([1.0, 0.5, 0.25, 0.25], device=device)
-    scales = (args.dim ** 0.5 / train_gpt.FP8_E4M3_MAX, train_gpt.FP8_HEAD_W_MAX / train_gpt.FP8_E4M3_MAX)
+    scales = (train_gpt.normed_e4m3_scale(args.dim), train_gpt.FP8_HEAD_W_MAX / train_gpt.FP8_E4M3_MAX)
     softcap = (23.0, 5.0, 7.5)
     micro_batches = 8
     grad_s = torch.tensor(train_gpt.FP8_HEAD_GRAD_SCALE / micro_batches, device=device)

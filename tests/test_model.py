@@ -413,7 +413,7 @@ def test_fp8_head_fused_gradient_flag_selects_the_path(trainer, monkeypatch):
             raise Taken(name)
         return stub
 
-    monkeypatch.setattr(trainer, "fp8_head_applies", lambda hp, x: True)
+    monkeypatch.setattr(trainer, "fp8_applies", lambda enabled, x: True)
     monkeypatch.setattr(trainer.FP8HeadLoss, "apply", stop("FP8HeadLoss"))
     monkeypatch.setattr(trainer.FP8Linear, "apply", stop("FP8Linear"))
     taken = []
@@ -642,15 +642,15 @@ def test_fp8_mlp_matmul_kernel_matches_torch_on_a_gpu(trainer, monkeypatch):
         assert rel < 0.1, f"fp8 MLP against bf16, {name}: relative error {rel:.4f}"
 
 
-def test_fp8_mlp_applies_on_a_gpu_while_training_only(trainer):
-    """--fp8_mlp_up takes effect for CUDA inputs with gradients enabled: validation (no_grad) and CPU runs see the
-    bf16 model, as the FP8 head's."""
+def test_fp8_applies_on_a_gpu_while_training_only(trainer):
+    """An FP8 matmul (--fp8_mlp_up here) takes effect for CUDA inputs with gradients enabled: validation
+    (no_grad) and CPU runs see the bf16 model, as for the FP8 head."""
     cuda, cpu = types.SimpleNamespace(is_cuda=True), types.SimpleNamespace(is_cuda=False)
-    assert trainer.fp8_mlp_applies(True, cuda)
-    assert not trainer.fp8_mlp_applies(False, cuda), "the flag off"
-    assert not trainer.fp8_mlp_applies(True, cpu), "a CPU tensor"
+    assert trainer.fp8_applies(True, cuda)
+    assert not trainer.fp8_applies(False, cuda), "the flag off"
+    assert not trainer.fp8_applies(True, cpu), "a CPU tensor"
     with torch.no_grad():
-        assert not trainer.fp8_mlp_applies(True, cuda), "validation"
+        assert not trainer.fp8_applies(True, cuda), "validation"
 
 
 def test_fp8_mlp_flag_reaches_the_fused_function_as_a_fixed_input_scale(trainer, monkeypatch):
@@ -661,7 +661,7 @@ def test_fp8_mlp_flag_reaches_the_fused_function_as_a_fixed_input_scale(trainer,
     monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
                         lambda x, w1, w2, x_scale: scales.append(x_scale) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
-    monkeypatch.setattr(trainer, "fp8_mlp_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
+    monkeypatch.setattr(trainer, "fp8_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
     for flags, grad in ((["--fp8_mlp_up=true"], True), (["--fp8_mlp_up=true"], False), ([], True)):
         hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
         model = trainer.GPT(hp)
@@ -716,7 +716,7 @@ def test_fp8_head_serves_training_only(trainer):
     casts. A CPU tensor never casts (negative control: the flag alone does not decide)."""
     hp = trainer.parse_args(["--preset=tiny"])
     on_gpu, on_cpu = types.SimpleNamespace(is_cuda=True), torch.zeros(1)
-    assert hp.fp8_head and trainer.fp8_head_applies(hp, on_gpu), "training on GPU uses the FP8 head"
+    assert hp.fp8_head and trainer.fp8_applies(hp.fp8_head, on_gpu), "training on GPU uses the FP8 head"
     with torch.no_grad():
-        assert not trainer.fp8_head_applies(hp, on_gpu), "validation must read bf16 logits"
-    assert not trainer.fp8_head_applies(hp, on_cpu), "CPU runs the fp32 head"
+        assert not trainer.fp8_applies(hp.fp8_head, on_gpu), "validation must read bf16 logits"
+    assert not trainer.fp8_applies(hp.fp8_head, on_cpu), "CPU runs the fp32 head"
