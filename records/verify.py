@@ -748,9 +748,8 @@ def compare_with_baseline(runs, baseline_runs):
         time_p = stats.ttest_ind(new_t, base_t, equal_var=False, alternative="less").pvalue
         loss_p = stats.ttest_ind(new_l, base_l, equal_var=False).pvalue
         if len(pairs) >= 2:
-            (pl_new, pl_base), (pt_new, pt_base) = (([getattr(r, key) for _, r, _ in pairs],
-                                                     [getattr(b, key) for _, _, b in pairs])
-                                                    for key in ("final_loss", "time_s"))
+            pl_new, pl_base = [r.final_loss for _, r, _ in pairs], [b.final_loss for _, _, b in pairs]
+            pt_new, pt_base = [r.time_s for _, r, _ in pairs], [b.time_s for _, _, b in pairs]
             paired = dict(paired_seeds=tuple(seed for seed, _, _ in pairs),
                           paired_loss_diff=mean_std([a - b for a, b in zip(pl_new, pl_base)])[0],
                           paired_loss_p=float(stats.ttest_rel(pl_new, pl_base).pvalue),
