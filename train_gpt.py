@@ -112,7 +112,7 @@ class Hyperparameters:
     fp8_head: bool = True  # LM head matmuls in float8 on GPU (README: "Model and optimizer"); fp32 on CPU
     fp8_head_fused_grad: bool = True  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     fused_mlp: bool = True  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
-    fp8_mlp_up: bool = False  # with --fused_mlp: the up-projection's forward from float8 e4m3 operands, Hopper GPU training only (records #84)
+    fp8_mlp_up: bool = True  # with --fused_mlp: the up-projection's forward from float8 e4m3 operands, Hopper GPU training only (records #84)
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -129,10 +129,10 @@ class Hyperparameters:
     adam_betas_lambdas: str = "0.9,0.99"  # the residual and sublayer weights (the public's: 0.9,0.95)
     adam_eps: float = 1e-10
     adam_every: int = 1  # Adam steps every N steps on the gradients summed over them (Muon: every step; public: 2)
-    # cautious decay W -= lr_t^2 * wd * W where the step and W agree in sign (DistAdam); per group wd =
+    # decay W -= lr_t^2 * wd * W (DistAdam; cautious: only where the step and W agree in sign); per group wd =
     # adam_weight_decay * its multiplier (the speedrun's values, records #50 and #53); scalars: none
     adam_weight_decay: float = 0.005
-    adam_cautious_wd: bool = True  # false: Adam's decay on every entry, whatever the step's sign
+    adam_cautious_wd: bool = False  # true: Adam's decay only where the step and the weight agree in sign (records #50)
     adam_wd_mul_embed: float = 150.0  # the embedding and the head
     adam_wd_mul_value_embed: float = 5.0  # value embeddings and the bigram table
     adam_wd_mul_gate: float = 1.0  # gate matrices, the generators' matrices included (biases and scales: none)
@@ -145,7 +145,7 @@ class Hyperparameters:
     muon_ortho: str = "turbo_muon"  # orthogonalization (README: "Muon options")
     muon_variant: str = "muon"  # update rule around the orthogonalized momentum (README: "Muon options")
     muon_weight_decay: float = 1.2  # W -= lr_eff * (wd * lr_t) * W: the decay goes as lr^2 (orscale: its own form)
-    cautious_wd: bool = True  # decay only where update and weight agree in sign (arXiv 2510.12402)
+    cautious_wd: bool = False  # true: decay only where update and weight agree in sign (arXiv 2510.12402)
     normuon: bool = True  # neuron-wise second-moment normalization (arXiv 2510.05491)
     normuon_beta2: float = 0.9
     normuon_eps: float = 1e-10
@@ -200,13 +200,16 @@ class Hyperparameters:
             raise ConfigError(f"--layer_attention needs one letter per layer ({self.num_layers}) from L (long window), "
                               f"S (short window), - (no attention); got {self.layer_attention!r}")
         if self.fp8_mlp_up and not self.fused_mlp:
-            raise ConfigError("--fp8_mlp_up runs in the fused MLP kernel: add --fused_mlp=true")
+            raise ConfigError("--fp8_mlp_up (the small track's default) runs in the fused MLP kernel: add "
+                              "--fused_mlp=true, or --fp8_mlp_up=false for the unfused bf16 MLP")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
+            needed = [flag for flag, on in (("--normuon=false", self.normuon), ("--cautious_wd=false", self.cautious_wd),
+                                            ("--muon_weight_decay=0", self.muon_weight_decay)) if on]
             raise ConfigError("--muon_variant=scion has its own Frank-Wolfe decay; it takes no NorMuon or weight "
-                              "decay (on by default): add --normuon=false --cautious_wd=false --muon_weight_decay=0")
+                              f"decay (NorMuon and Muon's decay are on by default): add {' '.join(needed)}")
         if self.muon_variant.startswith("orscale") and self.cautious_wd:
             raise ConfigError("--muon_variant=orscale* couples --muon_weight_decay into the trust ratio; "
-                              "--cautious_wd does not apply (on by default): add --cautious_wd=false and "
+                              "--cautious_wd does not apply: drop --cautious_wd=true (or pass --cautious_wd=false) and "
                               "set --muon_weight_decay for its trust ratio (e.g. 0.01)")
         for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:

@@ -655,21 +655,24 @@ def test_fp8_applies_on_a_gpu_while_training_only(trainer):
 
 def test_fp8_mlp_flag_reaches_the_fused_function_as_a_fixed_input_scale(trainer, monkeypatch):
     """With --fp8_mlp_up, the block passes ReluSquaredMLP the fixed input scale sqrt(dim) / 448 (its input is
-    RMS-normed, so no entry exceeds sqrt(dim)) while training, and none under no_grad or without the flag (the
-    GPU check is forced here: the path stops at the stub)."""
+    RMS-normed, so no entry exceeds sqrt(dim)) while training, and none under no_grad or without the flag; by
+    default as the track's recipe says (the small track: on; the medium's, without the fused MLP: off). The GPU
+    check is forced here: the path stops at the stub."""
     scales = []
     monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
                         lambda x, w1, w2, x_scale: scales.append(x_scale) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     monkeypatch.setattr(trainer, "fp8_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
-    for flags, grad in ((["--fp8_mlp_up=true"], True), (["--fp8_mlp_up=true"], False), ([], True)):
+    cases = ((["--fp8_mlp_up=true"], True), (["--fp8_mlp_up=true"], False), (["--fp8_mlp_up=false"], True), ([], True))
+    for flags, grad in cases:
         hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
         model = trainer.GPT(hp)
         x = torch.randn(16, hp.model_dim)
         s = {name: w.detach() for name, w in model.layer_weights(2).items()}
         with torch.set_grad_enabled(grad):
             model.blocks[2](x, x, None, None, None, s, None, None, 0.1)
-    assert scales == [pytest.approx(64 ** 0.5 / 448), None, None], scales
+    scale = pytest.approx(64 ** 0.5 / 448)
+    assert scales == [scale, None, None, scale if trainer.Hyperparameters().fp8_mlp_up else None], scales
 
 
 def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
@@ -680,7 +683,7 @@ def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
                         lambda x, w1, w2, x_scale: calls.append(x_scale) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     outs = []
-    for flags in (["--fused_mlp=true"], ["--fused_mlp=false"]):
+    for flags in (["--fused_mlp=true"], ["--fused_mlp=false", "--fp8_mlp_up=false"]):
         torch.manual_seed(0)
         hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
         model = trainer.GPT(hp)

@@ -39,7 +39,7 @@ MUON_SHAPES = [(4, 16, 8), (4, 16, 8), (2, 24, 8), (12, 20), (12, 20), (12, 20),
 ADAM_SHAPES = [(50,), (7, 9), (3,)]
 ADAM_LRS = [0.01, 0.02, 0.03]
 ADAM_BETAS = [(0.8, 0.95), (0.5, 0.95), (0.9, 0.99)]  # each parameter its own, as the recipe's groups
-ADAM_WDS = [0.0, 50.0, 400.0]  # cautious decay lr^2 wd W: 0, 0.5% and 3.6% of W per step at these lrs
+ADAM_WDS = [0.0, 50.0, 400.0]  # decay lr^2 wd W: 0, 0.5% and 3.6% of W per step at these lrs
 MUON_LR_MULS = [1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0]  # the (24, 8) group at 2x, as the MLP output matrices
 # (lr_factor, momentum) of the two steps: different, so a step that ignores either is seen.
 STEPS = [(1.0, 0.85), (0.5, 0.9)]
@@ -52,7 +52,7 @@ VARIANTS = {
     "muon+normuon": ["--normuon=true"],
     "muon+cautious_wd": ["--muon_weight_decay=3", "--cautious_wd=true"],
     "muon+plain_wd": ["--muon_weight_decay=3", "--cautious_wd=false"],
-    "adam+plain_wd": ["--adam_cautious_wd=false"],  # Adam's decay (ADAM_WDS) on every entry
+    "adam+cautious_wd": ["--adam_cautious_wd=true"],  # Adam's decay (ADAM_WDS) only where step and weight agree
     "orscale": ["--muon_variant=orscale", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "scion": ["--muon_variant=scion", "--cautious_wd=false", "--muon_weight_decay=0"],

@@ -54,6 +54,11 @@ MEDIUM_RECIPE = {
     "fused_mlp": "False",
     # O stored (out, in) for NorMuon is the small track's default on its proxy runs; not measured on this model
     "normuon_out_rows": "False",
+    # plain decay on Muon and Adam is the small track's default on its proxy runs; not measured on this model
+    "cautious_wd": "True",
+    "adam_cautious_wd": "True",
+    # the FP8 up-projection runs in the fused MLP kernel, which this recipe leaves off
+    "fp8_mlp_up": "False",
 }
 
 MEDIUM_DOCSTRING = '''"""train_gpt_medium.py: the GPT-2-medium-track speedrun trainer, in one file.
