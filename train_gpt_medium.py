@@ -1408,6 +1408,11 @@ def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilo
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     sms = MLP_MATMUL_PROGRAMS_INTERPRET if interpreted else gpu_properties(a.device.index)["multiprocessor_count"]
     programs = min(tiles, sms)
+    if a.is_cuda:
+        # The driver builds host TMA descriptors in the calling thread, which needs a current CUDA context;
+        # autograd's device thread has none until its first kernel launch, so a backward that starts here would
+        # fail ("invalid device context", pytorch#124565). set_device binds it, as Inductor's generated code does.
+        torch.cuda.set_device(a.device)
     a_desc, b_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
     aux_desc = c_desc if aux is None else TensorDescriptor.from_tensor(aux, [bm, bn])
