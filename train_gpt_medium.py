@@ -972,6 +972,16 @@ def _(x):
 # incoming gradient. Unfused, autograd makes several passes over [T, V] fp32 arrays per offset.
 CE_LAUNCH = (4096, 16)  # (vocabulary columns per loop iteration of a row's program, warps) on GPU
 CE_LAUNCH_INTERPRET = (64, 4)
+# The transcendental forms of softcap_mtp_ce_with_grad's two passes (the FP8 head's loss and e5m2 gradient), which
+# special-function (MUFU) instructions bound. (loss pass, gradient pass):
+# - "exact": the sigmoid as 1 / (1 + 2^a) (ex2 and rcp) and the softmax's 2^b: 3 MUFU per column.
+# - "tanh": s = (1 + tanh(x / 2)) / 2 by tanh.approx.f32 (relative error 2^-11), so 2^(cap2 s) = 2^(c t + c):
+#   2 MUFU per column. In the loss pass the logged training loss carries the rounding (at most 23 * 2^-12 per
+#   softcapped logit); validation's loss kernel is always exact. The gradient's is far below e5m2's (2^-3).
+# (The float16-pair forms, tanh.approx.f16x2 and ex2.approx.f16x2, compile for sm_90 to two MUFU instructions
+# each, one per half: no fewer than float32's.)
+CE_PASS_MATH = ("exact", "exact")
+CE_PASS_MATH_CHOICES = ("exact", "tanh")
 
 
 def softcap_logits(z: torch.Tensor, cap: float, offset: float, temp: float) -> torch.Tensor:
@@ -1090,6 +1100,17 @@ if HAS_TRITON:
         return s
 
     @triton.jit
+    def _tanh(x):
+        """tanh(x), float32: one MUFU instruction on GPU (tanh.approx.f32, relative error 2^-11)."""
+        if _CE_FAST_MATH:
+            y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        else:
+            y = 2.0 / (1.0 + tl.exp2(x * (-2.0 * LOG2_E))) - 1.0
+        return y
+
+
+    @triton.jit
     def _load_block(z_row, cols, V, MASKED: tl.constexpr):
         """A row's columns `cols` in fp32: masked to those below V (0 past it) in the partial last block only."""
         if MASKED:
@@ -1099,28 +1120,36 @@ if HAS_TRITON:
         return z.to(tl.float32)
 
     @triton.jit
-    def _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    def _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK: tl.constexpr, MASKED: tl.constexpr,
+                      MATH: tl.constexpr = 0):
         """exp(u) = 2^(cap2 s) (cap2 = cap log2(e)) of the columns start .. start + BLOCK of a row (0 past V when
-        MASKED; unmasked blocks lie inside)."""
+        MASKED; unmasked blocks lie inside). MATH 1 (CE_PASS_MATH's "tanh"): s = (1 + t) / 2, t = tanh(-x / 2)
+        with x = neg_a z + neg_b the exact form's exponent (in log2 units), so 2^(cap2 s) = 2^(c t + c), c = cap2 / 2."""
         cols = start + tl.arange(0, BLOCK)
-        e = _exp2(cap2 * _softcap_sigmoid(_load_block(z_row, cols, V, MASKED), neg_a, neg_b))
+        z = _load_block(z_row, cols, V, MASKED)
+        if MATH == 1:
+            half = cap2 * 0.5
+            e = _exp2(half * _tanh(z * (neg_a * (-0.5 / LOG2_E)) + neg_b * (-0.5 / LOG2_E)) + half)
+        else:
+            e = _exp2(cap2 * _softcap_sigmoid(z, neg_a, neg_b))
         if MASKED:
             e = tl.where(cols < V, e, 0.0)
         return e
 
     @triton.jit
-    def _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K: tl.constexpr, BLOCK: tl.constexpr,
+                     MATH: tl.constexpr = 0):
         """(sum_k W[k] (lse - u[TGT[row, k]]) over the row's targets, lse) of one row z_row of Z. Whole blocks of
-        columns unmasked, then the partial one."""
+        columns unmasked, then the partial one; MATH as _ce_block_exp's (the targets' u stay exact)."""
         neg_a = -inv_temp * LOG2_E
         neg_b = offset * neg_a
         cap2 = cap * LOG2_E
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         whole = V - V % BLOCK
         for start in range(0, whole, BLOCK):
-            acc += _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK, False)
+            acc += _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK, False, MATH)
         if whole < V:
-            acc += _ce_block_exp(z_row, whole, V, neg_a, neg_b, cap2, BLOCK, True)
+            acc += _ce_block_exp(z_row, whole, V, neg_a, neg_b, cap2, BLOCK, True, MATH)
         lse = tl.log(tl.sum(acc, axis=0))
         loss = 0.0
         for k in tl.static_range(K):
@@ -1133,12 +1162,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_block_grad(z_row, out_row, TGT, W, row, start, V, neg_a, neg_b, cap2, lse2, scale, total, K: tl.constexpr,
-                       BLOCK: tl.constexpr, CLAMP: tl.constexpr, MASKED: tl.constexpr):
+                       BLOCK: tl.constexpr, CLAMP: tl.constexpr, MASKED: tl.constexpr, MATH: tl.constexpr = 0):
         """out_row's columns start .. start + BLOCK (those below V when MASKED) = scale (total p - targets' weights)
-        s (1 - s), p = 2^(cap2 s - lse2) the softmax, clamped, in out_row's dtype."""
+        s (1 - s), p = 2^(cap2 s - lse2) the softmax, clamped, in out_row's dtype. MATH 1 (CE_PASS_MATH's "tanh"):
+        t = tanh(x / 2) as in _ce_block_exp, so p = 2^(c t + c - lse2) with c = cap2 / 2 and s (1 - s) = (1 - t^2) / 4."""
         cols = start + tl.arange(0, BLOCK)
-        s = _softcap_sigmoid(_load_block(z_row, cols, V, MASKED), neg_a, neg_b)
-        dl = total * _exp2(cap2 * s - lse2)
+        z = _load_block(z_row, cols, V, MASKED)
+        if MATH == 1:
+            half = cap2 * 0.5
+            t = _tanh(z * (neg_a * (-0.5 / LOG2_E)) + neg_b * (-0.5 / LOG2_E))
+            dl = total * _exp2(half * t + (half - lse2))
+        else:
+            s = _softcap_sigmoid(z, neg_a, neg_b)
+            dl = total * _exp2(cap2 * s - lse2)
         # The row's K targets fall in at most K of the ~13 blocks of columns: the per-column comparisons run only
         # there (a branch per block, the same for the whole program).
         in_block = 0
@@ -1149,7 +1185,10 @@ if HAS_TRITON:
             for k in tl.static_range(K):
                 y = tl.load(TGT + row * K + k)
                 dl -= tl.where(cols == y, tl.load(W + k), 0.0)
-        dz = scale * (dl * (s - s * s))
+        if MATH == 1:
+            dz = (scale * 0.25) * (dl * (1.0 - t * t))
+        else:
+            dz = scale * (dl * (s - s * s))
         if CLAMP > 0:
             dz = tl.minimum(tl.maximum(dz, -CLAMP), CLAMP)
         if MASKED:
@@ -1159,9 +1198,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_row_grad(z_row, out_row, TGT, W, row, V, lse, g, cap, offset, inv_temp, K: tl.constexpr,
-                     BLOCK: tl.constexpr, CLAMP: tl.constexpr):
+                     BLOCK: tl.constexpr, CLAMP: tl.constexpr, MATH: tl.constexpr = 0):
         """out_row = g dL/dz of one row (the formula above), clamped to +-CLAMP when CLAMP > 0, in out_row's dtype:
-        whole blocks of columns unmasked, then the partial one."""
+        whole blocks of columns unmasked, then the partial one; MATH as _ce_block_grad's."""
         total = 0.0
         for k in tl.static_range(K):
             y = tl.load(TGT + row * K + k)
@@ -1174,10 +1213,10 @@ if HAS_TRITON:
         whole = V - V % BLOCK
         for start in range(0, whole, BLOCK):
             _ce_block_grad(z_row, out_row, TGT, W, row, start, V, neg_a, neg_b, cap2, lse2, scale, total, K, BLOCK,
-                           CLAMP, False)
+                           CLAMP, False, MATH)
         if whole < V:
             _ce_block_grad(z_row, out_row, TGT, W, row, whole, V, neg_a, neg_b, cap2, lse2, scale, total, K, BLOCK,
-                           CLAMP, True)
+                           CLAMP, True, MATH)
 
     @triton.jit
     def _softcap_mtp_ce_fwd_kernel(Z, TGT, W, ROWS, LSE, V, stride_z, cap, offset, inv_temp,
@@ -1198,15 +1237,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _softcap_mtp_ce_grad_kernel(Z, TGT, W, ROWS, DZ, V, stride_z, stride_dz, cap, offset, inv_temp, grad_mul,
-                                    K: tl.constexpr, BLOCK: tl.constexpr, CLAMP: tl.constexpr):
+                                    K: tl.constexpr, BLOCK: tl.constexpr, CLAMP: tl.constexpr,
+                                    LOSS_MATH: tl.constexpr = 0, GRAD_MATH: tl.constexpr = 0):
         """One program per row t: ROWS[t] as the forward kernel, then, in a second pass over the row (mostly from
-        L2), DZ[t] = grad_mul dL/dZ[t] at a unit row gradient, clamped to +-CLAMP, in DZ's dtype."""
+        L2), DZ[t] = grad_mul dL/dZ[t] at a unit row gradient, clamped to +-CLAMP, in DZ's dtype. LOSS_MATH and
+        GRAD_MATH: the passes' forms, CE_PASS_MATH's indices."""
         row = tl.program_id(0)
         z_row = Z + row.to(tl.int64) * stride_z
-        loss, lse = _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K, BLOCK)
+        loss, lse = _ce_row_loss(z_row, TGT, W, row, V, cap, offset, inv_temp, K, BLOCK, LOSS_MATH)
         tl.store(ROWS + row, loss)
         _ce_row_grad(z_row, DZ + row.to(tl.int64) * stride_dz, TGT, W, row, V, lse, grad_mul, cap, offset, inv_temp,
-                     K, BLOCK, CLAMP)
+                     K, BLOCK, CLAMP, GRAD_MATH)
 
 
 def _ce_launch():
@@ -1286,9 +1327,10 @@ def softcap_mtp_ce_with_grad(z: torch.Tensor, targets: torch.Tensor, weights: to
     rows = torch.empty(T, dtype=torch.float32, device=z.device)
     dz = torch.empty(T, V, dtype=out_dtype, device=z.device)
     block, warps = _ce_launch()
+    loss_math, grad_math = (CE_PASS_MATH_CHOICES.index(form) for form in CE_PASS_MATH)
     _softcap_mtp_ce_grad_kernel[(T,)](z, targets.contiguous(), weights, rows, dz, V, z.stride(0), dz.stride(0),
                                       cap, offset, 1 / temp, grad_mul, K=weights.numel(), BLOCK=block, CLAMP=clamp,
-                                      num_warps=warps)
+                                      LOSS_MATH=loss_math, GRAD_MATH=grad_math, num_warps=warps)
     return rows, dz
 
 

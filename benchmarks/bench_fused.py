@@ -22,7 +22,9 @@ clock on CPU), the peak memory of one call beyond what was allocated before it, 
 difference of the fused arm's output and gradients from the other's.
 
 --ce_configs "4096,8;8192,16" times the loss-with-gradient kernel (softcap_mtp_ce_with_grad, the default
-head path) per (BLOCK, warps) launch configuration (train_gpt.CE_LAUNCH is the trainer's), with its GB/s.
+head path) per (BLOCK, warps) launch configuration (train_gpt.CE_LAUNCH is the trainer's), with its GB/s;
+--ce_pass_math "exact,exact;tanh,tanh" runs each configuration with each (loss pass, gradient pass) form
+(train_gpt.CE_PASS_MATH, the trainer's, by default).
 --mlp_configs "128,256,64,8,3;128,128,64,4,4" also times mlp_matmul alone with each tile configuration
 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; train_gpt.MLP_MATMUL_CONFIG is the trainer's), forward (relu^2
 epilogue) and backward (2 sqrt(post) epilogue) at [tokens, dim] x [hidden, dim]^T, against the cuBLAS matmul
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--ce_configs", default="", help="launch configurations of the loss-with-gradient kernel to time, "
                    "';'-separated 'BLOCK,warps' (GPU; the trainer's: train_gpt.CE_LAUNCH)")
+    p.add_argument("--ce_pass_math", default="", help="';'-separated (loss pass, gradient pass) forms of that "
+                   "kernel, 'loss,grad', each exact or tanh (the trainer's: train_gpt.CE_PASS_MATH)")
     p.add_argument("--shared_mem_limit", type=int, default=None, help="bytes of shared memory per program the "
                    "tile sweep assumes (default: the GPU's); tiles that need more are listed as skipped, not run")
     p.add_argument("--mlp_configs", default="", help="tile configurations of mlp_matmul to time, ';'-separated "
@@ -219,23 +223,30 @@ def ce_launch_sweep(args, device):
     dtype = torch.float8_e5m2 if device.type == "cuda" else torch.float32
     call = lambda: train_gpt.softcap_mtp_ce_with_grad(z, targets, weights, 23.0, 5.0, 7.5, 1.0, 448.0, dtype)  # noqa: E731
     gbytes = args.tokens * args.vocab * (2 + dtype.itemsize) / 1e9
-    rows, first, trainer_launch = [], None, train_gpt.CE_LAUNCH
+    forms = [tuple(f.split(",")) for f in args.ce_pass_math.split(";") if f.strip()] or [train_gpt.CE_PASS_MATH]
+    for f in forms:
+        if len(f) != 2 or not set(f) <= set(train_gpt.CE_PASS_MATH_CHOICES):
+            sys.exit(f"error: --ce_pass_math entry {','.join(f)} needs two forms, each one of "
+                     f"{', '.join(train_gpt.CE_PASS_MATH_CHOICES)}")
+    rows, first, trainer_launch, trainer_forms = [], None, train_gpt.CE_LAUNCH, train_gpt.CE_PASS_MATH
     try:
         for config in _configs(args.ce_configs, 2, "ce_configs"):
-            train_gpt.CE_LAUNCH = config
-            loss, dz = call()
-            first = first or (loss, dz.float())
-            rows.append(dict(config=config, ms=median_ms(call, args.reps, device),
-                             loss_difference=relative_difference(loss, first[0]),
-                             gradient_difference=relative_difference(dz.float(), first[1])))
+            for form in forms:
+                train_gpt.CE_LAUNCH, train_gpt.CE_PASS_MATH = config, form
+                loss, dz = call()
+                first = first or (loss, dz.float())
+                rows.append(dict(config=config, pass_math=form, ms=median_ms(call, args.reps, device),
+                                 loss_difference=relative_difference(loss, first[0]),
+                                 gradient_difference=relative_difference(dz.float(), first[1])))
     finally:
-        train_gpt.CE_LAUNCH = trainer_launch
-    print(f"softcap_mtp_ce_with_grad at [{args.tokens}, {args.vocab}] bf16 -> {dtype}: {gbytes:.2f} GB read and written")
-    print("| BLOCK,warps | ms | GB/s | loss diff | gradient diff |")
-    print("|---|---:|---:|---:|---:|")
+        train_gpt.CE_LAUNCH, train_gpt.CE_PASS_MATH = trainer_launch, trainer_forms
+    print(f"softcap_mtp_ce_with_grad at [{args.tokens}, {args.vocab}] bf16 -> {dtype}: {gbytes:.2f} GB read and "
+          "written; differences against the first row")
+    print("| BLOCK,warps | passes (loss, gradient) | ms | GB/s | loss diff | gradient diff |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {','.join(map(str, r['config']))} | {r['ms']:.3f} | {gbytes / r['ms'] * 1e3:.0f} | "
-              f"{r['loss_difference']:.1e} | {r['gradient_difference']:.1e} |")
+        print(f"| {','.join(map(str, r['config']))} | {','.join(r['pass_math'])} | {r['ms']:.3f} | "
+              f"{gbytes / r['ms'] * 1e3:.0f} | {r['loss_difference']:.1e} | {r['gradient_difference']:.1e} |")
     return rows
 
 

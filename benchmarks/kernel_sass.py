@@ -71,10 +71,24 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([nvdisasm, "-c", "-g", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def loss_kernel_sass(trainer) -> str:
+def pass_math_constexprs(trainer, pass_math=None) -> dict:
+    """The loss kernel's LOSS_MATH / GRAD_MATH for the (loss pass, gradient pass) forms `pass_math` (default the
+    trainer's CE_PASS_MATH); none for a trainer from before the forms existed."""
+    if not hasattr(trainer, "CE_PASS_MATH_CHOICES"):
+        if pass_math:
+            sys.exit("error: this trainer's loss kernel has one form; drop --pass_math")
+        return {}
+    forms = pass_math or trainer.CE_PASS_MATH
+    choices = trainer.CE_PASS_MATH_CHOICES
+    if len(forms) != 2 or not set(forms) <= set(choices):
+        sys.exit(f"error: --pass_math takes two forms, 'loss,grad', each one of {', '.join(choices)}; got {forms}")
+    return {"LOSS_MATH": choices.index(forms[0]), "GRAD_MATH": choices.index(forms[1])}
+
+
+def loss_kernel_sass(trainer, pass_math=None) -> str:
     block, warps = getattr(trainer, "CE_LAUNCH", None) or (trainer.CE_BLOCK, 8)
-    return disassemble(compile_for_hopper(trainer._softcap_mtp_ce_grad_kernel, SIGNATURE,
-                                          {"K": 4, "BLOCK": block, "CLAMP": 57344.0}, warps)["cubin"])
+    constexprs = {"K": 4, "BLOCK": block, "CLAMP": 57344.0, **pass_math_constexprs(trainer, pass_math)}
+    return disassemble(compile_for_hopper(trainer._softcap_mtp_ce_grad_kernel, SIGNATURE, constexprs, warps)["cubin"])
 
 
 def instruction(line: str) -> str | None:
@@ -114,14 +128,17 @@ def opcode(instruction: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trainer", default=os.path.join(ROOT, "train_gpt.py"), help="the trainer file whose kernel to count")
+    ap.add_argument("--pass_math", default="", help="the loss and gradient passes' forms, 'loss,grad' (train_gpt's "
+                    "CE_PASS_MATH; default the trainer's)")
     args = ap.parse_args(argv)
+    pass_math = tuple(args.pass_math.split(",")) if args.pass_math else None
     rows = []
-    for body in loops(loss_kernel_sass(load_trainer(args.trainer))):
+    for body in loops(loss_kernel_sass(load_trainer(args.trainer), pass_math)):
         if len(body) < 8:  # a spin or a trivial loop
             continue
         counts = collections.Counter(opcode(b) for b in body)
         rows.append(dict(instructions=len(body), mufu=counts["MUFU"], ldg=counts["LDG"], top=counts.most_common(8)))
-    print(f"{args.trainer}: softcap_mtp_ce_with_grad kernel, sm_90")
+    print(f"{args.trainer}: softcap_mtp_ce_with_grad kernel, sm_90" + (f", passes {args.pass_math}" if pass_math else ""))
     for i, r in enumerate(rows):
         top = ", ".join(f"{op} {n}" for op, n in r["top"])
         print(f"loop {i}: {r['instructions']} instructions, {r['mufu']} MUFU, {r['ldg']} LDG; {top}")

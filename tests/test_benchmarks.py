@@ -311,7 +311,8 @@ def test_fused_kernel_benchmark_runs_every_case_and_reports_agreement(capsys):
     rows, sweep, ce_sweep = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256",
                                         "--vocab", "512", "--no_compile", "--reps", "2",
                                         "--mlp_configs", "32,32,32,4,1;64,64,32,4,2;128,256,64,8,4",
-                                        "--shared_mem_limit", "232448", "--ce_configs", "4096,8;1024,4"])
+                                        "--shared_mem_limit", "232448", "--ce_configs", "4096,8;1024,4",
+                                        "--ce_pass_math", "exact,exact;tanh,tanh"])
     assert [r["case"] for r in rows] == ["mlp", "mlp fp8", "head", "dc"]
     for r in rows:
         bound = 0.1 if r["case"] == "mlp fp8" else 1e-5  # e4m3's rounding of the up-projection's operands
@@ -325,9 +326,12 @@ def test_fused_kernel_benchmark_runs_every_case_and_reports_agreement(capsys):
     out = capsys.readouterr().out
     assert "| mlp |" in out and "| 64,64,32,4,2 |" in out
     assert fused.train_gpt.MLP_MATMUL_CONFIG == tiles, "the sweep restores the trainer's tiles"
-    assert [r["config"] for r in ce_sweep] == [(4096, 8), (1024, 4)] and fused.train_gpt.CE_LAUNCH == launch
+    assert [(r["config"], r["pass_math"]) for r in ce_sweep] == [
+        ((4096, 8), ("exact", "exact")), ((4096, 8), ("tanh", "tanh")), ((1024, 4), ("exact", "exact")),
+        ((1024, 4), ("tanh", "tanh"))]
+    assert fused.train_gpt.CE_LAUNCH == launch and fused.train_gpt.CE_PASS_MATH == ("exact", "exact"), "restored"
     assert all(r["ms"] > 0 and r["loss_difference"] < 1e-6 and r["gradient_difference"] < 1e-6 for r in ce_sweep)
-    assert "| 1024,4 |" in out
+    assert "| 1024,4 | tanh,tanh |" in out
 
 
 def test_kernel_sass_counts_the_loss_kernels_loops(capsys):
@@ -337,10 +341,14 @@ def test_kernel_sass_counts_the_loss_kernels_loops(capsys):
     if not train_gpt.HAS_TRITON or train_gpt._kernels_interpreted():
         pytest.skip("needs Triton's compiler (not the interpreter)")
     pytest.importorskip("triton.backends.nvidia")
-    rows = load_script("benchmarks/kernel_sass.py", "kernel_sass").main([])
+    kernel_sass = load_script("benchmarks/kernel_sass.py", "kernel_sass")
+    rows = kernel_sass.main(["--pass_math", "exact,exact"])
     assert len(rows) == 2 and all(0 < r["mufu"] < r["instructions"] for r in rows), rows
     assert rows[0]["instructions"] < rows[1]["instructions"], "the gradient pass does more per column"
     assert "loop 1:" in capsys.readouterr().out
+    tanh = kernel_sass.main(["--pass_math", "tanh,tanh"])
+    assert [3 * r["mufu"] for r in tanh] == [2 * r["mufu"] for r in rows], (
+        f"the tanh form takes 2 MUFU instructions per column where the exact one takes 3: {tanh} against {rows}")
 
 
 def test_the_fineweb_schedule_estimate_counts_each_stages_steps_at_the_runs_step_times(bench):

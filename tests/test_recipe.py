@@ -183,10 +183,14 @@ for seed, (T, V) in enumerate([(37, 300), (5, 64), (70, 1000)]):
     ref_dz = t.softcap_mtp_ce_backward_reference(z.detach(), targets, w, ref_lse, grad, 23.0, 5.0, 7.5)
     # The loss and its gradient from one kernel (FP8HeadLoss's): unit row gradients times grad_mul = 3.
     unit = t.softcap_mtp_ce_backward_reference(z.detach(), targets, w, ref_lse, torch.ones(T), 23.0, 5.0, 7.5)
-    fused_rows, fused_dz = t.softcap_mtp_ce_with_grad(z.detach(), targets, w, 23.0, 5.0, 7.5, 3.0, 1e30,
-                                                      torch.float32)
-    for got, want in ((rows, ref_rows), (lse, ref_lse), (z.grad, ref_dz), (fused_rows, ref_rows),
-                      (fused_dz, 3 * unit)):
+    pairs = [(rows, ref_rows), (lse, ref_lse), (z.grad, ref_dz)]
+    for forms in (("exact", "exact"), ("tanh", "tanh"), ("exact", "tanh")):  # its passes' forms (CE_PASS_MATH)
+        t.CE_PASS_MATH = forms
+        fused_rows, fused_dz = t.softcap_mtp_ce_with_grad(z.detach(), targets, w, 23.0, 5.0, 7.5, 3.0, 1e30,
+                                                          torch.float32)
+        pairs += [(fused_rows, ref_rows), (fused_dz, 3 * unit)]
+    t.CE_PASS_MATH = ("exact", "exact")
+    for got, want in pairs:
         worst = max(worst, ((got.detach() - want).norm() / want.norm()).item())
     _, clipped = t.softcap_mtp_ce_with_grad(z.detach(), targets, w, 23.0, 5.0, 7.5, 3.0, 1e-3, torch.float32)
     assert clipped.abs().max() == 1e-3 and (3 * unit).abs().max() > 1e-3, "the clamp reaches the output"
@@ -196,8 +200,9 @@ print(worst)
 
 def test_triton_loss_kernels_equal_the_reference_under_the_interpreter(trainer):
     """Forward, backward and loss-with-gradient kernels, run by the Triton interpreter on CPU in float32, against
-    the torch reference (rows, log-sum-exp, gradient; the last also clamped), on shapes where the vocabulary
-    is and is not a block multiple. (The interpreter's float8 conversion is not the GPU's: the e5m2 store is
+    the torch reference (rows, log-sum-exp, gradient; the last also clamped, and with each form of its passes:
+    the tanh form's algebra, with the interpreter's exact tanh), on shapes where the vocabulary is and is not a
+    block multiple. (The interpreter's float8 conversion is not the GPU's: the e5m2 store is
     checked on a GPU, test_loss_with_gradient_kernel_casts_like_torch_on_a_gpu.)"""
     if not trainer.HAS_TRITON:
         pytest.skip("triton is not installed")
@@ -239,6 +244,30 @@ def test_loss_with_gradient_kernel_casts_like_torch_on_a_gpu(trainer):
     _, g8 = trainer.softcap_mtp_ce_with_grad(*args, torch.float8_e5m2)
     torch.testing.assert_close(g32, want, rtol=1e-4, atol=1e-6)
     assert torch.equal(g8.float(), g32.to(torch.float8_e5m2).float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_loss_with_gradient_tanh_form_agrees_with_the_exact_one_on_a_gpu(trainer, monkeypatch):
+    """CE_PASS_MATH's tanh form (tanh.approx.f32 for the sigmoid in both passes) at the model's vocabulary and
+    bf16 logits: row losses within 23 * 2^-12 of the exact form's (its worst-case bound; the mean far closer),
+    and e5m2 gradients within e5m2's rounding of them; the forms must differ somewhere (else the option did
+    nothing)."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    T, V = 512, 50304
+    z = (4 * torch.randn(T, V, device="cuda", generator=g)).bfloat16()
+    tokens = torch.randint(0, V, (T,), device="cuda", generator=g)
+    y = trainer.target_matrix(tokens, 3, torch.randint(-1, V, (V,), device="cuda", generator=g))
+    w = torch.tensor([1.0, 0.5, 0.25, 0.25], device="cuda")
+    args = (z, y, w, 23.0, 5.0, 7.5, 1 / trainer.FP8_HEAD_GRAD_SCALE, trainer.FP8_E5M2_MAX, torch.float8_e5m2)
+    rows, g8 = trainer.softcap_mtp_ce_with_grad(*args)
+    monkeypatch.setattr(trainer, "CE_PASS_MATH", ("tanh", "tanh"))
+    rows_t, g8_t = trainer.softcap_mtp_ce_with_grad(*args)
+    gap = (rows_t - rows).abs()
+    assert gap.max() < 23 * 2 ** -12 and gap.mean() < 1e-3, f"row losses: max {gap.max():.2e}, mean {gap.mean():.2e}"
+    a, b = g8_t.float(), g8.float()
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel < 0.05, f"gradients of the two forms: relative difference {rel:.4f}"
+    assert not torch.equal(a, b) or gap.max() > 0, "the tanh form computed exactly the exact form's values"
 
 
 # -----------------------------------------------------------------------------
@@ -446,7 +475,8 @@ _DC_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MIX": "*fp32", "W2":
 
 
 @pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
-                                  "mlp gradient", "mlp fp8 relu^2", "dc forward", "dc backward q", "dc backward kv"])
+                                  "loss with e5m2 gradient, tanh", "mlp gradient", "mlp fp8 relu^2", "dc forward",
+                                  "dc backward q", "dc backward kv"])
 def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here with Triton's own ptxas
     (benchmarks/kernel_sass.compile_for_hopper), at the trainer's launch configurations: the GPU-only compile
@@ -464,7 +494,10 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
         "loss forward": (trainer._softcap_mtp_ce_fwd_kernel, {**_CE_SIGNATURE, "ROWS": "*fp32", "LSE": "*fp32"}, ce),
         "loss backward": (trainer._softcap_mtp_ce_bwd_kernel, {**_CE_SIGNATURE, "LSE": "*fp32", "G": "*fp32",
                                                                 "DZ": "*bf16", "stride_dz": "i32"}, ce),
-        "loss with e5m2 gradient": (trainer._softcap_mtp_ce_grad_kernel, kernel_sass.SIGNATURE, {**ce, "CLAMP": 57344.0}),
+        "loss with e5m2 gradient": (trainer._softcap_mtp_ce_grad_kernel, kernel_sass.SIGNATURE,
+                                    {**ce, "CLAMP": 57344.0, "LOSS_MATH": 0, "GRAD_MATH": 0}),
+        "loss with e5m2 gradient, tanh": (trainer._softcap_mtp_ce_grad_kernel, kernel_sass.SIGNATURE,
+                                          {**ce, "CLAMP": 57344.0, "LOSS_MATH": 1, "GRAD_MATH": 1}),
     }
     mlp_warps = trainer.MLP_MATMUL_CONFIG[3]
     for name, config, operand, epilogue in (("mlp relu^2", trainer.MLP_MATMUL_CONFIG, "bf16", 0),
@@ -499,6 +532,8 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
         assert spills <= 100, f"{spills} local-memory loads and stores: the kernel spills registers"
         # Hopper gives an SM 227 KiB: two programs of DC must fit one (Triton 3.6 asks 68 KiB, 3.9 48 KiB)
         assert asm["shared"] <= 227 * 1024 // 2, f"{asm['shared']} bytes of shared memory per program"
+    elif case.endswith("tanh"):  # the column loops' sigmoid is (1 + tanh(x / 2)) / 2 (kernel_sass counts them)
+        assert "ex2.approx.ftz.f32" in asm["ptx"] and "tanh.approx.f32" in asm["ptx"], "the fast forms are used"
     elif case.startswith("loss"):
         assert "ex2.approx.ftz.f32" in asm["ptx"] and "rcp.approx.ftz.f32" in asm["ptx"], "the fast forms are used"
     else:
