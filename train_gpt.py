@@ -926,13 +926,14 @@ OP_NAMESPACE = os.path.splitext(os.path.basename(__file__))[0]
 # Transposed copy of a float8 matrix for the FP8 head's weight gradient: cuBLAS float8 matmuls on
 # Hopper take both operands K-major, so g^T x needs g [tokens, vocab] laid out as [vocab, tokens].
 # A copy through torch's strided elementwise kernel moves one byte per 32-byte memory sector on one side;
-# this one moves square tiles (Triton stages the transpose through shared memory, both sides coalesced).
+# this one moves tiles (Triton stages the transpose through shared memory, both sides coalesced).
+TRANSPOSE_LAUNCH = (64, 64, 4)  # (rows, columns of a tile, warps) on GPU
 if HAS_TRITON:
 
     @triton.jit
-    def _transpose_kernel(X, Y, M, N, BLOCK: tl.constexpr):
-        rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # 64-bit: M * N may pass 2^31
-        cols = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    def _transpose_kernel(X, Y, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit: M * N may pass 2^31
+        cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         tile = tl.load(X + rows[:, None] * N + cols[None, :], mask=mask)
         tl.store(Y + cols[None, :] * M + rows[:, None], tile, mask=mask)
@@ -950,9 +951,9 @@ def transpose_bytes(x: torch.Tensor) -> torch.Tensor:
         return x.T.contiguous()
     M, N = x.shape
     y = torch.empty((N, M), dtype=x.dtype, device=x.device)
-    block = 64
-    _transpose_kernel[(triton.cdiv(M, block), triton.cdiv(N, block))](x.view(torch.uint8), y.view(torch.uint8),
-                                                                        M, N, BLOCK=block, num_warps=4)
+    bm, bn, warps = (16, 32, 1) if _kernels_interpreted() else TRANSPOSE_LAUNCH
+    _transpose_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x.view(torch.uint8), y.view(torch.uint8), M, N,
+                                                               BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return y
 
 

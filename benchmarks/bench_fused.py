@@ -25,6 +25,9 @@ difference of the fused arm's output and gradients from the other's.
 head path) per (BLOCK, warps) launch configuration (train_gpt.CE_LAUNCH is the trainer's), with its GB/s;
 --ce_pass_math "exact,exact;tanh,tanh" runs each configuration with each (loss pass, gradient pass) form
 (train_gpt.CE_PASS_MATH, the trainer's, by default).
+--transpose_configs "64,64,4;128,128,8" times transpose_bytes (the FP8 head's transposed copy of its e5m2 logit
+gradient, [tokens, vocab]) per (rows, columns, warps) tile configuration (train_gpt.TRANSPOSE_LAUNCH is the
+trainer's), with its GB/s (one read and one write of every byte).
 --mlp_configs "128,256,64,8,3;128,128,64,4,4" also times mlp_matmul alone with each tile configuration
 (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages; train_gpt.MLP_MATMUL_CONFIG is the trainer's), forward (relu^2
 epilogue) and backward (2 sqrt(post) epilogue) at [tokens, dim] x [hidden, dim]^T, against the cuBLAS matmul
@@ -60,6 +63,8 @@ def parse_args(argv=None):
                    "';'-separated 'BLOCK,warps' (GPU; the trainer's: train_gpt.CE_LAUNCH)")
     p.add_argument("--ce_pass_math", default="", help="';'-separated (loss pass, gradient pass) forms of that "
                    "kernel, 'loss,grad', each exact or tanh (the trainer's: train_gpt.CE_PASS_MATH)")
+    p.add_argument("--transpose_configs", default="", help="';'-separated 'rows,columns,warps' tiles of "
+                   "transpose_bytes to time (GPU; the trainer's: train_gpt.TRANSPOSE_LAUNCH)")
     p.add_argument("--shared_mem_limit", type=int, default=None, help="bytes of shared memory per program the "
                    "tile sweep assumes (default: the GPU's); tiles that need more are listed as skipped, not run")
     p.add_argument("--mlp_configs", default="", help="tile configurations of mlp_matmul to time, ';'-separated "
@@ -250,6 +255,31 @@ def ce_launch_sweep(args, device):
     return rows
 
 
+def transpose_sweep(args, device):
+    """transpose_bytes of an e5m2 [tokens, vocab] matrix (the head's logit gradient) per tile configuration: ms and
+    GB/s, and whether it equals torch's transposed copy."""
+    g = torch.Generator(device=device).manual_seed(4)
+    x = torch.randint(0, 256, (args.tokens, args.vocab), dtype=torch.uint8, device=device,
+                      generator=g).view(torch.float8_e5m2)
+    want = x.view(torch.uint8).T.contiguous()
+    gbytes = 2 * x.numel() / 1e9
+    rows, trainer_launch = [], train_gpt.TRANSPOSE_LAUNCH
+    try:
+        for config in _configs(args.transpose_configs, 3, "transpose_configs"):
+            train_gpt.TRANSPOSE_LAUNCH = config
+            call = lambda: train_gpt.transpose_bytes(x)  # noqa: E731
+            exact = torch.equal(call().view(torch.uint8), want)
+            rows.append(dict(config=config, ms=median_ms(call, args.reps, device), exact=exact))
+    finally:
+        train_gpt.TRANSPOSE_LAUNCH = trainer_launch
+    print(f"transpose_bytes of [{args.tokens}, {args.vocab}] e5m2: {gbytes:.2f} GB read and written")
+    print("| rows,columns,warps | ms | GB/s | exact |")
+    print("|---|---:|---:|---|")
+    for r in rows:
+        print(f"| {','.join(map(str, r['config']))} | {r['ms']:.3f} | {gbytes / r['ms'] * 1e3:.0f} | {r['exact']} |")
+    return rows
+
+
 def mlp_tile_sweep(args, device):
     """mlp_matmul's two epilogues per tile configuration against cuBLAS's plain product of the same shape."""
     g = torch.Generator(device=device).manual_seed(2)
@@ -314,9 +344,11 @@ def main(argv=None):
               f"{r['output_difference']:.2e} | {', '.join(f'{d:.2e}' for d in r['gradient_differences'])} |")
     sweep = mlp_tile_sweep(args, device) if args.mlp_configs else []
     ce_sweep = ce_launch_sweep(args, device) if args.ce_configs else []
+    transposes = transpose_sweep(args, device) if args.transpose_configs else []
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(cases=rows, mlp_tiles=sweep, ce_launch=ce_sweep), indent=1))
-    return rows, sweep, ce_sweep
+        Path(args.json).write_text(json.dumps(dict(cases=rows, mlp_tiles=sweep, ce_launch=ce_sweep,
+                                                   transpose=transposes), indent=1))
+    return rows, sweep, ce_sweep, transposes
 
 
 if __name__ == "__main__":

@@ -308,11 +308,12 @@ def test_fused_kernel_benchmark_runs_every_case_and_reports_agreement(capsys):
     fused = load_script("benchmarks/bench_fused.py", "bench_fused")
     tiles = fused.train_gpt.MLP_MATMUL_CONFIG
     launch = fused.train_gpt.CE_LAUNCH
-    rows, sweep, ce_sweep = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256",
+    rows, sweep, ce_sweep, transposes = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256",
                                         "--vocab", "512", "--no_compile", "--reps", "2",
                                         "--mlp_configs", "32,32,32,4,1;64,64,32,4,2;128,256,64,8,4",
                                         "--shared_mem_limit", "232448", "--ce_configs", "4096,8;1024,4",
-                                        "--ce_pass_math", "exact,exact;tanh,tanh"])
+                                        "--ce_pass_math", "exact,exact;tanh,tanh",
+                                        "--transpose_configs", "64,64,4;128,64,8"])
     assert [r["case"] for r in rows] == ["mlp", "mlp fp8", "head", "dc"]
     for r in rows:
         bound = 0.1 if r["case"] == "mlp fp8" else 1e-5  # e4m3's rounding of the up-projection's operands
@@ -332,6 +333,8 @@ def test_fused_kernel_benchmark_runs_every_case_and_reports_agreement(capsys):
     assert fused.train_gpt.CE_LAUNCH == launch and fused.train_gpt.CE_PASS_MATH == ("exact", "exact"), "restored"
     assert all(r["ms"] > 0 and r["loss_difference"] < 1e-6 and r["gradient_difference"] < 1e-6 for r in ce_sweep)
     assert "| 1024,4 | tanh,tanh |" in out
+    assert [(r["config"], r["exact"]) for r in transposes] == [((64, 64, 4), True), ((128, 64, 8), True)]
+    assert fused.train_gpt.TRANSPOSE_LAUNCH == (64, 64, 4) and "| 128,64,8 |" in out
 
 
 def test_kernel_sass_counts_the_loss_kernels_loops(capsys):

@@ -695,6 +695,28 @@ def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
     torch.testing.assert_close(outs[0], outs[1])
 
 
+_INTERPRETED_TRANSPOSE = r"""
+import torch
+import {module} as t
+assert t._kernels_interpreted(), "TRITON_INTERPRET=1 must be set before the import"
+for M, N in ((16, 32), (37, 70), (5, 100), (64, 33)):  # whole tiles, ragged on both sides, one tile high or wide
+    x = torch.randint(0, 256, (M, N), dtype=torch.uint8).view(torch.float8_e5m2)
+    y = t.transpose_bytes(x)
+    assert y.shape == (N, M) and y.dtype == x.dtype, (y.shape, y.dtype)
+    assert torch.equal(y.view(torch.uint8), x.view(torch.uint8).T), (M, N)
+print("ok")
+"""
+
+
+def test_transpose_kernel_copies_every_byte_transposed_under_the_interpreter(trainer):
+    """The Triton transpose (rectangular tiles of 16 x 32 in the interpreter) on shapes that are and are not tile
+    multiples: every byte lands at its transposed place, the masked edges included."""
+    if not trainer.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    out = run_interpreted(_INTERPRETED_TRANSPOSE.format(module=trainer.__name__))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def test_transpose_bytes_is_an_exact_transposed_copy_and_checks_input(trainer):
     x = torch.randint(0, 256, (5, 7), dtype=torch.uint8).view(torch.float8_e4m3fn)
     assert torch.equal(trainer.transpose_bytes(x).view(torch.uint8), x.view(torch.uint8).T)

@@ -476,9 +476,9 @@ _DC_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MIX": "*fp32", "W2":
 
 @pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
                                   "loss with e5m2 gradient, tanh", "mlp gradient", "mlp fp8 relu^2", "dc forward",
-                                  "dc backward q", "dc backward kv"])
+                                  "dc backward q", "dc backward kv", "transpose"])
 def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
-    """Each loss kernel and both MLP matmul epilogues compile to sm_90 SASS here with Triton's own ptxas
+    """Each loss kernel, both MLP matmul epilogues, DC's kernels and the byte transpose compile to sm_90 SASS here with Triton's own ptxas
     (benchmarks/kernel_sass.compile_for_hopper), at the trainer's launch configurations: the GPU-only compile
     errors (a non-constexpr global, a PTX constraint) caught on a CPU machine; the loss kernels'
     transcendentals are the one-instruction PTX forms, and the MLP kernel's tiles move by TMA (UTMALDG loads,
@@ -523,8 +523,12 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     kernels["dc backward kv"] = (trainer._dc_backward_kv_kernel, {
         **_DC_SIGNATURE, "LSE": "*fp32", "GRAD": "*bf16", "ROWSUM": "*fp32", "DK": "*bf16", "DV": "*bf16", "T": "i32"},
         dc)
+    bm, bn, transpose_warps = trainer.TRANSPOSE_LAUNCH
+    kernels["transpose"] = (trainer._transpose_kernel, {"X": "*u8", "Y": "*u8", "M": "i32", "N": "i32"},
+                            {"BLOCK_M": bm, "BLOCK_N": bn})
     kernel, signature, constexprs = kernels[case]
-    warps = mlp_warps if case.startswith("mlp") else trainer.DC_WARPS if case.startswith("dc") else warps
+    warps = (mlp_warps if case.startswith("mlp") else trainer.DC_WARPS if case.startswith("dc")
+             else transpose_warps if case == "transpose" else warps)
     asm = kernel_sass.compile_for_hopper(kernel, signature, constexprs, warps)
     assert len(asm["cubin"]) > 0
     if case.startswith("dc"):
@@ -532,6 +536,8 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
         assert spills <= 100, f"{spills} local-memory loads and stores: the kernel spills registers"
         # Hopper gives an SM 227 KiB: two programs of DC must fit one (Triton 3.6 asks 68 KiB, 3.9 48 KiB)
         assert asm["shared"] <= 227 * 1024 // 2, f"{asm['shared']} bytes of shared memory per program"
+    elif case == "transpose":
+        assert asm["shared"] <= 227 * 1024, f"{asm['shared']} bytes of shared memory per program"
     elif case.endswith("tanh"):  # the column loops' sigmoid is (1 + tanh(x / 2)) / 2 (kernel_sass counts them)
         assert "ex2.approx.ftz.f32" in asm["ptx"] and "tanh.approx.f32" in asm["ptx"], "the fast forms are used"
     elif case.startswith("loss"):
