@@ -977,12 +977,22 @@ CE_LAUNCH_INTERPRET = (64, 4)
 # special-function (MUFU) instructions bound. (loss pass, gradient pass):
 # - "exact": the sigmoid as 1 / (1 + 2^a) (ex2 and rcp) and the softmax's 2^b: 3 MUFU per column.
 # - "tanh": s = (1 + tanh(x / 2)) / 2 by tanh.approx.f32 (relative error 2^-11), so 2^(cap2 s) = 2^(c t + c):
-#   2 MUFU per column. In the loss pass the logged training loss carries the rounding (at most 23 * 2^-12 per
-#   softcapped logit); validation's loss kernel is always exact. The gradient's is far below e5m2's (2^-3).
+#   2 MUFU per column. In the loss pass the logged training loss carries the rounding: at most 23 * 2^-12 per
+#   softcapped logit, so a row's loss at most (sum of its weights) * 23 * 2^-12 (the targets' own u stay exact);
+#   validation's loss kernel is always exact. In the gradient, s (1 - s) = (1 - t^2) / 4 has relative error
+#   about 2^-10 t^2 / (1 - t^2): below e5m2's 2^-3 for |x| < 6, i.e. raw logits within about -50 .. 40.
 # (The float16-pair forms, tanh.approx.f16x2 and ex2.approx.f16x2, compile for sm_90 to two MUFU instructions
 # each, one per half: no fewer than float32's.)
 CE_PASS_MATH = ("exact", "exact")
 CE_PASS_MATH_CHOICES = ("exact", "tanh")
+
+
+def ce_pass_math_indices(forms) -> tuple[int, int]:
+    """(LOSS_MATH, GRAD_MATH) of the loss kernel for CE_PASS_MATH-style forms (loss pass, gradient pass)."""
+    if len(forms) != 2 or not set(forms) <= set(CE_PASS_MATH_CHOICES):
+        raise ValueError(f"the loss kernel's pass forms are two of {', '.join(CE_PASS_MATH_CHOICES)} "
+                         f"(loss pass, gradient pass); got {tuple(forms)}")
+    return CE_PASS_MATH_CHOICES.index(forms[0]), CE_PASS_MATH_CHOICES.index(forms[1])
 
 
 def softcap_logits(z: torch.Tensor, cap: float, offset: float, temp: float) -> torch.Tensor:
@@ -1101,6 +1111,12 @@ if HAS_TRITON:
         return s
 
     @triton.jit
+    def _softcap_tanh(z, neg_a, neg_b):
+        """t = tanh(((z + offset) / temp) / 2), so the sigmoid s = (1 + t) / 2 with one MUFU instruction instead of
+        _softcap_sigmoid's two; neg_a, neg_b as there (they carry -log2(e), which the tanh's argument drops)."""
+        return _tanh(z * (neg_a * (-0.5 / LOG2_E)) + neg_b * (-0.5 / LOG2_E))  # one FFMA per column
+
+    @triton.jit
     def _tanh(x):
         """tanh(x), float32: one MUFU instruction on GPU (tanh.approx.f32, relative error 2^-11)."""
         if _CE_FAST_MATH:
@@ -1124,13 +1140,13 @@ if HAS_TRITON:
     def _ce_block_exp(z_row, start, V, neg_a, neg_b, cap2, BLOCK: tl.constexpr, MASKED: tl.constexpr,
                       MATH: tl.constexpr = 0):
         """exp(u) = 2^(cap2 s) (cap2 = cap log2(e)) of the columns start .. start + BLOCK of a row (0 past V when
-        MASKED; unmasked blocks lie inside). MATH 1 (CE_PASS_MATH's "tanh"): s = (1 + t) / 2, t = tanh(-x / 2)
-        with x = neg_a z + neg_b the exact form's exponent (in log2 units), so 2^(cap2 s) = 2^(c t + c), c = cap2 / 2."""
+        MASKED; unmasked blocks lie inside). MATH 1 (CE_PASS_MATH's "tanh"): s = (1 + t) / 2 with t from
+        _softcap_tanh, so 2^(cap2 s) = 2^(c t + c), c = cap2 / 2."""
         cols = start + tl.arange(0, BLOCK)
         z = _load_block(z_row, cols, V, MASKED)
         if MATH == 1:
             half = cap2 * 0.5
-            e = _exp2(half * _tanh(z * (neg_a * (-0.5 / LOG2_E)) + neg_b * (-0.5 / LOG2_E)) + half)
+            e = _exp2(half * _softcap_tanh(z, neg_a, neg_b) + half)
         else:
             e = _exp2(cap2 * _softcap_sigmoid(z, neg_a, neg_b))
         if MASKED:
@@ -1166,12 +1182,12 @@ if HAS_TRITON:
                        BLOCK: tl.constexpr, CLAMP: tl.constexpr, MASKED: tl.constexpr, MATH: tl.constexpr = 0):
         """out_row's columns start .. start + BLOCK (those below V when MASKED) = scale (total p - targets' weights)
         s (1 - s), p = 2^(cap2 s - lse2) the softmax, clamped, in out_row's dtype. MATH 1 (CE_PASS_MATH's "tanh"):
-        t = tanh(x / 2) as in _ce_block_exp, so p = 2^(c t + c - lse2) with c = cap2 / 2 and s (1 - s) = (1 - t^2) / 4."""
+        t from _softcap_tanh, so p = 2^(c t + c - lse2) with c = cap2 / 2 and s (1 - s) = (1 - t^2) / 4."""
         cols = start + tl.arange(0, BLOCK)
         z = _load_block(z_row, cols, V, MASKED)
         if MATH == 1:
             half = cap2 * 0.5
-            t = _tanh(z * (neg_a * (-0.5 / LOG2_E)) + neg_b * (-0.5 / LOG2_E))
+            t = _softcap_tanh(z, neg_a, neg_b)
             dl = total * _exp2(half * t + (half - lse2))
         else:
             s = _softcap_sigmoid(z, neg_a, neg_b)
@@ -1328,7 +1344,7 @@ def softcap_mtp_ce_with_grad(z: torch.Tensor, targets: torch.Tensor, weights: to
     rows = torch.empty(T, dtype=torch.float32, device=z.device)
     dz = torch.empty(T, V, dtype=out_dtype, device=z.device)
     block, warps = _ce_launch()
-    loss_math, grad_math = (CE_PASS_MATH_CHOICES.index(form) for form in CE_PASS_MATH)
+    loss_math, grad_math = ce_pass_math_indices(CE_PASS_MATH)
     _softcap_mtp_ce_grad_kernel[(T,)](z, targets.contiguous(), weights, rows, dz, V, z.stride(0), dz.stride(0),
                                       cap, offset, 1 / temp, grad_mul, K=weights.numel(), BLOCK=block, CLAMP=clamp,
                                       LOSS_MATH=loss_math, GRAD_MATH=grad_math, num_warps=warps)
@@ -1773,9 +1789,9 @@ def adam_update(w, g, m, v, betas, step_size: float, bc2: float, eps: float, dec
 
 class DistAdam:
     """Adam (Kingma & Ba, arXiv 1412.6980, Algorithm 1) with bias correction, with each parameter's own lr,
-    betas and cautious weight decay: with u the Adam step, W -= u + lr_t^2 wd W where u and W agree in sign
-    (strictly), lr_t the parameter's scheduled lr (the speedrun's Adam decay, records #50 and #53; cautious
-    masking as in arXiv 2510.12402); cautious=False decays every entry.
+    betas and weight decay: with u the Adam step, W -= u + lr_t^2 wd W, lr_t the parameter's scheduled lr (the
+    speedrun's Adam decay, records #50 and #53); with `cautious` (the speedrun's; the trainer passes
+    --adam_cautious_wd, off by default) only where u and W agree in sign (strictly; arXiv 2510.12402).
 
     Each parameter is flattened and padded to a multiple of world_size; rank r owns the r-th
     contiguous shard, holds the Adam state of that shard only (ZeRO-1), updates it, and all ranks
@@ -2238,6 +2254,27 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, a_s: torch.Tensor, b_s: torch.Tenso
 @fp8_mm.register_fake
 def _(a, b, a_s, b_s, out_f32, fast_accum):
     return a.new_empty(a.size(0), b.size(0), dtype=torch.float32 if out_f32 else torch.bfloat16)
+
+
+def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
+    """hp with the FP8 matmuls that `device` cannot run turned off, with a warning: float8 needs compute capability
+    8.9 or above (on an A100 --fp8_head's matmuls would fail), and the FP8 up-projection's tile needs Hopper's
+    shared memory (elsewhere mlp_matmul would compute it as an fp32 product of the e4m3 values, far slower than
+    the bf16 MLP). Unchanged off CUDA, where neither runs."""
+    if device.type != "cuda":
+        return hp
+    capability = torch.cuda.get_device_capability(device)
+    off = [name for name in ("fp8_head", "fp8_mlp_up") if getattr(hp, name) and capability < (8, 9)]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if (hp.fp8_mlp_up and "fp8_mlp_up" not in off and mlp_matmul_shared_bytes(MLP_MATMUL_CONFIG_FP8, 1, 2)
+            > gpu_properties(index)["max_shared_mem"]):
+        off.append("fp8_mlp_up")
+    if not off:
+        return hp
+    warnings.warn(f"{' and '.join('--' + name for name in off)} cannot run on this GPU (compute capability "
+                  f"{capability[0]}.{capability[1]}; float8 needs 8.9, the FP8 up-projection Hopper's shared memory): "
+                  f"off for this run (pass {' '.join('--' + name + '=false' for name in off)} to say so)", stacklevel=2)
+    return dataclasses.replace(hp, **{name: False for name in off})
 
 
 def fp8_applies(enabled: bool, x) -> bool:
@@ -4127,6 +4164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         hp = parse_args(argv)
         rank, world_size, device = setup_distributed(hp)
+        hp = fp8_on_this_gpu(hp, device)  # before the log and the resume check, which then see what runs
         if derive(hp, world_size).recipe.prefix_loss:
             load_prefix_table(hp)  # a missing or foreign vocabulary is a usage error before anything compiles
         if hp.resume_from:

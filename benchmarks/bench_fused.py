@@ -230,9 +230,10 @@ def ce_launch_sweep(args, device):
     gbytes = args.tokens * args.vocab * (2 + dtype.itemsize) / 1e9
     forms = [tuple(f.split(",")) for f in args.ce_pass_math.split(";") if f.strip()] or [train_gpt.CE_PASS_MATH]
     for f in forms:
-        if len(f) != 2 or not set(f) <= set(train_gpt.CE_PASS_MATH_CHOICES):
-            sys.exit(f"error: --ce_pass_math entry {','.join(f)} needs two forms, each one of "
-                     f"{', '.join(train_gpt.CE_PASS_MATH_CHOICES)}")
+        try:
+            train_gpt.ce_pass_math_indices(f)
+        except ValueError as e:
+            sys.exit(f"error: --ce_pass_math: {e}")
     rows, first, trainer_launch, trainer_forms = [], None, train_gpt.CE_LAUNCH, train_gpt.CE_PASS_MATH
     try:
         for config in _configs(args.ce_configs, 2, "ce_configs"):

@@ -74,15 +74,15 @@ def disassemble(cubin: bytes) -> str:
 def pass_math_constexprs(trainer, pass_math=None) -> dict:
     """The loss kernel's LOSS_MATH / GRAD_MATH for the (loss pass, gradient pass) forms `pass_math` (default the
     trainer's CE_PASS_MATH); none for a trainer from before the forms existed."""
-    if not hasattr(trainer, "CE_PASS_MATH_CHOICES"):
+    if not hasattr(trainer, "ce_pass_math_indices"):
         if pass_math:
             sys.exit("error: this trainer's loss kernel has one form; drop --pass_math")
         return {}
-    forms = pass_math or trainer.CE_PASS_MATH
-    choices = trainer.CE_PASS_MATH_CHOICES
-    if len(forms) != 2 or not set(forms) <= set(choices):
-        sys.exit(f"error: --pass_math takes two forms, 'loss,grad', each one of {', '.join(choices)}; got {forms}")
-    return {"LOSS_MATH": choices.index(forms[0]), "GRAD_MATH": choices.index(forms[1])}
+    try:
+        loss_math, grad_math = trainer.ce_pass_math_indices(pass_math or trainer.CE_PASS_MATH)
+    except ValueError as e:
+        sys.exit(f"error: --pass_math: {e}")
+    return {"LOSS_MATH": loss_math, "GRAD_MATH": grad_math}
 
 
 def loss_kernel_sass(trainer, pass_math=None) -> str:

@@ -352,6 +352,10 @@ def test_kernel_sass_counts_the_loss_kernels_loops(capsys):
     tanh = kernel_sass.main(["--pass_math", "tanh,tanh"])
     assert [3 * r["mufu"] for r in tanh] == [2 * r["mufu"] for r in rows], (
         f"the tanh form takes 2 MUFU instructions per column where the exact one takes 3: {tanh} against {rows}")
+    # each pass takes its own form: the loss pass is loop 0, the gradient pass loop 1
+    loss_only, grad_only = (kernel_sass.main(["--pass_math", forms]) for forms in ("tanh,exact", "exact,tanh"))
+    assert [r["mufu"] for r in loss_only] == [tanh[0]["mufu"], rows[1]["mufu"]], loss_only
+    assert [r["mufu"] for r in grad_only] == [rows[0]["mufu"], tanh[1]["mufu"]], grad_only
 
 
 def test_the_fineweb_schedule_estimate_counts_each_stages_steps_at_the_runs_step_times(bench):

@@ -653,6 +653,35 @@ def test_fp8_applies_on_a_gpu_while_training_only(trainer):
         assert not trainer.fp8_applies(True, cuda), "validation"
 
 
+def test_fp8_matmuls_turn_off_with_a_warning_where_the_gpu_cannot_run_them(trainer, monkeypatch):
+    """fp8_on_this_gpu (main calls it before the log): on a Hopper GPU both FP8 flags stay; on an Ada GPU (float8,
+    but 99 KiB of shared memory per program) the up-projection's tile does not fit, so --fp8_mlp_up goes off; on an
+    A100 (no float8) both go off; each change is warned about by name, and a CPU run is left alone. The GPUs are
+    faked: capability and shared memory only."""
+    gpus = {"h100": ((9, 0), 232448), "ada": ((8, 9), 101376), "a100": ((8, 0), 167936)}
+    gpu = "h100"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus[gpu][0])
+    monkeypatch.setattr(trainer, "gpu_properties", lambda index: dict(max_shared_mem=gpus[gpu][1],
+                                                                       multiprocessor_count=132))
+    hp = trainer.parse_args(["--fp8_head=true", "--fp8_mlp_up=true", "--fused_mlp=true"])
+    cuda = torch.device("cuda", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer.fp8_on_this_gpu(hp, cuda) == hp, "Hopper runs both"
+        assert trainer.fp8_on_this_gpu(hp, torch.device("cpu")) is hp
+    for gpu, head, up in (("ada", True, False), ("a100", False, False)):
+        with pytest.warns(UserWarning) as caught:
+            got = trainer.fp8_on_this_gpu(hp, cuda)
+        assert (got.fp8_head, got.fp8_mlp_up) == (head, up), gpu
+        message = str(caught[0].message)
+        assert ("--fp8_head" in message) == (not head) and "--fp8_mlp_up=false" in message, message
+    gpu = "ada"
+    off = trainer.parse_args(["--fp8_mlp_up=false"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer.fp8_on_this_gpu(off, cuda) == off, "nothing to turn off, nothing said"
+
+
 def test_fp8_mlp_flag_reaches_the_fused_function_as_a_fixed_input_scale(trainer, monkeypatch):
     """With --fp8_mlp_up, the block passes ReluSquaredMLP the fixed input scale sqrt(dim) / 448 (its input is
     RMS-normed, so no entry exceeds sqrt(dim)) while training, and none under no_grad or without the flag; by

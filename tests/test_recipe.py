@@ -249,7 +249,8 @@ def test_loss_with_gradient_kernel_casts_like_torch_on_a_gpu(trainer):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_loss_with_gradient_tanh_form_agrees_with_the_exact_one_on_a_gpu(trainer, monkeypatch):
     """CE_PASS_MATH's tanh form (tanh.approx.f32 for the sigmoid in both passes) at the model's vocabulary and
-    bf16 logits: row losses within 23 * 2^-12 of the exact form's (its worst-case bound; the mean far closer),
+    bf16 logits: row losses within (sum of the weights) * 23 * 2^-12 of the exact form's (its worst-case bound; the
+    mean far closer),
     and e5m2 gradients within e5m2's rounding of them; the forms must differ somewhere (else the option did
     nothing)."""
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -263,7 +264,8 @@ def test_loss_with_gradient_tanh_form_agrees_with_the_exact_one_on_a_gpu(trainer
     monkeypatch.setattr(trainer, "CE_PASS_MATH", ("tanh", "tanh"))
     rows_t, g8_t = trainer.softcap_mtp_ce_with_grad(*args)
     gap = (rows_t - rows).abs()
-    assert gap.max() < 23 * 2 ** -12 and gap.mean() < 1e-3, f"row losses: max {gap.max():.2e}, mean {gap.mean():.2e}"
+    bound = w.sum().item() * 23 * 2 ** -12
+    assert gap.max() < bound and gap.mean() < 1e-3, f"row losses: max {gap.max():.2e}, mean {gap.mean():.2e}"
     a, b = g8_t.float(), g8.float()
     rel = ((a - b).norm() / b.norm()).item()
     assert rel < 0.05, f"gradients of the two forms: relative difference {rel:.4f}"
