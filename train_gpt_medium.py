@@ -113,6 +113,7 @@ class Hyperparameters:
     fp8_head_fused_grad: bool = True  # with --fp8_head: the loss kernel writes the head's e5m2 logit gradient in its forward (records #67)
     fused_mlp: bool = False  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
     fp8_mlp_up: bool = False  # with --fused_mlp: the up-projection's forward from float8 e4m3 operands, Hopper GPU training only (records #84)
+    fp8_qkv: bool = False  # the attention's q, k, v projection's forward from float8 e4m3 operands, GPU training only
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -2258,13 +2259,13 @@ def _(a, b, a_s, b_s, out_f32, fast_accum):
 
 def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
     """hp with the FP8 matmuls that `device` cannot run turned off, with a warning: float8 needs compute capability
-    8.9 or above (on an A100 --fp8_head's matmuls would fail), and the FP8 up-projection's tile needs Hopper's
+    8.9 or above (on an A100 --fp8_head's and --fp8_qkv's matmuls would fail), and the FP8 up-projection's tile needs Hopper's
     shared memory (elsewhere mlp_matmul would compute it as an fp32 product of the e4m3 values, far slower than
     the bf16 MLP). Unchanged off CUDA, where neither runs."""
     if device.type != "cuda":
         return hp
     capability = torch.cuda.get_device_capability(device)
-    off = [name for name in ("fp8_head", "fp8_mlp_up") if getattr(hp, name) and capability < (8, 9)]
+    off = [name for name in ("fp8_head", "fp8_mlp_up", "fp8_qkv") if getattr(hp, name) and capability < (8, 9)]
     index = device.index if device.index is not None else torch.cuda.current_device()
     if (hp.fp8_mlp_up and "fp8_mlp_up" not in off and mlp_matmul_shared_bytes(MLP_MATMUL_CONFIG_FP8, 1, 2)
             > gpu_properties(index)["max_shared_mem"]):
@@ -2278,7 +2279,7 @@ def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameter
 
 
 def fp8_applies(enabled: bool, x) -> bool:
-    """An FP8 matmul (the head's, --fp8_head; the MLP up-projection's, --fp8_mlp_up) runs on GPU while training
+    """An FP8 matmul (the head's, --fp8_head; the MLP up-projection's, --fp8_mlp_up; q, k, v's, --fp8_qkv) runs on GPU while training
     only: validation (no gradients) reads the bf16 model, as the public code does (it casts when training), so
     the measured loss carries no e4m3 rounding."""
     return enabled and x.is_cuda and torch.is_grad_enabled()
@@ -2317,6 +2318,26 @@ class FP8Linear(torch.autograd.Function):
         x8, w8, x_s, w_s, grad_s = ctx.saved_tensors
         g8 = (grad_y / grad_s).clamp(-FP8_E5M2_MAX, FP8_E5M2_MAX).to(torch.float8_e5m2)
         return *_fp8_head_grads(x8, w8, g8, x_s, w_s, grad_s), None, None, None
+
+
+class FP8ForwardLinear(torch.autograd.Function):
+    """y = x w^T (bf16) for an RMS-normed x [T, K] and w [N, K] in x's dtype, the forward from e4m3 operands: x at
+    the fixed scale x_scale (normed_e4m3_scale: no pass over x, each token's rounding its own) and w at its
+    amax / 448 (e4m3_per_tensor), the product with cuBLAS's fast accumulation as the head's. The backward is
+    x's dtype's, from the unrounded x and w (the FP8 up-projection's split, records #84, applied to the
+    attention's input projection). T, K, N multiples of 16."""
+
+    @staticmethod
+    def forward(ctx, x, w, x_scale: float):
+        (w8, w_s), x8 = e4m3_per_tensor(w), _e4m3(x.float(), x_scale)
+        ctx.save_for_backward(x, w)
+        return fp8_mm(x8, w8, x.new_full((), x_scale, dtype=torch.float32), w_s, False, True)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        grad_y = grad_y.to(x.dtype)
+        return grad_y @ w, grad_y.T @ x, None
 
 
 class FP8HeadLoss(torch.autograd.Function):
@@ -2816,7 +2837,7 @@ class Block(nn.Module):
         # NorMuon's per-row statistic treat them alike: per hidden unit.
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         self.mlp_proj = nn.Parameter(torch.zeros(hp.mlp_ratio * hp.model_dim, hp.model_dim))
-        self.fused_mlp, self.fp8_mlp_up = hp.fused_mlp, hp.fp8_mlp_up
+        self.fused_mlp, self.fp8_mlp_up, self.fp8_qkv = hp.fused_mlp, hp.fp8_mlp_up, hp.fp8_qkv
         self.dc_kernel = hp.dc_kernel
         _init_linear_(self.mlp_fc)
         if attention:
@@ -2848,7 +2869,12 @@ class Block(nn.Module):
     def attention(self, xhat, ve, s, cu, attn_meta, attn_scale):
         T = xhat.size(0)
         H, D = self.num_heads, self.head_dim
-        q, k, v = F.linear(xhat, self.qkv_weight(xhat.dtype)).view(T, 3 * H, D).chunk(3, dim=-2)
+        w = self.qkv_weight(xhat.dtype)
+        if fp8_applies(self.fp8_qkv, xhat):
+            qkv = FP8ForwardLinear.apply(xhat, w, normed_e4m3_scale(xhat.size(-1)))
+        else:
+            qkv = F.linear(xhat, w)
+        q, k, v = qkv.view(T, 3 * H, D).chunk(3, dim=-2)
         q, k, v = rms_norm(q), rms_norm(k), s["value_scale"] * v
         if ve is not None:
             if self.ve_gate is None:  # MUDD's gate

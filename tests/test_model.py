@@ -339,6 +339,51 @@ def test_fp8_head_matmul_matches_float32_within_float8_rounding(trainer):
     assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32, "dtypes follow the operands"
 
 
+def test_fp8_forward_linear_rounds_the_forward_only(trainer):
+    """FP8ForwardLinear (--fp8_qkv): the forward is the product of x / x_scale and w / (amax|w| / 448), each cast to
+    e4m3, times both scales, within bf16's rounding of it, and differs from the bf16 product by e4m3's rounding only
+    (negative control: it does differ); the backward is exactly the plain product's, from the unrounded x and w."""
+    g = torch.Generator().manual_seed(0)
+    x = trainer.rms_norm(torch.randn(64, 32, generator=g)).bfloat16().requires_grad_()
+    w = (0.05 * torch.randn(48, 32, generator=g)).bfloat16().requires_grad_()
+    x_scale = trainer.normed_e4m3_scale(32)
+    y = trainer.FP8ForwardLinear.apply(x, w, x_scale)
+    w_s = w.detach().float().abs().max() / trainer.FP8_E4M3_MAX
+    x8, w8 = trainer._e4m3(x.detach().float(), x_scale), trainer._e4m3(w.detach().float(), w_s)
+    want = (x8.float() @ w8.float().T) * x_scale * w_s
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-3)
+    plain = x.detach().float() @ w.detach().float().T
+    rel = ((y.float() - plain).norm() / plain.norm()).item()
+    assert 1e-4 < rel < 0.1, f"the forward against bf16's: relative difference {rel:.4f}"
+    grad_y = torch.randn(y.shape, generator=g).bfloat16()
+    y.backward(grad_y)
+    assert torch.equal(x.grad, grad_y @ w.detach()) and torch.equal(w.grad, grad_y.T @ x.detach()), "plain backward"
+
+
+def test_fp8_qkv_flag_sends_the_attention_input_through_the_fp8_forward(trainer, monkeypatch):
+    """With --fp8_qkv every attention layer's q, k, v projection is FP8ForwardLinear at the fixed scale
+    sqrt(dim) / 448 of its RMS-normed input, with the layer's [3 hdim, dim] weight, while training; without the
+    flag, or under no_grad, it is the plain product (the GPU check is forced here; the stub computes the plain
+    product, so the model runs on)."""
+    calls = []
+    monkeypatch.setattr(trainer.FP8ForwardLinear, "apply",
+                        lambda x, w, x_scale: calls.append((x_scale, tuple(w.shape))) or F.linear(x, w))
+    monkeypatch.setattr(trainer, "fp8_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
+    inputs = torch.randint(1, 200, (64,))
+    inputs[::16] = BOS
+    counts = []
+    for flags, grad in ((["--fp8_qkv=true"], True), (["--fp8_qkv=true"], False), (["--fp8_qkv=false"], True)):
+        hp, model = _tiny_model(trainer, "--fp8_head=false", *flags)
+        before = len(calls)
+        with torch.set_grad_enabled(grad):
+            _call(model, inputs, torch.roll(inputs, -1))
+        counts.append(len(calls) - before)
+    attention_layers = sum(b.qk_w is not None for b in model.blocks)
+    assert counts == [attention_layers, 0, 0], f"FP8ForwardLinear calls with the flag, under no_grad, without: {counts}"
+    hdim = hp.num_heads * hp.head_dim
+    assert calls == [(pytest.approx(hp.model_dim ** 0.5 / 448), (3 * hdim, hp.model_dim))] * attention_layers, calls
+
+
 def _fp8_head_grads(trainer, grad_s, grad_y):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 32, generator=g).bfloat16().requires_grad_()
@@ -654,16 +699,16 @@ def test_fp8_applies_on_a_gpu_while_training_only(trainer):
 
 
 def test_fp8_matmuls_turn_off_with_a_warning_where_the_gpu_cannot_run_them(trainer, monkeypatch):
-    """fp8_on_this_gpu (main calls it before the log): on a Hopper GPU both FP8 flags stay; on an Ada GPU (float8,
+    """fp8_on_this_gpu (main calls it before the log): on a Hopper GPU the FP8 flags stay; on an Ada GPU (float8,
     but 99 KiB of shared memory per program) the up-projection's tile does not fit, so --fp8_mlp_up goes off; on an
-    A100 (no float8) both go off; each change is warned about by name, and a CPU run is left alone. The GPUs are
+    A100 (no float8) all go off; each change is warned about by name, and a CPU run is left alone. The GPUs are
     faked: capability and shared memory only."""
     gpus = {"h100": ((9, 0), 232448), "ada": ((8, 9), 101376), "a100": ((8, 0), 167936)}
     gpu = "h100"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus[gpu][0])
     monkeypatch.setattr(trainer, "gpu_properties", lambda index: dict(max_shared_mem=gpus[gpu][1],
                                                                        multiprocessor_count=132))
-    hp = trainer.parse_args(["--fp8_head=true", "--fp8_mlp_up=true", "--fused_mlp=true"])
+    hp = trainer.parse_args(["--fp8_head=true", "--fp8_mlp_up=true", "--fused_mlp=true", "--fp8_qkv=true"])
     cuda = torch.device("cuda", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -672,7 +717,7 @@ def test_fp8_matmuls_turn_off_with_a_warning_where_the_gpu_cannot_run_them(train
     for gpu, head, up in (("ada", True, False), ("a100", False, False)):
         with pytest.warns(UserWarning) as caught:
             got = trainer.fp8_on_this_gpu(hp, cuda)
-        assert (got.fp8_head, got.fp8_mlp_up) == (head, up), gpu
+        assert (got.fp8_head, got.fp8_mlp_up, got.fp8_qkv) == (head, up, head), gpu  # --fp8_qkv needs float8 only
         message = str(caught[0].message)
         assert ("--fp8_head" in message) == (not head) and "--fp8_mlp_up=false" in message, message
     gpu = "ada"
