@@ -184,7 +184,9 @@ for seed, (T, V) in enumerate([(37, 300), (5, 64), (70, 1000)]):
     # The loss and its gradient from one kernel (FP8HeadLoss's): unit row gradients times grad_mul = 3.
     unit = t.softcap_mtp_ce_backward_reference(z.detach(), targets, w, ref_lse, torch.ones(T), 23.0, 5.0, 7.5)
     pairs = [(rows, ref_rows), (lse, ref_lse), (z.grad, ref_dz)]
-    for forms in (("exact", "exact"), ("tanh", "tanh"), ("exact", "tanh")):  # its passes' forms (CE_PASS_MATH)
+    # its passes' forms (CE_PASS_MATH): the tanh form's algebra on the first, ragged shape (which pass takes which
+    # form, the interpreter cannot see: its tanh is exact; kernel_sass's test counts the instructions)
+    for forms in (("exact", "exact"), ("tanh", "tanh"))[:2 if seed == 0 else 1]:
         t.CE_PASS_MATH = forms
         fused_rows, fused_dz = t.softcap_mtp_ce_with_grad(z.detach(), targets, w, 23.0, 5.0, 7.5, 3.0, 1e30,
                                                           torch.float32)
