@@ -3,7 +3,7 @@
     python benchmarks/bench_fused.py [--tokens 49152] [--json out.json]     # one GPU, the 124M model's shapes
     python benchmarks/bench_fused.py --device cpu --tokens 64 --vocab 512 --no_compile   # a smoke run
 
-Three cases, each forward + backward of one micro-batch (one packed row of --tokens tokens), both arms inside
+The cases, each forward + backward of one micro-batch (one packed row of --tokens tokens), both arms inside
 torch.compile as in training (unless --no_compile):
 - mlp: relu(x w1^T)^2 w2 as the trainer writes it without --fused_mlp (Inductor: cuBLAS matmuls and fused
   elementwise kernels) against ReluSquaredMLP (--fused_mlp: the activation and its gradient in the epilogues
@@ -11,6 +11,9 @@ torch.compile as in training (unless --no_compile):
 - mlp fp8: ReluSquaredMLP against itself with the FP8 up-projection (--fp8_mlp_up: x at the fixed scale
   sqrt(768)/448, w1 at its amax/448, cast to e4m3), x RMS-normed as the block's; its "difference" is e4m3's
   rounding, not an error.
+- qkv fp8: the attention's q, k, v projection x w^T (w [3 dim, dim] bf16) as F.linear against FP8ForwardLinear
+  (--fp8_qkv: the forward from e4m3 operands, x at the fixed scale sqrt(dim)/448; the backward the same bf16
+  products), x RMS-normed; its output difference is e4m3's rounding, its gradients equal.
 - head: FP8Linear then softcap_mtp_ce (the loss backward writes the bf16 logit gradient, then it is cast to
   e5m2) against FP8HeadLoss (--fp8_head_fused_grad: the loss kernel writes the e5m2 gradient in its forward),
   x [T, 768] bf16, the head [V, 768] fp32, four target columns (3 next tokens and the byte prefix, stage 1's)
@@ -144,6 +147,20 @@ def mlp_fp8_case(args, device):
     def fp8(x, w1, w2):
         return train_gpt.ReluSquaredMLP.apply(x, w1, w2, x_scale)
     return (x, w1, w2), bf16, fp8, 1.0
+
+
+def qkv_fp8_case(args, device):
+    g = torch.Generator(device=device).manual_seed(5)
+    x = train_gpt.rms_norm(torch.randn(args.tokens, args.dim, device=device, generator=g)).bfloat16().requires_grad_()
+    w = (torch.randn(3 * args.dim, args.dim, device=device, generator=g) / args.dim ** 0.5).bfloat16().requires_grad_()
+    x_scale = train_gpt.normed_e4m3_scale(args.dim)
+
+    def bf16(x, w):
+        return F.linear(x, w)
+
+    def fp8(x, w):
+        return train_gpt.FP8ForwardLinear.apply(x, w, x_scale)
+    return (x, w), bf16, fp8, 1.0
 
 
 def head_case(args, device):
@@ -335,6 +352,7 @@ def main(argv=None):
           f"tokens {args.tokens}  compile {not args.no_compile}")
     rows = [run_case("mlp", mlp_case(args, device), args, device),
             run_case("mlp fp8", mlp_fp8_case(args, device), args, device),
+            run_case("qkv fp8", qkv_fp8_case(args, device), args, device),
             run_case("head", head_case(args, device), args, device),
             run_case("dc", dc_case(args, device), args, device)]
     print("| case | plain ms | fused ms | speedup | plain peak MiB | fused peak MiB | output diff | gradient diffs |")
