@@ -57,6 +57,8 @@ VARIANTS = {
     "orscale_lm": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false"],
     "scion": ["--muon_variant=scion", "--cautious_wd=false", "--muon_weight_decay=0"],
     "muon+bf16_weights": ["--muon_bf16_weights=true"],  # Muon's matrices bf16 (gradients: `_bf16_grad`)
+    # cautious decay's mask on the joined float32 weight (plain decay is the default since 2026-11-30)
+    "muon+cautious_wd+bf16_weights": ["--muon_weight_decay=3", "--cautious_wd=true", "--muon_bf16_weights=true"],
     # bf16 weights with the other update rules: each computes on the joined float32 weight
     "orscale_lm+bf16_weights": ["--muon_variant=orscale_lm", "--muon_weight_decay=0.01", "--cautious_wd=false",
                                 "--muon_bf16_weights=true"],
