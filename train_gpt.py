@@ -114,6 +114,7 @@ class Hyperparameters:
     fused_mlp: bool = True  # the MLP's relu^2 and its gradient in the epilogues of Triton matmuls on GPU (records #59)
     fp8_mlp_up: bool = True  # with --fused_mlp: the up-projection's forward from float8 e4m3 operands, Hopper GPU training only (records #84)
     fp8_qkv: bool = False  # the attention's q, k, v projection's forward from float8 e4m3 operands, GPU training only
+    fp8_mlp_down: bool = False  # with --fused_mlp: the down-projection's forward from float8 e4m3 operands, Hopper GPU training only (records #89)
     # Adam (embeddings, head, gates, scalars); betas as "beta1,beta2"
     adam_lr_embed: float = 0.008  # the untied token embedding
     adam_lr_head: float = 0.008
@@ -203,6 +204,8 @@ class Hyperparameters:
         if self.fp8_mlp_up and not self.fused_mlp:
             raise ConfigError("--fp8_mlp_up (the small track's default) runs in the fused MLP kernel: add "
                               "--fused_mlp=true, or --fp8_mlp_up=false for the unfused bf16 MLP")
+        if self.fp8_mlp_down and not self.fused_mlp:
+            raise ConfigError("--fp8_mlp_down takes post's scale from the fused MLP kernel: add --fused_mlp=true")
         if self.muon_variant == "scion" and (self.normuon or self.cautious_wd or self.muon_weight_decay):
             needed = [flag for flag, on in (("--normuon=false", self.normuon), ("--cautious_wd=false", self.cautious_wd),
                                             ("--muon_weight_decay=0", self.muon_weight_decay)) if on]
@@ -1368,17 +1371,22 @@ if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
-    def _mlp_matmul_kernel(a_desc, b_desc, aux_desc, c_desc, scale, M, N, K, programs, EPILOGUE: tl.constexpr,
-                           SCALED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    def _mlp_matmul_kernel(a_desc, b_desc, aux_desc, c_desc, scale, amax, a_scale, M, N, K, programs,
+                           EPILOGUE: tl.constexpr, SCALED: tl.constexpr, AMAX: tl.constexpr, A_CAST: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C = epilogue(A B^T) for A [M, K], B [N, K] (descriptors of BLOCK_M x BLOCK_K and BLOCK_N x BLOCK_K
         tiles), fp32 accumulation (float8 operands: wgmma's reduced-precision accumulation, Triton's default, like
         the FP8 head's fast accumulation), times the 0-d fp32 *scale if SCALED (their scales). EPILOGUE 0:
         relu(.)^2 (the MLP's activation); 1: (.) * 2 sqrt(AUX) with AUX [M, N] = relu(pre)^2 (its gradient).
         Program p computes tiles p, p + programs, ...; tiles go in groups of GROUP_M rows so programs working at
         the same time share B's tiles in L2. Reads past an edge are zeros and writes past it are dropped by the
-        TMA unit."""
+        TMA unit. EPILOGUE 2: the product alone. AMAX: *amax becomes the largest output entry (epilogue 0's are
+        >= 0) over all tiles, by atomic max. A_CAST: A is bf16, cast in registers to float8 e4m3 at A / *a_scale
+        (saturating) before each product, B float8 e4m3 (the FP8 down-projection from bf16 post)."""
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        if A_CAST:
+            a_inv = 1.0 / tl.load(a_scale)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs):
             group = tile // (GROUP_M * tiles_n)
             first_m = group * GROUP_M
@@ -1387,14 +1395,21 @@ if HAS_TRITON:
             col0 = (tile % (GROUP_M * tiles_n)) // rows_in_group * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
-                acc = tl.dot(a_desc.load([row0, k]), b_desc.load([col0, k]).T, acc, input_precision=PRECISION)
+                a = a_desc.load([row0, k])
+                if A_CAST:
+                    a = tl.minimum(tl.maximum(a.to(tl.float32) * a_inv, -448.0), 448.0).to(tl.float8e4nv)
+                acc = tl.dot(a, b_desc.load([col0, k]).T, acc, input_precision=PRECISION)
             if SCALED:
                 acc = acc * tl.load(scale)
             if EPILOGUE == 0:
                 r = tl.maximum(acc, 0.0)
                 out = r * r
-            else:
+            elif EPILOGUE == 1:
                 out = acc * 2 * tl.sqrt(aux_desc.load([row0, col0]).to(tl.float32))
+            else:
+                out = acc
+            if AMAX:
+                tl.atomic_max(amax, tl.max(tl.max(out, axis=1), axis=0))
             c_desc.store([row0, col0], out.to(c_desc.dtype))
 
 
@@ -1443,27 +1458,28 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-@torch.library.custom_op(f"{OP_NAMESPACE}::mlp_matmul", mutates_args=())
-def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int,
-               scale: torch.Tensor | None = None) -> torch.Tensor:
-    """epilogue(a b^T) for a [M, K], b [N, K] in a's dtype: 0 gives relu(a b^T)^2, 1 gives (a b^T) 2 sqrt(aux):
-    one persistent Triton GEMM with the activation (or its gradient) applied to the accumulator before the
-    store; the torch formula where Triton does not run or a row is not 16-byte aligned (never at the model's
-    widths, multiples of 64). With `scale` (0-d fp32, on a's device) a and b are float8 e4m3 and the product is
-    scale a b^T, in bf16 (the FP8 up-projection)."""
+def _mlp_matmul_run(a, b, aux, epilogue: int, scale, a_scale, amax) -> torch.Tensor:
+    """mlp_matmul's body; `amax` (fp32 [1], zeros) receives the largest output entry (epilogue 0)."""
     a, b = a.contiguous(), b.contiguous()
     aux = None if aux is None else aux.contiguous()
     M, K = a.shape
     N = b.size(0)
-    out_dtype = a.dtype if scale is None else torch.bfloat16
+    out_dtype = a.dtype if scale is None or a_scale is not None else torch.bfloat16
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     interpreted = _triton_runs_on(a) and _kernels_interpreted()
-    config = (MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG if scale is None
-              else MLP_MATMUL_CONFIG_FP8)
+    config = (MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG_FP8 if a.element_size() == 1
+              else MLP_MATMUL_CONFIG)
     if not (_triton_runs_on(a) and _tma_compatible(a, b, c, *([] if aux is None else [aux]))
             and (interpreted or mlp_tile_fits(config, a.element_size(), a.device, c.element_size()))):
-        prod = (a @ b.T).float() if scale is None else (a.float() @ b.float().T) * scale
-        return (torch.relu(prod).square() if epilogue == 0 else prod * 2 * aux.float().sqrt()).to(out_dtype)
+        if a_scale is not None:
+            prod = (_e4m3(a.float(), a_scale).float() @ b.float().T) * scale
+        else:
+            prod = (a @ b.T).float() if scale is None else (a.float() @ b.float().T) * scale
+        out = (torch.relu(prod).square() if epilogue == 0 else prod * 2 * aux.float().sqrt() if epilogue == 1
+               else prod)
+        if amax is not None:
+            amax.copy_(out.amax().reshape(1))
+        return out.to(out_dtype)
     bm, bn, bk, warps, stages = config
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     sms = MLP_MATMUL_PROGRAMS_INTERPRET if interpreted else gpu_properties(a.device.index)["multiprocessor_count"]
@@ -1476,16 +1492,48 @@ def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilo
     a_desc, b_desc = TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk])
     c_desc = TensorDescriptor.from_tensor(c, [bm, bn])
     aux_desc = c_desc if aux is None else TensorDescriptor.from_tensor(aux, [bm, bn])
-    _mlp_matmul_kernel[(programs,)](a_desc, b_desc, aux_desc, c_desc, c if scale is None else scale, M, N, K,
-                                    programs, EPILOGUE=epilogue, SCALED=scale is not None,
+    unused = c  # a pointer for the arguments a launch does not read
+    _mlp_matmul_kernel[(programs,)](a_desc, b_desc, aux_desc, c_desc, unused if scale is None else scale,
+                                    unused if amax is None else amax, unused if a_scale is None else a_scale,
+                                    M, N, K, programs, EPILOGUE=epilogue, SCALED=scale is not None,
+                                    AMAX=amax is not None, A_CAST=a_scale is not None,
                                     PRECISION=_dot_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                     GROUP_M=8, num_warps=warps, num_stages=stages)
     return c
 
 
+@torch.library.custom_op(f"{OP_NAMESPACE}::mlp_matmul", mutates_args=())
+def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilogue: int,
+               scale: torch.Tensor | None = None, a_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """epilogue(a b^T) for a [M, K], b [N, K] in a's dtype: 0 gives relu(a b^T)^2, 1 gives (a b^T) 2 sqrt(aux),
+    2 the product alone: one persistent Triton GEMM with the activation (or its gradient) applied to the
+    accumulator before the store; the torch formula where Triton does not run or a row is not 16-byte aligned
+    (never at the model's widths, multiples of 64). With `scale` (0-d fp32, on a's device) a and b are float8 e4m3
+    and the product is scale a b^T, in bf16 (the FP8 up-projection); with `a_scale` too, a is bf16 and cast to
+    e4m3 at a / a_scale inside the kernel, b e4m3, and the product scale a8 b^T in a's dtype (the FP8
+    down-projection)."""
+    return _mlp_matmul_run(a, b, aux, epilogue, scale, a_scale, None)
+
+
 @mlp_matmul.register_fake
-def _(a, b, aux, epilogue, scale=None):
-    return a.new_empty(a.size(0), b.size(0), dtype=a.dtype if scale is None else torch.bfloat16)
+def _(a, b, aux, epilogue, scale=None, a_scale=None):
+    return a.new_empty(a.size(0), b.size(0), dtype=a.dtype if scale is None or a_scale is not None else torch.bfloat16)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::mlp_matmul_amax", mutates_args=())
+def mlp_matmul_amax(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(post, amax): mlp_matmul's epilogue 0 (relu(a b^T)^2, scaled as there) and the largest entry of post before
+    its rounding to the output dtype (fp32 [1]), gathered by the same kernel (one atomic max per tile): the FP8
+    down-projection's scale of post, from this call's values, with no pass over post."""
+    amax = torch.zeros(1, dtype=torch.float32, device=a.device)
+    return _mlp_matmul_run(a, b, None, 0, scale, None, amax), amax
+
+
+@mlp_matmul_amax.register_fake
+def _(a, b, scale=None):
+    return (a.new_empty(a.size(0), b.size(0), dtype=a.dtype if scale is None else torch.bfloat16),
+            a.new_empty(1, dtype=torch.float32))
 
 
 def e4m3_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1504,23 +1552,35 @@ class ReluSquaredMLP(torch.autograd.Function):
     x_scale (a float) the up-projection multiplies x / x_scale and w1 at its per-tensor scale, both cast to e4m3
     (records #84): a fixed x_scale that bounds |x| / 448 keeps each token's rounding its own (an amax over the
     row would let later tokens set it) and needs no pass over x. The backward stays in x's dtype, from x, w1
-    and the post that the fp8 product gave."""
+    and the post that the fp8 product gave. With fp8_down (records #89's FP8 down-projection, in our form) the
+    up-projection's kernel also gathers post's amax, and post w2 runs from e4m3 operands: post cast in the
+    down-projection's kernel at amax / 448 (this call's, so no state carries between steps and any world size
+    rounds alike), w2 at its own amax / 448; the backward still reads the bf16 post."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, x_scale: float | None = None):
+    def forward(ctx, x, w1, w2, x_scale: float | None = None, fp8_down: bool = False):
         if x_scale is not None:
             (w8, w_s), x8 = e4m3_per_tensor(w1), _e4m3(x.float(), x_scale)
-            post = mlp_matmul(x8, w8, None, 0, w_s * x_scale).to(x.dtype)
+            a, b, scale = x8, w8, w_s * x_scale
         else:
-            post = mlp_matmul(x, w1, None, 0)
+            a, b, scale = x, w1, None
+        if fp8_down:
+            post, amax = mlp_matmul_amax(a, b, scale)
+            post = post.to(x.dtype)
+            post_s = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax)).reshape(())
+            w2t8, w2_s = e4m3_per_tensor(w2.T.contiguous())
+            out = mlp_matmul(post, w2t8, None, 2, post_s * w2_s, post_s)
+        else:
+            post = mlp_matmul(a, b, None, 0, scale).to(x.dtype)
+            out = post @ w2
         ctx.save_for_backward(x, w1, w2, post)
-        return post @ w2
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         x, w1, w2, post = ctx.saved_tensors
         grad_pre = mlp_matmul(grad, w2, post, 1)  # (grad w2^T) 2 relu(pre)
-        return grad_pre @ w1, grad_pre.T @ x, post.T @ grad, None
+        return grad_pre @ w1, grad_pre.T @ x, post.T @ grad, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -2265,11 +2325,12 @@ def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameter
     if device.type != "cuda":
         return hp
     capability = torch.cuda.get_device_capability(device)
-    off = [name for name in ("fp8_head", "fp8_mlp_up", "fp8_qkv") if getattr(hp, name) and capability < (8, 9)]
+    off = [name for name in ("fp8_head", "fp8_mlp_up", "fp8_qkv", "fp8_mlp_down")
+           if getattr(hp, name) and capability < (8, 9)]
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if (hp.fp8_mlp_up and "fp8_mlp_up" not in off and mlp_matmul_shared_bytes(MLP_MATMUL_CONFIG_FP8, 1, 2)
-            > gpu_properties(index)["max_shared_mem"]):
-        off.append("fp8_mlp_up")
+    tiles = {"fp8_mlp_up": (MLP_MATMUL_CONFIG_FP8, 1), "fp8_mlp_down": (MLP_MATMUL_CONFIG, 2)}
+    off += [name for name, (config, size) in tiles.items() if getattr(hp, name) and name not in off
+            and mlp_matmul_shared_bytes(config, size, 2) > gpu_properties(index)["max_shared_mem"]]
     if not off:
         return hp
     warnings.warn(f"{' and '.join('--' + name for name in off)} cannot run on this GPU (compute capability "
@@ -2838,6 +2899,7 @@ class Block(nn.Module):
         self.mlp_fc = nn.Parameter(torch.empty(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         self.mlp_proj = nn.Parameter(torch.zeros(hp.mlp_ratio * hp.model_dim, hp.model_dim))
         self.fused_mlp, self.fp8_mlp_up, self.fp8_qkv = hp.fused_mlp, hp.fp8_mlp_up, hp.fp8_qkv
+        self.fp8_mlp_down = hp.fp8_mlp_down
         self.dc_kernel = hp.dc_kernel
         _init_linear_(self.mlp_fc)
         if attention:
@@ -2924,7 +2986,7 @@ class Block(nn.Module):
         xn, w1, w2 = rms_norm(x), self.mlp_fc.type_as(x), self.mlp_proj.type_as(x)
         if self.fused_mlp and _triton_runs_on(xn):
             x_scale = normed_e4m3_scale(xn.size(-1)) if fp8_applies(self.fp8_mlp_up, xn) else None
-            mlp = ReluSquaredMLP.apply(xn, w1, w2, x_scale)
+            mlp = ReluSquaredMLP.apply(xn, w1, w2, x_scale, fp8_applies(self.fp8_mlp_down, xn))
         else:
             mlp = F.relu(F.linear(xn, w1)).square() @ w2
         return s["resid_mlp"] * x + s["post_mlp"] * mlp

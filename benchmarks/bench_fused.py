@@ -11,6 +11,9 @@ torch.compile as in training (unless --no_compile):
 - mlp fp8: ReluSquaredMLP against itself with the FP8 up-projection (--fp8_mlp_up: x at the fixed scale
   sqrt(768)/448, w1 at its amax/448, cast to e4m3), x RMS-normed as the block's; its "difference" is e4m3's
   rounding, not an error.
+- mlp fp8 down: the FP8 up-projection's MLP against itself with the FP8 down-projection too (--fp8_mlp_down:
+  post cast to e4m3 at its amax / 448 inside the down-projection's kernel, w2 at its amax / 448); its output
+  difference is e4m3's rounding, its gradients equal.
 - qkv fp8: the attention's q, k, v projection x w^T (w [3 dim, dim] bf16) as F.linear against FP8ForwardLinear
   (--fp8_qkv: the forward from e4m3 operands, x at the fixed scale sqrt(dim)/448; the backward the same bf16
   products), x RMS-normed; its output difference is e4m3's rounding, its gradients equal.
@@ -147,6 +150,15 @@ def mlp_fp8_case(args, device):
     def fp8(x, w1, w2):
         return train_gpt.ReluSquaredMLP.apply(x, w1, w2, x_scale)
     return (x, w1, w2), bf16, fp8, 1.0
+
+
+def mlp_fp8_down_case(args, device):
+    (x, w1, w2), _, fp8_up, scale = mlp_fp8_case(args, device)
+    x_scale = train_gpt.normed_e4m3_scale(args.dim)
+
+    def fp8_down(x, w1, w2):
+        return train_gpt.ReluSquaredMLP.apply(x, w1, w2, x_scale, True)
+    return (x, w1, w2), fp8_up, fp8_down, scale
 
 
 def qkv_fp8_case(args, device):
@@ -352,6 +364,7 @@ def main(argv=None):
           f"tokens {args.tokens}  compile {not args.no_compile}")
     rows = [run_case("mlp", mlp_case(args, device), args, device),
             run_case("mlp fp8", mlp_fp8_case(args, device), args, device),
+            run_case("mlp fp8 down", mlp_fp8_down_case(args, device), args, device),
             run_case("qkv fp8", qkv_fp8_case(args, device), args, device),
             run_case("head", head_case(args, device), args, device),
             run_case("dc", dc_case(args, device), args, device)]

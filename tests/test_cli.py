@@ -39,6 +39,8 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--muon_variant=orscale_lm", "--cautious_wd=true"], ["--cautious_wd does not apply"]),
     (["--fp8_mlp_up=true", "--fused_mlp=false"], ["--fp8_mlp_up (the small track's default) runs in the fused MLP kernel",
                                                   "--fused_mlp=true", "or --fp8_mlp_up=false"]),
+    (["--fp8_mlp_down=true", "--fused_mlp=false", "--fp8_mlp_up=false"], ["--fp8_mlp_down takes post's scale",
+                                                                          "--fused_mlp=true"]),
     (["--num_layers=6"], ["--layer_attention needs one letter per layer (6)"]),
     (["--layer_attention=SSSLSSXSSSL"], ["from L (long window), S (short window), - (no attention)"]),
     (["--stage_batch_tokens=131072,262144"], ["--stage_batch_tokens", "needs 3 entries, one per stage"]),

@@ -573,6 +573,25 @@ for seed, (T, D, H) in enumerate([(70, 64, 40), (5, 96, 32)]):
     want = torch.relu((a8.float() @ b8.float().T) * 0.37).square()
     assert post.dtype == torch.bfloat16, post.dtype
     worst["fp8 " + str((T, D, H))] = ((post.float() - want).norm() / want.norm()).item()
+# the FP8 down-projection: bf16 a (post) cast to e4m3 at a / a_scale inside the kernel, e4m3 b, product alone.
+# a / a_scale lies on e4m3's grid, so any rounding of the cast gives the same values: the interpreter's float8
+# conversion rounds some values near a power of two down a binade (the GPU's cast is the GPU test's)
+for seed, (T, H, D) in enumerate([(70, 64, 40), (5, 96, 32)]):
+    g = torch.Generator().manual_seed(20 + seed)
+    a_scale = torch.tensor(2.0 ** -3)
+    a = ((4 * torch.randn(T, H, generator=g)).square().clamp(max=448).to(torch.float8_e4m3fn).float()
+         * a_scale).bfloat16()
+    b8 = (torch.randn(D, H, generator=g) / 4).to(torch.float8_e4m3fn)
+    launches.clear()
+    out = t.mlp_matmul(a, b8, None, 2, a_scale * 0.5, a_scale)
+    kernel_launches["fp8 down " + str((T, H, D))] = [grid for _, grid in launches]
+    want = (t._e4m3(a.float(), a_scale).float() @ b8.float().T) * a_scale * 0.5
+    assert out.dtype == torch.bfloat16, out.dtype
+    worst["fp8 down " + str((T, H, D))] = ((out.float() - want).norm() / want.norm()).item()
+# post's amax gathered by the up-projection's kernel (one atomic max per tile)
+x, w1, _, _ = _mlp_case(70, 40, 52, seed=5)
+post, amax = t.mlp_matmul_amax(x, w1)
+worst["amax"] = abs(amax.item() - post.max().item()) / post.max().item()
 print(json.dumps(dict(worst=worst, launches=kernel_launches)))
 """
 
@@ -595,7 +614,8 @@ def test_mlp_matmul_kernel_equals_torch_under_the_interpreter(trainer):
     programs = trainer.MLP_MATMUL_PROGRAMS_INTERPRET
     assert result["launches"] == {"(70, 40, 52)": [[programs]] * 2, "(32, 32, 32)": [[1]] * 2,
                                   "(5, 96, 36)": [[2]] * 2, "(6, 33, 50)": [],
-                                  "fp8 (70, 64, 40)": [[programs]], "fp8 (5, 96, 32)": [[1]]}, result["launches"]
+                                  "fp8 (70, 64, 40)": [[programs]], "fp8 (5, 96, 32)": [[1]],
+                                  "fp8 down (70, 64, 40)": [[programs]], "fp8 down (5, 96, 32)": [[1]]}, result["launches"]
 
 
 H200_MAX_SHARED = 232448  # Triton's max_shared_mem on an H200 (its OutOfResources message on the device)
@@ -687,6 +707,31 @@ def test_fp8_mlp_matmul_kernel_matches_torch_on_a_gpu(trainer, monkeypatch):
         assert rel < 0.1, f"fp8 MLP against bf16, {name}: relative error {rel:.4f}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper GPU")
+def test_fp8_down_projection_kernels_match_torch_on_a_gpu(trainer):
+    """--fp8_mlp_down at the 124M model's shapes: the up-projection's kernel reports post's largest entry, the
+    down-projection's kernel (post cast to e4m3 in registers) is within bf16 rounding of torch's product of the
+    same e4m3 values, and the whole MLP with it within a few percent of bf16's, its gradients the bf16 path's."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = trainer.rms_norm(torch.randn(49152, 768, device="cuda", generator=g)).bfloat16()
+    w1, w2 = (torch.randn(3072, 768, device="cuda", generator=g).bfloat16() / 28 for _ in range(2))
+    post, amax = trainer.mlp_matmul_amax(x, w1)
+    torch.testing.assert_close(amax, post.float().amax().reshape(1), rtol=1e-2, atol=0)
+    post_s = amax.reshape(()) / trainer.FP8_E4M3_MAX
+    w2t8, w2_s = trainer.e4m3_per_tensor(w2.T.contiguous())
+    out = trainer.mlp_matmul(post, w2t8, None, 2, post_s * w2_s, post_s)
+    want = (trainer._e4m3(post.float(), post_s).float() @ w2t8.float().T) * post_s * w2_s
+    rel = ((out.float() - want).norm() / want.norm()).item()
+    assert rel < 1e-2, f"fp8 down-projection kernel against torch on the same e4m3 values: {rel:.4f}"
+    grad = torch.randn(49152, 768, device="cuda", generator=g).bfloat16()
+    fp8, exact = (_mlp_grads(lambda *a: trainer.ReluSquaredMLP.apply(*a, None, down), x, w1, w2, grad)
+                  for down in (True, False))
+    for name, a, b in zip(("out", "grad_x", "grad_w1", "grad_w2"), fp8, exact):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert rel < (0.1 if name == "out" else 1e-3), f"fp8 down MLP against bf16, {name}: relative error {rel:.4f}"
+
+
 def test_fp8_applies_on_a_gpu_while_training_only(trainer):
     """An FP8 matmul (--fp8_mlp_up here) takes effect for CUDA inputs with gradients enabled: validation
     (no_grad) and CPU runs see the bf16 model, as for the FP8 head."""
@@ -708,7 +753,8 @@ def test_fp8_matmuls_turn_off_with_a_warning_where_the_gpu_cannot_run_them(train
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: gpus[gpu][0])
     monkeypatch.setattr(trainer, "gpu_properties", lambda index: dict(max_shared_mem=gpus[gpu][1],
                                                                        multiprocessor_count=132))
-    hp = trainer.parse_args(["--fp8_head=true", "--fp8_mlp_up=true", "--fused_mlp=true", "--fp8_qkv=true"])
+    hp = trainer.parse_args(["--fp8_head=true", "--fp8_mlp_up=true", "--fused_mlp=true", "--fp8_qkv=true",
+                             "--fp8_mlp_down=true"])
     cuda = torch.device("cuda", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -717,7 +763,8 @@ def test_fp8_matmuls_turn_off_with_a_warning_where_the_gpu_cannot_run_them(train
     for gpu, head, up in (("ada", True, False), ("a100", False, False)):
         with pytest.warns(UserWarning) as caught:
             got = trainer.fp8_on_this_gpu(hp, cuda)
-        assert (got.fp8_head, got.fp8_mlp_up, got.fp8_qkv) == (head, up, head), gpu  # --fp8_qkv needs float8 only
+        # --fp8_qkv needs float8 only; the down-projection's (bf16) tile fits Ada's shared memory no better than the up's
+        assert (got.fp8_head, got.fp8_mlp_up, got.fp8_qkv, got.fp8_mlp_down) == (head, up, head, up), gpu
         message = str(caught[0].message)
         assert ("--fp8_head" in message) == (not head) and "--fp8_mlp_up=false" in message, message
     gpu = "ada"
@@ -734,7 +781,7 @@ def test_fp8_mlp_flag_reaches_the_fused_function_as_a_fixed_input_scale(trainer,
     check is forced here: the path stops at the stub."""
     scales = []
     monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
-                        lambda x, w1, w2, x_scale: scales.append(x_scale) or _plain_mlp(x, w1, w2))
+                        lambda x, w1, w2, x_scale, fp8_down: scales.append(x_scale) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     monkeypatch.setattr(trainer, "fp8_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
     cases = ((["--fp8_mlp_up=true"], True), (["--fp8_mlp_up=true"], False), (["--fp8_mlp_up=false"], True), ([], True))
@@ -749,12 +796,50 @@ def test_fp8_mlp_flag_reaches_the_fused_function_as_a_fixed_input_scale(trainer,
     assert scales == [scale, None, None, scale if trainer.Hyperparameters().fp8_mlp_up else None], scales
 
 
+def test_fp8_down_projection_rounds_post_and_w2_to_e4m3_at_their_amax(trainer, monkeypatch):
+    """ReluSquaredMLP with fp8_down (the torch path of its ops, float32 here): the output is post8 w2_8^T s_p s_w
+    with post cast to e4m3 at its own amax / 448 (which the up-projection's op reports) and w2 at its; the
+    backward is the bf16 path's from the unrounded post. Negative control: it differs from the exact output by
+    e4m3's rounding. With --fp8_mlp_down the block asks for it while training only."""
+    x, w1, w2, grad = _mlp_case(64, 48, 40)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    out = trainer.ReluSquaredMLP.apply(*leaves, None, True)
+    out.backward(grad)
+    post = torch.relu(x @ w1.T).square()
+    post_s, w2_s = post.amax() / 448, w2.abs().amax() / 448
+    want = (trainer._e4m3(post, post_s).float() @ trainer._e4m3(w2.T, w2_s).float().T) * post_s * w2_s
+    torch.testing.assert_close(out.detach(), want, rtol=1e-4, atol=1e-4)
+    exact = _plain_mlp(x, w1, w2)
+    rel = ((out.detach() - exact).norm() / exact.norm()).item()
+    assert 1e-3 < rel < 0.1, f"the e4m3 down-projection should differ from the exact one by a few percent: {rel:.2e}"
+    torch.library.opcheck(trainer.mlp_matmul_amax, (x, w1), test_utils=("test_faketensor",))
+    w2t8 = trainer._e4m3(w2.T, w2_s).contiguous()
+    torch.library.opcheck(trainer.mlp_matmul, (post.bfloat16(), w2t8, None, 2, post_s * w2_s, post_s),
+                          test_utils=("test_faketensor",))
+    plain = _mlp_grads(trainer.ReluSquaredMLP.apply, x, w1, w2, grad)
+    for name, got, ref in zip(("grad_x", "grad_w1", "grad_w2"), (t.grad for t in leaves), plain[1:]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    asked = []
+    monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
+                        lambda x, w1, w2, x_scale, fp8_down: asked.append(fp8_down) or _plain_mlp(x, w1, w2))
+    monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
+    monkeypatch.setattr(trainer, "fp8_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
+    for flags, grad_on in ((["--fp8_mlp_down=true"], True), (["--fp8_mlp_down=true"], False), ([], True)):
+        hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
+        model = trainer.GPT(hp)
+        s = {name: w.detach() for name, w in model.layer_weights(2).items()}
+        with torch.set_grad_enabled(grad_on):
+            model.blocks[2](torch.randn(16, hp.model_dim), torch.randn(16, hp.model_dim), None, None, None, s, None,
+                            None, 0.1)
+    assert asked == [True, False, False], asked
+
+
 def test_fused_mlp_flag_selects_the_fused_function(trainer, monkeypatch):
     """--fused_mlp makes the block call ReluSquaredMLP where the Triton kernels run (forced here) with its
     normed input and both matrices; without the flag the block never calls it."""
     calls = []  # the stub computes the plain MLP from the arguments it gets: the block must pass (x, w1, w2)
     monkeypatch.setattr(trainer.ReluSquaredMLP, "apply",
-                        lambda x, w1, w2, x_scale: calls.append(x_scale) or _plain_mlp(x, w1, w2))
+                        lambda x, w1, w2, x_scale, fp8_down: calls.append(x_scale) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     outs = []
     for flags in (["--fused_mlp=true"], ["--fused_mlp=false", "--fp8_mlp_up=false"]):

@@ -479,7 +479,8 @@ _DC_SIGNATURE = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "MIX": "*fp32", "W2":
 
 
 @pytest.mark.parametrize("case", ["loss forward", "loss backward", "loss with e5m2 gradient", "mlp relu^2",
-                                  "loss with e5m2 gradient, tanh", "mlp gradient", "mlp fp8 relu^2", "dc forward",
+                                  "loss with e5m2 gradient, tanh", "mlp gradient", "mlp fp8 relu^2",
+                                  "mlp relu^2 amax", "mlp fp8 down", "dc forward",
                                   "dc backward q", "dc backward kv", "transpose"])
 def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
     """Each loss kernel, both MLP matmul epilogues, DC's kernels and the byte transpose compile to sm_90 SASS here with Triton's own ptxas
@@ -513,10 +514,19 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
         signature = {"a_desc": f"tensordesc<{operand}[{bm}, {bk}]>", "b_desc": f"tensordesc<{operand}[{bn}, {bk}]>",
                      "aux_desc": out_tile, "c_desc": out_tile,
                      "scale": "*bf16" if operand == "bf16" else "*fp32",  # unscaled launches pass the output
-                     "M": "i32", "N": "i32", "K": "i32", "programs": "i32"}
-        constexprs = {"EPILOGUE": epilogue, "SCALED": operand != "bf16", "PRECISION": "tf32", "BLOCK_M": bm,
-                      "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+                     "amax": "*bf16", "a_scale": "*bf16", "M": "i32", "N": "i32", "K": "i32", "programs": "i32"}
+        constexprs = {"EPILOGUE": epilogue, "SCALED": operand != "bf16", "AMAX": False, "A_CAST": False,
+                      "PRECISION": "tf32", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
         kernels[name] = (trainer._mlp_matmul_kernel, signature, constexprs)
+    # the up-projection gathering post's amax (--fp8_mlp_down), and the down-projection from bf16 post cast in
+    # registers to e4m3 against an e4m3 w2 (the bf16 tile: A is read as bf16)
+    up, _ = kernels["mlp relu^2"][1:]
+    kernels["mlp relu^2 amax"] = (trainer._mlp_matmul_kernel, {**up, "amax": "*fp32"},
+                                  {**kernels["mlp relu^2"][2], "AMAX": True})
+    bm, bn, bk, _, _ = trainer.MLP_MATMUL_CONFIG
+    kernels["mlp fp8 down"] = (trainer._mlp_matmul_kernel, {**up, "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}]>",
+                                                            "scale": "*fp32", "a_scale": "*fp32"},
+                               {**kernels["mlp relu^2"][2], "EPILOGUE": 2, "SCALED": True, "A_CAST": True})
     dc = {"H": 6, "D": 128, "WINDOW": trainer.DC_WINDOW, "BQ": trainer.DC_QUERIES, "BK": trainer.DC_KEYS,
           "PRECISION": "tf32"}
     kernels["dc forward"] = (trainer._dc_forward_kernel, {**_DC_SIGNATURE, "OUT": "*bf16", "LSE": "*fp32", "T": "i32"},
@@ -550,3 +560,6 @@ def test_kernels_compile_for_hopper_without_a_gpu(trainer, case):
         opcodes = set(kernel_sass.opcodes(asm["cubin"]))
         gmma = "QGMMA" if "fp8" in case else "HGMMA"
         assert {"UTMALDG", "UTMASTG", gmma} <= opcodes, f"TMA copies and {gmma} expected; opcodes: {sorted(opcodes)}"
+        assert ("ATOMG" in opcodes) == case.endswith("amax"), "one atomic max per tile, only when asked"
+        if case == "mlp fp8 down":
+            assert asm["shared"] <= 227 * 1024, f"{asm['shared']} bytes of shared memory per program"
