@@ -1458,13 +1458,18 @@ def _tma_compatible(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+def _mlp_matmul_out_dtype(a: torch.Tensor, scale, a_scale) -> torch.dtype:
+    """a's dtype, but bf16 when a is float8 (a scale without an a_scale: the FP8 up-projection)."""
+    return a.dtype if scale is None or a_scale is not None else torch.bfloat16
+
+
 def _mlp_matmul_run(a, b, aux, epilogue: int, scale, a_scale, amax) -> torch.Tensor:
     """mlp_matmul's body; `amax` (fp32 [1], zeros) receives the largest output entry (epilogue 0)."""
     a, b = a.contiguous(), b.contiguous()
     aux = None if aux is None else aux.contiguous()
     M, K = a.shape
     N = b.size(0)
-    out_dtype = a.dtype if scale is None or a_scale is not None else torch.bfloat16
+    out_dtype = _mlp_matmul_out_dtype(a, scale, a_scale)
     c = torch.empty(M, N, dtype=out_dtype, device=a.device)
     interpreted = _triton_runs_on(a) and _kernels_interpreted()
     config = (MLP_MATMUL_CONFIG_INTERPRET if interpreted else MLP_MATMUL_CONFIG_FP8 if a.element_size() == 1
@@ -1517,7 +1522,7 @@ def mlp_matmul(a: torch.Tensor, b: torch.Tensor, aux: torch.Tensor | None, epilo
 
 @mlp_matmul.register_fake
 def _(a, b, aux, epilogue, scale=None, a_scale=None):
-    return a.new_empty(a.size(0), b.size(0), dtype=a.dtype if scale is None or a_scale is not None else torch.bfloat16)
+    return a.new_empty(a.size(0), b.size(0), dtype=_mlp_matmul_out_dtype(a, scale, a_scale))
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::mlp_matmul_amax", mutates_args=())
@@ -1532,16 +1537,19 @@ def mlp_matmul_amax(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor | None
 
 @mlp_matmul_amax.register_fake
 def _(a, b, scale=None):
-    return (a.new_empty(a.size(0), b.size(0), dtype=a.dtype if scale is None else torch.bfloat16),
+    return (a.new_empty(a.size(0), b.size(0), dtype=_mlp_matmul_out_dtype(a, scale, None)),
             a.new_empty(1, dtype=torch.float32))
 
 
+def e4m3_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The per-tensor e4m3 scale amax / 448 (1 where amax is 0), on amax's device, with no host sync."""
+    return torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+
+
 def e4m3_per_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t / s as float8 e4m3, s) with s = amax|t| / 448 (0-d fp32 on t's device; 1 for an all-zero t): the
-    per-tensor scaling of records #84, from the current values, with no host sync; divided in fp32, so a bf16
-    t is rounded once."""
-    amax = t.detach().abs().amax().float()
-    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    """(t / s as float8 e4m3, s) with s = e4m3_scale(amax|t|) (0-d fp32 on t's device): the per-tensor scaling of
+    records #84, from the current values; divided in fp32, so a bf16 t is rounded once."""
+    scale = e4m3_scale(t.detach().abs().amax().float())
     return _e4m3(t.float(), scale), scale
 
 
@@ -1567,7 +1575,7 @@ class ReluSquaredMLP(torch.autograd.Function):
         if fp8_down:
             post, amax = mlp_matmul_amax(a, b, scale)
             post = post.to(x.dtype)
-            post_s = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax)).reshape(())
+            post_s = e4m3_scale(amax).reshape(())
             w2t8, w2_s = e4m3_per_tensor(w2.T.contiguous())
             out = mlp_matmul(post, w2t8, None, 2, post_s * w2_s, post_s)
         else:
@@ -2319,9 +2327,9 @@ def _(a, b, a_s, b_s, out_f32, fast_accum):
 
 def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
     """hp with the FP8 matmuls that `device` cannot run turned off, with a warning: float8 needs compute capability
-    8.9 or above (on an A100 --fp8_head's and --fp8_qkv's matmuls would fail), and the FP8 up-projection's tile needs Hopper's
-    shared memory (elsewhere mlp_matmul would compute it as an fp32 product of the e4m3 values, far slower than
-    the bf16 MLP). Unchanged off CUDA, where neither runs."""
+    8.9 or above (on an A100 --fp8_head's and --fp8_qkv's matmuls would fail), and the fused MLP's FP8 tiles
+    (--fp8_mlp_up, --fp8_mlp_down) need Hopper's shared memory (elsewhere mlp_matmul would compute them as fp32
+    products of the e4m3 values, far slower than the bf16 MLP). Unchanged off CUDA, where none runs."""
     if device.type != "cuda":
         return hp
     capability = torch.cuda.get_device_capability(device)
@@ -2334,7 +2342,7 @@ def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameter
     if not off:
         return hp
     warnings.warn(f"{' and '.join('--' + name for name in off)} cannot run on this GPU (compute capability "
-                  f"{capability[0]}.{capability[1]}; float8 needs 8.9, the FP8 up-projection Hopper's shared memory): "
+                  f"{capability[0]}.{capability[1]}; float8 needs 8.9, the fused MLP's FP8 tiles Hopper's shared memory): "
                   f"off for this run (pass {' '.join('--' + name + '=false' for name in off)} to say so)", stacklevel=2)
     return dataclasses.replace(hp, **{name: False for name in off})
 
@@ -4059,8 +4067,9 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     with GcPauses(freeze=hp.gc_freeze) as pauses, AllocatorCalls(device) as allocator:
         val_loss = _timed_loop(hp, trainer, N, rank, world_size, device, log)
     log(pauses.line())
-    if allocator.line():
-        log(allocator.line())
+    allocator_line = allocator.line()
+    if allocator_line:
+        log(allocator_line)
     if val_loss > (1 - NO_LEARNING_FRACTION) * math.log(hp.vocab_size):
         log(f"warning: the model did not learn: final val loss {val_loss:.4f}, a uniform prediction's is "
             f"{math.log(hp.vocab_size):.4f}; check the learning rates (--adam_lr_*, --muon_lr) and the data")
