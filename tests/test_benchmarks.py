@@ -307,7 +307,8 @@ def test_fused_kernel_benchmark_runs_every_case_and_reports_agreement(capsys):
     rounding, and not equal); so the GPU run of it will not fail on a typo."""
     fused = load_script("benchmarks/bench_fused.py", "bench_fused")
     tiles = fused.train_gpt.MLP_MATMUL_CONFIG
-    launch = fused.train_gpt.CE_LAUNCH
+    launch, forms = fused.train_gpt.CE_LAUNCH, fused.train_gpt.CE_PASS_MATH
+    transpose_launch = fused.train_gpt.TRANSPOSE_LAUNCH
     rows, sweep, ce_sweep, transposes = fused.main(["--device", "cpu", "--tokens", "64", "--dim", "64", "--hidden", "256",
                                         "--vocab", "512", "--no_compile", "--reps", "2",
                                         "--mlp_configs", "32,32,32,4,1;64,64,32,4,2;128,256,64,8,4",
@@ -332,11 +333,11 @@ def test_fused_kernel_benchmark_runs_every_case_and_reports_agreement(capsys):
     assert [(r["config"], r["pass_math"]) for r in ce_sweep] == [
         ((4096, 8), ("exact", "exact")), ((4096, 8), ("tanh", "tanh")), ((1024, 4), ("exact", "exact")),
         ((1024, 4), ("tanh", "tanh"))]
-    assert fused.train_gpt.CE_LAUNCH == launch and fused.train_gpt.CE_PASS_MATH == ("exact", "exact"), "restored"
+    assert fused.train_gpt.CE_LAUNCH == launch and fused.train_gpt.CE_PASS_MATH == forms, "restored"
     assert all(r["ms"] > 0 and r["loss_difference"] < 1e-6 and r["gradient_difference"] < 1e-6 for r in ce_sweep)
     assert "| 1024,4 | tanh,tanh |" in out
     assert [(r["config"], r["exact"]) for r in transposes] == [((64, 64, 4), True), ((128, 64, 8), True)]
-    assert fused.train_gpt.TRANSPOSE_LAUNCH == (64, 64, 4) and "| 128,64,8 |" in out
+    assert fused.train_gpt.TRANSPOSE_LAUNCH == transpose_launch and "| 128,64,8 |" in out
 
 
 def test_kernel_sass_counts_the_loss_kernels_loops(capsys):
