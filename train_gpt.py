@@ -3406,13 +3406,49 @@ class TrainStream:
                         "(--stage_seq_len + 1); lower --stage_seq_len or add data")
 
 
+class StagingRing:
+    """Host buffers through which micro-batches go to the device, reused in turn.
+
+    On CUDA they are pinned, so the copy to the device is asynchronous, and they are allocated once: a
+    per-batch `pin_memory()` goes through the pinned allocator and torch's multi-threaded CPU copy, which
+    profiles caught holding up the host (README, "host-bound"). Rows are written through numpy views, on one
+    thread. A buffer is rewritten only once the copies that last read it have run (its CUDA event): the host
+    is then `slots - 1` micro-batches of work ahead of the GPU, so the wait costs the GPU nothing. On CPU the
+    batch is copied out of the buffer (`copy=True`), so no caller holds a buffer that is reused."""
+
+    def __init__(self, slots: int, tokens: int, device: torch.device):
+        pinned = device.type == "cuda"
+        self.device, self.turn, self.events = device, 0, [None] * slots
+        self.tokens = [torch.empty(tokens, dtype=torch.int64, pin_memory=pinned) for _ in range(slots)]
+        self.cu = [torch.empty(tokens, dtype=torch.int32, pin_memory=pinned) for _ in range(slots)]
+        self.views = [(t.numpy(), c.numpy()) for t, c in zip(self.tokens, self.cu)]
+
+    def upload(self, tokens: np.ndarray, cu: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (any integer dtype) as int64 and cu (int32) on the device, through the next buffer."""
+        k = self.turn
+        self.turn = (k + 1) % len(self.events)
+        if self.events[k] is not None:
+            self.events[k].synchronize()
+        host_tokens, host_cu = self.views[k]
+        if len(tokens) > len(host_tokens) or len(cu) > len(host_cu):
+            raise ValueError(f"a row of {len(tokens)} tokens does not fit the staging buffers ({len(host_tokens)})")
+        np.copyto(host_tokens[:len(tokens)], tokens, casting="safe")
+        np.copyto(host_cu[:len(cu)], cu, casting="safe")
+        out = (self.tokens[k][:len(tokens)].to(self.device, non_blocking=True, copy=True),
+               self.cu[k][:len(cu)].to(self.device, non_blocking=True, copy=True))
+        if self.device.type == "cuda":
+            self.events[k] = torch.cuda.Event()
+            self.events[k].record()
+        return out
+
+
 class DistributedTrainLoader:
     """This rank's micro-batches as (inputs, targets, cu_seqlens, (documents, longest document)) on `device`:
     int64 tokens, int32 document starts and host ints (document_bounds).
 
     `rows` gives the (sequence length, document clip) of each round of world_size rows (one row per rank), in
     order: the schedule's (row_specs), so that the stream is the same at any world size. The next batch is
-    staged while the current one computes (pinned host memory, non-blocking copy). `start`: the stream's start (TrainStream).
+    staged while the current one computes (StagingRing: pinned host buffers, non-blocking copy). `start`: the stream's start (TrainStream).
     """
 
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, rows, on_shard=None,
@@ -3422,6 +3458,7 @@ class DistributedTrainLoader:
                                   split_tails=hp.doc_tails == "split")
         self.rank, self.world_size, self.device, self.rows = rank, world_size, device, iter(rows)
         self.bos_id = hp.bos_id
+        self.ring = StagingRing(4, self.stream.seq_len + 1, device)
         self._staged = self._stage()
 
     def position(self) -> dict:
@@ -3440,11 +3477,8 @@ class DistributedTrainLoader:
             if r == self.rank:
                 mine = batch
         cu, docs, max_len = document_bounds(mine[:-1], self.bos_id)
-        host, host_cu = torch.from_numpy(mine.astype(np.int64)), torch.from_numpy(cu)
-        if self.device.type == "cuda":
-            host, host_cu = host.pin_memory(), host_cu.pin_memory()
-        buf = host.to(self.device, non_blocking=True)
-        return buf[:-1], buf[1:], host_cu.to(self.device, non_blocking=True), (docs, max_len)
+        buf, cu = self.ring.upload(mine, cu)
+        return buf[:-1], buf[1:], cu, (docs, max_len)
 
     def next_batch(self):
         if self._staged is None:

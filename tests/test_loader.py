@@ -248,3 +248,32 @@ def test_split_tails_train_on_every_token_once_and_drop_nothing(trainer, tmp_pat
 def test_doc_tails_takes_drop_or_split(trainer):
     with pytest.raises(trainer.ConfigError, match="--doc_tails='keep'"):
         trainer.parse_recipe(trainer.parse_args(["--preset=tiny", "--doc_tails=keep"]))
+
+
+def test_staging_ring_hands_out_batches_that_outlive_its_buffers(trainer):
+    """Rows go to the device through a few reused host buffers (StagingRing): every batch handed out keeps its
+    values after its buffer is rewritten, tokens come out int64 whatever the row's dtype, and a row longer
+    than the buffers is an error that gives both sizes."""
+    ring = trainer.StagingRing(2, 64, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 50257, size=int(n), dtype=np.uint16) for n in rng.integers(1, 65, size=7)]
+    bounds = [np.arange(len(r), dtype=np.int32) for r in rows]
+    out = [ring.upload(r, c) for r, c in zip(rows, bounds)]
+    for (tokens, cu), row, c in zip(out, rows, bounds):
+        assert tokens.dtype == torch.int64 and cu.dtype == torch.int32
+        assert torch.equal(tokens, torch.from_numpy(row.astype(np.int64))) and torch.equal(cu, torch.from_numpy(c))
+    with pytest.raises(ValueError, match="65 tokens .* staging buffers \\(64\\)"):
+        ring.upload(np.zeros(65, dtype=np.uint16), np.zeros(65, dtype=np.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_staging_ring_rewrites_a_buffer_only_after_its_copy_ran_on_a_gpu(trainer):
+    """With one pinned buffer and the GPU held up by a long kernel, each copy is still queued when the next row
+    is written: the ring must wait for it (its event), or the earlier batches arrive with later rows' tokens."""
+    ring = trainer.StagingRing(1, 4096, torch.device("cuda"))
+    torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time, so the copies queue behind it
+    rows = [np.full(4096, k, dtype=np.uint16) for k in range(4)]
+    out = [ring.upload(r, np.zeros(4096, dtype=np.int32)) for r in rows]
+    torch.cuda.synchronize()
+    got = [int(t.unique().item()) if t.unique().numel() == 1 else -1 for t, _ in out]
+    assert got == [0, 1, 2, 3], f"batches hold rows {got}: a buffer was rewritten before its copy ran"
