@@ -60,7 +60,7 @@ def logits(tg, model, hp, tokens: torch.Tensor, windows, scale) -> torch.Tensor:
     padded = F.pad(tokens, (0, -T % tg.ATTN_BLOCK), value=hp.bos_id)
     hidden = {}
 
-    def keep_hidden(x, targets, loss_weights):
+    def keep_hidden(x, targets, loss_weights, rows):  # GPT.head_loss's signature
         hidden["x"] = x
         return x.sum()
     model.head_loss = keep_hidden  # on the instance: this model only

@@ -70,7 +70,9 @@ class Hyperparameters:
     extension_steps: int = 15  # steps after the schedule, at its final windows and the lr floor
     stage_starts: str = ""  # where stages 2, 3, ... begin, as fractions of num_iterations
     stage_batch_tokens: str = "524288"  # tokens per optimizer step in each stage, all ranks
-    stage_seq_len: str = "16384"  # tokens per micro-batch (one packed row) per GPU in each stage
+    stage_seq_len: str = "16384"  # tokens per packed row per GPU in each stage
+    micro_batch_tokens: int = 0  # a GPU's forward and backward joins its step's rows up to this many tokens
+    # (0: one row each); fewer passes per step, the same math (GPT.forward keeps the rows' boundaries)
     stage_doc_clip: str = "2048"  # each document cut to this many tokens in a row (0: used whole)
     doc_tails: str = "split"  # what the clip cuts off: "split" it into further clipped pieces, or "drop" it (records #29)
     stage_windows: str = "13:27"  # short:long attention window of each stage, in 128-token blocks
@@ -181,7 +183,7 @@ class Hyperparameters:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ["val_loss_every", "warmup_steps", "extension_steps", "bigram_buckets", "untie_stage",
                      "muon_weight_decay", "adam_weight_decay", "adam_wd_mul_embed", "adam_wd_mul_value_embed",
-                     "adam_wd_mul_gate", "checkpoint_every"]:
+                     "adam_wd_mul_gate", "checkpoint_every", "micro_batch_tokens"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.checkpoint_every % self.adam_every:
@@ -514,7 +516,15 @@ def parse_args(argv: list[str]) -> Hyperparameters:
 class Derived:
     """Quantities that follow from the hyperparameters and the world size, checked once."""
     recipe: Recipe
-    grad_accum: tuple[int, ...]  # micro-batches per rank per optimizer step, in each stage
+    grad_accum: tuple[int, ...]  # rows per rank per optimizer step, in each stage
+    joined_rows: tuple[int, ...]  # rows per micro-batch (one forward and backward), in each stage
+
+
+def rows_per_micro_batch(rows: int, seq_len: int, micro_batch_tokens: int) -> int:
+    """The largest divisor d of a rank's rows per step (so a step's micro-batches are alike) with d * seq_len
+    <= micro_batch_tokens; 1 when no row fits."""
+    fits = [d for d in range(1, rows + 1) if rows % d == 0 and d * seq_len <= micro_batch_tokens]
+    return max(fits, default=1)
 
 
 def derive(hp: Hyperparameters, world_size: int) -> Derived:
@@ -529,7 +539,10 @@ def derive(hp: Hyperparameters, world_size: int) -> Derived:
         raise ConfigError(f"--val_tokens={hp.val_tokens} must be a multiple of --val_seq_len={hp.val_seq_len}: "
                           f"e.g. --val_tokens={max(hp.val_tokens // hp.val_seq_len, 1) * hp.val_seq_len}, "
                           f"or --val_seq_len={hp.val_tokens} if it divides {hp.val_tokens} evenly")
-    return Derived(recipe=recipe, grad_accum=tuple(s.batch_tokens // (world_size * s.seq_len) for s in recipe.stages))
+    grad_accum = tuple(s.batch_tokens // (world_size * s.seq_len) for s in recipe.stages)
+    joined = tuple(rows_per_micro_batch(rows, s.seq_len, hp.micro_batch_tokens)
+                   for rows, s in zip(grad_accum, recipe.stages))
+    return Derived(recipe=recipe, grad_accum=grad_accum, joined_rows=joined)
 
 
 # -----------------------------------------------------------------------------
@@ -1053,10 +1066,13 @@ def load_prefix_table(hp) -> np.ndarray:
     return prefix_token_table(encoder, hp.vocab_size)
 
 
-def target_matrix(targets: torch.Tensor, offsets: int, prefix_table: torch.Tensor | None = None) -> torch.Tensor:
+def target_matrix(targets: torch.Tensor, offsets: int, prefix_table: torch.Tensor | None = None,
+                  rows: int = 1) -> torch.Tensor:
     """[T, K] int64 targets of each position: the tokens 1 .. `offsets` ahead (the next-token targets shifted;
-    -100 past the row), then, given prefix_table [V], the next token's byte-prefix token (-100 where it has none)."""
-    columns = [F.pad(targets[k:], (0, k), value=-100) for k in range(offsets)]
+    -100 past the end of the position's row, targets being `rows` equal rows joined), then, given prefix_table
+    [V], the next token's byte-prefix token (-100 where it has none)."""
+    by_row = targets.view(rows, -1)
+    columns = [F.pad(by_row[:, k:], (0, k), value=-100).reshape(-1) for k in range(offsets)]
     if prefix_table is not None:
         prefix = prefix_table[targets.clamp_min(0)]
         columns.append(torch.where((targets >= 0) & (prefix >= 0), prefix, -100))
@@ -2163,14 +2179,12 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def document_bounds(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, int, int]:
-    """(cu_seqlens [T + 1] int32, documents, longest document) of a row of T input tokens: a document starts
-    at position 0 and at every later BOS; cu_seqlens holds the starts and then T, padded with T (empty
-    documents), so every row of T tokens has one shape whatever its documents."""
+def document_bounds(tokens: np.ndarray, bos_id: int, rows: int = 1) -> tuple[np.ndarray, int, int]:
+    """(cu_seqlens [T + 1] int32, documents, longest document) of T input tokens, `rows` equal rows joined: a
+    document starts at each row's first position and at every later BOS; cu_seqlens holds the starts and then
+    T, padded with T (empty documents), so every micro-batch of T tokens has one shape whatever its documents."""
     T = len(tokens)
-    starts = np.flatnonzero(tokens == bos_id)
-    if len(starts) == 0 or starts[0] != 0:
-        starts = np.concatenate([[0], starts])
+    starts = np.flatnonzero((tokens == bos_id) | (np.arange(T) % (T // rows) == 0))
     cu = np.full(T + 1, T, dtype=np.int32)
     cu[:len(starts)] = starts
     return cu, len(starts), int(np.diff(cu[:len(starts) + 1]).max())
@@ -2432,6 +2446,11 @@ class FP8HeadLoss(torch.autograd.Function):
         return *_fp8_head_grads(x8, w8, g8, x_s, w_s, grad_s), None, None, None, None, None, None, None
 
 
+def row_starts(n: int, rows: int, device) -> torch.Tensor:
+    """[n] bool: the first position of each of `rows` equal rows joined into one sequence of n positions."""
+    return torch.arange(n, device=device) % (n // rows) == 0
+
+
 class Rotary(nn.Module):
     """Rotary position embeddings (Su et al., arXiv 2104.09864) on half of each head: dims (j, j + D/2)
     form pair j, which turns by angle p * omega_j at position p. The first half of the pairs rotate, the
@@ -2458,12 +2477,13 @@ class Rotary(nn.Module):
         self.cos.copy_(theta.cos())
         self.sin.copy_(theta.sin())
 
-    def forward(self, x_THD: torch.Tensor) -> torch.Tensor:
-        """x [T, H, D] at positions 0 .. T-1."""
-        T = x_THD.size(0)
-        cos, sin = self.cos[:T, None, :], self.sin[:T, None, :]
-        x1, x2 = x_THD.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x_THD)
+    def forward(self, x_THD: torch.Tensor, rows: int = 1) -> torch.Tensor:
+        """x [T, H, D]: `rows` equal rows joined, each at positions 0 .. T / rows - 1."""
+        T, H, D = x_THD.shape
+        L = T // rows
+        cos, sin = self.cos[:L, None, :], self.sin[:L, None, :]
+        x1, x2 = x_THD.float().reshape(rows, L, H, D).chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).view(T, H, D).type_as(x_THD)
 
 
 YARN_BETA = 32  # pairs turning at least this often within the old window keep their frequency (YaRN's beta)
@@ -2494,11 +2514,13 @@ def yarn_attention_scale(base: float, long_windows: tuple[int, ...]) -> float:
     return scale
 
 
-def shift_unrotated_keys(k: torch.Tensor, unrotated: torch.Tensor) -> torch.Tensor:
-    """Keys k [T, H, D] whose unrotated dims come from the previous position (position 0 keeps its own):
-    a query can then match on the token before a key, which lets one layer do induction (the speedrun's
-    partial key offset, records #49 and #62). Crosses document starts, as there."""
+def shift_unrotated_keys(k: torch.Tensor, unrotated: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """Keys k [T, H, D] (`rows` equal rows joined) whose unrotated dims come from the previous position (a row's
+    first position keeps its own): a query can then match on the token before a key, which lets one layer do
+    induction (the speedrun's partial key offset, records #49 and #62). Crosses document starts, as there."""
     previous = torch.cat([k[:1], k[:-1]])
+    if rows > 1:
+        unrotated = unrotated & ~row_starts(k.size(0), rows, k.device)[:, None, None]
     return torch.where(unrotated, previous, k)
 
 
@@ -2936,7 +2958,7 @@ class Block(nn.Module):
         qk = self.qk_w.view(2, H // 2, 2, D, -1).transpose(1, 2).reshape(2 * H * D, -1)
         return torch.cat([qk, self.v_w]).to(dtype)
 
-    def attention(self, xhat, ve, s, cu, attn_meta, attn_scale):
+    def attention(self, xhat, ve, s, cu, attn_meta, attn_scale, rows: int = 1):
         T = xhat.size(0)
         H, D = self.num_heads, self.head_dim
         w = self.qkv_weight(xhat.dtype)
@@ -2960,9 +2982,9 @@ class Block(nn.Module):
             # Paired heads (the speedrun's #58): documents double in length, the window stays.
             q, k, v = pair_heads(q), pair_heads(k), pair_heads(v)
             cu, kind = 2 * cu, "P" + kind
-        q, k = self.rotary(q), self.rotary(k)
+        q, k = self.rotary(q, rows), self.rotary(k, rows)
         if self.spec.key_offset:
-            k = shift_unrotated_keys(k, self.rotary.unrotated)
+            k = shift_unrotated_keys(k, self.rotary.unrotated, rows)
         # The scale is folded into q (a tensor, so YaRN's changes of it do not recompile the graph).
         q = q * attn_scale.type_as(q) if isinstance(attn_scale, torch.Tensor) else q * attn_scale
         y, _ = window_attention(q, k, v, cu, attn_meta[kind])
@@ -2980,14 +3002,14 @@ class Block(nn.Module):
         y = y.reshape(T, H * D)
         return F.linear(y, self.o_w.type_as(y)) if self.o_out_in else y @ self.o_w.type_as(y)
 
-    def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale):
+    def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale, rows: int = 1):
         """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; s: this layer's
         weights and gates by name (RESID_SCALARS, POST_SCALARS, LAYER_SCALARS, BLOCK_GATES, MUDD_IN's ve_gate
-        [T, H] and value_add [T, dim]); cu, attn_meta: the row's documents and windows (GPT.forward); attn_scale:
-        a float, or a 0-d tensor."""
+        [T, H] and value_add [T, dim]); cu, attn_meta: the documents and windows (GPT.forward); attn_scale:
+        a float, or a 0-d tensor; rows: how many equal rows x joins (GPT.forward)."""
         if self.qk_w is not None:
             xhat = rms_norm(x if cached is None else cached)
-            attn = self.attention(xhat, ve, s, cu, attn_meta, attn_scale)
+            attn = self.attention(xhat, ve, s, cu, attn_meta, attn_scale, rows)
             x = s["resid_attn"] * x + s["post_attn"] * attn + s["x0_gate"] * x0
             if bigram is not None:
                 x = x + s["bigram_gate"] * bigram
@@ -3005,14 +3027,14 @@ BIGRAM_SIGN_ROWS = 8192  # rows of the fixed +-1 table that decorrelates collidi
 BIGRAM_SIGN_SEED = 1234  # the sign table is the same on every rank and run
 
 
-def bigram_indices(tokens: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hash row, sign row) of each position's bigram (previous, current token) of a row tokens [T]:
-    h_t = (36313 x_t XOR 27191 x_{t-1}) mod (buckets - 1), s_t = (x_{t-1} XOR x_t) mod 8192; position 0 has
-    no previous token and gets the reserved row buckets - 1 and sign row 0 (the speedrun's hash, records
-    #62, #83; the sign trick is Chen et al., arXiv 1504.04788)."""
+def bigram_indices(tokens: torch.Tensor, buckets: int, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hash row, sign row) of each position's bigram (previous, current token) of tokens [T], `rows` equal rows
+    joined: h_t = (36313 x_t XOR 27191 x_{t-1}) mod (buckets - 1), s_t = (x_{t-1} XOR x_t) mod 8192; a row's
+    first position has no previous token and gets the reserved row buckets - 1 and sign row 0 (the speedrun's
+    hash, records #62, #83; the sign trick is Chen et al., arXiv 1504.04788)."""
     x = tokens.long()
     prev = torch.cat([x[:1], x[:-1]])
-    first = torch.arange(x.numel(), device=x.device) == 0
+    first = row_starts(x.numel(), rows, x.device)
     h = torch.where(first, buckets - 1, ((BIGRAM_HASH[0] * x) ^ (BIGRAM_HASH[1] * prev)) % (buckets - 1))
     s = torch.where(first, 0, (prev ^ x) % BIGRAM_SIGN_ROWS)
     return h, s
@@ -3102,18 +3124,21 @@ class GPT(nn.Module):
                  (self.mudd_in, hp.adam_lr_mudd), (self.mudd_out, hp.adam_lr_mudd)]
         return [(gen, lr) for gen, lr in pairs if gen is not None]
 
-    def embedding_rows(self, inputs: torch.Tensor):
-        """(token rows, bigram rows, bigram sign index, [value-embedding rows]) of this micro-batch, in the tables'
-        dtype (the bigram ones None without the table)."""
-        h, s = bigram_indices(inputs, self.hp.bigram_buckets) if self.bigram is not None else (None, None)
+    def embedding_rows(self, inputs: torch.Tensor, rows: int = 1):
+        """(token rows, bigram rows, bigram sign index, [value-embedding rows]) of this micro-batch (`rows` rows
+        joined), in the tables' dtype (the bigram ones None without the table)."""
+        h, s = bigram_indices(inputs, self.hp.bigram_buckets, rows) if self.bigram is not None else (None, None)
         return (F.embedding(inputs, self.embed.weight), None if h is None else F.embedding(h, self.bigram), s,
                 [F.embedding(inputs, table) for table in self.value_embeds])
 
-    def smear(self, e: torch.Tensor) -> torch.Tensor:
-        """Token embeddings e [T, dim] with smear: e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34)."""
+    def smear(self, e: torch.Tensor, rows: int = 1) -> torch.Tensor:
+        """Token embeddings e [T, dim] (`rows` equal rows joined) with smear: e_t += lambda sigmoid(w . e_t[:12])
+        e_{t-1} (records #34), except at a row's first position."""
         if self.smear_gate is None:
             return e
         gate = torch.sigmoid(F.linear(e[1:, :GATE_DIMS], self.smear_gate.type_as(e)[None]))
+        if rows > 1:
+            gate = gate * ~row_starts(e.size(0), rows, e.device)[1:, None]
         smear = self.global_scalars[self.global_scalar_names.index("smear")]
         return torch.cat([e[:1], e[1:] + smear * gate * e[:-1]])
 
@@ -3123,16 +3148,18 @@ class GPT(nn.Module):
         return {(kind, i): g for (kind, i, _), g in zip(layout, generator(x).split([w for *_, w in layout], -1))}
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu: torch.Tensor, attn_meta: dict, attn_scale,
-                loss_weights: torch.Tensor) -> torch.Tensor:
-        """inputs, targets [T] (targets -100 are ignored); cu [T + 1] the row's document starts (int32,
+                loss_weights: torch.Tensor, rows: int = 1) -> torch.Tensor:
+        """inputs, targets [T] (targets -100 are ignored); cu [T + 1] the document starts (int32,
         document_bounds); attn_meta: attention_meta's CPU tensors per layer kind; attn_scale the softmax scale
         (float or 0-d tensor); loss_weights [K] of head_loss (with the recipe's prefix loss the last one is the
-        prefix target's: StepPlan.loss_weights). Returns the weighted sum of the token losses (fp32)."""
+        prefix target's: StepPlan.loss_weights); rows: how many equal rows inputs joins (each starts a document
+        in cu; what looks at the previous position or further ahead stops at their boundaries, so the result is
+        the sum of the rows' own). Returns the weighted sum of the token losses (fp32)."""
         hp, split = self.hp, self.recipe.gate_split
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         g = dict(zip(self.global_scalar_names, self.global_scalars.unbind(0)))
-        token_rows, bigram_rows, bigram_sign, ve_rows = self.embedding_rows(inputs)
-        x = x0 = rms_norm(self.smear(token_rows.to(dtype)))
+        token_rows, bigram_rows, bigram_sign, ve_rows = self.embedding_rows(inputs, rows)
+        x = x0 = rms_norm(self.smear(token_rows.to(dtype), rows))
         gates = self._gates(self.pre_gate, self.gate_layouts[0], x0) if self.pre_gate is not None else {}
         if split:  # the static gates' names read the per-token ones
             g["bigram_gate"] = gates.get(("bigram_gate", 0))
@@ -3162,7 +3189,7 @@ class GPT(nn.Module):
                                                  "post_mlp")}
                 layer_x0 = embedded  # MUDD's x0 term weights the residual after the first bigram (records #81)
             ve = ves[spec.value_embed] if spec.value_embed is not None else None
-            x = block(x, layer_x0, bigram if i > 0 else None, ve, cached, s, cu, attn_meta, attn_scale)
+            x = block(x, layer_x0, bigram if i > 0 else None, ve, cached, s, cu, attn_meta, attn_scale, rows)
             if skip is not None and i == skip[0]:
                 skip_saved = x
             if i == hp.cache_layer:
@@ -3172,9 +3199,10 @@ class GPT(nn.Module):
             x = mudd_exit(c, x, embedded, cached, last_input, ves[0], skip_saved)
         elif cached is not None:
             x = x - g["backout"] * cached
-        return self.head_loss(x, targets, loss_weights)
+        return self.head_loss(x, targets, loss_weights, rows)
 
-    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor, rows: int = 1
+                  ) -> torch.Tensor:
         """Softcapped multi-target loss (softcap_mtp_ce) of the final hidden states x [T, dim], summed (fp32):
         sum_t sum_k loss_weights[k] CE(logits_t, y_tk). y_t0 is the next token; k >= 1 train the same logits to
         also predict later tokens (multi-token prediction without extra heads, the speedrun's #53); with the
@@ -3183,7 +3211,7 @@ class GPT(nn.Module):
         hp = self.hp
         x = rms_norm(x)
         prefix = self.recipe.prefix_loss
-        y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None)
+        y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None, rows)
         softcap = (hp.logit_softcap, hp.logit_offset, hp.logit_temp)
         if fp8_applies(hp.fp8_head, x):
             scales = (normed_e4m3_scale(hp.model_dim), FP8_HEAD_W_MAX / FP8_E4M3_MAX)
@@ -3417,11 +3445,16 @@ class StagingRing:
     batch is copied out of the buffer (`copy=True`), so no caller holds a buffer that is reused."""
 
     def __init__(self, slots: int, tokens: int, device: torch.device):
-        pinned = device.type == "cuda"
         self.device, self.turn, self.events = device, 0, [None] * slots
-        self.tokens = [torch.empty(tokens, dtype=torch.int64, pin_memory=pinned) for _ in range(slots)]
-        self.cu = [torch.empty(tokens, dtype=torch.int32, pin_memory=pinned) for _ in range(slots)]
-        self.views = [(t.numpy(), c.numpy()) for t, c in zip(self.tokens, self.cu)]
+        self.tokens, self.cu, self.views = [None] * slots, [None] * slots, [None] * slots
+        for k in range(slots):
+            self._allocate(k, tokens)
+
+    def _allocate(self, k: int, tokens: int):
+        pinned = self.device.type == "cuda"
+        self.tokens[k] = torch.empty(tokens, dtype=torch.int64, pin_memory=pinned)
+        self.cu[k] = torch.empty(tokens, dtype=torch.int32, pin_memory=pinned)
+        self.views[k] = (self.tokens[k].numpy(), self.cu[k].numpy())
 
     def upload(self, tokens: np.ndarray, cu: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (any integer dtype) as int64 and cu (int32) on the device, through the next buffer."""
@@ -3429,9 +3462,9 @@ class StagingRing:
         self.turn = (k + 1) % len(self.events)
         if self.events[k] is not None:
             self.events[k].synchronize()
+        if max(len(tokens), len(cu)) > len(self.views[k][0]):  # sized for the schedule: only hand-made specs
+            self._allocate(k, max(len(tokens), len(cu)))
         host_tokens, host_cu = self.views[k]
-        if len(tokens) > len(host_tokens) or len(cu) > len(host_cu):
-            raise ValueError(f"a row of {len(tokens)} tokens does not fit the staging buffers ({len(host_tokens)})")
         np.copyto(host_tokens[:len(tokens)], tokens, casting="safe")
         np.copyto(host_cu[:len(cu)], cu, casting="safe")
         out = (self.tokens[k][:len(tokens)].to(self.device, non_blocking=True, copy=True),
@@ -3446,9 +3479,11 @@ class DistributedTrainLoader:
     """This rank's micro-batches as (inputs, targets, cu_seqlens, (documents, longest document)) on `device`:
     int64 tokens, int32 document starts and host ints (document_bounds).
 
-    `rows` gives the (sequence length, document clip) of each round of world_size rows (one row per rank), in
-    order: the schedule's (row_specs), so that the stream is the same at any world size. The next batch is
-    staged while the current one computes (StagingRing: pinned host buffers, non-blocking copy). `start`: the stream's start (TrainStream).
+    `rows` gives the (row length, document clip, rows joined) of each micro-batch, in order: the schedule's
+    (row_specs; a pair means one row). A micro-batch takes `rows joined` rounds of world_size rows (one row per
+    rank per round), so that the stream is the same at any world size, and joins this rank's rows: inputs
+    and targets are the rows' own, concatenated. The next batch is staged while the current one computes
+    (StagingRing: pinned host buffers, non-blocking copy). `start`: the stream's start (TrainStream).
     """
 
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, rows, on_shard=None,
@@ -3458,7 +3493,9 @@ class DistributedTrainLoader:
                                   split_tails=hp.doc_tails == "split")
         self.rank, self.world_size, self.device, self.rows = rank, world_size, device, iter(rows)
         self.bos_id = hp.bos_id
-        self.ring = StagingRing(4, self.stream.seq_len + 1, device)
+        shortest = min(stage.seq_len for stage in parse_recipe(hp).stages)
+        joined_at_most = hp.micro_batch_tokens + hp.micro_batch_tokens // shortest
+        self.ring = StagingRing(4, max(self.stream.seq_len, joined_at_most) + 1, device)
         self._staged = self._stage()
 
     def position(self) -> dict:
@@ -3470,15 +3507,21 @@ class DistributedTrainLoader:
         row = next(self.rows, None)
         if row is None:  # the schedule's last micro-batch is staged: nothing follows
             return None
-        seq_len, clip = row
-        mine = None
-        for r in range(self.world_size):
-            batch = self.stream.next_micro_batch(clip, seq_len)
-            if r == self.rank:
-                mine = batch
-        cu, docs, max_len = document_bounds(mine[:-1], self.bos_id)
-        buf, cu = self.ring.upload(mine, cu)
-        return buf[:-1], buf[1:], cu, (docs, max_len)
+        seq_len, clip, joined = row if len(row) == 3 else (*row, 1)
+        mine = []
+        for _ in range(joined):
+            for r in range(self.world_size):
+                batch = self.stream.next_micro_batch(clip, seq_len)
+                if r == self.rank:
+                    mine.append(batch)
+        tokens = mine[0] if joined == 1 else np.concatenate(mine)
+        inputs = tokens.reshape(joined, seq_len + 1)[:, :-1].reshape(-1)
+        cu, docs, max_len = document_bounds(inputs, self.bos_id, joined)
+        buf, cu = self.ring.upload(tokens, cu)
+        if joined == 1:
+            return buf[:-1], buf[1:], cu, (docs, max_len)
+        by_row = buf.view(joined, seq_len + 1)
+        return by_row[:, :-1].reshape(-1), by_row[:, 1:].reshape(-1), cu, (docs, max_len)
 
     def next_batch(self):
         if self._staged is None:
@@ -3609,8 +3652,9 @@ class StepPlan:
     step: int
     stage: int  # index into the recipe's stages; the extension steps belong to the last
     batch_tokens: int  # the stage's tokens per step, all ranks
-    seq_len: int  # tokens per micro-batch per rank
-    micro_batches: int  # per rank
+    seq_len: int  # tokens per row
+    micro_batches: int  # rows per rank
+    joined_rows: int  # rows per micro-batch (GPT.forward's rows); micro_batches // joined_rows passes per step
     doc_clip: int
     windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
     long_windows: tuple[int, ...]  # the long window (tokens) of every stage so far: YaRN and the softmax scale
@@ -3667,8 +3711,8 @@ def plan_step(step: int, hp: Hyperparameters, derived: Derived) -> StepPlan:
     weights = tuple(a + (b - a) * progress for a, b in stage.mtp) + (0.0,) * (width - len(stage.mtp))
     if derived.recipe.prefix_loss:
         weights += (stage.prefix[0] + (stage.prefix[1] - stage.prefix[0]) * progress,)
-    return StepPlan(step, k, stage.batch_tokens, stage.seq_len, derived.grad_accum[k], stage.doc_clip, windows,
-                    long_windows, lr, momentum, weights)
+    return StepPlan(step, k, stage.batch_tokens, stage.seq_len, derived.grad_accum[k], derived.joined_rows[k],
+                    stage.doc_clip, windows, long_windows, lr, momentum, weights)
 
 
 def adam_steps_at(step: int, hp: Hyperparameters) -> bool:
@@ -3700,10 +3744,10 @@ def warmup_step_list(hp: Hyperparameters, derived: Derived) -> list[int]:
 
 
 def row_specs(steps, hp: Hyperparameters, derived: Derived):
-    """(sequence length, document clip) of each round of micro-batches of `steps`, for DistributedTrainLoader."""
+    """(row length, document clip, rows joined) of each micro-batch of `steps`, for DistributedTrainLoader."""
     for step in steps:
         plan = plan_step(step, hp, derived)
-        yield from [(plan.seq_len, plan.doc_clip)] * plan.micro_batches
+        yield from [(plan.seq_len, plan.doc_clip, plan.joined_rows)] * (plan.micro_batches // plan.joined_rows)
 
 
 class Trainer:
@@ -3799,16 +3843,17 @@ class Trainer:
         """One optimizer step over the stage's batch; returns this rank's mean weighted train loss (device)."""
         hp, plan = self.hp, self.plan(step)
         windows, scale, weights = self._forward_inputs(plan)
-        micro_batches = plan.micro_batches * self.world_size  # in the whole step, all ranks together
-        self.model.head_grad_scale.fill_(1 / micro_batches)
+        rows = plan.micro_batches * self.world_size  # in the whole step, all ranks together
+        self.model.head_grad_scale.fill_(1 / rows)
         total = torch.zeros((), device=self.device)
-        for _ in range(plan.micro_batches):
+        for _ in range(plan.micro_batches // plan.joined_rows):
             inputs, targets, cu, (docs, max_len) = loader.next_batch()
-            loss_sum = self.forward(inputs, targets, cu, attention_meta(docs, max_len, windows), scale, weights)
-            # Divided by the micro-batch count of the whole step, not of this rank, and summed over ranks by
-            # the reduce-scatter: every world size backpropagates the same values (the FP8 head's e5m2 cast
+            loss_sum = self.forward(inputs, targets, cu, attention_meta(docs, max_len, windows), scale, weights,
+                                    plan.joined_rows)
+            # Divided by the row count of the whole step, not of this rank or micro-batch, and summed over ranks
+            # by the reduce-scatter: every world size backpropagates the same values (the FP8 head's e5m2 cast
             # of the logit gradient included, whose rounding depends on their scale) and gets the same mean.
-            (loss_sum / micro_batches).backward()
+            (loss_sum / rows).backward()
             total += loss_sum.detach() / (plan.seq_len * plan.micro_batches)
         embed, head = self.model.embed.weight, self.model.lm_head_w
         if self.tied:
@@ -4063,7 +4108,8 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
     val_tokens = load_validation_tokens(hp)  # every input is checked before anything compiles
     trainer = Trainer(hp, rank, world_size, device, val_tokens=val_tokens)
     stages = " ".join(f"{s.start}:{s.batch_tokens}" for s in derived.recipe.stages)
-    log(f"world_size:{world_size} grad_accum:{','.join(map(str, derived.grad_accum))} stages(step:tokens):{stages} "
+    log(f"world_size:{world_size} grad_accum:{','.join(map(str, derived.grad_accum))} "
+        f"rows_per_micro_batch:{','.join(map(str, derived.joined_rows))} stages(step:tokens):{stages} "
         f"total_steps:{N} device:{device.type} compile:{hp.compile and device.type == 'cuda'}")
 
     # Untimed warm-up: compiles and tunes kernels on real batches at every stage, then restores the initial

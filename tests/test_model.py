@@ -163,6 +163,42 @@ def _per_position_loss(model, inputs, targets, position):
     return _call(model, inputs, masked).item()
 
 
+def _joined_call(trainer, model, rows, weights, joined):
+    """The model on `rows` (each [L + 1] tokens) as one micro-batch: inputs and targets the rows' own, joined."""
+    inputs, targets = torch.cat([r[:-1] for r in rows]), torch.cat([r[1:] for r in rows])
+    cu, docs, max_len = trainer.document_bounds(inputs.numpy(), BOS, joined)
+    meta = trainer.attention_meta(docs, max_len, (1, 2))
+    return model(inputs, targets, torch.from_numpy(cu), meta, 0.1, torch.tensor(weights), joined)
+
+
+def test_joined_rows_give_the_sum_of_each_rows_own_loss_and_gradients(trainer):
+    """A micro-batch of rows joined (GPT.forward's rows, the loader's --micro_batch_tokens) computes each row as
+    if alone: rotary positions, smear, the bigram hash and the key offset start again at each row (the tiny
+    model has paired heads and a key offset), multi-token targets stop at its end, and a row that does not
+    begin with BOS still begins a document. So loss and gradients are the sum of the rows' own. Negative
+    control: the same tokens as one row differ."""
+    hp, model = _tiny_model(trainer)
+    _randomize(model)
+    rows = [_tokens_with_documents(129, [0, 50], BOS, seed=1), _tokens_with_documents(129, [30, 90], BOS, seed=2),
+            _tokens_with_documents(129, [0], BOS, seed=3)]
+    weights = (1.0, 0.5, 0.25)  # the next token, the one after (multi-token prediction), the prefix target
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    alone_loss, alone_grads = loss_and_grads(lambda: sum(_call(model, r[:-1], r[1:], weights=weights) for r in rows))
+    joined_loss, joined_grads = loss_and_grads(lambda: _joined_call(trainer, model, rows, weights, len(rows)))
+    torch.testing.assert_close(joined_loss, alone_loss, rtol=1e-5, atol=1e-4)
+    assert joined_grads.keys() == alone_grads.keys()
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(joined_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    as_one_row = _joined_call(trainer, model, rows, weights, 1).detach()
+    assert (as_one_row - alone_loss).abs() > 1e-3, "negative control: one long row crosses the rows' boundaries"
+
+
 def test_model_is_causal_and_documents_see_only_the_last_token_before_their_bos(trainer):
     """The future never matters. Without the key offset, a document sees nothing of the one before it but its
     last token, which smear and the bigram hash read at the BOS position. (The key offset hands the BOS key

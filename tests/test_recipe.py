@@ -290,6 +290,35 @@ def test_bigram_hash_is_the_formula_with_a_reserved_first_row(trainer):
     assert h[1] != h[3], "the previous token matters (negative control)"
 
 
+@pytest.mark.parametrize("flags, world_size, joined", [
+    (["--micro_batch_tokens=65536"], 1, (4, 2, 1)), (["--micro_batch_tokens=65536"], 2, (4, 2, 1)),
+    (["--micro_batch_tokens=65536"], 4, (2, 2, 1)), (["--micro_batch_tokens=65536"], 8, (1, 1, 1)),
+    ([], 1, (1, 1, 1)), (["--micro_batch_tokens=131072"], 1, (8, 4, 2)), (["--micro_batch_tokens=100000"], 1, (4, 2, 2))])
+def test_micro_batches_join_a_steps_rows_up_to_micro_batch_tokens(trainer, flags, world_size, joined):
+    """Each stage joins the most of a rank's rows per step that divide them evenly and fit --micro_batch_tokens
+    (rows of 16K / 32K / 48K tokens, 8 / world_size per rank and step; the default 0 joins none); row_specs hands out
+    rows / joined micro-batches per step, which together hold every row."""
+    hp = trainer.parse_args(["--train_files=x", "--val_files=y", "--num_iterations=30", *flags])
+    derived = trainer.derive(hp, world_size)
+    assert derived.joined_rows == joined
+    for step in (0, 10, 20, 29):
+        plan = trainer.plan_step(step, hp, derived)
+        specs = list(trainer.row_specs([step], hp, derived))
+        assert specs == [(plan.seq_len, plan.doc_clip, plan.joined_rows)] * (plan.micro_batches // plan.joined_rows)
+        assert sum(rows for *_, rows in specs) == plan.micro_batches == 8 // world_size
+
+
+def test_rotary_positions_restart_at_each_joined_row(trainer):
+    """Rows joined into one sequence (GPT.forward's rows) turn at their own positions 0 .. L - 1, exactly as
+    alone. Within a document RoPE's scores depend only on position differences, so the loss alone cannot see
+    this (bf16 rounding can); negative control: without rows the second row turns at positions L .. 2L - 1."""
+    rotary = trainer.Rotary(128, 64)
+    x = torch.randn(2 * 24, 2, 128)
+    alone = torch.cat([rotary(x[:24]), rotary(x[24:])])
+    assert torch.equal(rotary(x, 2), alone)
+    assert torch.equal(rotary(x, 1)[:24], alone[:24]) and not torch.allclose(rotary(x, 1)[24:], alone[24:])
+
+
 def test_key_offset_moves_only_the_unrotated_dims_one_position(trainer):
     rotary = trainer.Rotary(128, 16)
     k = torch.randn(16, 2, 128)

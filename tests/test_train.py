@@ -91,11 +91,16 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
            str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "two")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (_val_losses(tmp_path, r) for r in ("one", "two"))
-    assert one.keys() == two.keys()
+    # One process joining its rows into one forward per step (--micro_batch_tokens; the tiny preset's 2 / 4 / 2
+    # rows per step) keeps the rows' math: the same losses again.
+    assert trainer.main(_args(tiny_corpus, tmp_path, "joined", "--micro_batch_tokens=4096")) == 0
+    one, two, joined = (_val_losses(tmp_path, r) for r in ("one", "two", "joined"))
+    assert one.keys() == two.keys() == joined.keys()
     for step in one:
         assert abs(one[step] - two[step]) < 2e-3, f"step {step}: 1 process {one[step]}, 2 processes {two[step]}"
+        assert abs(one[step] - joined[step]) < 2e-3, f"step {step}: rows one by one {one[step]}, joined {joined[step]}"
     assert "world_size:2 grad_accum:1" in "\n".join(_log_lines(tmp_path, "two"))
+    assert "rows_per_micro_batch:2,4,2" in "\n".join(_log_lines(tmp_path, "joined"))
 
 
 def first_backward_grads(rank, world_size, module, *corpus_flags):
