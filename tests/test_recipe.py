@@ -408,12 +408,15 @@ def test_checkpoints_fall_where_no_adam_gradients_are_pending(trainer):
     assert trainer.parse_args(["--adam_every=2", "--checkpoint_every=6"]).checkpoint_every == 6
 
 
-def test_warmup_compiles_everything_the_timed_loop_runs(trainer, tiny_corpus):
+@pytest.mark.parametrize("joined", ["0", "4096"])
+def test_warmup_compiles_everything_the_timed_loop_runs(trainer, tiny_corpus, joined):
     """The timed loop must meet no new graph: after the warm-up steps (every stage, the untie, the extension)
-    and a validation at training and final windows, training all steps and validating compiles nothing.
+    and a validation at training and final windows, training all steps and validating compiles nothing; also
+    with rows joined per pass (--micro_batch_tokens, a count per stage that the graphs are specialized on).
     Counted with dynamo's eager backend on CPU, where windows, scale and MTP weights are tensors as on GPU."""
     from torch._dynamo.utils import counters
-    hp, t = _trainer(trainer, tiny_corpus, "--num_iterations=9", "--extension_steps=2", "--warmup_steps=1")
+    hp, t = _trainer(trainer, tiny_corpus, "--num_iterations=9", "--extension_steps=2", "--warmup_steps=1",
+                     f"--micro_batch_tokens={joined}")
     torch._dynamo.reset()
     counters.clear()
     t.forward = torch.compile(t.model, backend="eager", dynamic=False)
