@@ -78,9 +78,11 @@ _FLOAT = rf"(?:{_NUM}|[-+]?nan|[-+]?inf)"  # losses and averages may print as na
 VAL_RE = re.compile(rf"step:(\d+)/(\d+) val_loss:({_FLOAT}) train_time:({_NUM})ms step_avg:{_FLOAT}ms")
 STEP_RE = re.compile(rf"step:(\d+)/(\d+)(?: train_loss:{_FLOAT})? train_time:({_NUM})ms step_avg:{_FLOAT}ms")
 HPARAMS_RE = re.compile(r"hyperparameters: (\{.*\})")
-# `world_size:8 grad_accum:1 tokens_per_step:393216 device:cuda compile:True`: read as key:value fields,
-# so a field added later does not hide the world size
-RUN_INFO_RE = re.compile(r"world_size:\d+(?: \w+:\S+)*")
+# `world_size:1 grad_accum:8,8,8 rows_per_micro_batch:4,2,1 stages(step:tokens):0:131072 63:262144 ... device:cuda
+# compile:True` (the staged trainer; older logs: `world_size:8 grad_accum:1 tokens_per_step:393216 ...`): its
+# name:value fields, lowercase names, so a field added later, or the stage list's, does not hide the others
+RUN_INFO_RE = re.compile(r"world_size:\d+(?: \S+)*")
+RUN_INFO_FIELD_RE = re.compile(r"([a-z_]+):(\S+)")
 # `warmup_and_compile_time:31.8s first_train_step:20.1s first_val_forward:5.2s startup_time:42.9s`
 TIMINGS_RE = re.compile(rf"warmup_and_compile_time:{_NUM}s(?: \w+:{_NUM}s)*")
 PEAK_RE = re.compile(r"peak memory allocated: (\d+) MiB reserved: (?:(\d+) MiB|.*)")  # CPU runs: "n/a (...)"
@@ -203,8 +205,9 @@ class RunLog:
         return int(self.run_info["world_size"]) if "world_size" in self.run_info else None
 
     @property
-    def grad_accum(self):
-        return int(self.run_info["grad_accum"]) if "grad_accum" in self.run_info else None
+    def grad_accum(self) -> tuple[int, ...] | None:
+        """Rows per GPU per step, by stage (one entry for single-stage logs)."""
+        return tuple(map(int, self.run_info["grad_accum"].split(","))) if "grad_accum" in self.run_info else None
 
     @property
     def device(self):
@@ -315,7 +318,7 @@ def parse_log_text(text, path=Path("<text>")):
             except json.JSONDecodeError as e:
                 raise VerifyError(f"{path}: malformed hyperparameters line ({e})") from None
         elif RUN_INFO_RE.fullmatch(line):
-            run_info = dict(field.split(":", 1) for field in line.split())
+            run_info = dict(m.groups() for field in line.split() if (m := RUN_INFO_FIELD_RE.fullmatch(field)))
         elif TIMINGS_RE.fullmatch(line):
             timings = {key: float(value.rstrip("s")) for key, value in (f.split(":", 1) for f in line.split())}
         elif m := PEAK_RE.fullmatch(line):

@@ -310,7 +310,11 @@ def test_reader_gives_everything_a_log_says():
     assert run.source == FAKE_SOURCE.rstrip("\n") and run.environment[0].startswith("Running Python")
     assert run.gpus == (H100,) * 8, "one GPU per table row; the process table is not counted"
     assert run.hyperparameters["seed"] == 7 and run.seed == 7
-    assert (run.world_size, run.grad_accum, run.device) == (8, 1, "cuda")
+    assert (run.world_size, run.grad_accum, run.device) == (8, (1,), "cuda")
+    staged = verify.parse_log_text(text.replace("grad_accum:1 ", "grad_accum:8,8,8 rows_per_micro_batch:4,2,1 "
+                                                "stages(step:tokens):0:131072 63:262144 "), Path("s.txt"))
+    assert (staged.world_size, staged.grad_accum, staged.device) == (8, (8, 8, 8), "cuda"), (
+        "the staged trainer's line (a stage list with spaces and parentheses) is read too")
     assert run.timings_s == {"warmup_and_compile_time": 31.8, "first_train_step": 20.1, "first_val_forward": 5.2,
                              "startup_time": 42.9}
     assert [p.step for p in run.step_points] == [250, 500, 750, 1000, 1250, 1500]
