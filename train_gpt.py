@@ -186,6 +186,10 @@ class Hyperparameters:
                      "adam_wd_mul_gate", "checkpoint_every", "micro_batch_tokens"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.fp8_mlp_down and self.micro_batch_tokens:
+            raise ConfigError("--fp8_mlp_down scales each pass's post by its largest entry, so with rows joined "
+                              "(--micro_batch_tokens) a row would round by its neighbours' values: pass "
+                              "--micro_batch_tokens=0 or --fp8_mlp_down=false")
         if self.checkpoint_every % self.adam_every:
             raise ConfigError(f"--checkpoint_every={self.checkpoint_every} must be a multiple of --adam_every="
                               f"{self.adam_every}: a checkpoint is taken where no Adam gradients are pending")
@@ -245,7 +249,7 @@ class Stage:
     """One stage of the schedule: from step `start` on, these settings (lr_mul before the cooldown)."""
     start: int
     batch_tokens: int
-    seq_len: int  # tokens per micro-batch per rank
+    seq_len: int  # tokens per row per rank
     doc_clip: int
     windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
     lr_mul: float
@@ -527,6 +531,12 @@ def rows_per_micro_batch(rows: int, seq_len: int, micro_batch_tokens: int) -> in
     return max(fits, default=1)
 
 
+def rows_per_step_and_pass(stages, world_size: int, micro_batch_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(rows per rank per step, rows joined per pass) of each stage."""
+    per_step = tuple(s.batch_tokens // (world_size * s.seq_len) for s in stages)
+    return per_step, tuple(rows_per_micro_batch(n, s.seq_len, micro_batch_tokens) for n, s in zip(per_step, stages))
+
+
 def derive(hp: Hyperparameters, world_size: int) -> Derived:
     recipe = parse_recipe(hp)
     for stage in recipe.stages:
@@ -539,9 +549,7 @@ def derive(hp: Hyperparameters, world_size: int) -> Derived:
         raise ConfigError(f"--val_tokens={hp.val_tokens} must be a multiple of --val_seq_len={hp.val_seq_len}: "
                           f"e.g. --val_tokens={max(hp.val_tokens // hp.val_seq_len, 1) * hp.val_seq_len}, "
                           f"or --val_seq_len={hp.val_tokens} if it divides {hp.val_tokens} evenly")
-    grad_accum = tuple(s.batch_tokens // (world_size * s.seq_len) for s in recipe.stages)
-    joined = tuple(rows_per_micro_batch(rows, s.seq_len, hp.micro_batch_tokens)
-                   for rows, s in zip(grad_accum, recipe.stages))
+    grad_accum, joined = rows_per_step_and_pass(recipe.stages, world_size, hp.micro_batch_tokens)
     return Derived(recipe=recipe, grad_accum=grad_accum, joined_rows=joined)
 
 
@@ -1789,8 +1797,8 @@ class _Pending:
 def reduce_scatter_sum(full: torch.Tensor, world_size: int) -> _Pending:
     """Sum `full` [world_size * k, ...] over ranks; rank r receives rows r*k..(r+1)*k-1.
 
-    A sum, not an average: each rank's gradient is already divided by the step's micro-batch count
-    over all ranks (Trainer.train_step)."""
+    A sum, not an average: each rank's gradient is already divided by the step's row count over all
+    ranks (Trainer.train_step)."""
     if world_size == 1:
         return _Pending(full)
     out = torch.empty((full.size(0) // world_size, *full.shape[1:]), dtype=full.dtype, device=full.device)
@@ -1881,7 +1889,7 @@ class DistAdam:
     Each parameter is flattened and padded to a multiple of world_size; rank r owns the r-th
     contiguous shard, holds the Adam state of that shard only (ZeRO-1), updates it, and all ranks
     all-gather the updated shards. Gradients are summed by a reduce-scatter (each rank's are already
-    divided by the step's micro-batch count over all ranks, so the sum is the mean gradient). A parameter
+    divided by the step's row count over all ranks, so the sum is the mean gradient). A parameter
     can be paused (`set_active`): it is then neither reduced nor updated, and its state stays as it was.
     """
 
@@ -2184,6 +2192,8 @@ def document_bounds(tokens: np.ndarray, bos_id: int, rows: int = 1) -> tuple[np.
     document starts at each row's first position and at every later BOS; cu_seqlens holds the starts and then
     T, padded with T (empty documents), so every micro-batch of T tokens has one shape whatever its documents."""
     T = len(tokens)
+    if T % rows:
+        raise ValueError(f"{T} tokens do not split into {rows} equal rows")
     starts = np.flatnonzero((tokens == bos_id) | (np.arange(T) % (T // rows) == 0))
     cu = np.full(T + 1, T, dtype=np.int32)
     cu[:len(starts)] = starts
@@ -2305,7 +2315,7 @@ def attention_meta(docs: int, max_len: int, windows: tuple[int, int]) -> dict[st
 # float8 (e4m3 forward, e5m2 for gradients), multiplied with fp32 accumulation, and the product
 # rescaled. Scales map the expected range onto e4m3's largest finite value: x is RMS-normed, so
 # |x_i| <= sqrt(dim); |w| <= 1.6 covers the head's weights (initialized at std 0.005, trained at a small
-# lr). The logit gradient arrives divided by the step's micro-batch count m (the trainer's loss scaling), so its
+# lr). The logit gradient arrives divided by the step's row count m over all ranks (the trainer's loss scaling), so its
 # cast divides by grad_s = (1/m) 0.75/448 (GPT.head_grad_scale holds 1/m): e5m2 then sees the same values at
 # every m, instead of values m times smaller whose small entries fall below e5m2's smallest (1.5e-5) and
 # vanish (the speedrun's grad_scale, records #67; HEAD's 0.75). Casts saturate
@@ -2316,7 +2326,7 @@ def attention_meta(docs: int, max_len: int, windows: tuple[int, int]) -> dict[st
 FP8_E4M3_MAX = 448.0
 FP8_E5M2_MAX = 57344.0
 FP8_HEAD_W_MAX = 1.6  # |w| bound of the head's e4m3 cast (the speedrun's scale, records #55); larger clamps
-FP8_HEAD_GRAD_SCALE = 0.75 / FP8_E4M3_MAX  # the logit gradient's cast scale at one micro-batch per step
+FP8_HEAD_GRAD_SCALE = 0.75 / FP8_E4M3_MAX  # the logit gradient's cast scale at one row per step
 
 
 def normed_e4m3_scale(dim: int) -> float:
@@ -2387,7 +2397,7 @@ def _fp8_head_grads(x8, w8, g8, x_s, w_s, grad_s):
 
 class FP8Linear(torch.autograd.Function):
     """y = x w^T (bf16) for x [T, K] (bf16) and w [V, K] (fp32) through float8 operands; gradients likewise.
-    x_s, w_s: floats; grad_s: a 0-d fp32 tensor on x's device (it changes with the micro-batch count, and a
+    x_s, w_s: floats; grad_s: a 0-d fp32 tensor on x's device (it changes with the row count, and a
     tensor does not recompile). T, K, V must be multiples of 16."""
 
     @staticmethod
@@ -2448,6 +2458,8 @@ class FP8HeadLoss(torch.autograd.Function):
 
 def row_starts(n: int, rows: int, device) -> torch.Tensor:
     """[n] bool: the first position of each of `rows` equal rows joined into one sequence of n positions."""
+    if n % rows:
+        raise ValueError(f"{n} positions do not split into {rows} equal rows")
     return torch.arange(n, device=device) % (n // rows) == 0
 
 
@@ -3073,7 +3085,7 @@ class GPT(nn.Module):
                                          and not (hp.mudd and n == "backout"))
         # (Under MUDD the last rows of resid_scalars and post_scalars are unused: MUDD_IN has them per token.)
         layer_init = torch.tensor([LAYER_SCALARS[n] for n in self.layer_scalar_names])
-        # 1 / the step's micro-batch count, set by the trainer: the FP8 head's gradient scale follows the loss's.
+        # 1 / the step's row count over all ranks, set by the trainer: the FP8 head's gradient scale follows the loss's.
         self.register_buffer("head_grad_scale", torch.ones(()), persistent=False)
         # Each token's byte-prefix token (-1: none), filled by the trainer from --prefix_vocab (prefix_token_table).
         self.register_buffer("prefix_table", torch.full((hp.vocab_size,), -1, dtype=torch.long), persistent=False)
@@ -3168,7 +3180,7 @@ class GPT(nn.Module):
             bigram = bigram_rows.to(dtype) * self.bigram_signs[bigram_sign].to(dtype)
             x = x + g["bigram_gate"] * bigram
         embedded = x
-        ves = [rows.to(dtype) for rows in ve_rows]
+        ves = [table_rows.to(dtype) for table_rows in ve_rows]
         skip, cached, skip_saved = self.recipe.skip, None, None
         for i, (block, spec) in enumerate(zip(self.blocks, self.specs)):
             if i == split and self.post_gate is not None:
@@ -3223,8 +3235,8 @@ class GPT(nn.Module):
         # Softcapped into (0, cap), asymmetric around z = 0 (the speedrun's form since records #54), inside the loss:
         # the fused kernels on GPU, autograd through the reference on CPU.
         loss = softcap_mtp_ce if _triton_runs_on(logits) else softcap_mtp_ce_reference
-        rows, _ = loss(logits, y, loss_weights, *softcap)
-        return rows.sum()
+        token_losses, _ = loss(logits, y, loss_weights, *softcap)
+        return token_losses.sum()
 
 
 # -----------------------------------------------------------------------------
@@ -3445,7 +3457,9 @@ class StagingRing:
     batch is copied out of the buffer (`copy=True`), so no caller holds a buffer that is reused."""
 
     def __init__(self, slots: int, tokens: int, device: torch.device):
-        self.device, self.turn, self.events = device, 0, [None] * slots
+        self.device, self.turn = device, 0
+        self.events = [torch.cuda.Event() if device.type == "cuda" else None for _ in range(slots)]
+        self.recorded = [False] * slots
         self.tokens, self.cu, self.views = [None] * slots, [None] * slots, [None] * slots
         for k in range(slots):
             self._allocate(k, tokens)
@@ -3460,7 +3474,7 @@ class StagingRing:
         """tokens (any integer dtype) as int64 and cu (int32) on the device, through the next buffer."""
         k = self.turn
         self.turn = (k + 1) % len(self.events)
-        if self.events[k] is not None:
+        if self.recorded[k]:
             self.events[k].synchronize()
         if max(len(tokens), len(cu)) > len(self.views[k][0]):  # sized for the schedule: only hand-made specs
             self._allocate(k, max(len(tokens), len(cu)))
@@ -3469,9 +3483,9 @@ class StagingRing:
         np.copyto(host_cu[:len(cu)], cu, casting="safe")
         out = (self.tokens[k][:len(tokens)].to(self.device, non_blocking=True, copy=True),
                self.cu[k][:len(cu)].to(self.device, non_blocking=True, copy=True))
-        if self.device.type == "cuda":
-            self.events[k] = torch.cuda.Event()
-            self.events[k].record()
+        if self.events[k] is not None:
+            self.events[k].record(torch.cuda.current_stream(self.device))
+            self.recorded[k] = True
         return out
 
 
@@ -3493,9 +3507,10 @@ class DistributedTrainLoader:
                                   split_tails=hp.doc_tails == "split")
         self.rank, self.world_size, self.device, self.rows = rank, world_size, device, iter(rows)
         self.bos_id = hp.bos_id
-        shortest = min(stage.seq_len for stage in parse_recipe(hp).stages)
-        joined_at_most = hp.micro_batch_tokens + hp.micro_batch_tokens // shortest
-        self.ring = StagingRing(4, max(self.stream.seq_len, joined_at_most) + 1, device)
+        stages = parse_recipe(hp).stages
+        _, joined = rows_per_step_and_pass(stages, world_size, hp.micro_batch_tokens)
+        largest = max(rows * (stage.seq_len + 1) for rows, stage in zip(joined, stages))
+        self.ring = StagingRing(4, max(self.stream.seq_len + 1, largest), device)
         self._staged = self._stage()
 
     def position(self) -> dict:
@@ -3670,7 +3685,7 @@ def next_token_weights(plan: StepPlan) -> tuple[float, ...]:
 
 
 def longest_train_row(recipe: Recipe) -> int:
-    """The longest micro-batch of any stage, in tokens per rank."""
+    """The longest row of any stage, in tokens (a micro-batch may join several: --micro_batch_tokens)."""
     return max(stage.seq_len for stage in recipe.stages)
 
 
@@ -4174,7 +4189,7 @@ def train(hp: Hyperparameters, rank: int, world_size: int, device: torch.device,
 CHECKPOINT_FORMAT = 1
 # Fields a resumed run may change: they name the run or do not touch the math (every other field must match).
 RESUME_FREE_FIELDS = ("run_id", "log_dir", "resume_from", "checkpoint_every", "save_checkpoint", "val_loss_every",
-                      "warmup_steps", "compile", "compile_per_block", "gc_freeze", "device")
+                      "warmup_steps", "compile", "compile_per_block", "gc_freeze", "device", "micro_batch_tokens")
 
 
 class CheckpointError(ConfigError):

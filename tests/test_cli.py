@@ -55,6 +55,8 @@ def test_preset_applies_first_and_later_flags_win(trainer):
     (["--value_embed_layers=1,6"], ["--value_embed_layers: layer 6 has no attention"]),
     (["--skip_connection=6>3"], ["--skip_connection='6>3' must be a>b"]),
     (["--untie_stage=4"], ["--untie_stage=4: the schedule has 3 stages"]),
+    (["--fp8_mlp_down=true", "--micro_batch_tokens=65536"], ["a row would round by its neighbours'",
+                                                              "--micro_batch_tokens=0 or --fp8_mlp_down=false"]),
     (["--adam_betas_embed=0.5"], ["--adam_betas_embed='0.5' must be two betas"]),
     (["--tokenizer_vocab=60000"], ["--vocab_size=50304 must hold --tokenizer_vocab=60000", "--vocab_size=60032"]),
 ])

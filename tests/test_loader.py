@@ -296,3 +296,13 @@ def test_a_micro_batch_of_joined_rows_holds_its_rows_one_after_another(trainer, 
             (docs_a, max_a), (docs_b, max_b) = a[3], b[3]
             assert (docs, max_len) == (docs_a + docs_b, max(max_a, max_b))
             assert torch.equal(cu[:docs], torch.cat([a[2][:docs_a], b[2][:docs_b] + 256])) and (cu[docs:] == 512).all()
+
+
+def test_staging_buffers_are_sized_for_the_schedules_largest_pass(trainer, shard_dir):
+    """However large --micro_batch_tokens is, a pass joins at most a rank's rows of one step: the pinned buffers
+    hold the schedule's largest joined pass (the tiny preset: 4 rows of 256 + 1 tokens), not the flag's value."""
+    for flag, largest in (("0", 513), ("4096", 4 * 257), ("1000000000", 4 * 257)):
+        hp = trainer.parse_args(["--preset=tiny", f"--train_files={shard_dir}/t_train_*.bin",
+                                 f"--micro_batch_tokens={flag}"])
+        loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), [(256, 0)])
+        assert [len(t) for t in loader.ring.tokens] == [largest] * 4, flag

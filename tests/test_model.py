@@ -179,6 +179,9 @@ def test_joined_rows_give_the_sum_of_each_rows_own_loss_and_gradients(trainer):
     control: the same tokens as one row differ."""
     hp, model = _tiny_model(trainer)
     _randomize(model)
+    with torch.no_grad():  # byte-prefix targets for half the vocabulary (GPT's own table is empty: all -1)
+        model.prefix_table.copy_(torch.where(torch.arange(hp.vocab_size) % 2 == 0,
+                                             torch.randperm(hp.vocab_size, generator=torch.Generator().manual_seed(4)), -1))
     rows = [_tokens_with_documents(129, [0, 50], BOS, seed=1), _tokens_with_documents(129, [30, 90], BOS, seed=2),
             _tokens_with_documents(129, [0], BOS, seed=3)]
     weights = (1.0, 0.5, 0.25)  # the next token, the one after (multi-token prediction), the prefix target
@@ -197,6 +200,8 @@ def test_joined_rows_give_the_sum_of_each_rows_own_loss_and_gradients(trainer):
         torch.testing.assert_close(joined_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     as_one_row = _joined_call(trainer, model, rows, weights, 1).detach()
     assert (as_one_row - alone_loss).abs() > 1e-3, "negative control: one long row crosses the rows' boundaries"
+    with pytest.raises(ValueError, match="386 tokens do not split into 3 equal rows"):
+        trainer.document_bounds(torch.cat(rows)[:-1].numpy(), BOS, 3)
 
 
 def test_model_is_causal_and_documents_see_only_the_last_token_before_their_bos(trainer):
