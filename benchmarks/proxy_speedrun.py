@@ -12,7 +12,7 @@ a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory an
 DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
 comes from the trainer's own log: training time excludes compilation, the untimed warm-up and
 validation; ms/step is the median of the per-step increments of train_time (by stage: within each stage and
-the extension), tokens/s the run's tokens
+the extension; their interquartile range by stage shows a host that sets the pace), tokens/s the run's tokens
 over its training time; time to target is the
 train_time of the first validation at or below the target (so it depends on --val_loss_every).
 
@@ -82,13 +82,25 @@ def stage_bounds(hp: train_gpt.Hyperparameters) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [train_gpt.total_steps(hp)]))
 
 
+def _stage_steps_ms(hp: train_gpt.Hyperparameters, step_ms: dict[int, float]) -> list[list[float]]:
+    """The ms of each step in each stage, then in the extension: step k runs from the log's train_time after k
+    steps to the one after k + 1."""
+    return [[step_ms[k + 1] - step_ms[k] for k in range(first, stop) if k in step_ms and k + 1 in step_ms]
+            for first, stop in stage_bounds(hp)]
+
+
 def stage_ms(hp: train_gpt.Hyperparameters, step_ms: dict[int, float]) -> list[float | None]:
-    """Median ms of a step in each stage, then in the extension (None where the log has no such step): step k
-    runs from the log's train_time after k steps to the one after k + 1."""
+    """Median ms of a step in each stage, then in the extension (None where the log has no such step)."""
+    return [statistics.median(steps) if steps else None for steps in _stage_steps_ms(hp, step_ms)]
+
+
+def stage_iqr_ms(hp: train_gpt.Hyperparameters, step_ms: dict[int, float]) -> list[float | None]:
+    """Interquartile range of the step times in each stage, then in the extension (None below 4 steps): a few ms
+    where the GPU sets the pace, tens where the host does (its launches or the loader late; README, "host-bound")."""
     out = []
-    for first, stop in stage_bounds(hp):
-        increments = [step_ms[k + 1] - step_ms[k] for k in range(first, stop) if k in step_ms and k + 1 in step_ms]
-        out.append(statistics.median(increments) if increments else None)
+    for steps in _stage_steps_ms(hp, step_ms):
+        q1, _, q3 = statistics.quantiles(steps, n=4) if len(steps) >= 4 else (None, None, None)
+        out.append(None if q1 is None else q3 - q1)
     return out
 
 
@@ -125,11 +137,11 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     try:
         hp = train_gpt.Hyperparameters(**run.hyperparameters)
         clock = step_ms | {p.step: p.train_time_ms for p in run.val_points}  # validations read the clock too
-        fpt, tokens, by_stage = flops_per_token(hp), run_tokens(hp), stage_ms(hp, clock)
+        fpt, tokens, by_stage, spread = flops_per_token(hp), run_tokens(hp), stage_ms(hp, clock), stage_iqr_ms(hp, clock)
         fineweb_s = schedule_estimate_s(hp, by_stage, fineweb_iterations(hp.track))
     except (TypeError, train_gpt.ConfigError):
         fpt, tokens = None, run.hyperparameters.get("batch_tokens", 0) * (run.num_iterations or 0) or None
-        by_stage, fineweb_s = None, None
+        by_stage, spread, fineweb_s = None, None, None
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).
     increments = [step_ms[k] - step_ms[k - 1] for k in sorted(step_ms) if k - 1 in step_ms]
     ms = statistics.median(increments) if increments else None
@@ -139,7 +151,8 @@ def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
     world = run.world_size or 1
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if fpt and tokens_per_s and peak_tflops else None
     reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
-    return {"log": str(path), "world_size": world, "ms_per_step": ms, "stage_ms": by_stage, "tokens_per_s": tokens_per_s,
+    return {"log": str(path), "world_size": world, "ms_per_step": ms, "stage_ms": by_stage, "stage_iqr_ms": spread,
+            "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt, "mfu": mfu, "time_to_target_s": reached[0] / 1000 if reached else None,
             "final_loss": last_val.val_loss if finished else None,
             "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
@@ -251,13 +264,15 @@ def _calls(counts) -> str:
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
     head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
-            "tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | GC in the loop (ms) | "
-            "allocator calls in the loop (malloc/free/retries/syncs) | FineWeb schedule, estimated (s) |")
-    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 16]
+            "step IQR by stage (ms) | tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | "
+            "GC in the loop (ms) | allocator calls in the loop (malloc/free/retries/syncs) | "
+            "FineWeb schedule, estimated (s) |")
+    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 17]
     for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
         out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
-                   f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+                   f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_stages(r.get('stage_iqr_ms'))} | "
+                   f"{_fmt(r['tokens_per_s'], ',.0f')} | "
                    f"{_fmt(r['flops_per_token'] and r['flops_per_token'] / 1e6, '.1f')} | "
                    f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
                    f"{_fmt(r['peak_gib'], '.1f')} | {_fmt(r['compile_s'], '.0f')} | {_fmt(r['startup_s'], '.0f')} | "
@@ -273,12 +288,13 @@ def _stages(values):
 
 def _medians(rows):
     med = {"log": "median", "world_size": rows[0]["world_size"]}
-    columns = [r["stage_ms"] for r in rows if r.get("stage_ms")]
-    if columns and len({len(c) for c in columns}) == 1:  # element-wise, over the runs that have each stage
-        med["stage_ms"] = [statistics.median(v) if (v := [c[i] for c in columns if c[i] is not None]) else None
-                           for i in range(len(columns[0]))]
-    else:
-        med["stage_ms"] = None
+    for key in ("stage_ms", "stage_iqr_ms"):
+        columns = [r[key] for r in rows if r.get(key)]
+        if columns and len({len(c) for c in columns}) == 1:  # element-wise, over the runs that have each stage
+            med[key] = [statistics.median(v) if (v := [c[i] for c in columns if c[i] is not None]) else None
+                        for i in range(len(columns[0]))]
+        else:
+            med[key] = None
     for key in rows[0]:
         if key not in med:
             values = [r[key] for r in rows if isinstance(r[key], (int, float))]

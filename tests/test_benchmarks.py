@@ -53,6 +53,20 @@ def test_summary_of_a_cpu_log_matches_its_lines(bench, tiny_corpus, tmp_path):
     assert "| r | 1 |" in bench.format_table([row], 20.0, 1.0) and " / -" in bench.format_table([row], 20.0, 1.0)
 
 
+def test_step_time_spread_by_stage_shows_a_host_that_sets_the_pace(bench):
+    """The interquartile range of each stage's step times: about 0 for steady steps (a GPU-bound stage), the
+    alternation's size for steps that jitter (a host-bound one: launches or loading late), None below 4 steps."""
+    hp = bench.train_gpt.parse_args(["--num_iterations=30", "--extension_steps=2"])
+    steady, jittery, clock = 230.0, (300.0, 400.0), {0: 0.0}
+    for k in range(32):
+        stage = next(i for i, (first, stop) in enumerate(bench.stage_bounds(hp)) if first <= k < stop)
+        clock[k + 1] = clock[k] + (jittery[k % 2] if stage == 0 else steady)
+    iqr = bench.stage_iqr_ms(hp, clock)
+    assert iqr[0] == pytest.approx(100.0) and iqr[1] == iqr[2] == 0.0, iqr
+    assert iqr[3] is None, "the 2 extension steps are too few for quartiles"
+    assert bench.stage_ms(hp, clock)[0] == 350.0 and bench.stage_ms(hp, clock)[1] == steady
+
+
 def test_summary_shows_the_allocator_calls_of_a_cuda_log(bench, tmp_path):
     """A CUDA log's `allocator:` line (the caching allocator's calls in the timed loop) is read by the records
     reader and shown as malloc/free/retries/syncs; a log without one (CPU runs, older trainers) shows '-'."""
@@ -67,7 +81,7 @@ def test_summary_shows_the_allocator_calls_of_a_cuda_log(bench, tmp_path):
     rows = [bench.summarize_log(p, target=3.28, peak_tflops=None) for p in (with_line, without)]
     assert [r["allocator_calls"] for r in rows] == [(3, 0, 1, 2), None]
     table = bench.format_table(rows, 3.28, None).splitlines()
-    assert "allocator calls in the loop" in table[2] and table[2].count("|") == table[4].count("|") == 17
+    assert "allocator calls in the loop" in table[2] and table[2].count("|") == table[4].count("|") == 18
     assert "| 3/0/1/2 |" in table[4] and "| 3/0/1/2 |" not in table[5], table[4:6]
 
 
@@ -110,7 +124,7 @@ def test_table_gives_each_run_its_own_flops_per_token(bench):
                 "tokens_per_s": 7e5, "mfu": 0.5, "peak_gib": 20.0, "compile_s": 10.0, "startup_s": 12.0}
     rows = [dict(base, log="L7_0.txt", flops_per_token=552.1e6), dict(base, log="L12_0.txt", flops_per_token=759.2e6)]
     lines = bench.format_table(rows, target=2.04, peak=798.0).splitlines()
-    cells = {line.split("|")[1].strip(): line.split("|")[9].strip() for line in lines if line.startswith("| L")}
+    cells = {line.split("|")[1].strip(): line.split("|")[10].strip() for line in lines if line.startswith("| L")}
     assert cells == {"L7_0": "552.1", "L12_0": "759.2"}, lines
 
 
