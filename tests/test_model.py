@@ -204,6 +204,40 @@ def test_joined_rows_give_the_sum_of_each_rows_own_loss_and_gradients(trainer):
         trainer.document_bounds(torch.cat(rows)[:-1].numpy(), BOS, 3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_joined_rows_give_the_rows_own_loss_on_a_gpu(trainer):
+    """The joined-rows property on the GPU's paths (bf16, FP8 head with the loss kernel's gradient, fused MLP
+    with the FP8 up-projection, FlashAttention varlen, the DC kernel): the loss of three joined rows is the sum
+    of the rows' own up to float rounding, the gradients within bf16's; one long row (rows=1) is not."""
+    hp = trainer.parse_args(["--preset=tiny"])
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = trainer.GPT(hp)
+    _randomize(model)
+    rows = [_tokens_with_documents(513, [0, 50], BOS, seed=1), _tokens_with_documents(513, [30, 190], BOS, seed=2),
+            _tokens_with_documents(513, [0], BOS, seed=3)]
+    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")
+
+    def run(row_list, joined):
+        inputs, targets = torch.cat([r[:-1] for r in row_list]), torch.cat([r[1:] for r in row_list])
+        cu, docs, max_len = trainer.document_bounds(inputs.numpy(), BOS, joined)
+        return model(inputs.cuda(), targets.cuda(), torch.from_numpy(cu).cuda(),
+                     trainer.attention_meta(docs, max_len, (1, 2)), 0.1, weights, joined)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    alone, alone_grads = loss_and_grads(lambda: sum(run([r], 1) for r in rows))
+    joined, joined_grads = loss_and_grads(lambda: run(rows, 3))
+    one_row, _ = loss_and_grads(lambda: run(rows, 1))
+    worst = max(((joined_grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in alone_grads.items())
+    assert abs(joined - alone) < 2e-4 * alone and worst < 0.02, f"joined {joined} vs alone {alone}; gradients {worst:.4f}"
+    assert abs(one_row - alone) > 5e-4 * alone, f"negative control: one long row {one_row} vs alone {alone}"
+
+
 def test_model_is_causal_and_documents_see_only_the_last_token_before_their_bos(trainer):
     """The future never matters. Without the key offset, a document sees nothing of the one before it but its
     last token, which smear and the bigram hash read at the BOS position. (The key offset hands the BOS key
