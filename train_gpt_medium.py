@@ -3459,7 +3459,6 @@ class StagingRing:
     def __init__(self, slots: int, tokens: int, device: torch.device):
         self.device, self.turn = device, 0
         self.events = [torch.cuda.Event() if device.type == "cuda" else None for _ in range(slots)]
-        self.recorded = [False] * slots
         self.tokens, self.cu, self.views = [None] * slots, [None] * slots, [None] * slots
         for k in range(slots):
             self._allocate(k, tokens)
@@ -3474,8 +3473,8 @@ class StagingRing:
         """tokens (any integer dtype) as int64 and cu (int32) on the device, through the next buffer."""
         k = self.turn
         self.turn = (k + 1) % len(self.events)
-        if self.recorded[k]:
-            self.events[k].synchronize()
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # returns at once for an event never recorded
         if max(len(tokens), len(cu)) > len(self.views[k][0]):  # sized for the schedule: only hand-made specs
             self._allocate(k, max(len(tokens), len(cu)))
         host_tokens, host_cu = self.views[k]
@@ -3485,7 +3484,6 @@ class StagingRing:
                self.cu[k][:len(cu)].to(self.device, non_blocking=True, copy=True))
         if self.events[k] is not None:
             self.events[k].record(torch.cuda.current_stream(self.device))
-            self.recorded[k] = True
         return out
 
 
@@ -3502,15 +3500,15 @@ class DistributedTrainLoader:
 
     def __init__(self, hp: Hyperparameters, rank: int, world_size: int, device: torch.device, rows, on_shard=None,
                  start: dict | None = None):
-        self.stream = TrainStream(hp.train_files, longest_train_row(parse_recipe(hp)), vocab=hp.tokenizer_vocab,
+        recipe = parse_recipe(hp)
+        self.stream = TrainStream(hp.train_files, longest_train_row(recipe), vocab=hp.tokenizer_vocab,
                                   bos_id=hp.bos_id, cycle=hp.cycle_train_data, on_shard=on_shard, start=start,
                                   split_tails=hp.doc_tails == "split")
         self.rank, self.world_size, self.device, self.rows = rank, world_size, device, iter(rows)
         self.bos_id = hp.bos_id
-        stages = parse_recipe(hp).stages
-        _, joined = rows_per_step_and_pass(stages, world_size, hp.micro_batch_tokens)
-        largest = max(rows * (stage.seq_len + 1) for rows, stage in zip(joined, stages))
-        self.ring = StagingRing(4, max(self.stream.seq_len + 1, largest), device)
+        _, joined = rows_per_step_and_pass(recipe.stages, world_size, hp.micro_batch_tokens)  # each at least 1
+        largest = max(rows * (stage.seq_len + 1) for rows, stage in zip(joined, recipe.stages))
+        self.ring = StagingRing(4, largest, device)
         self._staged = self._stage()
 
     def position(self) -> dict:
@@ -3533,9 +3531,7 @@ class DistributedTrainLoader:
         inputs = tokens.reshape(joined, seq_len + 1)[:, :-1].reshape(-1)
         cu, docs, max_len = document_bounds(inputs, self.bos_id, joined)
         buf, cu = self.ring.upload(tokens, cu)
-        if joined == 1:
-            return buf[:-1], buf[1:], cu, (docs, max_len)
-        by_row = buf.view(joined, seq_len + 1)
+        by_row = buf.view(joined, seq_len + 1)  # views of buf, for one row as for several
         return by_row[:, :-1].reshape(-1), by_row[:, 1:].reshape(-1), cu, (docs, max_len)
 
     def next_batch(self):

@@ -164,11 +164,22 @@ def _per_position_loss(model, inputs, targets, position):
 
 
 def _joined_call(trainer, model, rows, weights, joined):
-    """The model on `rows` (each [L + 1] tokens) as one micro-batch: inputs and targets the rows' own, joined."""
+    """The model on `rows` (each [L + 1] tokens, on the host) as one micro-batch on the model's device: inputs
+    and targets the rows' own, joined."""
+    device = model.lm_head_w.device
     inputs, targets = torch.cat([r[:-1] for r in rows]), torch.cat([r[1:] for r in rows])
     cu, docs, max_len = trainer.document_bounds(inputs.numpy(), BOS, joined)
     meta = trainer.attention_meta(docs, max_len, (1, 2))
-    return model(inputs, targets, torch.from_numpy(cu), meta, 0.1, torch.tensor(weights), joined)
+    return model(inputs.to(device), targets.to(device), torch.from_numpy(cu).to(device), meta, 0.1,
+                 torch.tensor(weights, device=device), joined)
+
+
+def _loss_and_grads(model, fn):
+    """fn()'s loss (detached) and every parameter's gradient (float32 copies) after its backward."""
+    model.zero_grad()
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_joined_rows_give_the_sum_of_each_rows_own_loss_and_gradients(trainer):
@@ -185,15 +196,9 @@ def test_joined_rows_give_the_sum_of_each_rows_own_loss_and_gradients(trainer):
     rows = [_tokens_with_documents(129, [0, 50], BOS, seed=1), _tokens_with_documents(129, [30, 90], BOS, seed=2),
             _tokens_with_documents(129, [0], BOS, seed=3)]
     weights = (1.0, 0.5, 0.25)  # the next token, the one after (multi-token prediction), the prefix target
-
-    def loss_and_grads(fn):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    alone_loss, alone_grads = loss_and_grads(lambda: sum(_call(model, r[:-1], r[1:], weights=weights) for r in rows))
-    joined_loss, joined_grads = loss_and_grads(lambda: _joined_call(trainer, model, rows, weights, len(rows)))
+    alone_loss, alone_grads = _loss_and_grads(model, lambda: sum(_call(model, r[:-1], r[1:], weights=weights)
+                                                                 for r in rows))
+    joined_loss, joined_grads = _loss_and_grads(model, lambda: _joined_call(trainer, model, rows, weights, len(rows)))
     torch.testing.assert_close(joined_loss, alone_loss, rtol=1e-5, atol=1e-4)
     assert joined_grads.keys() == alone_grads.keys()
     for name, grad in alone_grads.items():
@@ -216,23 +221,11 @@ def test_joined_rows_give_the_rows_own_loss_on_a_gpu(trainer):
     _randomize(model)
     rows = [_tokens_with_documents(513, [0, 50], BOS, seed=1), _tokens_with_documents(513, [30, 190], BOS, seed=2),
             _tokens_with_documents(513, [0], BOS, seed=3)]
-    weights = torch.tensor([1.0, 0.5, 0.25], device="cuda")
-
-    def run(row_list, joined):
-        inputs, targets = torch.cat([r[:-1] for r in row_list]), torch.cat([r[1:] for r in row_list])
-        cu, docs, max_len = trainer.document_bounds(inputs.numpy(), BOS, joined)
-        return model(inputs.cuda(), targets.cuda(), torch.from_numpy(cu).cuda(),
-                     trainer.attention_meta(docs, max_len, (1, 2)), 0.1, weights, joined)
-
-    def loss_and_grads(fn):
-        model.zero_grad()
-        loss = fn()
-        loss.backward()
-        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    alone, alone_grads = loss_and_grads(lambda: sum(run([r], 1) for r in rows))
-    joined, joined_grads = loss_and_grads(lambda: run(rows, 3))
-    one_row, _ = loss_and_grads(lambda: run(rows, 1))
+    weights = (1.0, 0.5, 0.25)
+    alone, alone_grads = _loss_and_grads(model, lambda: sum(_joined_call(trainer, model, [r], weights, 1) for r in rows))
+    joined, joined_grads = _loss_and_grads(model, lambda: _joined_call(trainer, model, rows, weights, 3))
+    one_row, _ = _loss_and_grads(model, lambda: _joined_call(trainer, model, rows, weights, 1))
+    alone, joined, one_row = alone.item(), joined.item(), one_row.item()
     worst = max(((joined_grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in alone_grads.items())
     assert abs(joined - alone) < 2e-4 * alone and worst < 0.02, f"joined {joined} vs alone {alone}; gradients {worst:.4f}"
     assert abs(one_row - alone) > 5e-4 * alone, f"negative control: one long row {one_row} vs alone {alone}"
