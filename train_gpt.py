@@ -71,7 +71,7 @@ class Hyperparameters:
     stage_starts: str = "1/3,2/3"  # where stages 2, 3, ... begin, as fractions of num_iterations
     stage_batch_tokens: str = "131072,262144,393216"  # tokens per optimizer step in each stage, all ranks
     stage_seq_len: str = "16384,32768,49152"  # tokens per packed row per GPU in each stage
-    micro_batch_tokens: int = 0  # join a GPU's rows of a step into passes of up to this many tokens (0: a row each)
+    micro_batch_tokens: int = 65536  # join a GPU's rows of a step into passes of up to this many tokens (0: a row each)
     # fewer forward/backward passes per step, the same math (GPT.forward keeps the rows' boundaries)
     stage_doc_clip: str = "896,2048,2048"  # each document cut to this many tokens in a row (0: used whole)
     doc_tails: str = "split"  # what the clip cuts off: "split" it into further clipped pieces, or "drop" it (records #29)

@@ -219,8 +219,9 @@ def test_joined_rows_give_the_rows_own_loss_on_a_gpu(trainer):
     with torch.device("cuda"):
         model = trainer.GPT(hp)
     _randomize(model)
-    rows = [_tokens_with_documents(513, [0, 50], BOS, seed=1), _tokens_with_documents(513, [30, 190], BOS, seed=2),
-            _tokens_with_documents(513, [0], BOS, seed=3)]
+    # 3 x 320 tokens: as one row (the negative control) they still fit the rotary tables (tiny: val_seq_len 1024).
+    rows = [_tokens_with_documents(321, [0, 50], BOS, seed=1), _tokens_with_documents(321, [30, 190], BOS, seed=2),
+            _tokens_with_documents(321, [0], BOS, seed=3)]
     weights = (1.0, 0.5, 0.25)
     alone, alone_grads = _loss_and_grads(model, lambda: sum(_joined_call(trainer, model, [r], weights, 1) for r in rows))
     joined, joined_grads = _loss_and_grads(model, lambda: _joined_call(trainer, model, rows, weights, 3))
@@ -822,7 +823,7 @@ def test_fp8_matmuls_turn_off_with_a_warning_where_the_gpu_cannot_run_them(train
     monkeypatch.setattr(trainer, "gpu_properties", lambda index: dict(max_shared_mem=gpus[gpu][1],
                                                                        multiprocessor_count=132))
     hp = trainer.parse_args(["--fp8_head=true", "--fp8_mlp_up=true", "--fused_mlp=true", "--fp8_qkv=true",
-                             "--fp8_mlp_down=true"])
+                             "--fp8_mlp_down=true", "--micro_batch_tokens=0"])
     cuda = torch.device("cuda", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -892,7 +893,8 @@ def test_fp8_down_projection_rounds_post_and_w2_to_e4m3_at_their_amax(trainer, m
                         lambda x, w1, w2, x_scale, fp8_down: asked.append(fp8_down) or _plain_mlp(x, w1, w2))
     monkeypatch.setattr(trainer, "_triton_runs_on", lambda t: True)
     monkeypatch.setattr(trainer, "fp8_applies", lambda enabled, x: enabled and torch.is_grad_enabled())
-    for flags, grad_on in ((["--fp8_mlp_down=true"], True), (["--fp8_mlp_down=true"], False), ([], True)):
+    down = ["--fp8_mlp_down=true", "--micro_batch_tokens=0"]  # it scales a whole pass: rows not joined
+    for flags, grad_on in ((down, True), (down, False), ([], True)):
         hp = trainer.parse_args(["--preset=tiny", "--gate_split_layer=0", "--mudd=false", "--dc_layers=", *flags])
         model = trainer.GPT(hp)
         s = {name: w.detach() for name, w in model.layer_weights(2).items()}

@@ -293,10 +293,11 @@ def test_bigram_hash_is_the_formula_with_a_reserved_first_row(trainer):
 @pytest.mark.parametrize("flags, world_size, joined", [
     (["--micro_batch_tokens=65536"], 1, (4, 2, 1)), (["--micro_batch_tokens=65536"], 2, (4, 2, 1)),
     (["--micro_batch_tokens=65536"], 4, (2, 2, 1)), (["--micro_batch_tokens=65536"], 8, (1, 1, 1)),
-    ([], 1, (1, 1, 1)), (["--micro_batch_tokens=131072"], 1, (8, 4, 2)), (["--micro_batch_tokens=100000"], 1, (4, 2, 2))])
+    ([], 1, (4, 2, 1)), (["--micro_batch_tokens=0"], 1, (1, 1, 1)), (["--micro_batch_tokens=131072"], 1, (8, 4, 2)),
+    (["--micro_batch_tokens=100000"], 1, (4, 2, 2))])
 def test_micro_batches_join_a_steps_rows_up_to_micro_batch_tokens(trainer, flags, world_size, joined):
     """Each stage joins the most of a rank's rows per step that divide them evenly and fit --micro_batch_tokens
-    (rows of 16K / 32K / 48K tokens, 8 / world_size per rank and step; the default 0 joins none); row_specs hands out
+    (rows of 16K / 32K / 48K tokens, 8 / world_size per rank and step; the default is 65536, 0 joins none); row_specs hands out
     rows / joined micro-batches per step, which together hold every row."""
     hp = trainer.parse_args(["--train_files=x", "--val_files=y", "--num_iterations=30", *flags])
     derived = trainer.derive(hp, world_size)

@@ -105,9 +105,10 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
 
 def first_backward_grads(rank, world_size, module, *corpus_flags):
     """Every parameter's gradient after this rank's first micro-batch backward of step 0 (tiny preset,
-    2 micro-batches per step: gradient accumulation on 1 rank, one each on 2)."""
+    2 micro-batches per step: gradient accumulation on 1 rank, one each on 2; rows not joined, or 1 rank would
+    take both in one pass)."""
     trainer = importlib.import_module(module)
-    hp = trainer.parse_args(["--preset=tiny", *corpus_flags])
+    hp = trainer.parse_args(["--preset=tiny", "--micro_batch_tokens=0", *corpus_flags])
     run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))
     loader = trainer.DistributedTrainLoader(hp, rank, world_size, torch.device("cpu"),
                                             trainer.row_specs(range(1), hp, run.derived))

@@ -59,6 +59,9 @@ MEDIUM_RECIPE = {
     "adam_cautious_wd": "True",
     # the FP8 up-projection runs in the fused MLP kernel, which this recipe leaves off
     "fp8_mlp_up": "False",
+    # joined rows were timed on the small model on one GPU; here they would join 4 rows per pass even on 8 GPUs
+    # (four times a pass's activations), not measured on this model
+    "micro_batch_tokens": "0",
 }
 
 MEDIUM_DOCSTRING = '''"""train_gpt_medium.py: the GPT-2-medium-track speedrun trainer, in one file.
