@@ -71,6 +71,15 @@ def test_bad_flags_fail_with_a_message_naming_the_fix(trainer, argv, words, caps
     assert "usage:" in capsys.readouterr().err, "the usage line follows the error"
 
 
+def test_fp8_mlp_down_alone_names_the_joined_rows_default_it_conflicts_with():
+    """The small track joins rows by default (--micro_batch_tokens=65536), which --fp8_mlp_down's per-pass scale
+    cannot serve: the flag alone is a usage error naming the fix, not a silently different rounding."""
+    import train_gpt
+    with pytest.raises(train_gpt.ConfigError, match=r"--micro_batch_tokens=0 or --fp8_mlp_down=false"):
+        train_gpt.parse_args(["--fp8_mlp_down=true"])
+    assert train_gpt.parse_args(["--fp8_mlp_down=true", "--micro_batch_tokens=0"]).fp8_mlp_down, "with 0 it is allowed"
+
+
 STAGE_LIST_FLAGS = {"--stage_batch_tokens", "--stage_starts", "--stage_windows", "--mtp_weights", "--prefix_weights", "--untie_stage",
                     "--xsa_layers", "--value_embed_layers", "--skip_connection"}
 

@@ -225,11 +225,17 @@ def test_joined_rows_give_the_rows_own_loss_on_a_gpu(trainer):
     weights = (1.0, 0.5, 0.25)
     alone, alone_grads = _loss_and_grads(model, lambda: sum(_joined_call(trainer, model, [r], weights, 1) for r in rows))
     joined, joined_grads = _loss_and_grads(model, lambda: _joined_call(trainer, model, rows, weights, 3))
-    one_row, _ = _loss_and_grads(model, lambda: _joined_call(trainer, model, rows, weights, 1))
+    one_row, one_row_grads = _loss_and_grads(model, lambda: _joined_call(trainer, model, rows, weights, 1))
     alone, joined, one_row = alone.item(), joined.item(), one_row.item()
-    worst = max(((joined_grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in alone_grads.items())
-    assert abs(joined - alone) < 2e-4 * alone and worst < 0.02, f"joined {joined} vs alone {alone}; gradients {worst:.4f}"
-    assert abs(one_row - alone) > 5e-4 * alone, f"negative control: one long row {one_row} vs alone {alone}"
+
+    def worst(grads):
+        return max(((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in alone_grads.items())
+    assert abs(joined - alone) < 2e-4 * alone and worst(joined_grads) < 0.02, (
+        f"joined {joined} vs alone {alone}; gradients {worst(joined_grads):.4f}")
+    # The loss of one long row moves by under 0.1% (float32 on CPU: 6.8e-4), near bf16's rounding; its gradients
+    # (the value path, which the rows' boundaries cut) move by about 40%.
+    assert worst(one_row_grads) > 0.1, f"negative control: one long row {one_row} vs alone {alone}, gradients " \
+                                       f"{worst(one_row_grads):.4f}"
 
 
 def test_model_is_causal_and_documents_see_only_the_last_token_before_their_bos(trainer):

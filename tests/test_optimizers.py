@@ -810,8 +810,8 @@ def test_muon_qk_blocks_whole_orthogonalizes_q_and_k_each_as_one_matrix(trainer)
 
 
 def train_two_steps(rank, world_size, module, *flags):
-    """Every parameter after the tiny trainer's first two steps (two micro-batches a step: accumulated on one
-    rank, one each on two)."""
+    """Every parameter after the tiny trainer's first two steps (two rows a step: one each on two ranks, and on
+    one rank joined into one pass, --micro_batch_tokens's default, unless `flags` set it to 0)."""
     trainer = importlib.import_module(module)
     hp = trainer.parse_args(["--preset=tiny", *flags])
     run = trainer.Trainer(hp, rank, world_size, torch.device("cpu"))

@@ -83,16 +83,17 @@ def test_same_seed_gives_the_same_losses(trainer, tiny_corpus, tmp_path):
 
 @shared_code_only
 def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_path):
-    """Gradient accumulation on one process equals data parallelism on two (gloo): same tokens,
-    same averaged gradients, same sharded optimizer math; only float summation order differs."""
-    assert trainer.main(_args(tiny_corpus, tmp_path, "one")) == 0
+    """Gradient accumulation on one process (a row per pass) equals data parallelism on two (gloo): same
+    tokens, same averaged gradients, same sharded optimizer math; only float summation order differs."""
+    one_row_per_pass = "--micro_batch_tokens=0"
+    assert trainer.main(_args(tiny_corpus, tmp_path, "one", one_row_per_pass)) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "two")]
+           str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "two", one_row_per_pass)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # One process joining its rows into one forward per step (--micro_batch_tokens; the tiny preset's 2 / 4 / 2
-    # rows per step) keeps the rows' math: the same losses again.
+    # One process joining its rows into one forward per step (--micro_batch_tokens, 65536 by default on the small
+    # track: all of the tiny preset's 2 / 4 / 2 rows per step) keeps the rows' math: the same losses again.
     assert trainer.main(_args(tiny_corpus, tmp_path, "joined", "--micro_batch_tokens=4096")) == 0
     one, two, joined = (_val_losses(tmp_path, r) for r in ("one", "two", "joined"))
     assert one.keys() == two.keys() == joined.keys()
@@ -101,6 +102,7 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
         assert abs(one[step] - joined[step]) < 2e-3, f"step {step}: rows one by one {one[step]}, joined {joined[step]}"
     assert "world_size:2 grad_accum:1" in "\n".join(_log_lines(tmp_path, "two"))
     assert "rows_per_micro_batch:2,4,2" in "\n".join(_log_lines(tmp_path, "joined"))
+    assert "rows_per_micro_batch:1,1,1" in "\n".join(_log_lines(tmp_path, "one")), "the control joins nothing"
 
 
 def first_backward_grads(rank, world_size, module, *corpus_flags):
