@@ -1,8 +1,10 @@
 """The committed records agree with their logs: every ANALYSIS.md and the records/README.md table are
-what records/verify.py computes now. The check is `verify.check_records(records_dir)`; the tests on a
+what records/verify.py computes now, and a record README's `python train_gpt.py` command is the recipe its
+logs ran. The check is `verify.check_records(records_dir)`; the tests on a
 fake records tree show that it catches tampering."""
 import re
 import shutil
+import sys
 
 import pytest
 from test_verify import H100, PASSING, ROOT, load_verify, our_log, write_logs
@@ -169,3 +171,47 @@ def test_a_record_folder_with_two_groups_records_its_group_and_check_honours_it(
     assert "--group 1 --write" in analysis and "group 1 of 2" in analysis, analysis
     assert verify.check_records(records) == []
     assert "| 8 |" in (records / "README.md").read_text(), "the table counts the claim's group only"
+
+
+def readme_train_commands(readme):
+    """The `python train_gpt.py ...` commands of a record README's code blocks, as argument lists (shell line
+    continuations joined, comments dropped)."""
+    import shlex
+    text = readme.read_text().replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0])[2:] for line in text.splitlines()
+            if line.strip().startswith("python train_gpt.py ")]
+
+
+def test_a_record_readmes_train_command_is_the_recipe_its_logs_ran(tmp_path, monkeypatch):
+    """A record README's `python train_gpt.py` command, parsed by the source its logs carry (`S` the run's seed),
+    gives the `hyperparameters:` line of its logs (one log per folder: a record's logs share source and
+    configuration) but for where the log went: whoever reruns it runs the record's recipe, whatever the
+    trainer's defaults are today. Negative control: a flag left out changes the recipe."""
+    import dataclasses
+    import importlib.util
+
+    def recipe(hyperparameters: dict) -> dict:
+        return {k: v for k, v in hyperparameters.items() if k not in ("run_id", "log_dir")}
+
+    checked = 0
+    for n, folder in enumerate(verify.record_folders(ROOT / "records")):
+        commands = readme_train_commands(folder / "README.md")
+        if not commands:
+            continue  # older records documented proxy_speedrun.py commands
+        assert len(commands) == 1, f"{folder.name}: one train_gpt.py command per record README"
+        log_path = sorted(folder.glob("*.txt"))[0]
+        log = verify.parse_log_text(log_path.read_text(), log_path)
+        source = tmp_path / f"record_source_{n}.py"
+        source.write_text(log.source)
+        spec = importlib.util.spec_from_file_location(source.stem, source)
+        trainer = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, source.stem, trainer)  # dataclasses look their module up there
+        spec.loader.exec_module(trainer)
+        argv = [f"--seed={log.hyperparameters['seed']}" if a == "--seed=S" else a for a in commands[0]]
+        ran, documented = recipe(log.hyperparameters), recipe(dataclasses.asdict(trainer.parse_args(argv)))
+        assert documented == ran, (f"{folder.name}: README's command differs from {log_path.name}'s run in "
+                                   f"{sorted(k for k in ran if documented.get(k) != ran[k])}")
+        fewer = trainer.parse_args([a for a in argv if not a.startswith("--num_iterations=")])
+        assert recipe(dataclasses.asdict(fewer)) != ran, "negative control: without --num_iterations it differs"
+        checked += 1
+    assert checked, "no record README documents a train_gpt.py command"
