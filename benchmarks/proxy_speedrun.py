@@ -236,9 +236,10 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
 
 
 def variant_of(log: Path) -> str:
-    """The variant of a log named NAME_SEED.txt (plan_runs' run ids), else the log's name."""
+    """The variant of a log named NAME_SEED.txt or NAME_sSEED.txt (plan_runs' run ids, or hand-named runs), else
+    the log's name."""
     name, _, seed = log.stem.rpartition("_")
-    return name if name and seed.isdigit() else log.stem
+    return name if name and seed.removeprefix("s").isdigit() else log.stem
 
 
 def plot_variants(logs: list[Path], target: float, path: Path) -> bool:
@@ -268,8 +269,8 @@ def format_table(rows: list[dict], target: float, peak: float | None) -> str:
             "GC in the loop (ms) | allocator calls in the loop (malloc/free/retries/syncs) | "
             "FineWeb schedule, estimated (s) |")
     out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 17]
-    for r in rows + ([_medians(rows)] if len(rows) > 1 else []):
-        out.append(f"| {Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
+    for r in rows + median_rows(rows):
+        out.append(f"| {r.get('label') or Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
                    f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_stages(r.get('stage_iqr_ms'))} | "
                    f"{_fmt(r['tokens_per_s'], ',.0f')} | "
@@ -286,8 +287,19 @@ def _stages(values):
     return "-" if not values else " / ".join(_fmt(v, ".0f") for v in values)
 
 
-def _medians(rows):
-    med = {"log": "median", "world_size": rows[0]["world_size"]}
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One median row over the runs of one variant; one per variant of two or more runs when the table holds
+    several (a median across arms would describe neither)."""
+    variants = {}
+    for r in rows:
+        variants.setdefault(variant_of(Path(r["log"])), []).append(r)
+    if len(variants) == 1:
+        return [_medians(rows, "median")] if len(rows) > 1 else []
+    return [_medians(runs, f"median {name}") for name, runs in variants.items() if len(runs) > 1]
+
+
+def _medians(rows, label):
+    med = {"log": label, "label": label, "world_size": rows[0]["world_size"]}
     for key in ("stage_ms", "stage_iqr_ms"):
         columns = [r[key] for r in rows if r.get(key)]
         if columns and len({len(c) for c in columns}) == 1:  # element-wise, over the runs that have each stage
@@ -351,7 +363,8 @@ def main(argv=None):
             unusable.append(path)
             print(f"{path}: no usable log ({e})", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_tflops": peak, "runs": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"peak_tflops": peak, "runs": rows, "medians": median_rows(rows)},
+                                              indent=1))
     if rows:
         print(format_table(rows, args.target, peak))
     if args.plot:

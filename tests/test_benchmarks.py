@@ -4,6 +4,7 @@ import inspect
 import re
 import statistics
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -126,6 +127,23 @@ def test_table_gives_each_run_its_own_flops_per_token(bench):
     lines = bench.format_table(rows, target=2.04, peak=798.0).splitlines()
     cells = {line.split("|")[1].strip(): line.split("|")[10].strip() for line in lines if line.startswith("| L")}
     assert cells == {"L7_0": "552.1", "L12_0": "759.2"}, lines
+
+
+def test_table_gives_a_median_per_variant_and_none_across_variants(bench):
+    """Runs named NAME_SEED or NAME_sSEED are a variant's seeds: a table of two arms gets each arm's median (the
+    arm's own runs only), not one median over both; one arm keeps its plain median row."""
+    def row(log, time):
+        return {"log": log, "world_size": 1, "time_to_target_s": time, "final_loss": 1.97, "train_time_s": time,
+                "ms_per_step": 10 * time, "stage_ms": [time, 2 * time], "tokens_per_s": 1e5, "flops_per_token": 1e6,
+                "mfu": 0.5, "peak_gib": 40.0, "compile_s": 40.0, "startup_s": 50.0}
+    rows = [row("x/base_s0.txt", 93.0), row("x/base_s1.txt", 95.0), row("y/join_s0.txt", 89.0),
+            row("y/join_s1.txt", 89.4), row("y/join_s2.txt", 89.2), row("y/lone_0.txt", 80.0)]
+    lines = bench.format_table(rows, 1.98, 779.0).splitlines()
+    medians = {line.split("|")[1].strip(): line.split("|")[5].strip() for line in lines if line.startswith("| median")}
+    assert medians == {"median base": "94.0", "median join": "89.2"}, lines
+    one_arm = bench.format_table(rows[:2], 1.98, 779.0).splitlines()
+    assert one_arm[-1].startswith("| median | 1 | 94.0 |"), "negative control: one arm, one plain median"
+    assert bench.variant_of(Path("a/join_s12.txt")) == "join" and bench.variant_of(Path("a/join_sx.txt")) == "join_sx"
 
 
 def test_logs_of_earlier_recipes_still_summarize_without_a_flop_count(bench, tmp_path):
