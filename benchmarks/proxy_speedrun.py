@@ -269,8 +269,9 @@ def format_table(rows: list[dict], target: float, peak: float | None) -> str:
             "GC in the loop (ms) | allocator calls in the loop (malloc/free/retries/syncs) | "
             "FineWeb schedule, estimated (s) |")
     out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 17]
-    for r in rows + median_rows(rows):
-        out.append(f"| {r.get('label') or Path(r['log']).stem} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
+    named = [(Path(r["log"]).stem, r) for r in rows] + [(m["log"], m) for m in median_rows(rows)]
+    for name, r in named:  # a median's "log" is its label, which may hold dots (a variant's name)
+        out.append(f"| {name} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
                    f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_stages(r.get('stage_iqr_ms'))} | "
                    f"{_fmt(r['tokens_per_s'], ',.0f')} | "
@@ -299,7 +300,7 @@ def median_rows(rows: list[dict]) -> list[dict]:
 
 
 def _medians(rows, label):
-    med = {"log": label, "label": label, "world_size": rows[0]["world_size"]}
+    med = {"log": label, "world_size": rows[0]["world_size"]}
     for key in ("stage_ms", "stage_iqr_ms"):
         columns = [r[key] for r in rows if r.get(key)]
         if columns and len({len(c) for c in columns}) == 1:  # element-wise, over the runs that have each stage
