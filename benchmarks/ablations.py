@@ -1,0 +1,238 @@
+"""Ablations of the staged recipe's components at equal training time (issue 17): each component turned off
+alone, run beside the default on the proxy corpus, then again with the step count that gives it the default's
+training time, since a component that costs time must win at equal time.
+
+    python benchmarks/ablations.py list                                   # components and the flags that turn them off
+    # 1. equal steps: the default and each ablation, one GPU per run, side by side (proxy_speedrun.py runs them)
+    python benchmarks/ablations.py run --data DIR --runs 2 [--only no_smear,no_xsa] -- \\
+        --num_iterations=190 --cycle_train_data=true --val_loss_every=0
+    # 2. equal time: each ablation's scheduled steps for the default's training time, from round 1's logs;
+    #    with --data it runs them too (run ids NAME_eq_SEED)
+    python benchmarks/ablations.py equal_time --logs logs/proxy_speedrun/*.txt [--data DIR --runs 2 -- ...]
+    # 3. README's table: loss and stage-3 ms/step of each ablation against the default, at equal steps and time
+    python benchmarks/ablations.py table --logs logs/proxy_speedrun/*.txt
+
+Run ids follow proxy_speedrun.py: default_SEED, NAME_SEED (equal steps), NAME_eq_SEED (equal time). The equal-time
+step count comes from the ablation's own step times by stage (proxy_speedrun.schedule_estimate_s at each
+candidate count, scaled by the run's measured over estimated time) and the default's measured training time.
+"""
+import argparse
+import dataclasses
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt  # noqa: E402 (after the path insert: benchmarks/ is a folder of scripts)
+
+
+def _load_proxy_speedrun():
+    spec = importlib.util.spec_from_file_location("proxy_speedrun", ROOT / "benchmarks" / "proxy_speedrun.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("proxy_speedrun", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+proxy_speedrun = sys.modules.get("proxy_speedrun") or _load_proxy_speedrun()
+
+DEFAULT = "default"
+EQUAL_TIME_SUFFIX = "_eq"
+# name: (the component, as README's "Model" names it; the flags that turn it off, leaving everything else as is)
+ABLATIONS = {
+    "no_bigram": ("bigram hash embedding", ("--bigram_buckets=0",)),
+    "no_smear": ("smear", ("--smear=false",)),
+    "no_value_embed": ("value embeddings", ("--value_embed_layers=",)),
+    "no_xsa": ("XSA", ("--xsa_layers=",)),
+    "no_attn_gate": ("attention output gates", ("--attn_gate_layers=",)),
+    "no_key_offset": ("partial key offset", ("--key_offset_layers=",)),
+    "no_paired_heads": ("paired-head attention", ("--paired_head_layers=",)),
+    "no_skip": ("skip connection", ("--skip_connection=",)),
+    "no_cache_layer": ("cached attention input and backout", ("--cache_layer=-1",)),
+    "no_mtp": ("multi-token prediction (next token only)", ("--mtp_weights=1;1;1",)),
+}
+
+
+def chosen(only: str | None) -> list[str]:
+    """The ablations named in `only` (comma-separated), or all of them."""
+    if not only:
+        return list(ABLATIONS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"--only: unknown ablation(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
+    return names
+
+
+def variant_args(names: list[str], extra_flags: dict[str, list[str]] | None = None, suffix: str = "",
+                 with_default: bool = True) -> list[str]:
+    """proxy_speedrun.py's --variant arguments: the default (no flag) and each named ablation, its flags and any
+    extra flags of its own (the equal-time --num_iterations), run ids NAME + suffix."""
+    extra_flags = extra_flags or {}
+    out = ["--variant", f"{DEFAULT}="] if with_default else []
+    for name in names:
+        flags = [*ABLATIONS[name][1], *extra_flags.get(name, [])]
+        if any(" " in f for f in flags):
+            raise ValueError(f"{name}: a flag with a space cannot pass through --variant: {flags}")
+        out += ["--variant", f"{name}{suffix}={' '.join(flags)}"]
+    return out
+
+
+def equal_time_iterations(hp: train_gpt.Hyperparameters, by_stage_ms: list[float], measured_s: float,
+                          target_s: float) -> int:
+    """Scheduled steps at which recipe `hp`, measured at hp.num_iterations (median ms per step of each stage and
+    the extension, and its training seconds), is predicted to train for `target_s`: the count whose schedule
+    estimate, scaled by measured / estimated at hp.num_iterations (the first steps and the jitter that medians
+    leave out), is nearest, the shorter one on a tie."""
+    estimate = proxy_speedrun.schedule_estimate_s
+    scale = measured_s / estimate(hp, by_stage_ms, hp.num_iterations)
+    first = max(len(train_gpt.derive(hp, 1).recipe.stages), hp.num_iterations // 4)
+    candidates = range(first, 4 * hp.num_iterations + 1)
+    return min(candidates, key=lambda n: (abs(scale * estimate(hp, by_stage_ms, n) - target_s), n))
+
+
+@dataclasses.dataclass
+class Arm:
+    """The finished runs of one variant: their hyperparameters (of the first; an arm is one recipe), final
+    losses, training seconds and median ms per step by stage."""
+    hp: train_gpt.Hyperparameters
+    losses: list[float]
+    times: list[float]
+    stage_ms: list[float]
+
+
+def read_arms(logs: list[Path]) -> dict[str, Arm]:
+    """Each variant's finished runs (proxy_speedrun.variant_of names them); a log that did not finish is left out
+    with a line that says so."""
+    arms = {}
+    for path in logs:
+        row = proxy_speedrun.summarize_log(path, target=0.0, peak_tflops=None)
+        if row["final_loss"] is None or not row["stage_ms"] or None in row["stage_ms"]:
+            print(f"{path}: not finished; left out", flush=True)
+            continue
+        hp = train_gpt.Hyperparameters(**proxy_speedrun.verify.parse_log(path).hyperparameters)
+        name = proxy_speedrun.variant_of(path)
+        arm = arms.setdefault(name, Arm(hp, [], [], []))
+        if dataclasses.replace(arm.hp, seed=hp.seed, run_id=hp.run_id, log_dir=hp.log_dir) != hp:
+            raise SystemExit(f"{path}: its recipe differs from the other {name} runs'; one recipe per variant")
+        arm.losses.append(row["final_loss"])
+        arm.times.append(row["train_time_s"])
+        arm.stage_ms.append(row["stage_ms"])
+    for arm in arms.values():
+        arm.stage_ms = [statistics.median(column) for column in zip(*arm.stage_ms, strict=True)]
+    return arms
+
+
+def equal_time_plan(arms: dict[str, Arm], names: list[str]) -> dict[str, int]:
+    """For each named ablation measured at the default's step count: the step count for the default's median
+    training time."""
+    if DEFAULT not in arms:
+        raise SystemExit(f"equal_time needs the default's logs ({DEFAULT}_SEED.txt) among --logs")
+    base = arms[DEFAULT]
+    target_s = statistics.median(base.times)
+    plan = {}
+    for name in names:
+        arm = arms.get(name)
+        if arm is None or arm.hp.num_iterations != base.hp.num_iterations:
+            print(f"{name}: no finished run at the default's {base.hp.num_iterations} steps; skipped", flush=True)
+            continue
+        plan[name] = equal_time_iterations(arm.hp, arm.stage_ms, statistics.median(arm.times), target_s)
+    return plan
+
+
+def _mean(values):
+    return statistics.fmean(values) if values else None
+
+
+def _welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch p of the losses (scipy), None below 2 runs per arm."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    from scipy import stats
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def table(arms: dict[str, Arm]) -> str:
+    """README's table: per ablation, mean final loss and training time against the default's at equal steps and,
+    where it ran, at equal time; stage-3 ms per step; the flags."""
+    if DEFAULT not in arms:
+        raise SystemExit(f"table needs the default's logs ({DEFAULT}_SEED.txt) among --logs")
+    base = arms[DEFAULT]
+    lines = [f"Default: {len(base.losses)} runs, {base.hp.num_iterations} + {base.hp.extension_steps} steps, "
+             f"mean loss {_mean(base.losses):.4f} after {_mean(base.times):.1f} s, last stage "
+             f"{base.stage_ms[-2]:.0f} ms per step. Delta: the ablation's loss minus the default's; positive where "
+             "the loss rises without the component (at equal time: the component pays).",
+             "",
+             "| component off | flags | equal steps: runs, loss delta (Welch p), time | equal time: steps, runs, loss "
+             "delta (Welch p), time | last stage ms/step |",
+             "|---|---|---|---|---|"]
+    for name, (component, flags) in ABLATIONS.items():
+        cells = []
+        for arm, with_steps in ((arms.get(name), False), (arms.get(name + EQUAL_TIME_SUFFIX), True)):
+            if arm is None:
+                cells.append("not run")
+                continue
+            p = _welch_p(arm.losses, base.losses)
+            cells.append((f"{arm.hp.num_iterations}, " if with_steps else "")
+                         + f"{len(arm.losses)}, {_mean(arm.losses) - _mean(base.losses):+.4f}"
+                         + (f" (p = {p:.2g})" if p is not None else "") + f", {_mean(arm.times):.1f} s")
+        measured = arms.get(name) or arms.get(name + EQUAL_TIME_SUFFIX)
+        ms = f"{measured.stage_ms[-2]:.0f}" if measured else "-"
+        lines.append(f"| {component} | `{' '.join(flags)}` | {cells[0]} | {cells[1]} | {ms} |")
+    return "\n".join(lines)
+
+
+def _run(args, extra: list[str], variants: list[str]) -> int:
+    argv = ["--data", args.data, "--runs", str(args.runs), "--first_seed", str(args.first_seed), "--nproc", "1",
+            "--target", str(args.target), "--log_dir", args.log_dir, *variants]
+    if args.peak_tflops:
+        argv += ["--peak_tflops", str(args.peak_tflops)]
+    return proxy_speedrun.main([*argv, "--", *extra])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["list", "run", "equal_time", "table"])
+    p.add_argument("--only", help="comma-separated ablation names (default: all)")
+    p.add_argument("--logs", nargs="+", type=Path, help="round 1's logs (equal_time), every round's (table)")
+    p.add_argument("--data", help="run: folder with the proxy corpus; equal_time: run the plan too")
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--first_seed", type=int, default=0)
+    p.add_argument("--target", type=float, default=1.98, help="proxy val loss for proxy_speedrun's time-to-target")
+    p.add_argument("--log_dir", default="logs/proxy_speedrun")
+    p.add_argument("--peak_tflops", type=float, help="passed to proxy_speedrun.py (default: measured)")
+    args = p.parse_args(argv)
+    names = chosen(args.only)
+    if args.command == "list":
+        for name in names:
+            component, flags = ABLATIONS[name]
+            print(f"{name:16} {component:44} {' '.join(flags)}")
+        return 0
+    if args.command == "run":
+        if not args.data:
+            p.error("run needs --data")
+        return _run(args, extra, variant_args(names))
+    if not args.logs:
+        p.error(f"{args.command} needs --logs")
+    arms = read_arms(args.logs)
+    if args.command == "table":
+        print(table(arms))
+        return 0
+    plan = equal_time_plan(arms, names)
+    for name, steps in plan.items():
+        print(f"{name}: --num_iterations={steps} (measured at {arms[name].hp.num_iterations}: "
+              f"{statistics.median(arms[name].times):.1f} s against the default's "
+              f"{statistics.median(arms[DEFAULT].times):.1f} s)")
+    if not args.data:
+        return 0
+    extra_flags = {name: [f"--num_iterations={steps}"] for name, steps in plan.items()}
+    return _run(args, extra, variant_args(list(plan), extra_flags, EQUAL_TIME_SUFFIX, with_default=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
