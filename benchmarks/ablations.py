@@ -7,14 +7,15 @@ training time, since a component that costs time must win at equal time.
     python benchmarks/ablations.py run --data DIR --runs 2 [--only no_smear,no_xsa] -- \\
         --num_iterations=190 --cycle_train_data=true --val_loss_every=0
     # 2. equal time: each ablation's scheduled steps for the default's training time, from round 1's logs;
-    #    with --data it runs them too (run ids NAME_eq_SEED)
+    #    with --data it runs them, and the default again beside them (run ids NAME_eq_SEED, default_eq_SEED)
     python benchmarks/ablations.py equal_time --logs logs/proxy_speedrun/*.txt [--data DIR --runs 2 -- ...]
-    # 3. README's table: loss and stage-3 ms/step of each ablation against the default, at equal steps and time
+    # 3. README's table: loss and last-stage ms/step of each ablation against the default, at equal steps and time
     python benchmarks/ablations.py table --logs logs/proxy_speedrun/*.txt
 
-Run ids follow proxy_speedrun.py: default_SEED, NAME_SEED (equal steps), NAME_eq_SEED (equal time). The equal-time
-step count comes from the ablation's own step times by stage (proxy_speedrun.schedule_estimate_s at each
-candidate count, scaled by the run's measured over estimated time) and the default's measured training time.
+Run ids follow proxy_speedrun.py: default_SEED and NAME_SEED (equal steps); NAME_eq_SEED and default_eq_SEED (equal
+time: round 2 runs the default again, so that its comparisons stay within one call, and one host). The
+equal-time step count comes from the ablation's own step times by stage (proxy_speedrun.schedule_estimate_s at
+each candidate count, scaled by the run's measured over estimated time) and the default's measured training time.
 """
 import argparse
 import dataclasses
@@ -69,9 +70,10 @@ def chosen(only: str | None) -> list[str]:
 def variant_args(names: list[str], extra_flags: dict[str, list[str]] | None = None, suffix: str = "",
                  with_default: bool = True) -> list[str]:
     """proxy_speedrun.py's --variant arguments: the default (no flag) and each named ablation, its flags and any
-    extra flags of its own (the equal-time --num_iterations), run ids NAME + suffix."""
+    extra flags of its own (the equal-time --num_iterations), run ids NAME + suffix (the default's too; left out
+    for the later calls of a round split over several)."""
     extra_flags = extra_flags or {}
-    out = ["--variant", f"{DEFAULT}="] if with_default else []
+    out = ["--variant", f"{DEFAULT}{suffix}="] if with_default else []
     for name in names:
         flags = [*ABLATIONS[name][1], *extra_flags.get(name, [])]
         if any(" " in f for f in flags):
@@ -103,33 +105,81 @@ class Arm:
     stage_ms: list[float]
 
 
+def ablation_of(variant: str) -> str | None:
+    """The ablation a variant runs (NAME or NAME_eq), None for the default (default or default_eq); SystemExit for
+    a name this script did not plan."""
+    name = variant.removesuffix(EQUAL_TIME_SUFFIX)
+    if name == DEFAULT:
+        return None
+    if name not in ABLATIONS:
+        raise SystemExit(f"a log of variant {variant!r}: not an ablation of this script ({', '.join(ABLATIONS)}) "
+                         f"nor {DEFAULT}; pass only the logs of its runs")
+    return name
+
+
+def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparameters) -> set[str]:
+    a, b = dataclasses.asdict(hp), dataclasses.asdict(base)
+    return {k for k in a if a[k] != b[k]} - {"seed", "run_id", "log_dir"}
+
+
+def check_recipes(arms: dict[str, "Arm"]) -> None:
+    """Each arm's recipe is the default's with its ablation's flags, and nothing else but --num_iterations for an
+    equal-time arm: a log filed under the wrong name would otherwise enter the table as that ablation."""
+    base = arms[DEFAULT].hp
+    for variant, arm in arms.items():
+        name = ablation_of(variant)
+        expected = {f[2:].partition("=")[0] for f in ABLATIONS[name][1]} if name else set()
+        allowed = expected | ({"num_iterations"} if variant.endswith(EQUAL_TIME_SUFFIX) else set())
+        changed = _changed_fields(arm.hp, base)
+        if not expected <= changed <= allowed:
+            raise SystemExit(f"{variant}: its runs differ from {DEFAULT}'s in {sorted(changed) or 'nothing'}; "
+                             f"{variant} should differ in {sorted(expected) or 'nothing'}"
+                             + (" (and --num_iterations)" if variant.endswith(EQUAL_TIME_SUFFIX) else ""))
+
+
 def read_arms(logs: list[Path]) -> dict[str, Arm]:
-    """Each variant's finished runs (proxy_speedrun.variant_of names them); a log that did not finish is left out
-    with a line that says so."""
+    """Each variant's finished runs (proxy_speedrun.variant_of names them), checked to be one recipe per variant
+    and the recipe its name says (check_recipes); a log that did not finish or cannot be read is left out with a
+    line that says so."""
     arms = {}
     for path in logs:
-        row = proxy_speedrun.summarize_log(path, target=0.0, peak_tflops=None)
-        if row["final_loss"] is None or not row["stage_ms"] or None in row["stage_ms"]:
-            print(f"{path}: not finished; left out", flush=True)
+        try:
+            row = proxy_speedrun.summarize_log(path, target=0.0, peak_tflops=None)
+        except (ValueError, proxy_speedrun.verify.VerifyError) as e:  # a run that crashed early
+            print(f"{path}: no usable log ({e}); left out", flush=True)
             continue
         hp = train_gpt.Hyperparameters(**proxy_speedrun.verify.parse_log(path).hyperparameters)
+        by_stage = row["stage_ms"]
+        if by_stage and not hp.extension_steps:
+            by_stage = [*by_stage[:-1], 0.0]  # no extension step: nothing to time there
+        if row["final_loss"] is None or not by_stage or None in by_stage:
+            print(f"{path}: not finished; left out", flush=True)
+            continue
         name = proxy_speedrun.variant_of(path)
+        ablation_of(name)
         arm = arms.setdefault(name, Arm(hp, [], [], []))
-        if dataclasses.replace(arm.hp, seed=hp.seed, run_id=hp.run_id, log_dir=hp.log_dir) != hp:
-            raise SystemExit(f"{path}: its recipe differs from the other {name} runs'; one recipe per variant")
+        if _changed_fields(hp, arm.hp):
+            raise SystemExit(f"{path}: its recipe differs from the other {name} runs' in "
+                             f"{sorted(_changed_fields(hp, arm.hp))}; one recipe per variant")
         arm.losses.append(row["final_loss"])
         arm.times.append(row["train_time_s"])
-        arm.stage_ms.append(row["stage_ms"])
+        arm.stage_ms.append(by_stage)
     for arm in arms.values():
         arm.stage_ms = [statistics.median(column) for column in zip(*arm.stage_ms, strict=True)]
+    if DEFAULT not in arms:
+        raise SystemExit(f"the default's logs ({DEFAULT}_SEED.txt, finished) are needed among --logs")
+    check_recipes(arms)
     return arms
+
+
+def last_stage_ms(arm: Arm) -> float:
+    """Median ms per step of the recipe's last stage (the extension follows it in Arm.stage_ms)."""
+    return arm.stage_ms[len(train_gpt.derive(arm.hp, 1).recipe.stages) - 1]
 
 
 def equal_time_plan(arms: dict[str, Arm], names: list[str]) -> dict[str, int]:
     """For each named ablation measured at the default's step count: the step count for the default's median
     training time."""
-    if DEFAULT not in arms:
-        raise SystemExit(f"equal_time needs the default's logs ({DEFAULT}_SEED.txt) among --logs")
     base = arms[DEFAULT]
     target_s = statistics.median(base.times)
     plan = {}
@@ -154,32 +204,40 @@ def _welch_p(a: list[float], b: list[float]) -> float | None:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def table(arms: dict[str, Arm]) -> str:
-    """README's table: per ablation, mean final loss and training time against the default's at equal steps and,
-    where it ran, at equal time; stage-3 ms per step; the flags."""
-    if DEFAULT not in arms:
-        raise SystemExit(f"table needs the default's logs ({DEFAULT}_SEED.txt) among --logs")
+def _describe(label: str, arm: Arm) -> str:
+    return (f"{label}: {len(arm.losses)} runs, {arm.hp.num_iterations} + {arm.hp.extension_steps} steps, mean loss "
+            f"{_mean(arm.losses):.4f} after {_mean(arm.times):.1f} s, last stage {last_stage_ms(arm):.0f} ms per step.")
+
+
+def table(arms: dict[str, Arm], names: list[str]) -> str:
+    """README's table: per named ablation, the mean final loss against the default's (Welch p) and the mean
+    training time, at equal steps and, where it ran, at equal time (against round 2's default where it ran,
+    else round 1's); the last stage's ms per step; the flags."""
     base = arms[DEFAULT]
-    lines = [f"Default: {len(base.losses)} runs, {base.hp.num_iterations} + {base.hp.extension_steps} steps, "
-             f"mean loss {_mean(base.losses):.4f} after {_mean(base.times):.1f} s, last stage "
-             f"{base.stage_ms[-2]:.0f} ms per step. Delta: the ablation's loss minus the default's; positive where "
-             "the loss rises without the component (at equal time: the component pays).",
-             "",
-             "| component off | flags | equal steps: runs, loss delta (Welch p), time | equal time: steps, runs, loss "
-             "delta (Welch p), time | last stage ms/step |",
-             "|---|---|---|---|---|"]
-    for name, (component, flags) in ABLATIONS.items():
+    base_eq = arms.get(DEFAULT + EQUAL_TIME_SUFFIX, base)
+    lines = [_describe("Default", base)]
+    if base_eq is not base:
+        lines.append(_describe("Default, run again beside the equal-time runs", base_eq))
+    lines += ["Delta: the ablation's loss minus the default's; positive where the loss rises without the component "
+              "(at equal time: the component pays for its time).",
+              "",
+              "| component off | flags | equal steps: runs, loss delta (Welch p), time | equal time: steps, runs, loss "
+              "delta (Welch p), time | last stage ms/step |",
+              "|---|---|---|---|---|"]
+    for name in names:
+        component, flags = ABLATIONS[name]
         cells = []
-        for arm, with_steps in ((arms.get(name), False), (arms.get(name + EQUAL_TIME_SUFFIX), True)):
+        for arm, against, with_steps in ((arms.get(name), base, False),
+                                         (arms.get(name + EQUAL_TIME_SUFFIX), base_eq, True)):
             if arm is None:
                 cells.append("not run")
                 continue
-            p = _welch_p(arm.losses, base.losses)
+            p = _welch_p(arm.losses, against.losses)
             cells.append((f"{arm.hp.num_iterations}, " if with_steps else "")
-                         + f"{len(arm.losses)}, {_mean(arm.losses) - _mean(base.losses):+.4f}"
+                         + f"{len(arm.losses)}, {_mean(arm.losses) - _mean(against.losses):+.4f}"
                          + (f" (p = {p:.2g})" if p is not None else "") + f", {_mean(arm.times):.1f} s")
         measured = arms.get(name) or arms.get(name + EQUAL_TIME_SUFFIX)
-        ms = f"{measured.stage_ms[-2]:.0f}" if measured else "-"
+        ms = f"{last_stage_ms(measured):.0f}" if measured else "-"
         lines.append(f"| {component} | `{' '.join(flags)}` | {cells[0]} | {cells[1]} | {ms} |")
     return "\n".join(lines)
 
@@ -206,6 +264,8 @@ def main(argv=None):
     p.add_argument("--target", type=float, default=1.98, help="proxy val loss for proxy_speedrun's time-to-target")
     p.add_argument("--log_dir", default="logs/proxy_speedrun")
     p.add_argument("--peak_tflops", type=float, help="passed to proxy_speedrun.py (default: measured)")
+    p.add_argument("--without_default", action="store_true",
+                   help="run: leave the default out (a round split over calls runs it in one of them)")
     args = p.parse_args(argv)
     names = chosen(args.only)
     if args.command == "list":
@@ -216,22 +276,25 @@ def main(argv=None):
     if args.command == "run":
         if not args.data:
             p.error("run needs --data")
-        return _run(args, extra, variant_args(names))
+        return _run(args, extra, variant_args(names, with_default=not args.without_default))
     if not args.logs:
         p.error(f"{args.command} needs --logs")
     arms = read_arms(args.logs)
     if args.command == "table":
-        print(table(arms))
+        print(table(arms, names))
         return 0
     plan = equal_time_plan(arms, names)
     for name, steps in plan.items():
         print(f"{name}: --num_iterations={steps} (measured at {arms[name].hp.num_iterations}: "
               f"{statistics.median(arms[name].times):.1f} s against the default's "
               f"{statistics.median(arms[DEFAULT].times):.1f} s)")
+    if not plan:
+        print("no ablation to run at equal time (round 1's logs name none that finished at the default's steps)")
+        return 1
     if not args.data:
         return 0
     extra_flags = {name: [f"--num_iterations={steps}"] for name, steps in plan.items()}
-    return _run(args, extra, variant_args(list(plan), extra_flags, EQUAL_TIME_SUFFIX, with_default=False))
+    return _run(args, extra, variant_args(list(plan), extra_flags, EQUAL_TIME_SUFFIX, not args.without_default))
 
 
 if __name__ == "__main__":
