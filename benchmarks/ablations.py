@@ -6,20 +6,22 @@ training time, since a component that costs time must win at equal time.
     # 1. equal steps: the default and each ablation, one GPU per run, side by side (proxy_speedrun.py runs them)
     python benchmarks/ablations.py run --data DIR --runs 2 [--only no_smear,no_xsa] -- \\
         --num_iterations=190 --cycle_train_data=true --val_loss_every=0
-    # 2. equal time: each ablation's scheduled steps for the default's training time, from round 1's logs;
-    #    with --data it runs them, and the default again beside them (run ids NAME_eq_SEED, default_eq_SEED)
-    python benchmarks/ablations.py equal_time --logs logs/proxy_speedrun/*.txt [--data DIR --runs 2 -- ...]
-    # 3. README's table: loss and last-stage ms/step of each ablation against the default, at equal steps and time
+    # 2. equal time: from round 1's logs, each ablation's step count for the time the default takes at --at steps
+    #    (default: round 1's); with --data it runs them, and the default at --at steps beside them
+    python benchmarks/ablations.py equal_time --logs logs/proxy_speedrun/*.txt [--at 250] [--data DIR --runs 2 -- ...]
+    # 3. README's table: each ablation's loss against the default's, at equal steps and at each equal-time budget
     python benchmarks/ablations.py table --logs logs/proxy_speedrun/*.txt
 
-Run ids follow proxy_speedrun.py: default_SEED and NAME_SEED (equal steps); NAME_eq_SEED and default_eq_SEED (equal
-time: round 2 runs the default again, so that its comparisons stay within one call, and one host). The
-equal-time step count comes from the ablation's own step times by stage (proxy_speedrun.schedule_estimate_s at
-each candidate count, scaled by the run's measured over estimated time) and the default's measured training time.
+Run ids follow proxy_speedrun.py: default_SEED and NAME_SEED in round 1 (equal steps); default_eqN_SEED and
+NAME_eqN_SEED in round 2, N the default's step count of the budget (round 2 runs the default again, so that its
+comparisons stay within one call, and one host). One round 1 serves every budget: an ablation's step count comes
+from its own step times by stage (proxy_speedrun.schedule_estimate_s at each candidate count, scaled by the run's
+measured over estimated time), the budget's time from the default's, predicted the same way.
 """
 import argparse
 import dataclasses
 import importlib.util
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -40,7 +42,7 @@ def _load_proxy_speedrun():
 proxy_speedrun = sys.modules.get("proxy_speedrun") or _load_proxy_speedrun()
 
 DEFAULT = "default"
-EQUAL_TIME_SUFFIX = "_eq"
+EQUAL_TIME = re.compile(r"(?P<name>.+)_eq(?P<at>\d+)")  # round 2's variants: NAME_eqN, N the budget's default steps
 # name: (the component, as README's "Model" names it; the flags that turn it off, leaving everything else as is)
 ABLATIONS = {
     "no_bigram": ("bigram hash embedding", ("--bigram_buckets=0",)),
@@ -69,11 +71,11 @@ def chosen(only: str | None) -> list[str]:
 
 def variant_args(names: list[str], extra_flags: dict[str, list[str]] | None = None, suffix: str = "",
                  with_default: bool = True) -> list[str]:
-    """proxy_speedrun.py's --variant arguments: the default (no flag) and each named ablation, its flags and any
-    extra flags of its own (the equal-time --num_iterations), run ids NAME + suffix (the default's too; left out
-    for the later calls of a round split over several)."""
+    """proxy_speedrun.py's --variant arguments: the default (no flag but any extra ones of its own) and each named
+    ablation, its flags and any extra flags of its own (round 2's --num_iterations), run ids NAME + suffix (the
+    default's too; left out for the later calls of a round split over several)."""
     extra_flags = extra_flags or {}
-    out = ["--variant", f"{DEFAULT}{suffix}="] if with_default else []
+    out = ["--variant", f"{DEFAULT}{suffix}={' '.join(extra_flags.get(DEFAULT, []))}"] if with_default else []
     for name in names:
         flags = [*ABLATIONS[name][1], *extra_flags.get(name, [])]
         if any(" " in f for f in flags):
@@ -105,16 +107,17 @@ class Arm:
     stage_ms: list[float]
 
 
-def ablation_of(variant: str) -> str | None:
-    """The ablation a variant runs (NAME or NAME_eq), None for the default (default or default_eq); SystemExit for
-    a name this script did not plan."""
-    name = variant.removesuffix(EQUAL_TIME_SUFFIX)
+def split_variant(variant: str) -> tuple[str | None, int | None]:
+    """(the ablation a variant runs, None for the default; the budget's default step count of a round-2 variant,
+    None in round 1); SystemExit for a name this script did not plan."""
+    match = EQUAL_TIME.fullmatch(variant)
+    name, at = (match["name"], int(match["at"])) if match else (variant, None)
     if name == DEFAULT:
-        return None
+        return None, at
     if name not in ABLATIONS:
         raise SystemExit(f"a log of variant {variant!r}: not an ablation of this script ({', '.join(ABLATIONS)}) "
                          f"nor {DEFAULT}; pass only the logs of its runs")
-    return name
+    return name, at
 
 
 def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparameters) -> set[str]:
@@ -123,18 +126,21 @@ def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparamete
 
 
 def check_recipes(arms: dict[str, "Arm"]) -> None:
-    """Each arm's recipe is the default's with its ablation's flags, and nothing else but --num_iterations for an
-    equal-time arm: a log filed under the wrong name would otherwise enter the table as that ablation."""
+    """Each arm's recipe is round 1's default with its ablation's flags, and nothing else but --num_iterations in
+    round 2 (for default_eqN: N): a log filed under the wrong name would otherwise enter the table as that
+    ablation."""
     base = arms[DEFAULT].hp
     for variant, arm in arms.items():
-        name = ablation_of(variant)
+        name, at = split_variant(variant)
         expected = {f[2:].partition("=")[0] for f in ABLATIONS[name][1]} if name else set()
-        allowed = expected | ({"num_iterations"} if variant.endswith(EQUAL_TIME_SUFFIX) else set())
+        allowed = expected | ({"num_iterations"} if at is not None else set())
         changed = _changed_fields(arm.hp, base)
         if not expected <= changed <= allowed:
             raise SystemExit(f"{variant}: its runs differ from {DEFAULT}'s in {sorted(changed) or 'nothing'}; "
                              f"{variant} should differ in {sorted(expected) or 'nothing'}"
-                             + (" (and --num_iterations)" if variant.endswith(EQUAL_TIME_SUFFIX) else ""))
+                             + (" (and --num_iterations)" if at is not None else ""))
+        if name is None and at is not None and arm.hp.num_iterations != at:
+            raise SystemExit(f"{variant}: its runs have --num_iterations={arm.hp.num_iterations}, not {at}")
 
 
 def read_arms(logs: list[Path]) -> dict[str, Arm]:
@@ -156,7 +162,7 @@ def read_arms(logs: list[Path]) -> dict[str, Arm]:
             print(f"{path}: not finished; left out", flush=True)
             continue
         name = proxy_speedrun.variant_of(path)
-        ablation_of(name)
+        split_variant(name)
         arm = arms.setdefault(name, Arm(hp, [], [], []))
         if _changed_fields(hp, arm.hp):
             raise SystemExit(f"{path}: its recipe differs from the other {name} runs' in "
@@ -167,7 +173,7 @@ def read_arms(logs: list[Path]) -> dict[str, Arm]:
     for arm in arms.values():
         arm.stage_ms = [statistics.median(column) for column in zip(*arm.stage_ms, strict=True)]
     if DEFAULT not in arms:
-        raise SystemExit(f"the default's logs ({DEFAULT}_SEED.txt, finished) are needed among --logs")
+        raise SystemExit(f"round 1's default logs ({DEFAULT}_SEED.txt, finished) are needed among --logs")
     check_recipes(arms)
     return arms
 
@@ -177,11 +183,20 @@ def last_stage_ms(arm: Arm) -> float:
     return arm.stage_ms[len(train_gpt.derive(arm.hp, 1).recipe.stages) - 1]
 
 
-def equal_time_plan(arms: dict[str, Arm], names: list[str]) -> dict[str, int]:
-    """For each named ablation measured at the default's step count: the step count for the default's median
-    training time."""
+def predicted_s(arm: Arm, num_iterations: int) -> float:
+    """Training seconds of the arm's recipe at `num_iterations` steps: the schedule estimate from its step times
+    by stage, scaled by its runs' measured over estimated time (exact at the steps it ran)."""
+    estimate = proxy_speedrun.schedule_estimate_s
+    scale = statistics.median(arm.times) / estimate(arm.hp, arm.stage_ms, arm.hp.num_iterations)
+    return scale * estimate(arm.hp, arm.stage_ms, num_iterations)
+
+
+def equal_time_plan(arms: dict[str, Arm], names: list[str], at: int | None = None) -> tuple[float, dict[str, int]]:
+    """(the default's training seconds at `at` steps, measured where round 1 ran that many, else predicted; each
+    named ablation's step count for that time, from its round-1 runs at the default's steps)."""
     base = arms[DEFAULT]
-    target_s = statistics.median(base.times)
+    at = at or base.hp.num_iterations
+    target_s = statistics.median(base.times) if at == base.hp.num_iterations else predicted_s(base, at)
     plan = {}
     for name in names:
         arm = arms.get(name)
@@ -189,7 +204,7 @@ def equal_time_plan(arms: dict[str, Arm], names: list[str]) -> dict[str, int]:
             print(f"{name}: no finished run at the default's {base.hp.num_iterations} steps; skipped", flush=True)
             continue
         plan[name] = equal_time_iterations(arm.hp, arm.stage_ms, statistics.median(arm.times), target_s)
-    return plan
+    return target_s, plan
 
 
 def _mean(values):
@@ -209,36 +224,41 @@ def _describe(label: str, arm: Arm) -> str:
             f"{_mean(arm.losses):.4f} after {_mean(arm.times):.1f} s, last stage {last_stage_ms(arm):.0f} ms per step.")
 
 
+def _cell(arm: Arm | None, against: Arm | None, with_steps: bool) -> str:
+    if arm is None or against is None:
+        return "not run" if arm is None else "no default at this budget"
+    p = _welch_p(arm.losses, against.losses)
+    return ((f"{arm.hp.num_iterations}, " if with_steps else "")
+            + f"{len(arm.losses)}, {_mean(arm.losses) - _mean(against.losses):+.4f}"
+            + (f" (p = {p:.2g})" if p is not None else "") + f", {_mean(arm.times):.1f} s")
+
+
 def table(arms: dict[str, Arm], names: list[str]) -> str:
     """README's table: per named ablation, the mean final loss against the default's (Welch p) and the mean
-    training time, at equal steps and, where it ran, at equal time (against round 2's default where it ran,
-    else round 1's); the last stage's ms per step; the flags."""
+    training time, at equal steps and at each equal-time budget that ran (against that round's default, or
+    round 1's where the budget is round 1's step count and round 2 did not rerun it); the last stage's ms per
+    step; the flags."""
     base = arms[DEFAULT]
-    base_eq = arms.get(DEFAULT + EQUAL_TIME_SUFFIX, base)
-    lines = [_describe("Default", base)]
-    if base_eq is not base:
-        lines.append(_describe("Default, run again beside the equal-time runs", base_eq))
+    budgets = sorted({at for variant in arms if (at := split_variant(variant)[1]) is not None})
+    defaults = {at: arms.get(f"{DEFAULT}_eq{at}", base if at == base.hp.num_iterations else None) for at in budgets}
+    lines = [_describe("Default, round 1", base)]
+    lines += [_describe(f"Default, run again for the {at}-step budget", arm) for at, arm in defaults.items()
+              if arm is not None and arm is not base]
     lines += ["Delta: the ablation's loss minus the default's; positive where the loss rises without the component "
               "(at equal time: the component pays for its time).",
               "",
-              "| component off | flags | equal steps: runs, loss delta (Welch p), time | equal time: steps, runs, loss "
-              "delta (Welch p), time | last stage ms/step |",
-              "|---|---|---|---|---|"]
+              "| component off | flags | equal steps: runs, loss delta (Welch p), time | "
+              + "".join(f"equal time, the default's {at} steps: steps, runs, loss delta (Welch p), time | "
+                        for at in budgets) + "last stage ms/step |",
+              "|---|---|---|" + "---|" * len(budgets) + "---|"]
     for name in names:
         component, flags = ABLATIONS[name]
-        cells = []
-        for arm, against, with_steps in ((arms.get(name), base, False),
-                                         (arms.get(name + EQUAL_TIME_SUFFIX), base_eq, True)):
-            if arm is None:
-                cells.append("not run")
-                continue
-            p = _welch_p(arm.losses, against.losses)
-            cells.append((f"{arm.hp.num_iterations}, " if with_steps else "")
-                         + f"{len(arm.losses)}, {_mean(arm.losses) - _mean(against.losses):+.4f}"
-                         + (f" (p = {p:.2g})" if p is not None else "") + f", {_mean(arm.times):.1f} s")
-        measured = arms.get(name) or arms.get(name + EQUAL_TIME_SUFFIX)
+        cells = [_cell(arms.get(name), base, False)]
+        cells += [_cell(arms.get(f"{name}_eq{at}"), defaults[at], True) for at in budgets]
+        measured = arms.get(name) or next((arms[f"{name}_eq{at}"] for at in budgets if f"{name}_eq{at}" in arms),
+                                          None)
         ms = f"{last_stage_ms(measured):.0f}" if measured else "-"
-        lines.append(f"| {component} | `{' '.join(flags)}` | {cells[0]} | {cells[1]} | {ms} |")
+        lines.append(f"| {component} | `{' '.join(flags)}` | {' | '.join(cells)} | {ms} |")
     return "\n".join(lines)
 
 
@@ -264,6 +284,7 @@ def main(argv=None):
     p.add_argument("--target", type=float, default=1.98, help="proxy val loss for proxy_speedrun's time-to-target")
     p.add_argument("--log_dir", default="logs/proxy_speedrun")
     p.add_argument("--peak_tflops", type=float, help="passed to proxy_speedrun.py (default: measured)")
+    p.add_argument("--at", type=int, help="equal_time: the budget, as the default's step count (default: round 1's)")
     p.add_argument("--without_default", action="store_true",
                    help="run: leave the default out (a round split over calls runs it in one of them)")
     args = p.parse_args(argv)
@@ -283,18 +304,20 @@ def main(argv=None):
     if args.command == "table":
         print(table(arms, names))
         return 0
-    plan = equal_time_plan(arms, names)
+    at = args.at or arms[DEFAULT].hp.num_iterations
+    target_s, plan = equal_time_plan(arms, names, at)
+    print(f"budget: the default's {at} steps, {target_s:.1f} s of training"
+          + (" (predicted from round 1)" if at != arms[DEFAULT].hp.num_iterations else ""))
     for name, steps in plan.items():
         print(f"{name}: --num_iterations={steps} (measured at {arms[name].hp.num_iterations}: "
-              f"{statistics.median(arms[name].times):.1f} s against the default's "
-              f"{statistics.median(arms[DEFAULT].times):.1f} s)")
+              f"{statistics.median(arms[name].times):.1f} s)")
     if not plan:
         print("no ablation to run at equal time (round 1's logs name none that finished at the default's steps)")
         return 1
     if not args.data:
         return 0
-    extra_flags = {name: [f"--num_iterations={steps}"] for name, steps in plan.items()}
-    return _run(args, extra, variant_args(list(plan), extra_flags, EQUAL_TIME_SUFFIX, not args.without_default))
+    extra_flags = {name: [f"--num_iterations={steps}"] for name, steps in {DEFAULT: at, **plan}.items()}
+    return _run(args, extra, variant_args(list(plan), extra_flags, f"_eq{at}", not args.without_default))
 
 
 if __name__ == "__main__":

@@ -88,44 +88,55 @@ def _tiny_run(tiny_corpus, log_dir, run_id, seed, *flags):
     assert train_gpt.main(args) == 0
 
 
+def _variants(argv):
+    return [argv[i + 1] for i, a in enumerate(argv) if a == "--variant"]
+
+
 def test_plan_and_table_come_from_the_logs_and_runs_get_their_variants(ablations, tiny_corpus, tmp_path, capsys,
                                                                        monkeypatch):
     """Round 1's logs (default and no_smear, 2 seeds) give no_smear's equal-time step count, and `equal_time
-    --data` passes it to proxy_speedrun.py as a variant of its own (no default rerun); the table has a row per
-    ablation, "not run" where none ran."""
+    --data` passes it to proxy_speedrun.py as a variant of its own, beside the default run again; a larger budget
+    (--at) gives more steps. The table has a row per ablation and a column per budget that ran, "not run" where
+    none ran."""
     for seed in (0, 1):
         _tiny_run(tiny_corpus, tmp_path, f"default_{seed}", seed)
         _tiny_run(tiny_corpus, tmp_path, f"no_smear_{seed}", seed, "--smear=false")
     logs = sorted(str(p) for p in tmp_path.glob("*.txt"))
     assert ablations.main(["equal_time", "--only", "no_smear", "--logs", *logs]) == 0
-    planned = re.search(r"no_smear: --num_iterations=(\d+)", capsys.readouterr().out)
-    assert planned, "the plan names the step count"
+    planned = int(re.search(r"no_smear: --num_iterations=(\d+)", capsys.readouterr().out).group(1))
+    assert ablations.main(["equal_time", "--only", "no_smear", "--logs", *logs, "--at", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "budget: the default's 12 steps" in out and "(predicted from round 1)" in out, out
+    assert int(re.search(r"no_smear: --num_iterations=(\d+)", out).group(1)) > planned, "a larger budget"
 
     calls = []
     monkeypatch.setattr(ablations.proxy_speedrun, "main", lambda argv: calls.append(argv) or 0)
     assert ablations.main(["equal_time", "--only", "no_smear", "--logs", *logs, "--data", "D", "--runs", "2",
-                           "--", "--num_iterations=6"]) == 0
+                           "--", "--cycle_train_data=true"]) == 0
     argv = calls[-1]
-    variants = [argv[i + 1] for i, a in enumerate(argv) if a == "--variant"]
-    assert variants == ["default_eq=", f"no_smear_eq=--smear=false --num_iterations={planned.group(1)}"], variants
+    assert _variants(argv) == ["default_eq6=--num_iterations=6",
+                               f"no_smear_eq6=--smear=false --num_iterations={planned}"], _variants(argv)
+    assert argv[argv.index("--") + 1:] == ["--cycle_train_data=true"] and argv[argv.index("--nproc") + 1] == "1"
     assert ablations.main(["equal_time", "--only", "no_xsa", "--logs", *logs, "--data", "D"]) == 1
     assert len(calls) == 1, "no ablation of round 1 to run: nothing is launched (not the default alone)"
-    assert argv[argv.index("--") + 1:] == ["--num_iterations=6"] and argv[argv.index("--nproc") + 1] == "1"
     assert ablations.main(["run", "--only", "no_xsa,no_mtp", "--data", "D"]) == 0
-    variants = [calls[-1][i + 1] for i, a in enumerate(calls[-1]) if a == "--variant"]
-    assert variants == ["default=", "no_xsa=--xsa_layers=", "no_mtp=--mtp_weights=1;1;1"], variants
+    assert _variants(calls[-1]) == ["default=", "no_xsa=--xsa_layers=", "no_mtp=--mtp_weights=1;1;1"]
     assert ablations.main(["run", "--only", "no_xsa", "--data", "D", "--without_default"]) == 0
-    assert [a for a in calls[-1] if "=" in a and not a.startswith("-")] == ["no_xsa=--xsa_layers="], \
-        "a round's later call leaves the default out"
+    assert _variants(calls[-1]) == ["no_xsa=--xsa_layers="], "a round's later call leaves the default out"
 
+    for seed in (0, 1):  # round 2 at the default's 6 steps, as the plan asked
+        _tiny_run(tiny_corpus, tmp_path, f"default_eq6_{seed}", seed)
+        _tiny_run(tiny_corpus, tmp_path, f"no_smear_eq6_{seed}", seed, "--smear=false",
+                  f"--num_iterations={planned}")
+    logs = sorted(str(p) for p in tmp_path.glob("*.txt"))
     capsys.readouterr()
     assert ablations.main(["table", "--logs", *logs, str(tmp_path / "crashed.txt")]) == 0
-    assert "crashed.txt: no usable log" in capsys.readouterr().out, "a run without a log is left out, said so"
-    assert ablations.main(["table", "--logs", *logs]) == 0
     out = capsys.readouterr().out
+    assert "crashed.txt: no usable log" in out, "a run without a log is left out, said so"
+    assert "equal time, the default's 6 steps" in out and "Default, run again for the 6-step budget" in out, out
     smear = next(line for line in out.splitlines() if line.startswith("| smear |"))
-    assert "| 2, " in smear and "(p = " in smear and smear.count("not run") == 1, smear
-    assert sum(line.startswith("| ") and "not run | not run" in line for line in out.splitlines()) == \
+    assert smear.count("| 2, ") == 1 and f"| {planned}, 2, " in smear and smear.count("(p = ") == 2, smear
+    assert sum(line.startswith("| ") and "| not run | not run | -" in line for line in out.splitlines()) == \
         len(ablations.ABLATIONS) - 1, out
 
 
@@ -135,8 +146,9 @@ def test_unknown_ablation_names_are_refused_with_the_known_ones(ablations):
 
 
 def test_a_log_filed_under_another_ablations_name_is_refused(ablations, tiny_corpus, tmp_path):
-    """A run's name says which ablation it is; its logged recipe must be the default's with that ablation's flags.
-    Also: a recipe without extension steps still gets its last stage's time."""
+    """A run's name says which ablation it is (and, in round 2, the budget's default steps); its logged recipe must
+    be round 1's default with that ablation's flags, and default_eqN's must run N steps. Also: a recipe without
+    extension steps still gets its last stage's time."""
     _tiny_run(tiny_corpus, tmp_path, "default_0", 0, "--extension_steps=0")
     _tiny_run(tiny_corpus, tmp_path, "no_xsa_0", 0, "--extension_steps=0", "--smear=false")
     logs = sorted(tmp_path.glob("*.txt"))
@@ -146,3 +158,9 @@ def test_a_log_filed_under_another_ablations_name_is_refused(ablations, tiny_cor
     arms = ablations.read_arms(sorted(tmp_path.glob("*.txt")))
     assert set(arms) == {"default", "no_smear"} and ablations.last_stage_ms(arms["no_smear"]) > 0
     assert arms["default"].stage_ms[-1] == 0.0, "no extension step, no extension time"
+    (tmp_path / "no_smear_0.txt").rename(tmp_path / "default_eq7_0.txt")
+    with pytest.raises(SystemExit, match=r"default_eq7: its runs differ from default's in \['smear'\]"):
+        ablations.read_arms(sorted(tmp_path.glob("*.txt")))
+    (tmp_path / "default_eq7_0.txt").write_text((tmp_path / "default_0.txt").read_text())
+    with pytest.raises(SystemExit, match="default_eq7: its runs have --num_iterations=6, not 7"):
+        ablations.read_arms(sorted(tmp_path.glob("*.txt")))
