@@ -84,17 +84,23 @@ def variant_args(names: list[str], extra_flags: dict[str, list[str]] | None = No
     return out
 
 
+def predicted_s(hp: train_gpt.Hyperparameters, by_stage_ms: list[float], measured_s: float,
+                num_iterations: int) -> float:
+    """Training seconds of recipe `hp` at `num_iterations` steps, from a run at hp.num_iterations (median ms per
+    step of each stage and the extension, and its training seconds): the schedule estimate, scaled by measured /
+    estimated at hp.num_iterations (the first steps and the jitter that medians leave out; exact there)."""
+    estimate = proxy_speedrun.schedule_estimate_s
+    return measured_s / estimate(hp, by_stage_ms, hp.num_iterations) * estimate(hp, by_stage_ms, num_iterations)
+
+
 def equal_time_iterations(hp: train_gpt.Hyperparameters, by_stage_ms: list[float], measured_s: float,
                           target_s: float) -> int:
-    """Scheduled steps at which recipe `hp`, measured at hp.num_iterations (median ms per step of each stage and
-    the extension, and its training seconds), is predicted to train for `target_s`: the count whose schedule
-    estimate, scaled by measured / estimated at hp.num_iterations (the first steps and the jitter that medians
-    leave out), is nearest, the shorter one on a tie."""
-    estimate = proxy_speedrun.schedule_estimate_s
-    scale = measured_s / estimate(hp, by_stage_ms, hp.num_iterations)
+    """Scheduled steps at which recipe `hp`, measured as predicted_s takes it, is predicted to train for
+    `target_s`: the count whose prediction is nearest, the shorter one on a tie."""
     first = max(len(train_gpt.derive(hp, 1).recipe.stages), hp.num_iterations // 4)
-    candidates = range(first, 4 * hp.num_iterations + 1)
-    return min(candidates, key=lambda n: (abs(scale * estimate(hp, by_stage_ms, n) - target_s), n))
+    last = 4 * hp.num_iterations * max(1, round(target_s / measured_s))
+    return min(range(first, last + 1),
+               key=lambda n: (abs(predicted_s(hp, by_stage_ms, measured_s, n) - target_s), n))
 
 
 @dataclasses.dataclass
@@ -183,20 +189,12 @@ def last_stage_ms(arm: Arm) -> float:
     return arm.stage_ms[len(train_gpt.derive(arm.hp, 1).recipe.stages) - 1]
 
 
-def predicted_s(arm: Arm, num_iterations: int) -> float:
-    """Training seconds of the arm's recipe at `num_iterations` steps: the schedule estimate from its step times
-    by stage, scaled by its runs' measured over estimated time (exact at the steps it ran)."""
-    estimate = proxy_speedrun.schedule_estimate_s
-    scale = statistics.median(arm.times) / estimate(arm.hp, arm.stage_ms, arm.hp.num_iterations)
-    return scale * estimate(arm.hp, arm.stage_ms, num_iterations)
-
-
 def equal_time_plan(arms: dict[str, Arm], names: list[str], at: int | None = None) -> tuple[float, dict[str, int]]:
     """(the default's training seconds at `at` steps, measured where round 1 ran that many, else predicted; each
     named ablation's step count for that time, from its round-1 runs at the default's steps)."""
     base = arms[DEFAULT]
     at = at or base.hp.num_iterations
-    target_s = statistics.median(base.times) if at == base.hp.num_iterations else predicted_s(base, at)
+    target_s = predicted_s(base.hp, base.stage_ms, statistics.median(base.times), at)
     plan = {}
     for name in names:
         arm = arms.get(name)
