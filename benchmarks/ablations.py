@@ -160,7 +160,11 @@ def read_arms(logs: list[Path]) -> dict[str, Arm]:
         except (ValueError, proxy_speedrun.verify.VerifyError) as e:  # a run that crashed early
             print(f"{path}: no usable log ({e}); left out", flush=True)
             continue
-        hp = train_gpt.Hyperparameters(**proxy_speedrun.verify.parse_log(path).hyperparameters)
+        try:
+            hp = train_gpt.Hyperparameters(**proxy_speedrun.verify.parse_log(path).hyperparameters)
+        except (TypeError, train_gpt.ConfigError) as e:
+            print(f"{path}: a recipe this trainer no longer takes ({e}); left out", flush=True)
+            continue
         by_stage = row["stage_ms"]
         if by_stage and not hp.extension_steps:
             by_stage = [*by_stage[:-1], 0.0]  # no extension step: nothing to time there

@@ -164,3 +164,7 @@ def test_a_log_filed_under_another_ablations_name_is_refused(ablations, tiny_cor
     (tmp_path / "default_eq7_0.txt").write_text((tmp_path / "default_0.txt").read_text())
     with pytest.raises(SystemExit, match="default_eq7: its runs have --num_iterations=6, not 7"):
         ablations.read_arms(sorted(tmp_path.glob("*.txt")))
+    (tmp_path / "default_eq7_0.txt").write_text((tmp_path / "default_0.txt").read_text().replace(
+        '"seed": 0,', '"seed": 0, "retired_flag": 1,'))
+    arms = ablations.read_arms(sorted(tmp_path.glob("*.txt")))
+    assert set(arms) == {"default"}, "a log of an older recipe (a flag this trainer no longer has) is left out"
