@@ -20,26 +20,15 @@ measured over estimated time), the budget's time from the default's, predicted t
 """
 import argparse
 import dataclasses
-import importlib.util
 import re
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train_gpt  # noqa: E402 (after the path insert: benchmarks/ is a folder of scripts)
-
-
-def _load_proxy_speedrun():
-    spec = importlib.util.spec_from_file_location("proxy_speedrun", ROOT / "benchmarks" / "proxy_speedrun.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("proxy_speedrun", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-proxy_speedrun = sys.modules.get("proxy_speedrun") or _load_proxy_speedrun()
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import proxy_speedrun  # noqa: E402 (after the path insert: benchmarks/ is a folder of scripts)
+import train_gpt  # noqa: E402
 
 DEFAULT = "default"
 EQUAL_TIME = re.compile(r"(?P<name>.+)_eq(?P<at>\d+)")  # round 2's variants: NAME_eqN, N the budget's default steps
@@ -84,23 +73,24 @@ def variant_args(names: list[str], extra_flags: dict[str, list[str]] | None = No
     return out
 
 
-def predicted_s(hp: train_gpt.Hyperparameters, by_stage_ms: list[float], measured_s: float,
-                num_iterations: int) -> float:
-    """Training seconds of recipe `hp` at `num_iterations` steps, from a run at hp.num_iterations (median ms per
-    step of each stage and the extension, and its training seconds): the schedule estimate, scaled by measured /
-    estimated at hp.num_iterations (the first steps and the jitter that medians leave out; exact there)."""
+def time_model(hp: train_gpt.Hyperparameters, by_stage_ms: list[float], measured_s: float):
+    """Training seconds of recipe `hp` as a function of its step count, from a run at hp.num_iterations (median ms
+    per step of each stage and the extension, and its training seconds): the schedule estimate, scaled by
+    measured / estimated at hp.num_iterations (the first steps and the jitter that medians leave out; exact
+    there)."""
     estimate = proxy_speedrun.schedule_estimate_s
-    return measured_s / estimate(hp, by_stage_ms, hp.num_iterations) * estimate(hp, by_stage_ms, num_iterations)
+    scale = measured_s / estimate(hp, by_stage_ms, hp.num_iterations)
+    return lambda num_iterations: scale * estimate(hp, by_stage_ms, num_iterations)
 
 
 def equal_time_iterations(hp: train_gpt.Hyperparameters, by_stage_ms: list[float], measured_s: float,
                           target_s: float) -> int:
-    """Scheduled steps at which recipe `hp`, measured as predicted_s takes it, is predicted to train for
+    """Scheduled steps at which recipe `hp`, measured as time_model takes it, is predicted to train for
     `target_s`: the count whose prediction is nearest, the shorter one on a tie."""
+    seconds = time_model(hp, by_stage_ms, measured_s)
     first = max(len(train_gpt.derive(hp, 1).recipe.stages), hp.num_iterations // 4)
     last = 4 * hp.num_iterations * max(1, round(target_s / measured_s))
-    return min(range(first, last + 1),
-               key=lambda n: (abs(predicted_s(hp, by_stage_ms, measured_s, n) - target_s), n))
+    return min(range(first, last + 1), key=lambda n: (abs(seconds(n) - target_s), n))
 
 
 @dataclasses.dataclass
@@ -126,6 +116,11 @@ def split_variant(variant: str) -> tuple[str | None, int | None]:
     return name, at
 
 
+def ablation_fields(name: str) -> set[str]:
+    """The Hyperparameters fields an ablation's flags set."""
+    return {flag[2:].partition("=")[0] for flag in ABLATIONS[name][1]}
+
+
 def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparameters) -> set[str]:
     a, b = dataclasses.asdict(hp), dataclasses.asdict(base)
     return {k for k in a if a[k] != b[k]} - {"seed", "run_id", "log_dir"}
@@ -138,7 +133,7 @@ def check_recipes(arms: dict[str, "Arm"]) -> None:
     base = arms[DEFAULT].hp
     for variant, arm in arms.items():
         name, at = split_variant(variant)
-        expected = {f[2:].partition("=")[0] for f in ABLATIONS[name][1]} if name else set()
+        expected = ablation_fields(name) if name else set()
         allowed = expected | ({"num_iterations"} if at is not None else set())
         changed = _changed_fields(arm.hp, base)
         if not expected <= changed <= allowed:
@@ -156,14 +151,14 @@ def read_arms(logs: list[Path]) -> dict[str, Arm]:
     arms = {}
     for path in logs:
         try:
-            row = proxy_speedrun.summarize_log(path, target=0.0, peak_tflops=None)
+            run = proxy_speedrun.verify.parse_log(path)
+            row = proxy_speedrun.summarize_run(run, path, target=0.0, peak_tflops=None)
         except (ValueError, proxy_speedrun.verify.VerifyError) as e:  # a run that crashed early
             print(f"{path}: no usable log ({e}); left out", flush=True)
             continue
-        try:
-            hp = train_gpt.Hyperparameters(**proxy_speedrun.verify.parse_log(path).hyperparameters)
-        except (TypeError, train_gpt.ConfigError) as e:
-            print(f"{path}: a recipe this trainer no longer takes ({e}); left out", flush=True)
+        hp = proxy_speedrun.recipe_of(run)
+        if hp is None:
+            print(f"{path}: a recipe this trainer no longer takes; left out", flush=True)
             continue
         by_stage = row["stage_ms"]
         if by_stage and not hp.extension_steps:
@@ -198,7 +193,7 @@ def equal_time_plan(arms: dict[str, Arm], names: list[str], at: int | None = Non
     named ablation's step count for that time, from its round-1 runs at the default's steps)."""
     base = arms[DEFAULT]
     at = at or base.hp.num_iterations
-    target_s = predicted_s(base.hp, base.stage_ms, statistics.median(base.times), at)
+    target_s = time_model(base.hp, base.stage_ms, statistics.median(base.times))(at)
     plan = {}
     for name in names:
         arm = arms.get(name)

@@ -125,21 +125,34 @@ def schedule_estimate_s(hp: train_gpt.Hyperparameters, by_stage: list[float | No
     return sum((stop - first) * ms for (first, stop), ms in zip(bounds, by_stage, strict=True)) / 1000
 
 
+def recipe_of(run) -> train_gpt.Hyperparameters | None:
+    """A parsed log's hyperparameters as this trainer's, or None for an earlier recipe this trainer no longer
+    takes (a flag since renamed or removed, or a value it now refuses)."""
+    try:
+        return train_gpt.Hyperparameters(**run.hyperparameters)
+    except (TypeError, train_gpt.ConfigError):
+        return None
+
+
 def summarize_log(path: Path, target: float, peak_tflops: float | None) -> dict:
-    """Numbers of one training log, read by records/verify.py's reader; None where the log does not have them.
-    Logs of earlier recipes, whose hyperparameters this trainer no longer takes, get no FLOP count; their
-    tokens come from their own `batch_tokens`. Raises ValueError for a log without a hyperparameters line,
-    verify.VerifyError for an unreadable one."""
-    run = verify.parse_log(path)
+    """summarize_run of the log at `path`, read by records/verify.py's reader."""
+    return summarize_run(verify.parse_log(path), path, target, peak_tflops)
+
+
+def summarize_run(run, path: Path, target: float, peak_tflops: float | None) -> dict:
+    """Numbers of one parsed training log; None where the log does not have them. Logs of earlier recipes, whose
+    hyperparameters this trainer no longer takes, get no FLOP count; their tokens come from their own
+    `batch_tokens`. Raises ValueError for a log without a hyperparameters line (verify.parse_log raises
+    verify.VerifyError for an unreadable one)."""
     if run.hyperparameters is None:
         raise ValueError(f"{path}: no hyperparameters line; not a train_gpt.py log")
     step_ms = {p.step: p.train_time_ms for p in run.step_points}
-    try:
-        hp = train_gpt.Hyperparameters(**run.hyperparameters)
+    hp = recipe_of(run)
+    if hp is not None:
         clock = step_ms | {p.step: p.train_time_ms for p in run.val_points}  # validations read the clock too
         fpt, tokens, by_stage, spread = flops_per_token(hp), run_tokens(hp), stage_ms(hp, clock), stage_iqr_ms(hp, clock)
         fineweb_s = schedule_estimate_s(hp, by_stage, fineweb_iterations(hp.track))
-    except (TypeError, train_gpt.ConfigError):
+    else:
         fpt, tokens = None, run.hyperparameters.get("batch_tokens", 0) * (run.num_iterations or 0) or None
         by_stage, spread, fineweb_s = None, None, None
     # Per-step increments; a step after a validation also contains nothing else (the clock is paused).

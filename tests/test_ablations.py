@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from conftest import load_script
-from test_model import BOS, _bounds, _randomize, _tokens_with_documents
+from test_model import BOS, _call, _loss_and_grads, _randomize, _tokens_with_documents
 
 import train_gpt
 
@@ -31,11 +31,8 @@ def _first_gradients(flags, weights):
     model.load_state_dict({k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}, strict=False)
     plan = train_gpt.plan_step(0, hp, train_gpt.derive(hp, 1))
     tokens = _tokens_with_documents(129, [0, 50], BOS)
-    cu, docs, max_len = _bounds(train_gpt, tokens[:-1])
-    loss = model(tokens[:-1], tokens[1:], cu, train_gpt.attention_meta(docs, max_len, plan.windows), 0.1,
-                 torch.tensor(plan.loss_weights))
-    loss.backward()
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return _loss_and_grads(model, lambda: _call(model, tokens[:-1], tokens[1:], plan.windows,
+                                                weights=plan.loss_weights))[1]
 
 
 def test_each_ablation_turns_off_a_component_that_changes_the_first_step(ablations):
