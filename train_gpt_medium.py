@@ -3621,9 +3621,21 @@ class RunLog:
             self.file.close()
 
 
-def environment_report() -> str:
+def gpu_identity(device: torch.device) -> str | None:
+    """'NVIDIA H200, bus 00000000:00:07.0': the GPU `device` is, its bus id as nvidia-smi prints it, so that runs
+    side by side on one host can be told apart by GPU (two GPUs of one host can differ in speed); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    p = torch.cuda.get_device_properties(device)
+    return f"{p.name}, bus {p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
+
+
+def environment_report(device: torch.device) -> str:
+    """Versions, the GPU this rank runs on (rank 0 writes the log) and nvidia-smi: the log's header."""
     lines = [f"python {sys.version.split()[0]}", f"torch {torch.__version__} (cuda {torch.version.cuda})",
              f"triton {triton.__version__ if HAS_TRITON else 'not installed'}"]
+    if (gpu := gpu_identity(device)) is not None:
+        lines.append(f"gpu: {gpu}")
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -4370,7 +4382,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(__file__, encoding="utf-8") as f:
             log(f.read().rstrip("\n"), console=False)
         log(RULE, console=False)
-        log(environment_report(), console=False)
+        log(environment_report(device), console=False)
         log(RULE, console=False)
         log("hyperparameters: " + json.dumps(dataclasses.asdict(hp)))
         train(hp, rank, world_size, device, log, launch_time)

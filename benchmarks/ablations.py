@@ -16,7 +16,10 @@ Run ids follow proxy_speedrun.py: default_SEED and NAME_SEED in round 1 (equal s
 NAME_eqN_SEED in round 2, N the default's step count of the budget (round 2 runs the default again, so that its
 comparisons stay within one call, and one host). One round 1 serves every budget: an ablation's step count comes
 from its own step times by stage (proxy_speedrun.schedule_estimate_s at each candidate count, scaled by the run's
-measured over estimated time), the budget's time from the default's, predicted the same way.
+measured over estimated time), the budget's time from the default's, predicted the same way. Run round 1 at a
+budget's steps with a seed per GPU (proxy_speedrun.py puts seed k of every arm on the same GPU): short runs
+mispredict by a few percent, as much as a component changes a step (README). An ablation planned at round 1's
+own count for that budget is at equal time already, and round 2 leaves it out.
 """
 import argparse
 import dataclasses
@@ -188,7 +191,14 @@ def last_stage_ms(arm: Arm) -> float:
     return arm.stage_ms[len(train_gpt.derive(arm.hp, 1).recipe.stages) - 1]
 
 
-def equal_time_plan(arms: dict[str, Arm], names: list[str], at: int | None = None) -> tuple[float, dict[str, int]]:
+def longest(candidates: list[Arm | None]) -> Arm | None:
+    """The arm of the most scheduled steps among those that ran: its stage medians rest on the most steps."""
+    ran = [arm for arm in candidates if arm is not None]
+    return max(ran, key=lambda arm: arm.hp.num_iterations) if ran else None
+
+
+def equal_time_plan(arms: dict[str, Arm], names: list[str], at: int | None = None,
+                    quiet: bool = False) -> tuple[float, dict[str, int]]:
     """(the default's training seconds at `at` steps, measured where round 1 ran that many, else predicted; each
     named ablation's step count for that time, from its round-1 runs at the default's steps)."""
     base = arms[DEFAULT]
@@ -198,10 +208,21 @@ def equal_time_plan(arms: dict[str, Arm], names: list[str], at: int | None = Non
     for name in names:
         arm = arms.get(name)
         if arm is None or arm.hp.num_iterations != base.hp.num_iterations:
-            print(f"{name}: no finished run at the default's {base.hp.num_iterations} steps; skipped", flush=True)
+            if not quiet:
+                print(f"{name}: no finished run at the default's {base.hp.num_iterations} steps; skipped",
+                      flush=True)
             continue
         plan[name] = equal_time_iterations(arm.hp, arm.stage_ms, statistics.median(arm.times), target_s)
     return target_s, plan
+
+
+def at_equal_time_in_round_1(plan: dict[str, int], arms: dict[str, Arm], at: int) -> set[str]:
+    """The planned ablations whose round-1 runs are already at equal time for the budget of `at` steps: the budget
+    is round 1's step count and the plan gives the ablation that count too (a component that costs no time), so
+    round 2 would run round 1 again."""
+    if at != arms[DEFAULT].hp.num_iterations:
+        return set()
+    return {name for name, steps in plan.items() if steps == arms[name].hp.num_iterations}
 
 
 def _mean(values):
@@ -233,16 +254,22 @@ def _cell(arm: Arm | None, against: Arm | None, with_steps: bool) -> str:
 def table(arms: dict[str, Arm], names: list[str]) -> str:
     """README's table: per named ablation, the mean final loss against the default's (Welch p) and the mean
     training time, at equal steps and at each equal-time budget that ran (against that round's default, or
-    round 1's where the budget is round 1's step count and round 2 did not rerun it); the last stage's ms per
-    step; the flags."""
+    round 1's where the budget is round 1's step count and round 2 did not rerun it); at round 1's step count,
+    an ablation planned at that count too (at_equal_time_in_round_1) shows round 1's runs, marked so; the last
+    stage's ms per step (of the arm with the most steps); the flags."""
     base = arms[DEFAULT]
-    budgets = sorted({at for variant in arms if (at := split_variant(variant)[1]) is not None})
-    defaults = {at: arms.get(f"{DEFAULT}_eq{at}", base if at == base.hp.num_iterations else None) for at in budgets}
+    first = base.hp.num_iterations
+    in_round_1 = at_equal_time_in_round_1(equal_time_plan(arms, [n for n in names if n in arms], quiet=True)[1],
+                                          arms, first)
+    budgets = sorted({at for variant in arms if (at := split_variant(variant)[1]) is not None}
+                     | ({first} if in_round_1 else set()))
+    defaults = {at: arms.get(f"{DEFAULT}_eq{at}", base if at == first else None) for at in budgets}
     lines = [_describe("Default, round 1", base)]
     lines += [_describe(f"Default, run again for the {at}-step budget", arm) for at, arm in defaults.items()
               if arm is not None and arm is not base]
     lines += ["Delta: the ablation's loss minus the default's; positive where the loss rises without the component "
-              "(at equal time: the component pays for its time).",
+              "(at equal time: the component pays for its time). \"round 1\": the equal-step runs, whose step "
+              "count is already the equal-time one.",
               "",
               "| component off | flags | equal steps: runs, loss delta (Welch p), time | "
               + "".join(f"equal time, the default's {at} steps: steps, runs, loss delta (Welch p), time | "
@@ -251,9 +278,12 @@ def table(arms: dict[str, Arm], names: list[str]) -> str:
     for name in names:
         component, flags = ABLATIONS[name]
         cells = [_cell(arms.get(name), base, False)]
-        cells += [_cell(arms.get(f"{name}_eq{at}"), defaults[at], True) for at in budgets]
-        measured = arms.get(name) or next((arms[f"{name}_eq{at}"] for at in budgets if f"{name}_eq{at}" in arms),
-                                          None)
+        for at in budgets:
+            if f"{name}_eq{at}" not in arms and at == first and name in in_round_1:
+                cells.append(_cell(arms[name], base, True) + " (round 1)")
+            else:
+                cells.append(_cell(arms.get(f"{name}_eq{at}"), defaults[at], True))
+        measured = longest([arms.get(name), *(arms.get(f"{name}_eq{at}") for at in budgets)])
         ms = f"{last_stage_ms(measured):.0f}" if measured else "-"
         lines.append(f"| {component} | `{' '.join(flags)}` | {' | '.join(cells)} | {ms} |")
     return "\n".join(lines)
@@ -311,7 +341,11 @@ def main(argv=None):
     if not plan:
         print("no ablation to run at equal time (round 1's logs name none that finished at the default's steps)")
         return 1
-    if not args.data:
+    done = at_equal_time_in_round_1(plan, arms, at)
+    for name in done:
+        print(f"{name}: round 1's runs are at equal time already; not run again")
+    plan = {name: steps for name, steps in plan.items() if name not in done}
+    if not args.data or not plan:
         return 0
     extra_flags = {name: [f"--num_iterations={steps}"] for name, steps in {DEFAULT: at, **plan}.items()}
     return _run(args, extra, variant_args(list(plan), extra_flags, f"_eq{at}", not args.without_default))

@@ -164,7 +164,7 @@ def summarize_run(run, path: Path, target: float, peak_tflops: float | None) -> 
     world = run.world_size or 1
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if fpt and tokens_per_s and peak_tflops else None
     reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
-    return {"log": str(path), "world_size": world, "ms_per_step": ms, "stage_ms": by_stage, "stage_iqr_ms": spread,
+    return {"log": str(path), "world_size": world, "gpu": gpu_bus(run.gpu), "ms_per_step": ms, "stage_ms": by_stage, "stage_iqr_ms": spread,
             "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt, "mfu": mfu, "time_to_target_s": reached[0] / 1000 if reached else None,
             "final_loss": last_val.val_loss if finished else None,
@@ -173,6 +173,12 @@ def summarize_run(run, path: Path, target: float, peak_tflops: float | None) -> 
             "compile_s": run.timings_s.get("warmup_and_compile_time"), "startup_s": run.timings_s.get("startup_time"),
             "gc_ms": run.gc_passes[3] if run.gc_passes else None, "allocator_calls": run.allocator_calls,
             "fineweb_estimate_s": fineweb_s}
+
+
+def gpu_bus(gpu: str | None) -> str | None:
+    """'00:07.0', the short bus id of a log's `gpu:` line ('NVIDIA H200, bus 00000000:00:07.0'): which GPU of
+    the host rank 0 ran on (None for older logs)."""
+    return gpu.rpartition(" bus ")[2].removeprefix("00000000:") if gpu else None
 
 
 def measure_peak_tflops() -> float | None:
@@ -217,32 +223,50 @@ def gpu_groups(gpus: int, nproc: int) -> list[str | None]:
     return [",".join(str(g) for g in range(k, k + nproc)) for k in range(0, gpus - nproc + 1, nproc)]
 
 
-def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], log_dir: Path) -> dict[str, int]:
-    """Run every command, as many at once as there are GPU groups; the exit status of each. With one slot
-    the console output streams here; side by side it goes to <log_dir>/<run_id>.console, which is kept
-    only for a run that failed (a finished run's log has every line worth keeping)."""
+def seed_slots(jobs: list[tuple[str, int, list[str]]], slots: int) -> dict[str, int] | None:
+    """The slot (GPU group) of each run when there are several slots and seeds: seed k of every variant on the
+    same slot, k mod slots counted from the first seed, so that each variant's runs meet the host's GPUs alike
+    (two GPUs of one host can differ in speed by a few percent, as much as a component changes a step); None
+    (any free slot) for one slot or one seed."""
+    seeds = sorted({seed for _, seed, _ in jobs})
+    if slots < 2 or len(seeds) < 2:
+        return None
+    return {run_id: seeds.index(seed) % slots for run_id, seed, _ in jobs}
+
+
+def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], log_dir: Path,
+                     slot_of: dict[str, int] | None = None) -> dict[str, int]:
+    """Run every command, as many at once as there are GPU groups, each on its slot in `slot_of` (seed_slots) or,
+    without it, on the first that is free; the exit status of each. With one slot the console output streams
+    here; side by side it goes to <log_dir>/<run_id>.console, which is kept only for a run that failed (a
+    finished run's log has every line worth keeping)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    pending, running, free, status = list(commands), {}, list(groups), {}
+    pending, running, free, status = list(commands), {}, list(range(len(groups))), {}
     while pending or running:
-        while pending and free:
-            run_id, group = pending.pop(0), free.pop(0)
+        for slot in list(free):
+            run_id = next((r for r in pending if slot_of is None or slot_of[r] == slot), None)
+            if run_id is None:
+                continue
+            pending.remove(run_id)
+            free.remove(slot)
+            group = groups[slot]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if group is not None:
                 env["CUDA_VISIBLE_DEVICES"] = group
             # closed when the run ends (below): the file outlives this loop iteration
             out = None if len(groups) == 1 else open(log_dir / f"{run_id}.console", "w")  # noqa: SIM115
-            running[run_id] = (subprocess.Popen(commands[run_id], env=env, stdout=out, stderr=out), group,
+            running[run_id] = (subprocess.Popen(commands[run_id], env=env, stdout=out, stderr=out), slot,
                                time.perf_counter(), out)
         time.sleep(0.2)
-        for run_id, (proc, group, t0, out) in list(running.items()):
+        for run_id, (proc, slot, t0, out) in list(running.items()):
             if proc.poll() is not None:
                 if out:
                     out.close()
                     if proc.returncode == 0:
                         Path(out.name).unlink()
                 print(f"{run_id}: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s"
-                      + (f" on GPUs {group}" if group else ""), flush=True)
-                free.append(group)
+                      + (f" on GPUs {groups[slot]}" if groups[slot] else ""), flush=True)
+                free.append(slot)
                 status[run_id] = proc.returncode
                 del running[run_id]
     return status
@@ -277,14 +301,14 @@ def _calls(counts) -> str:
 
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
-    head = (f"| run | GPUs | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
+    head = (f"| run | GPUs | GPU (bus) | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
             "step IQR by stage (ms) | tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | "
             "GC in the loop (ms) | allocator calls in the loop (malloc/free/retries/syncs) | "
             "FineWeb schedule, estimated (s) |")
-    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 17]
+    out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 18]
     named = [(Path(r["log"]).stem, r) for r in rows] + [(m["log"], m) for m in median_rows(rows)]
     for name, r in named:  # a median's "log" is its label, which may hold dots (a variant's name)
-        out.append(f"| {name} | {r['world_size']} | {_fmt(r['time_to_target_s'], '.1f')} | "
+        out.append(f"| {name} | {r['world_size']} | {r.get('gpu') or '-'} | {_fmt(r['time_to_target_s'], '.1f')} | "
                    f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
                    f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_stages(r.get('stage_iqr_ms'))} | "
                    f"{_fmt(r['tokens_per_s'], ',.0f')} | "
@@ -313,7 +337,8 @@ def median_rows(rows: list[dict]) -> list[dict]:
 
 
 def _medians(rows, label):
-    med = {"log": label, "world_size": rows[0]["world_size"]}
+    med = {"log": label, "world_size": rows[0]["world_size"],
+           "gpu": ", ".join(sorted({r["gpu"] for r in rows if r.get("gpu")})) or None}
     for key in ("stage_ms", "stage_iqr_ms"):
         columns = [r[key] for r in rows if r.get(key)]
         if columns and len({len(c) for c in columns}) == 1:  # element-wise, over the runs that have each stage
@@ -367,7 +392,8 @@ def main(argv=None):
         commands = {run_id: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={nproc}", str(ROOT / args.trainer), *common, f"--seed={seed}",
                              f"--run_id={run_id}", *extra, *flags] for run_id, seed, flags in jobs}
-        run_side_by_side(commands, gpu_groups(gpus, nproc), Path(args.log_dir))
+        groups = gpu_groups(gpus, nproc)
+        run_side_by_side(commands, groups, Path(args.log_dir), seed_slots(jobs, len(groups)))
         logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id in commands]
     rows, unusable = [], []
     for path in logs:

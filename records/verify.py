@@ -173,6 +173,12 @@ class RunLog:
     num_iterations: int | None = None  # N of that line
 
     @property
+    def gpu(self):
+        """The GPU rank 0 ran on, from the environment's `gpu:` line ('NVIDIA H200, bus 00000000:00:07.0'); None
+        in logs written before the line was."""
+        return next((line.removeprefix("gpu: ") for line in self.environment if line.startswith("gpu: ")), None)
+
+    @property
     def val_curve(self):
         """((step, val_loss), ...) in log order."""
         return tuple((p.step, p.val_loss) for p in self.val_points)

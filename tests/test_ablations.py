@@ -79,6 +79,30 @@ def test_equal_time_steps_are_the_ones_whose_predicted_time_is_the_defaults(abla
     assert ablations.equal_time_iterations(hp, ms, 1.02 * target, target) < 190
 
 
+def test_a_component_that_costs_no_time_is_at_equal_time_in_round_1_and_not_run_again(ablations):
+    """Round 1 at the budget's steps: an ablation as fast as the default is planned at the same count, so its
+    round-1 runs stand for that budget (marked "round 1" in the table) and round 2 leaves it out; one 10% faster
+    gets more steps, is run again, and until then shows "not run" (negative control). Another budget (--at)
+    never reuses round 1."""
+    hp = train_gpt.parse_args(["--num_iterations=190"])
+    ms = [200.0, 400.0, 600.0, 650.0]
+    seconds = ablations.proxy_speedrun.schedule_estimate_s(hp, ms, 190)
+
+    def arm(flags, stage_ms, losses):
+        return ablations.Arm(train_gpt.parse_args(["--num_iterations=190", *flags]), losses,
+                             [seconds * stage_ms[-1] / ms[-1]] * len(losses), stage_ms)
+    arms = {"default": arm([], ms, [1.97, 1.972]), "no_smear": arm(["--smear=false"], ms, [1.98, 1.981]),
+            "no_bigram": arm(["--bigram_buckets=0"], [0.9 * x for x in ms], [2.03, 2.04])}
+    plan = ablations.equal_time_plan(arms, ["no_smear", "no_bigram"])[1]
+    assert plan["no_smear"] == 190 and plan["no_bigram"] > 190, plan
+    assert ablations.at_equal_time_in_round_1(plan, arms, 190) == {"no_smear"}
+    assert ablations.at_equal_time_in_round_1(plan, arms, 250) == set(), "another budget runs round 2"
+    rows = {line.split("|")[1].strip(): line for line in ablations.table(arms, ["no_smear", "no_bigram"]).splitlines()
+            if line.startswith("| ") and "`" in line}
+    assert "190, 2, +0.0095" in rows["smear"] and "(round 1)" in rows["smear"], rows["smear"]
+    assert rows["bigram hash embedding"].count("not run") == 1, rows["bigram hash embedding"]
+
+
 def _tiny_run(tiny_corpus, log_dir, run_id, seed, *flags):
     args = [*TINY_AS_DEFAULT, *tiny_corpus["flags"], f"--log_dir={log_dir}", f"--run_id={run_id}", f"--seed={seed}",
             "--num_iterations=6", "--val_loss_every=0", "--warmup_steps=0", *flags]
@@ -104,15 +128,17 @@ def test_plan_and_table_come_from_the_logs_and_runs_get_their_variants(ablations
     assert ablations.main(["equal_time", "--only", "no_smear", "--logs", *logs, "--at", "12"]) == 0
     out = capsys.readouterr().out
     assert "budget: the default's 12 steps" in out and "(predicted from round 1)" in out, out
-    assert int(re.search(r"no_smear: --num_iterations=(\d+)", out).group(1)) > planned, "a larger budget"
+    planned_12 = int(re.search(r"no_smear: --num_iterations=(\d+)", out).group(1))
+    assert planned_12 > planned, "a larger budget"
 
     calls = []
     monkeypatch.setattr(ablations.proxy_speedrun, "main", lambda argv: calls.append(argv) or 0)
-    assert ablations.main(["equal_time", "--only", "no_smear", "--logs", *logs, "--data", "D", "--runs", "2",
-                           "--", "--cycle_train_data=true"]) == 0
+    # (at 12 steps: at round 1's 6, a no_smear planned at 6 steps would be round 1 again, and not run)
+    assert ablations.main(["equal_time", "--only", "no_smear", "--logs", *logs, "--at", "12", "--data", "D",
+                           "--runs", "2", "--", "--cycle_train_data=true"]) == 0
     argv = calls[-1]
-    assert _variants(argv) == ["default_eq6=--num_iterations=6",
-                               f"no_smear_eq6=--smear=false --num_iterations={planned}"], _variants(argv)
+    assert _variants(argv) == ["default_eq12=--num_iterations=12",
+                               f"no_smear_eq12=--smear=false --num_iterations={planned_12}"], _variants(argv)
     assert argv[argv.index("--") + 1:] == ["--cycle_train_data=true"] and argv[argv.index("--nproc") + 1] == "1"
     assert ablations.main(["equal_time", "--only", "no_xsa", "--logs", *logs, "--data", "D"]) == 1
     assert len(calls) == 1, "no ablation of round 1 to run: nothing is launched (not the default alone)"
@@ -121,18 +147,20 @@ def test_plan_and_table_come_from_the_logs_and_runs_get_their_variants(ablations
     assert ablations.main(["run", "--only", "no_xsa", "--data", "D", "--without_default"]) == 0
     assert _variants(calls[-1]) == ["no_xsa=--xsa_layers="], "a round's later call leaves the default out"
 
-    for seed in (0, 1):  # round 2 at the default's 6 steps, as the plan asked
-        _tiny_run(tiny_corpus, tmp_path, f"default_eq6_{seed}", seed)
-        _tiny_run(tiny_corpus, tmp_path, f"no_smear_eq6_{seed}", seed, "--smear=false",
-                  f"--num_iterations={planned}")
+    for seed in (0, 1):  # round 2 at the default's 12 steps, as the plan asked
+        _tiny_run(tiny_corpus, tmp_path, f"default_eq12_{seed}", seed, "--num_iterations=12")
+        _tiny_run(tiny_corpus, tmp_path, f"no_smear_eq12_{seed}", seed, "--smear=false",
+                  f"--num_iterations={planned_12}")
     logs = sorted(str(p) for p in tmp_path.glob("*.txt"))
     capsys.readouterr()
     assert ablations.main(["table", "--logs", *logs, str(tmp_path / "crashed.txt")]) == 0
     out = capsys.readouterr().out
     assert "crashed.txt: no usable log" in out, "a run without a log is left out, said so"
-    assert "equal time, the default's 6 steps" in out and "Default, run again for the 6-step budget" in out, out
+    assert "equal time, the default's 12 steps" in out and "Default, run again for the 12-step budget" in out, out
     smear = next(line for line in out.splitlines() if line.startswith("| smear |"))
-    assert smear.count("| 2, ") == 1 and f"| {planned}, 2, " in smear and smear.count("(p = ") == 2, smear
+    in_round_1 = planned == 6  # then a 6-step budget column shows round 1's runs, marked
+    assert smear.count("| 2, ") == 1 and f"| {planned_12}, 2, " in smear, smear
+    assert smear.count("(p = ") == 2 + in_round_1 and ("(round 1)" in smear) == in_round_1, smear
     assert sum(line.startswith("| ") and "| not run | not run | -" in line for line in out.splitlines()) == \
         len(ablations.ABLATIONS) - 1, out
 

@@ -82,7 +82,7 @@ def test_summary_shows_the_allocator_calls_of_a_cuda_log(bench, tmp_path):
     rows = [bench.summarize_log(p, target=3.28, peak_tflops=None) for p in (with_line, without)]
     assert [r["allocator_calls"] for r in rows] == [(3, 0, 1, 2), None]
     table = bench.format_table(rows, 3.28, None).splitlines()
-    assert "allocator calls in the loop" in table[2] and table[2].count("|") == table[4].count("|") == 18
+    assert "allocator calls in the loop" in table[2] and table[2].count("|") == table[4].count("|") == 19
     assert "| 3/0/1/2 |" in table[4] and "| 3/0/1/2 |" not in table[5], table[4:6]
 
 
@@ -125,7 +125,7 @@ def test_table_gives_each_run_its_own_flops_per_token(bench):
                 "tokens_per_s": 7e5, "mfu": 0.5, "peak_gib": 20.0, "compile_s": 10.0, "startup_s": 12.0}
     rows = [dict(base, log="L7_0.txt", flops_per_token=552.1e6), dict(base, log="L12_0.txt", flops_per_token=759.2e6)]
     lines = bench.format_table(rows, target=2.04, peak=798.0).splitlines()
-    cells = {line.split("|")[1].strip(): line.split("|")[10].strip() for line in lines if line.startswith("| L")}
+    cells = {line.split("|")[1].strip(): line.split("|")[11].strip() for line in lines if line.startswith("| L")}
     assert cells == {"L7_0": "552.1", "L12_0": "759.2"}, lines
 
 
@@ -139,10 +139,10 @@ def test_table_gives_a_median_per_variant_and_none_across_variants(bench):
     rows = [row("x/base_s0.txt", 93.0), row("x/base_s1.txt", 95.0), row("y/join_s0.txt", 89.0),
             row("y/join_s1.txt", 89.4), row("y/join_s2.txt", 89.2), row("y/lone_0.txt", 80.0)]
     lines = bench.format_table(rows, 1.98, 779.0).splitlines()
-    medians = {line.split("|")[1].strip(): line.split("|")[5].strip() for line in lines if line.startswith("| median")}
+    medians = {line.split("|")[1].strip(): line.split("|")[6].strip() for line in lines if line.startswith("| median")}
     assert medians == {"median base": "94.0", "median join": "89.2"}, lines
     one_arm = bench.format_table(rows[:2], 1.98, 779.0).splitlines()
-    assert one_arm[-1].startswith("| median | 1 | 94.0 |"), "negative control: one arm, one plain median"
+    assert one_arm[-1].startswith("| median | 1 | - | 94.0 |"), "negative control: one arm, one plain median"
     assert bench.variant_of(Path("a/join_s12.txt")) == "join" and bench.variant_of(Path("a/join_sx.txt")) == "join_sx"
 
 
@@ -189,6 +189,54 @@ def test_jobs_in_separate_slots_run_at_the_same_time(bench, tmp_path):
     assert bench.run_side_by_side(commands, [None, None], tmp_path) == {"a": 0, "b": 0, "c": 3}
     assert sorted(f.name for f in tmp_path.glob("*.console")) == ["c.console"], "console kept only on failure"
     assert (tmp_path / "c.console").read_text() == "what went wrong\n"
+
+
+def test_seeds_are_pinned_to_slots_so_every_variant_meets_the_gpus_alike(bench):
+    """Seed k of every variant on slot k mod slots (two GPUs of one host can differ by a few percent); one seed
+    or one slot: no pinning (any free slot)."""
+    jobs = bench.plan_runs(["base=", "abl=--smear=false"], runs=3, first_seed=4)
+    assert bench.seed_slots(jobs, 2) == {"base_4": 0, "base_5": 1, "base_6": 0, "abl_4": 0, "abl_5": 1, "abl_6": 0}
+    assert bench.seed_slots(jobs, 1) is None
+    assert bench.seed_slots(bench.plan_runs(["base=", "abl=--smear=false"], runs=1), 2) is None
+
+
+def test_a_pinned_run_waits_for_its_slot_even_when_another_is_free(bench, tmp_path):
+    """Each job writes the CUDA_VISIBLE_DEVICES it got. "c" is pinned to slot 1, held by the slow "b"; slot 0 is
+    free early (the fast "a" ends), and an unpinned "c" takes it (negative control)."""
+    write = "import os, sys, time; time.sleep(float(sys.argv[2])); open(sys.argv[1], 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"
+    for pinned, expected in (({"a": 0, "b": 1, "c": 1}, "1"), (None, "0")):
+        commands = {name: [sys.executable, "-c", write, str(tmp_path / name), delay]
+                    for name, delay in (("a", "0"), ("b", "1.5"), ("c", "0"))}
+        status = bench.run_side_by_side(commands, ["0", "1"], tmp_path, pinned)
+        assert status == {"a": 0, "b": 0, "c": 0}, status
+        got = {name: (tmp_path / name).read_text() for name in commands}
+        assert got["a"] == "0" and got["b"] == "1" and got["c"] == expected, (pinned, got)
+
+
+def test_the_gpu_a_run_used_goes_from_its_log_header_to_the_table(bench, monkeypatch, tmp_path):
+    """The trainer's header names its GPU by bus id as nvidia-smi prints it; verify.py reads it and the table
+    shows its short form; a CPU run writes no such line, and an older log shows '-'."""
+    import types
+
+    import torch
+    import train_gpt
+    from test_verify import our_log
+    props = types.SimpleNamespace(name="NVIDIA H200", pci_domain_id=0, pci_bus_id=0, pci_device_id=7)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    header = train_gpt.environment_report(torch.device("cuda", 1))
+    assert "gpu: NVIDIA H200, bus 00000000:00:07.0" in header.splitlines(), header
+    assert not any(line.startswith("gpu:") for line in train_gpt.environment_report(torch.device("cpu")).splitlines())
+    text = our_log(2.0, n_steps=10, val_every=10, step_every=1, time_ms=1000.0)
+    new = text.replace("\n" + train_gpt.RULE + "\nhyperparameters", "\ngpu: NVIDIA H200, bus 00000000:00:07.0\n"
+                       + train_gpt.RULE + "\nhyperparameters", 1)
+    assert new != text, "the test log has the header this inserts into"
+    (tmp_path / "new.txt").write_text(new)
+    (tmp_path / "old.txt").write_text(text)
+    assert bench.verify.parse_log(tmp_path / "new.txt").gpu == "NVIDIA H200, bus 00000000:00:07.0"
+    rows = [bench.summarize_log(tmp_path / f"{name}.txt", target=3.0, peak_tflops=1.0) for name in ("new", "old")]
+    assert [r["gpu"] for r in rows] == ["00:07.0", None]
+    table = bench.format_table(rows, 3.0, 1.0)
+    assert "| new | 1 | 00:07.0 |" in table and "| old | 1 | - |" in table, table
 
 
 def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsys):
