@@ -234,6 +234,19 @@ def seed_slots(jobs: list[tuple[str, int, list[str]]], slots: int) -> dict[str, 
     return {run_id: seeds.index(seed) % slots for run_id, seed, _ in jobs}
 
 
+def staggered(jobs: list[tuple[str, int, list[str]]], slot_of: dict[str, int], slots: int) -> list[str]:
+    """The run ids in the order the slots take them: slot k starts k / slots of the way down the variants and
+    wraps around, so that slots do not compile one new graph at the same time; each variant's graph is compiled
+    once, and its runs on the other slots find it in the compile cache (a new graph takes minutes, a cached one
+    well under one)."""
+    variants = list(dict.fromkeys(run_id.rpartition("_")[0] for run_id, _, _ in jobs))
+
+    def key(run_id):
+        slot = slot_of[run_id]
+        return (variants.index(run_id.rpartition("_")[0]) - slot * len(variants) // slots) % len(variants)
+    return sorted((run_id for run_id, _, _ in jobs), key=key)
+
+
 def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], log_dir: Path,
                      slot_of: dict[str, int] | None = None) -> dict[str, int]:
     """Run every command, as many at once as there are GPU groups, each on its slot in `slot_of` (seed_slots) or,
@@ -393,7 +406,10 @@ def main(argv=None):
                              f"--nproc_per_node={nproc}", str(ROOT / args.trainer), *common, f"--seed={seed}",
                              f"--run_id={run_id}", *extra, *flags] for run_id, seed, flags in jobs}
         groups = gpu_groups(gpus, nproc)
-        run_side_by_side(commands, groups, Path(args.log_dir), seed_slots(jobs, len(groups)))
+        slot_of = seed_slots(jobs, len(groups))
+        if slot_of is not None:
+            commands = {run_id: commands[run_id] for run_id in staggered(jobs, slot_of, len(groups))}
+        run_side_by_side(commands, groups, Path(args.log_dir), slot_of)
         logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id in commands]
     rows, unusable = [], []
     for path in logs:

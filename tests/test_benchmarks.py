@@ -200,6 +200,19 @@ def test_seeds_are_pinned_to_slots_so_every_variant_meets_the_gpus_alike(bench):
     assert bench.seed_slots(bench.plan_runs(["base=", "abl=--smear=false"], runs=1), 2) is None
 
 
+def test_slots_start_at_different_variants_so_each_graph_compiles_once(bench):
+    """Two slots, four variants, two seeds: slot 0 takes a, b, c, d and slot 1 c, d, a, b (each slot's runs in
+    the order it takes them), so no variant is compiled on both slots at once; one slot keeps the plain order."""
+    jobs = bench.plan_runs(["a=", "b=", "c=", "d="], runs=2)
+    order = bench.staggered(jobs, bench.seed_slots(jobs, 2), 2)
+    slot_order = {k: [r for r in order if r.endswith(f"_{k}")] for k in (0, 1)}
+    assert slot_order == {0: ["a_0", "b_0", "c_0", "d_0"], 1: ["c_1", "d_1", "a_1", "b_1"]}, slot_order
+    assert sorted(order) == sorted(run_id for run_id, _, _ in jobs), "every run, once"
+    name_with_underscore = bench.plan_runs(["no_smear=", "default="], runs=2)
+    assert bench.staggered(name_with_underscore, bench.seed_slots(name_with_underscore, 2), 2)[:2] == \
+        ["no_smear_0", "default_1"], "variants named with underscores"
+
+
 def test_a_pinned_run_waits_for_its_slot_even_when_another_is_free(bench, tmp_path):
     """Each job writes the CUDA_VISIBLE_DEVICES it got. "c" is pinned to slot 1, held by the slow "b"; slot 0 is
     free early (the fast "a" ends), and an unpinned "c" takes it (negative control)."""
