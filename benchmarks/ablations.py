@@ -342,7 +342,7 @@ def main(argv=None):
         print("no ablation to run at equal time (round 1's logs name none that finished at the default's steps)")
         return 1
     done = at_equal_time_in_round_1(plan, arms, at)
-    for name in done:
+    for name in sorted(done):
         print(f"{name}: round 1's runs are at equal time already; not run again")
     plan = {name: steps for name, steps in plan.items() if name not in done}
     if not args.data or not plan:

@@ -164,8 +164,8 @@ def summarize_run(run, path: Path, target: float, peak_tflops: float | None) -> 
     world = run.world_size or 1
     mfu = fpt * tokens_per_s / (peak_tflops * 1e12 * world) if fpt and tokens_per_s and peak_tflops else None
     reached = [p.train_time_ms for p in run.val_points if p.val_loss <= target]
-    return {"log": str(path), "world_size": world, "gpu": gpu_bus(run.gpu), "ms_per_step": ms, "stage_ms": by_stage, "stage_iqr_ms": spread,
-            "tokens_per_s": tokens_per_s,
+    return {"log": str(path), "world_size": world, "gpu": gpu_bus(run.gpu), "ms_per_step": ms, "stage_ms": by_stage,
+            "stage_iqr_ms": spread, "tokens_per_s": tokens_per_s,
             "flops_per_token": fpt, "mfu": mfu, "time_to_target_s": reached[0] / 1000 if reached else None,
             "final_loss": last_val.val_loss if finished else None,
             "train_time_s": last_val.train_time_ms / 1000 if last_val else None,
@@ -314,16 +314,17 @@ def _calls(counts) -> str:
 
 def format_table(rows: list[dict], target: float, peak: float | None) -> str:
     # Model FLOPs per token are per row: side-by-side variants can differ in size.
-    head = (f"| run | GPUs | GPU (bus) | time to <= {target} (s) | final loss | train time (s) | ms/step | ms/step by stage | "
-            "step IQR by stage (ms) | tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | startup (s) | "
-            "GC in the loop (ms) | allocator calls in the loop (malloc/free/retries/syncs) | "
+    head = (f"| run | GPUs | GPU (bus) | time to <= {target} (s) | final loss | train time (s) | ms/step | "
+            "ms/step by stage | step IQR by stage (ms) | tokens/s | MFLOP/token | MFU | peak GiB | compile (s) | "
+            "startup (s) | GC in the loop (ms) | allocator calls in the loop (malloc/free/retries/syncs) | "
             "FineWeb schedule, estimated (s) |")
     out = [f"bf16 matmul peak: {_fmt(peak, '.0f')} TFLOP/s per GPU", "", head, "|" + "---|" * 18]
     named = [(Path(r["log"]).stem, r) for r in rows] + [(m["log"], m) for m in median_rows(rows)]
     for name, r in named:  # a median's "log" is its label, which may hold dots (a variant's name)
-        out.append(f"| {name} | {r['world_size']} | {r.get('gpu') or '-'} | {_fmt(r['time_to_target_s'], '.1f')} | "
-                   f"{_fmt(r['final_loss'], '.4f')} | {_fmt(r['train_time_s'], '.1f')} | "
-                   f"{_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | {_stages(r.get('stage_iqr_ms'))} | "
+        out.append(f"| {name} | {r['world_size']} | {r.get('gpu') or '-'} | "
+                   f"{_fmt(r['time_to_target_s'], '.1f')} | {_fmt(r['final_loss'], '.4f')} | "
+                   f"{_fmt(r['train_time_s'], '.1f')} | {_fmt(r['ms_per_step'], '.1f')} | {_stages(r.get('stage_ms'))} | "
+                   f"{_stages(r.get('stage_iqr_ms'))} | "
                    f"{_fmt(r['tokens_per_s'], ',.0f')} | "
                    f"{_fmt(r['flops_per_token'] and r['flops_per_token'] / 1e6, '.1f')} | "
                    f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "

@@ -216,7 +216,8 @@ def test_slots_start_at_different_variants_so_each_graph_compiles_once(bench):
 def test_a_pinned_run_waits_for_its_slot_even_when_another_is_free(bench, tmp_path):
     """Each job writes the CUDA_VISIBLE_DEVICES it got. "c" is pinned to slot 1, held by the slow "b"; slot 0 is
     free early (the fast "a" ends), and an unpinned "c" takes it (negative control)."""
-    write = "import os, sys, time; time.sleep(float(sys.argv[2])); open(sys.argv[1], 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"
+    write = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
+             "open(sys.argv[1], 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])")
     for pinned, expected in (({"a": 0, "b": 1, "c": 1}, "1"), (None, "0")):
         commands = {name: [sys.executable, "-c", write, str(tmp_path / name), delay]
                     for name, delay in (("a", "0"), ("b", "1.5"), ("c", "0"))}
