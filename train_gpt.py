@@ -1075,12 +1075,14 @@ def load_prefix_table(hp) -> np.ndarray:
 
 
 def target_matrix(targets: torch.Tensor, offsets: int, prefix_table: torch.Tensor | None = None,
-                  rows: int = 1) -> torch.Tensor:
+                  row_pos: torch.Tensor | None = None) -> torch.Tensor:
     """[T, K] int64 targets of each position: the tokens 1 .. `offsets` ahead (the next-token targets shifted;
-    -100 past the end of the position's row, targets being `rows` equal rows joined), then, given prefix_table
-    [V], the next token's byte-prefix token (-100 where it has none)."""
-    by_row = targets.view(rows, -1)
-    columns = [F.pad(by_row[:, k:], (0, k), value=-100).reshape(-1) for k in range(offsets)]
+    -100 past the end of the position's row, rows joined at row_pos, row_positions; None: one row), then, given
+    prefix_table [V], the next token's byte-prefix token (-100 where it has none)."""
+    columns = [F.pad(targets[k:], (0, k), value=-100) for k in range(offsets)]
+    if row_pos is not None:  # position t + k is in t's row iff its place there is t's plus k
+        columns = [torch.where(F.pad(row_pos[k:], (0, k), value=-1) == row_pos + k, c, -100)
+                   for k, c in enumerate(columns)]
     if prefix_table is not None:
         prefix = prefix_table[targets.clamp_min(0)]
         columns.append(torch.where((targets >= 0) & (prefix >= 0), prefix, -100))
@@ -2456,11 +2458,13 @@ class FP8HeadLoss(torch.autograd.Function):
         return *_fp8_head_grads(x8, w8, g8, x_s, w_s, grad_s), None, None, None, None, None, None, None
 
 
-def row_starts(n: int, rows: int, device) -> torch.Tensor:
-    """[n] bool: the first position of each of `rows` equal rows joined into one sequence of n positions."""
+def row_positions(n: int, rows: int, device=None) -> torch.Tensor:
+    """[n] int64: each position's place in its row, `rows` equal rows joined into one sequence of n positions
+    (GPT.forward's row_pos). A tensor, not the count: passes of the same length share one compiled graph
+    whatever their rows (stages 1 and 2 of the default recipe)."""
     if n % rows:
         raise ValueError(f"{n} positions do not split into {rows} equal rows")
-    return torch.arange(n, device=device) % (n // rows) == 0
+    return torch.arange(n, device=device) % (n // rows)
 
 
 class Rotary(nn.Module):
@@ -2489,13 +2493,13 @@ class Rotary(nn.Module):
         self.cos.copy_(theta.cos())
         self.sin.copy_(theta.sin())
 
-    def forward(self, x_THD: torch.Tensor, rows: int = 1) -> torch.Tensor:
-        """x [T, H, D]: `rows` equal rows joined, each at positions 0 .. T / rows - 1."""
-        T, H, D = x_THD.shape
-        L = T // rows
-        cos, sin = self.cos[:L, None, :], self.sin[:L, None, :]
-        x1, x2 = x_THD.float().reshape(rows, L, H, D).chunk(2, dim=-1)
-        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).view(T, H, D).type_as(x_THD)
+    def forward(self, x_THD: torch.Tensor, row_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H, D] at positions row_pos [T] (row_positions; None: one row, 0 .. T - 1)."""
+        T = x_THD.size(0)
+        cos, sin = (self.cos[:T], self.sin[:T]) if row_pos is None else (self.cos[row_pos], self.sin[row_pos])
+        x1, x2 = x_THD.float().chunk(2, dim=-1)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x_THD)
 
 
 YARN_BETA = 32  # pairs turning at least this often within the old window keep their frequency (YaRN's beta)
@@ -2526,13 +2530,15 @@ def yarn_attention_scale(base: float, long_windows: tuple[int, ...]) -> float:
     return scale
 
 
-def shift_unrotated_keys(k: torch.Tensor, unrotated: torch.Tensor, rows: int = 1) -> torch.Tensor:
-    """Keys k [T, H, D] (`rows` equal rows joined) whose unrotated dims come from the previous position (a row's
-    first position keeps its own): a query can then match on the token before a key, which lets one layer do
-    induction (the speedrun's partial key offset, records #49 and #62). Crosses document starts, as there."""
+def shift_unrotated_keys(k: torch.Tensor, unrotated: torch.Tensor, row_pos: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """Keys k [T, H, D] (rows joined at row_pos, row_positions; None: one row) whose unrotated dims come from the
+    previous position (a row's first position keeps its own): a query can then match on the token before a key,
+    which lets one layer do induction (the speedrun's partial key offset, records #49 and #62). Crosses document
+    starts, as there."""
     previous = torch.cat([k[:1], k[:-1]])
-    if rows > 1:
-        unrotated = unrotated & ~row_starts(k.size(0), rows, k.device)[:, None, None]
+    if row_pos is not None:
+        unrotated = unrotated & (row_pos != 0)[:, None, None]
     return torch.where(unrotated, previous, k)
 
 
@@ -2970,7 +2976,7 @@ class Block(nn.Module):
         qk = self.qk_w.view(2, H // 2, 2, D, -1).transpose(1, 2).reshape(2 * H * D, -1)
         return torch.cat([qk, self.v_w]).to(dtype)
 
-    def attention(self, xhat, ve, s, cu, attn_meta, attn_scale, rows: int = 1):
+    def attention(self, xhat, ve, s, cu, attn_meta, attn_scale, row_pos=None):
         T = xhat.size(0)
         H, D = self.num_heads, self.head_dim
         w = self.qkv_weight(xhat.dtype)
@@ -2994,9 +3000,11 @@ class Block(nn.Module):
             # Paired heads (the speedrun's #58): documents double in length, the window stays.
             q, k, v = pair_heads(q), pair_heads(k), pair_heads(v)
             cu, kind = 2 * cu, "P" + kind
-        q, k = self.rotary(q, rows), self.rotary(k, rows)
+            if row_pos is not None:  # token t's two heads sit at places 2p and 2p + 1 of its row's sequence
+                row_pos = torch.stack([2 * row_pos, 2 * row_pos + 1], dim=1).view(-1)
+        q, k = self.rotary(q, row_pos), self.rotary(k, row_pos)
         if self.spec.key_offset:
-            k = shift_unrotated_keys(k, self.rotary.unrotated, rows)
+            k = shift_unrotated_keys(k, self.rotary.unrotated, row_pos)
         # The scale is folded into q (a tensor, so YaRN's changes of it do not recompile the graph).
         q = q * attn_scale.type_as(q) if isinstance(attn_scale, torch.Tensor) else q * attn_scale
         y, _ = window_attention(q, k, v, cu, attn_meta[kind])
@@ -3014,14 +3022,14 @@ class Block(nn.Module):
         y = y.reshape(T, H * D)
         return F.linear(y, self.o_w.type_as(y)) if self.o_out_in else y @ self.o_w.type_as(y)
 
-    def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale, rows: int = 1):
+    def forward(self, x, x0, bigram, ve, cached, s, cu, attn_meta, attn_scale, row_pos=None):
         """x, x0 [T, dim]; bigram (None at layer 0 or when off), ve, cached: [T, dim] or None; s: this layer's
         weights and gates by name (RESID_SCALARS, POST_SCALARS, LAYER_SCALARS, BLOCK_GATES, MUDD_IN's ve_gate
         [T, H] and value_add [T, dim]); cu, attn_meta: the documents and windows (GPT.forward); attn_scale:
-        a float, or a 0-d tensor; rows: how many equal rows x joins (GPT.forward)."""
+        a float, or a 0-d tensor; row_pos: the rows x joins (GPT.forward)."""
         if self.qk_w is not None:
             xhat = rms_norm(x if cached is None else cached)
-            attn = self.attention(xhat, ve, s, cu, attn_meta, attn_scale, rows)
+            attn = self.attention(xhat, ve, s, cu, attn_meta, attn_scale, row_pos)
             x = s["resid_attn"] * x + s["post_attn"] * attn + s["x0_gate"] * x0
             if bigram is not None:
                 x = x + s["bigram_gate"] * bigram
@@ -3039,14 +3047,16 @@ BIGRAM_SIGN_ROWS = 8192  # rows of the fixed +-1 table that decorrelates collidi
 BIGRAM_SIGN_SEED = 1234  # the sign table is the same on every rank and run
 
 
-def bigram_indices(tokens: torch.Tensor, buckets: int, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hash row, sign row) of each position's bigram (previous, current token) of tokens [T], `rows` equal rows
-    joined: h_t = (36313 x_t XOR 27191 x_{t-1}) mod (buckets - 1), s_t = (x_{t-1} XOR x_t) mod 8192; a row's
-    first position has no previous token and gets the reserved row buckets - 1 and sign row 0 (the speedrun's
-    hash, records #62, #83; the sign trick is Chen et al., arXiv 1504.04788)."""
+def bigram_indices(tokens: torch.Tensor, buckets: int, row_pos: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hash row, sign row) of each position's bigram (previous, current token) of tokens [T], rows joined at
+    row_pos (row_positions; None: one row): h_t = (36313 x_t XOR 27191 x_{t-1}) mod (buckets - 1),
+    s_t = (x_{t-1} XOR x_t) mod 8192; a row's first position has no previous token and gets the reserved row
+    buckets - 1 and sign row 0 (the speedrun's hash, records #62, #83; the sign trick is Chen et al., arXiv
+    1504.04788)."""
     x = tokens.long()
     prev = torch.cat([x[:1], x[:-1]])
-    first = row_starts(x.numel(), rows, x.device)
+    first = torch.arange(x.numel(), device=x.device) == 0 if row_pos is None else row_pos == 0
     h = torch.where(first, buckets - 1, ((BIGRAM_HASH[0] * x) ^ (BIGRAM_HASH[1] * prev)) % (buckets - 1))
     s = torch.where(first, 0, (prev ^ x) % BIGRAM_SIGN_ROWS)
     return h, s
@@ -3136,21 +3146,21 @@ class GPT(nn.Module):
                  (self.mudd_in, hp.adam_lr_mudd), (self.mudd_out, hp.adam_lr_mudd)]
         return [(gen, lr) for gen, lr in pairs if gen is not None]
 
-    def embedding_rows(self, inputs: torch.Tensor, rows: int = 1):
+    def embedding_rows(self, inputs: torch.Tensor, row_pos: torch.Tensor | None = None):
         """(token rows, bigram rows, bigram sign index, [value-embedding rows]) of this micro-batch (`rows` rows
         joined), in the tables' dtype (the bigram ones None without the table)."""
-        h, s = bigram_indices(inputs, self.hp.bigram_buckets, rows) if self.bigram is not None else (None, None)
+        h, s = bigram_indices(inputs, self.hp.bigram_buckets, row_pos) if self.bigram is not None else (None, None)
         return (F.embedding(inputs, self.embed.weight), None if h is None else F.embedding(h, self.bigram), s,
                 [F.embedding(inputs, table) for table in self.value_embeds])
 
-    def smear(self, e: torch.Tensor, rows: int = 1) -> torch.Tensor:
-        """Token embeddings e [T, dim] (`rows` equal rows joined) with smear: e_t += lambda sigmoid(w . e_t[:12])
-        e_{t-1} (records #34), except at a row's first position."""
+    def smear(self, e: torch.Tensor, row_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings e [T, dim] (rows joined at row_pos, row_positions; None: one row) with smear:
+        e_t += lambda sigmoid(w . e_t[:12]) e_{t-1} (records #34), except at a row's first position."""
         if self.smear_gate is None:
             return e
         gate = torch.sigmoid(F.linear(e[1:, :GATE_DIMS], self.smear_gate.type_as(e)[None]))
-        if rows > 1:
-            gate = gate * ~row_starts(e.size(0), rows, e.device)[1:, None]
+        if row_pos is not None:
+            gate = gate * (row_pos[1:] != 0)[:, None]
         smear = self.global_scalars[self.global_scalar_names.index("smear")]
         return torch.cat([e[:1], e[1:] + smear * gate * e[:-1]])
 
@@ -3160,18 +3170,19 @@ class GPT(nn.Module):
         return {(kind, i): g for (kind, i, _), g in zip(layout, generator(x).split([w for *_, w in layout], -1))}
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, cu: torch.Tensor, attn_meta: dict, attn_scale,
-                loss_weights: torch.Tensor, rows: int = 1) -> torch.Tensor:
+                loss_weights: torch.Tensor, row_pos: torch.Tensor | None = None) -> torch.Tensor:
         """inputs, targets [T] (targets -100 are ignored); cu [T + 1] the document starts (int32,
         document_bounds); attn_meta: attention_meta's CPU tensors per layer kind; attn_scale the softmax scale
         (float or 0-d tensor); loss_weights [K] of head_loss (with the recipe's prefix loss the last one is the
-        prefix target's: StepPlan.loss_weights); rows: how many equal rows inputs joins (each starts a document
-        in cu; what looks at the previous position or further ahead stops at their boundaries, so the result is
-        the sum of the rows' own). Returns the weighted sum of the token losses (fp32)."""
+        prefix target's: StepPlan.loss_weights); row_pos [T]: each position's place in its row when inputs joins
+        several equal rows (row_positions; None: one row). Each row starts a document in cu; what looks at the
+        previous position or further ahead stops at their boundaries, so the result is the sum of the rows' own.
+        Returns the weighted sum of the token losses (fp32)."""
         hp, split = self.hp, self.recipe.gate_split
         dtype = torch.bfloat16 if inputs.is_cuda else torch.float32
         g = dict(zip(self.global_scalar_names, self.global_scalars.unbind(0)))
-        token_rows, bigram_rows, bigram_sign, ve_rows = self.embedding_rows(inputs, rows)
-        x = x0 = rms_norm(self.smear(token_rows.to(dtype), rows))
+        token_rows, bigram_rows, bigram_sign, ve_rows = self.embedding_rows(inputs, row_pos)
+        x = x0 = rms_norm(self.smear(token_rows.to(dtype), row_pos))
         gates = self._gates(self.pre_gate, self.gate_layouts[0], x0) if self.pre_gate is not None else {}
         if split:  # the static gates' names read the per-token ones
             g["bigram_gate"] = gates.get(("bigram_gate", 0))
@@ -3201,7 +3212,7 @@ class GPT(nn.Module):
                                                  "post_mlp")}
                 layer_x0 = embedded  # MUDD's x0 term weights the residual after the first bigram (records #81)
             ve = ves[spec.value_embed] if spec.value_embed is not None else None
-            x = block(x, layer_x0, bigram if i > 0 else None, ve, cached, s, cu, attn_meta, attn_scale, rows)
+            x = block(x, layer_x0, bigram if i > 0 else None, ve, cached, s, cu, attn_meta, attn_scale, row_pos)
             if skip is not None and i == skip[0]:
                 skip_saved = x
             if i == hp.cache_layer:
@@ -3211,10 +3222,10 @@ class GPT(nn.Module):
             x = mudd_exit(c, x, embedded, cached, last_input, ves[0], skip_saved)
         elif cached is not None:
             x = x - g["backout"] * cached
-        return self.head_loss(x, targets, loss_weights, rows)
+        return self.head_loss(x, targets, loss_weights, row_pos)
 
-    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor, rows: int = 1
-                  ) -> torch.Tensor:
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor,
+                  row_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Softcapped multi-target loss (softcap_mtp_ce) of the final hidden states x [T, dim], summed (fp32):
         sum_t sum_k loss_weights[k] CE(logits_t, y_tk). y_t0 is the next token; k >= 1 train the same logits to
         also predict later tokens (multi-token prediction without extra heads, the speedrun's #53); with the
@@ -3223,7 +3234,7 @@ class GPT(nn.Module):
         hp = self.hp
         x = rms_norm(x)
         prefix = self.recipe.prefix_loss
-        y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None, rows)
+        y = target_matrix(targets, loss_weights.numel() - prefix, self.prefix_table if prefix else None, row_pos)
         softcap = (hp.logit_softcap, hp.logit_offset, hp.logit_temp)
         if fp8_applies(hp.fp8_head, x):
             scales = (normed_e4m3_scale(hp.model_dim), FP8_HEAD_W_MAX / FP8_E4M3_MAX)
@@ -3677,7 +3688,7 @@ class StepPlan:
     batch_tokens: int  # the stage's tokens per step, all ranks
     seq_len: int  # tokens per row
     micro_batches: int  # rows per rank
-    joined_rows: int  # rows per micro-batch (GPT.forward's rows); micro_batches // joined_rows passes per step
+    joined_rows: int  # rows per micro-batch (GPT.forward's row_pos); micro_batches // joined_rows passes per step
     doc_clip: int
     windows: tuple[int, int]  # (short, long) in ATTN_BLOCK blocks
     long_windows: tuple[int, ...]  # the long window (tokens) of every stage so far: YaRN and the softmax scale
@@ -3826,7 +3837,7 @@ class Trainer:
         assert sorted(owned) == sorted(id(p) for p in m.parameters()), "every parameter has exactly one optimizer"
         self.untie_step = untie_step(hp, self.derived)
         self._set_tied(self.untie_step is not None)
-        self._scalar_cache = {}
+        self._scalar_cache, self._row_pos_cache = {}, {}
         self._attention_state = None
         for step in range(total_steps(hp)):  # made now: a host-to-device copy in the timed loop would stall it
             plan = self.plan(step)
@@ -3852,6 +3863,15 @@ class Trainer:
             self._scalar_cache[key] = torch.tensor(value, dtype=dtype, device=self.device)
         return self._scalar_cache[key]
 
+    def _row_positions(self, plan: StepPlan) -> torch.Tensor | None:
+        """GPT.forward's row_pos for the plan's passes (cached on the device): None for a row per pass."""
+        if plan.joined_rows == 1:
+            return None
+        key = (plan.seq_len, plan.joined_rows)
+        if key not in self._row_pos_cache:
+            self._row_pos_cache[key] = row_positions(plan.seq_len * plan.joined_rows, plan.joined_rows, self.device)
+        return self._row_pos_cache[key]
+
     def _forward_inputs(self, plan: StepPlan, windows=None):
         """(windows in blocks, attention scale, loss weights) for the forward at `plan`, after setting the rotary
         tables to the plan's long-window history (YaRN)."""
@@ -3866,13 +3886,14 @@ class Trainer:
         """One optimizer step over the stage's batch; returns this rank's mean weighted train loss (device)."""
         hp, plan = self.hp, self.plan(step)
         windows, scale, weights = self._forward_inputs(plan)
+        row_pos = self._row_positions(plan)
         rows = plan.micro_batches * self.world_size  # in the whole step, all ranks together
         self.model.head_grad_scale.fill_(1 / rows)
         total = torch.zeros((), device=self.device)
         for _ in range(plan.micro_batches // plan.joined_rows):
             inputs, targets, cu, (docs, max_len) = loader.next_batch()
             loss_sum = self.forward(inputs, targets, cu, attention_meta(docs, max_len, windows), scale, weights,
-                                    plan.joined_rows)
+                                    row_pos)
             # Divided by the row count of the whole step, not of this rank or micro-batch, and summed over ranks
             # by the reduce-scatter: every world size backpropagates the same values (the FP8 head's e5m2 cast
             # of the logit gradient included, whose rounding depends on their scale) and gets the same mean.

@@ -170,8 +170,9 @@ def _joined_call(trainer, model, rows, weights, joined):
     inputs, targets = torch.cat([r[:-1] for r in rows]), torch.cat([r[1:] for r in rows])
     cu, docs, max_len = trainer.document_bounds(inputs.numpy(), BOS, joined)
     meta = trainer.attention_meta(docs, max_len, (1, 2))
+    row_pos = trainer.row_positions(len(inputs), joined, device) if joined > 1 else None
     return model(inputs.to(device), targets.to(device), torch.from_numpy(cu).to(device), meta, 0.1,
-                 torch.tensor(weights, device=device), joined)
+                 torch.tensor(weights, device=device), row_pos)
 
 
 def _loss_and_grads(model, fn):
@@ -183,7 +184,7 @@ def _loss_and_grads(model, fn):
 
 
 def test_joined_rows_give_the_sum_of_each_rows_own_loss_and_gradients(trainer):
-    """A micro-batch of rows joined (GPT.forward's rows, the loader's --micro_batch_tokens) computes each row as
+    """A micro-batch of rows joined (GPT.forward's row_pos, the loader's --micro_batch_tokens) computes each row as
     if alone: rotary positions, smear, the bigram hash and the key offset start again at each row (the tiny
     model has paired heads and a key offset), multi-token targets stop at its end, and a row that does not
     begin with BOS still begins a document. So loss and gradients are the sum of the rows' own. Negative

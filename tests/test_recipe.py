@@ -310,14 +310,17 @@ def test_micro_batches_join_a_steps_rows_up_to_micro_batch_tokens(trainer, flags
 
 
 def test_rotary_positions_restart_at_each_joined_row(trainer):
-    """Rows joined into one sequence (GPT.forward's rows) turn at their own positions 0 .. L - 1, exactly as
+    """Rows joined into one sequence (GPT.forward's row_pos) turn at their own positions 0 .. L - 1, exactly as
     alone. Within a document RoPE's scores depend only on position differences, so the loss alone cannot see
-    this (bf16 rounding can); negative control: without rows the second row turns at positions L .. 2L - 1."""
+    this (bf16 rounding can); negative control: as one row the second turns at positions L .. 2L - 1."""
     rotary = trainer.Rotary(128, 64)
     x = torch.randn(2 * 24, 2, 128)
     alone = torch.cat([rotary(x[:24]), rotary(x[24:])])
-    assert torch.equal(rotary(x, 2), alone)
-    assert torch.equal(rotary(x, 1)[:24], alone[:24]) and not torch.allclose(rotary(x, 1)[24:], alone[24:])
+    assert torch.equal(rotary(x, trainer.row_positions(48, 2)), alone)
+    assert torch.equal(rotary(x, trainer.row_positions(48, 1)), rotary(x)), "one row: positions 0 .. T - 1"
+    assert torch.equal(rotary(x)[:24], alone[:24]) and not torch.allclose(rotary(x)[24:], alone[24:])
+    with pytest.raises(ValueError, match="48 positions do not split into 5 equal rows"):
+        trainer.row_positions(48, 5)
 
 
 def test_key_offset_moves_only_the_unrotated_dims_one_position(trainer):
@@ -433,6 +436,32 @@ def test_warmup_compiles_everything_the_timed_loop_runs(trainer, tiny_corpus, jo
     graphs = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()
     assert warm_graphs >= 1 and graphs == warm_graphs, f"{graphs - warm_graphs} graph(s) compiled in the timed loop"
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_passes_of_one_length_share_a_graph_whatever_their_rows(trainer, tiny_corpus, joined):
+    """Stage 1 joins 4 rows of 128 tokens per pass and stage 2 2 rows of 256 (--micro_batch_tokens=512, as the
+    default joins 4 x 16K and 2 x 32K): the rows reach the model as a tensor of positions (row_positions), so
+    stage 2 compiles no graph of its own. Negative control: a row per pass (--micro_batch_tokens=0) makes stage
+    2's passes longer, and they get a graph. Counted with dynamo's eager backend on CPU."""
+    from torch._dynamo.utils import counters
+    hp, t = _trainer(trainer, tiny_corpus, "--stage_seq_len=128,256,512",
+                     f"--micro_batch_tokens={512 if joined else 0}")
+    assert t.derived.joined_rows == ((4, 2, 1) if joined else (1, 1, 1))
+    first = {}
+    for step in range(trainer.total_steps(hp)):
+        first.setdefault(t.plan(step).stage, step)
+    steps = [first[0], first[1]]
+    loader = trainer.DistributedTrainLoader(hp, 0, 1, torch.device("cpu"), trainer.row_specs(steps, hp, t.derived))
+    torch._dynamo.reset()
+    counters.clear()
+    t.forward = torch.compile(t.model, backend="eager", dynamic=False)
+    graphs = []
+    for step in steps:
+        t.train_step(step, loader)
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[0] >= 1 and (graphs[1] == graphs[0]) == joined, f"graphs after stage 1, 2: {graphs}"
 
 
 def test_the_default_recipe_reads_about_what_the_public_compressed_run_reads(trainer):
