@@ -49,6 +49,15 @@ def _load_verify():
 
 
 verify = _load_verify()
+
+
+def _load_trainer(file_name: str):
+    """The trainer file `file_name` of the repository as a module (importing it has no side effects)."""
+    spec = importlib.util.spec_from_file_location(Path(file_name).stem, ROOT / file_name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 PEAK_MATMUL_N = 8192  # square bf16 matmul of the peak measurement: large enough that launch overhead does not count
 
 
@@ -285,6 +294,49 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
     return status
 
 
+FP8_FIELDS = ("fp8_head", "fp8_mlp_up", "fp8_qkv", "fp8_mlp_down")  # fp8_on_this_gpu may turn these off at run time
+
+
+def finished_log(path: Path) -> bool:
+    """Whether the log at `path` holds a whole run: its last validation at the last step, and the closing
+    peak-memory line."""
+    try:
+        run = verify.parse_log(path)
+    except verify.VerifyError:
+        return False
+    return bool(run.val_points) and run.val_points[-1].step == run.num_iterations and run.peak_memory_mib is not None
+
+
+def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer) -> set[str]:
+    """What a rerun of the same command keeps, so that repeating it finishes what an interrupted one left (a
+    machine lent for minutes at a time, a crash): the run ids whose logs finished with the configuration this
+    command gives them, which are not run again. An unfinished log (a run killed or crashed) is renamed
+    <run_id>.txt.unfinished-N and its run starts over (the trainer never overwrites a log). A finished log of
+    another configuration is refused (SystemExit): pick another --log_dir or variant name."""
+    kept = set()
+    for run_id, args in trainer_args.items():
+        path = log_dir / f"{run_id}.txt"
+        if not path.exists():
+            continue
+        if not finished_log(path):
+            n = 1
+            while path.with_name(f"{path.name}.unfinished-{n}").exists():
+                n += 1
+            path.rename(path.with_name(f"{path.name}.unfinished-{n}"))
+            print(f"{run_id}: its log did not finish; kept as {path.name}.unfinished-{n}, the run starts over",
+                  flush=True)
+            continue
+        logged = verify.parse_log(path).hyperparameters or {}
+        expected = dataclasses.asdict(trainer.parse_args(args))
+        differ = sorted(k for k in expected if k not in FP8_FIELDS and logged.get(k) != expected[k])
+        if differ:
+            raise SystemExit(f"{path}: a finished run of another configuration (differs in {', '.join(differ)}); "
+                             "pass another --log_dir, or rename the variant")
+        print(f"{run_id}: finished before, with this configuration; kept, not run again", flush=True)
+        kept.add(run_id)
+    return kept
+
+
 def variant_of(log: Path) -> str:
     """The variant of a log named NAME_SEED.txt or NAME_sSEED.txt (plan_runs' run ids, or hand-named runs), else
     the log's name."""
@@ -403,15 +455,20 @@ def main(argv=None):
         jobs = plan_runs(args.variant or [f"{args.name}="], args.runs, args.first_seed)
         common = [f"--train_files={args.data}/proxy_train_*.bin", f"--val_files={args.data}/proxy_val_*.bin",
                   f"--target_val_loss={args.target}", f"--log_dir={args.log_dir}"]
+        trainer_args = {run_id: [*common, f"--seed={seed}", f"--run_id={run_id}", *extra, *flags]
+                        for run_id, seed, flags in jobs}
+        trainer = train_gpt if args.trainer == "train_gpt.py" else _load_trainer(args.trainer)
+        kept = keep_or_set_aside(trainer_args, Path(args.log_dir), trainer)
         commands = {run_id: [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", str(ROOT / args.trainer), *common, f"--seed={seed}",
-                             f"--run_id={run_id}", *extra, *flags] for run_id, seed, flags in jobs}
+                             f"--nproc_per_node={nproc}", str(ROOT / args.trainer), *trainer_args[run_id]]
+                    for run_id, _, _ in jobs if run_id not in kept}
         groups = gpu_groups(gpus, nproc)
         slot_of = seed_slots(jobs, len(groups))
         if slot_of is not None:
-            commands = {run_id: commands[run_id] for run_id in staggered(jobs, slot_of, len(groups))}
+            commands = {run_id: commands[run_id] for run_id in staggered(jobs, slot_of, len(groups))
+                        if run_id in commands}
         run_side_by_side(commands, groups, Path(args.log_dir), slot_of)
-        logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id in commands]
+        logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id, _, _ in jobs]
     rows, unusable = [], []
     for path in logs:
         try:

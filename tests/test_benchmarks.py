@@ -269,6 +269,33 @@ def test_each_variant_run_logs_its_own_flags(bench, tiny_corpus, tmp_path, capsy
     assert "| base_0 |" in capsys.readouterr().out
 
 
+def test_rerunning_a_command_keeps_finished_runs_and_starts_unfinished_ones_over(bench, tiny_corpus, tmp_path,
+                                                                                 capsys, monkeypatch):
+    """The same command again (a device call that ended mid-run, a crash) runs only what did not finish: a
+    finished log of this configuration is kept; a cut-off log is set aside as .unfinished-1 and its run done
+    again; a finished log of another configuration under the same name is refused, naming the field."""
+    args = ["--data", str(tiny_corpus["dir"]), "--nproc", "1", "--runs", "2", "--target", "20", "--peak_tflops",
+            "1", "--log_dir", str(tmp_path), "--variant", "base=", "--", "--preset=tiny", *tiny_corpus["flags"],
+            "--num_iterations=3", "--val_loss_every=0", "--warmup_steps=0"]
+    assert bench.main(args) == 0
+    first = {run_id: (tmp_path / f"{run_id}.txt").read_text() for run_id in ("base_0", "base_1")}
+    (tmp_path / "base_1.txt").write_text(first["base_1"][: len(first["base_1"]) // 2])  # killed mid-run
+    launched = []
+    real_run = bench.run_side_by_side
+    monkeypatch.setattr(bench, "run_side_by_side", lambda commands, *a: launched.append(list(commands))
+                        or real_run(commands, *a))
+    capsys.readouterr()
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert launched == [["base_1"]], launched
+    assert (tmp_path / "base_0.txt").read_text() == first["base_0"], "the finished run is kept as it was"
+    assert (tmp_path / "base_1.txt.unfinished-1").read_text() == first["base_1"][: len(first["base_1"]) // 2]
+    assert bench.finished_log(tmp_path / "base_1.txt") and "| base_0 |" in out and "| base_1 |" in out, out
+    with pytest.raises(SystemExit, match="base_0.txt: a finished run of another configuration .*muon_lr"):
+        bench.main([*args, "--muon_lr=0.03"])
+    assert launched == [["base_1"]], "nothing launched for a refused command"
+
+
 def test_a_run_without_a_log_is_reported_and_the_others_still_get_their_table(bench, tiny_corpus, tmp_path,
                                                                               capsys):
     args = ["--preset=tiny", *tiny_corpus["flags"],
