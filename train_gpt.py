@@ -2351,6 +2351,9 @@ def _(a, b, a_s, b_s, out_f32, fast_accum):
     return a.new_empty(a.size(0), b.size(0), dtype=torch.float32 if out_f32 else torch.bfloat16)
 
 
+FP8_FLAGS = ("fp8_head", "fp8_mlp_up", "fp8_qkv", "fp8_mlp_down")  # the FP8 matmuls' switches
+
+
 def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameters:
     """hp with the FP8 matmuls that `device` cannot run turned off, with a warning: float8 needs compute capability
     8.9 or above (on an A100 --fp8_head's and --fp8_qkv's matmuls would fail), and the fused MLP's FP8 tiles
@@ -2359,8 +2362,7 @@ def fp8_on_this_gpu(hp: Hyperparameters, device: torch.device) -> Hyperparameter
     if device.type != "cuda":
         return hp
     capability = torch.cuda.get_device_capability(device)
-    off = [name for name in ("fp8_head", "fp8_mlp_up", "fp8_qkv", "fp8_mlp_down")
-           if getattr(hp, name) and capability < (8, 9)]
+    off = [name for name in FP8_FLAGS if getattr(hp, name) and capability < (8, 9)]
     index = device.index if device.index is not None else torch.cuda.current_device()
     tiles = {"fp8_mlp_up": (MLP_MATMUL_CONFIG_FP8, 1), "fp8_mlp_down": (MLP_MATMUL_CONFIG, 2)}
     off += [name for name, (config, size) in tiles.items() if getattr(hp, name) and name not in off

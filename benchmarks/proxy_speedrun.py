@@ -49,15 +49,6 @@ def _load_verify():
 
 
 verify = _load_verify()
-
-
-def _load_trainer(file_name: str):
-    """The trainer file `file_name` of the repository as a module (importing it has no side effects)."""
-    spec = importlib.util.spec_from_file_location(Path(file_name).stem, ROOT / file_name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 PEAK_MATMUL_N = 8192  # square bf16 matmul of the peak measurement: large enough that launch overhead does not count
 
 
@@ -248,11 +239,11 @@ def staggered(jobs: list[tuple[str, int, list[str]]], slot_of: dict[str, int], s
     wraps around, so that slots do not compile one new graph at the same time; each variant's graph is compiled
     once, and its runs on the other slots find it in the compile cache (a new graph takes minutes, a cached one
     well under one)."""
-    variants = list(dict.fromkeys(run_id.rpartition("_")[0] for run_id, _, _ in jobs))
+    variants = list(dict.fromkeys(variant_of(Path(run_id)) for run_id, _, _ in jobs))
 
     def key(run_id):
         slot = slot_of[run_id]
-        return (variants.index(run_id.rpartition("_")[0]) - slot * len(variants) // slots) % len(variants)
+        return (variants.index(variant_of(Path(run_id))) - slot * len(variants) // slots) % len(variants)
     return sorted((run_id for run_id, _, _ in jobs), key=key)
 
 
@@ -294,17 +285,9 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
     return status
 
 
-FP8_FIELDS = ("fp8_head", "fp8_mlp_up", "fp8_qkv", "fp8_mlp_down")  # fp8_on_this_gpu may turn these off at run time
-
-
-def finished_log(path: Path) -> bool:
-    """Whether the log at `path` holds a whole run: its last validation at the last step, and the closing
-    peak-memory line."""
-    try:
-        run = verify.parse_log(path)
-    except verify.VerifyError:
-        return False
-    return bool(run.val_points) and run.val_points[-1].step == run.num_iterations and run.peak_memory_mib is not None
+def whole_run(run) -> bool:
+    """Whether a parsed log holds a whole run: its validation at the last step, and the closing peak-memory line."""
+    return run.final_point is not None and run.peak_memory_mib is not None
 
 
 def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer) -> set[str]:
@@ -318,7 +301,11 @@ def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer
         path = log_dir / f"{run_id}.txt"
         if not path.exists():
             continue
-        if not finished_log(path):
+        try:
+            run = verify.parse_log(path)
+        except verify.VerifyError:
+            run = None
+        if run is None or not whole_run(run):
             n = 1
             while path.with_name(f"{path.name}.unfinished-{n}").exists():
                 n += 1
@@ -326,9 +313,10 @@ def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer
             print(f"{run_id}: its log did not finish; kept as {path.name}.unfinished-{n}, the run starts over",
                   flush=True)
             continue
-        logged = verify.parse_log(path).hyperparameters or {}
+        logged = run.hyperparameters or {}
         expected = dataclasses.asdict(trainer.parse_args(args))
-        differ = sorted(k for k in expected if k not in FP8_FIELDS and logged.get(k) != expected[k])
+        # fp8_on_this_gpu may turn the FP8 flags off at run time, so the log need not hold the command's
+        differ = sorted(k for k in expected if k not in trainer.FP8_FLAGS and logged.get(k) != expected[k])
         if differ:
             raise SystemExit(f"{path}: a finished run of another configuration (differs in {', '.join(differ)}); "
                              "pass another --log_dir, or rename the variant")
@@ -457,7 +445,7 @@ def main(argv=None):
                   f"--target_val_loss={args.target}", f"--log_dir={args.log_dir}"]
         trainer_args = {run_id: [*common, f"--seed={seed}", f"--run_id={run_id}", *extra, *flags]
                         for run_id, seed, flags in jobs}
-        trainer = train_gpt if args.trainer == "train_gpt.py" else _load_trainer(args.trainer)
+        trainer = importlib.import_module(Path(args.trainer).stem)  # ROOT is on sys.path
         kept = keep_or_set_aside(trainer_args, Path(args.log_dir), trainer)
         commands = {run_id: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc_per_node={nproc}", str(ROOT / args.trainer), *trainer_args[run_id]]

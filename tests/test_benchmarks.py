@@ -290,7 +290,8 @@ def test_rerunning_a_command_keeps_finished_runs_and_starts_unfinished_ones_over
     assert launched == [["base_1"]], launched
     assert (tmp_path / "base_0.txt").read_text() == first["base_0"], "the finished run is kept as it was"
     assert (tmp_path / "base_1.txt.unfinished-1").read_text() == first["base_1"][: len(first["base_1"]) // 2]
-    assert bench.finished_log(tmp_path / "base_1.txt") and "| base_0 |" in out and "| base_1 |" in out, out
+    assert bench.whole_run(bench.verify.parse_log(tmp_path / "base_1.txt")) and "| base_0 |" in out \
+        and "| base_1 |" in out, out
     with pytest.raises(SystemExit, match="base_0.txt: a finished run of another configuration .*muon_lr"):
         bench.main([*args, "--muon_lr=0.03"])
     assert launched == [["base_1"]], "nothing launched for a refused command"
