@@ -1,5 +1,4 @@
-"""NOT RUN YET: the driver as rewritten after this round, for the next (see NOTES.md).
-Device-side driver for issue 17's ablations within 600 s device calls (README "Ablations of the components").
+"""Device-side driver for issue 17's ablations within 600 s device calls (README "Ablations of the components").
 
 Round 1: the default and every ablation at AT steps (the budget's), seed 0 on GPU 0 and seed 1 on GPU 1 (as
 proxy_speedrun.py pins them). GPU 0 takes the arms in order, GPU 1 in reverse after the default, so each new
