@@ -294,6 +294,8 @@ def _run(args, extra: list[str], variants: list[str]) -> int:
             "--target", str(args.target), "--log_dir", args.log_dir, *variants]
     if args.peak_tflops:
         argv += ["--peak_tflops", str(args.peak_tflops)]
+    if args.lease_s:
+        argv += ["--lease_s", str(args.lease_s)]
     return proxy_speedrun.main([*argv, "--", *extra])
 
 
@@ -312,6 +314,8 @@ def main(argv=None):
     p.add_argument("--log_dir", default="logs/proxy_speedrun")
     p.add_argument("--peak_tflops", type=float, help="passed to proxy_speedrun.py (default: measured)")
     p.add_argument("--at", type=int, help="equal_time: the budget, as the default's step count (default: round 1's)")
+    p.add_argument("--lease_s", type=float,
+                   help="run, equal_time: passed to proxy_speedrun.py (start only runs expected to end within it)")
     p.add_argument("--without_default", action="store_true",
                    help="run: leave the default out (a round split over calls runs it in one of them)")
     args = p.parse_args(argv)

@@ -8,6 +8,8 @@ a target val loss, ms/step, tokens/s, model FLOPs per token, MFU, peak memory an
     python benchmarks/proxy_speedrun.py --data DIR --nproc 1 --variant base= --variant ns5=--muon_ortho=newton_schulz5 \
         -- --num_iterations=200       # configurations side by side, one GPU each (queued if GPUs run out)
     python benchmarks/proxy_speedrun.py --logs logs/proxy_speedrun/*.txt --plot cmp.png   # val loss vs time, per variant
+    python benchmarks/proxy_speedrun.py --data DIR --runs 2 --variant ... --lease_s 560 -- ...   # a machine lent for
+        # 560 s: start only runs expected to end in time; the same command again runs the rest, keeping what finished
 
 DIR holds proxy_train_*.bin and proxy_val_*.bin (shared/corpus/unpack.sh makes them). Every number
 comes from the trainer's own log: training time excludes compilation, the untimed warm-up and
@@ -247,21 +249,60 @@ def staggered(jobs: list[tuple[str, int, list[str]]], slot_of: dict[str, int], s
     return sorted((run_id for run_id, _, _ in jobs), key=key)
 
 
+class Lease:
+    """A machine lent for `seconds` from now (--lease_s): a run starts only if it is expected to end in time, so
+    that none is cut off (a cut-off run is lost; the same command again keeps only finished runs). A run's expected
+    duration comes from this command's finished runs: its variant's longest later run (a later run finds the graph
+    its variant's first run compiled, cached), else its variant's first run, else the longest first run of any
+    variant. Before any run has finished nothing is measured, and a run starts."""
+
+    def __init__(self, seconds: float, clock=time.perf_counter):
+        self.clock, self.end = clock, clock() + seconds
+        self.first: dict[str, float] = {}  # variant -> its first run's seconds
+        self.later: dict[str, float] = {}  # variant -> its longest later run's seconds
+        self.started_variants: set[str] = set()
+
+    def expected_s(self, run_id: str) -> float | None:
+        variant = variant_of(Path(run_id))
+        return self.later.get(variant, self.first.get(variant, max(self.first.values(), default=None)))
+
+    def allows(self, run_id: str) -> bool:
+        expected = self.expected_s(run_id)
+        return expected is None or self.clock() + expected <= self.end
+
+    def started(self, run_id: str) -> bool:
+        """Note that run_id starts; whether it is its variant's first run in this command."""
+        variant = variant_of(Path(run_id))
+        first = variant not in self.started_variants
+        self.started_variants.add(variant)
+        return first
+
+    def finished(self, run_id: str, seconds: float, first: bool) -> None:
+        variant = variant_of(Path(run_id))
+        if first:
+            self.first[variant] = seconds
+        else:
+            self.later[variant] = max(self.later.get(variant, 0.0), seconds)
+
+
 def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], log_dir: Path,
-                     slot_of: dict[str, int] | None = None) -> dict[str, int]:
+                     slot_of: dict[str, int] | None = None, lease: Lease | None = None) -> dict[str, int]:
     """Run every command, as many at once as there are GPU groups, each on its slot in `slot_of` (seed_slots) or,
     without it, on the first that is free; the exit status of each. With one slot the console output streams
     here; side by side it goes to <log_dir>/<run_id>.console, which is kept only for a run that failed (a
-    finished run's log has every line worth keeping)."""
+    finished run's log has every line worth keeping). With a `lease`, a run it does not allow waits (a later
+    measurement may shorten its estimate) and is left out of the result if it never fits."""
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, free, status = list(commands), {}, list(range(len(groups))), {}
     while pending or running:
         for slot in list(free):
-            run_id = next((r for r in pending if slot_of is None or slot_of[r] == slot), None)
+            run_id = next((r for r in pending if (slot_of is None or slot_of[r] == slot)
+                           and (lease is None or lease.allows(r))), None)
             if run_id is None:
                 continue
             pending.remove(run_id)
             free.remove(slot)
+            first = lease.started(run_id) if lease else False
             group = groups[slot]
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if group is not None:
@@ -269,16 +310,21 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
             # closed when the run ends (below): the file outlives this loop iteration
             out = None if len(groups) == 1 else open(log_dir / f"{run_id}.console", "w")  # noqa: SIM115
             running[run_id] = (subprocess.Popen(commands[run_id], env=env, stdout=out, stderr=out), slot,
-                               time.perf_counter(), out)
+                               time.perf_counter(), out, first)
+        if not running:  # what is pending does not fit the lease, and nothing running could change that
+            break
         time.sleep(0.2)
-        for run_id, (proc, slot, t0, out) in list(running.items()):
+        for run_id, (proc, slot, t0, out, first) in list(running.items()):
             if proc.poll() is not None:
+                seconds = time.perf_counter() - t0
                 if out:
                     out.close()
                     if proc.returncode == 0:
                         Path(out.name).unlink()
-                print(f"{run_id}: exit {proc.returncode} after {time.perf_counter() - t0:.0f} s"
+                print(f"{run_id}: exit {proc.returncode} after {seconds:.0f} s"
                       + (f" on GPUs {groups[slot]}" if groups[slot] else ""), flush=True)
+                if lease and proc.returncode == 0:
+                    lease.finished(run_id, seconds, first)
                 free.append(slot)
                 status[run_id] = proc.returncode
                 del running[run_id]
@@ -408,6 +454,7 @@ def _medians(rows, label):
 
 
 def main(argv=None):
+    launched = time.perf_counter()  # a lease counts from here
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
@@ -430,8 +477,14 @@ def main(argv=None):
     p.add_argument("--plot", type=Path, metavar="FILE.png",
                    help="also draw val loss against training time, one color per variant (needs matplotlib)")
     p.add_argument("--peak_tflops", type=float, help="matmul peak per GPU for MFU (default: measured here)")
+    p.add_argument("--lease_s", type=float,
+                   help="the machine is lent for this many seconds: start a run only if it is expected to end in "
+                        "time (from this command's finished runs); the same command again runs what is left")
     args = p.parse_args(argv)
+    if args.lease_s is not None and args.lease_s <= 0:
+        p.error(f"--lease_s={args.lease_s:g}: the seconds the machine is lent for, more than 0")
     peak = args.peak_tflops or measure_peak_tflops()
+    left = []  # runs the lease left for a later command
     if args.logs:
         logs = [Path(x) for x in args.logs]
     else:
@@ -455,8 +508,13 @@ def main(argv=None):
         if slot_of is not None:
             commands = {run_id: commands[run_id] for run_id in staggered(jobs, slot_of, len(groups))
                         if run_id in commands}
-        run_side_by_side(commands, groups, Path(args.log_dir), slot_of)
-        logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id, _, _ in jobs]
+        status = run_side_by_side(commands, groups, Path(args.log_dir), slot_of,
+                                  Lease(args.lease_s - (time.perf_counter() - launched)) if args.lease_s else None)
+        left = [run_id for run_id in commands if run_id not in status]
+        if left:
+            print(f"not started, expected to end after the lease (--lease_s={args.lease_s:g}): {', '.join(left)}; "
+                  "the same command again runs them and keeps what finished", flush=True)
+        logs = [Path(args.log_dir) / f"{run_id}.txt" for run_id, _, _ in jobs if run_id not in left]
     rows, unusable = [], []
     for path in logs:
         try:
@@ -476,7 +534,7 @@ def main(argv=None):
             print(f"--plot: matplotlib is not installed (pip install matplotlib); {args.plot} not written")
             return 1
     finished = all(r["final_loss"] is not None and math.isfinite(r["final_loss"]) for r in rows)
-    return 0 if rows and finished and not unusable else 1
+    return 0 if rows and finished and not unusable and not left else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import inspect
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -225,6 +226,57 @@ def test_a_pinned_run_waits_for_its_slot_even_when_another_is_free(bench, tmp_pa
         assert status == {"a": 0, "b": 0, "c": 0}, status
         got = {name: (tmp_path / name).read_text() for name in commands}
         assert got["a"] == "0" and got["b"] == "1" and got["c"] == expected, (pinned, got)
+
+
+def test_a_lease_expects_a_run_to_last_as_long_as_its_variants_runs_did(bench):
+    """A machine lent for 100 s (a fake clock): nothing measured, a run starts; then a run of a variant that ran
+    is expected to take its later (cached) runs' longest time, else its first run's, and a variant that has not
+    run the longest first run of any variant, since a first run may compile its graph."""
+    now = [0.0]
+    lease = bench.Lease(100.0, clock=lambda: now[0])
+    assert lease.expected_s("a_0") is None and lease.allows("a_0"), "nothing measured: the run starts"
+    assert lease.started("a_0") and not lease.started("a_1") and lease.started("b_0"), "first runs of a variant"
+    lease.finished("a_0", 60.0, first=True)
+    lease.finished("b_0", 45.0, first=True)
+    assert lease.expected_s("a_1") == 60.0 and lease.expected_s("b_1") == 45.0, "a variant's first run"
+    assert lease.expected_s("c_0") == 60.0, "a variant not run yet: the longest first run"
+    lease.finished("a_1", 25.0, first=False)
+    assert lease.expected_s("a_2") == 25.0, "a later run found the graph cached: later runs take as long"
+    now[0] = 70.0
+    assert lease.allows("a_2") and not lease.allows("b_1") and not lease.allows("c_0"), \
+        "70 + 25 s ends within the 100 s; 70 + 45 and 70 + 60 s do not"
+    now[0] = 80.0
+    assert not lease.allows("a_2"), "80 + 25 s ends after the lease"
+
+
+def test_runs_that_would_outlast_the_lease_are_not_started(bench, tmp_path):
+    """One slot, runs of about 0.3 s each: under a 0.5 s lease the first run starts (nothing measured yet) and the
+    next two, each expected to take as long as it did, are left out of the result; under a 60 s lease all three
+    run (the negative control)."""
+    nap = [sys.executable, "-c", "import time; time.sleep(0.3)"]
+    commands = {"a_0": nap, "a_1": nap, "b_0": nap}
+    assert bench.run_side_by_side(commands, [None], tmp_path, lease=bench.Lease(0.5)) == {"a_0": 0}
+    assert bench.run_side_by_side(commands, [None], tmp_path, lease=bench.Lease(60.0)) == \
+        {"a_0": 0, "a_1": 0, "b_0": 0}
+
+
+def test_runs_left_by_the_lease_are_named_and_the_command_fails_so_it_is_run_again(bench, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """The runs a lease did not start are named in one line, left out of the table (no "no usable log" for them),
+    and the exit status is 1, so a script sees that the same command must run again; a lease of 0 s is refused."""
+    seen = []
+    monkeypatch.setattr(bench, "run_side_by_side", lambda commands, groups, log_dir, slot_of, lease:
+                        seen.append(lease) or {})
+    args = ["--data", str(tmp_path), "--nproc", "1", "--runs", "2", "--peak_tflops", "1", "--log_dir",
+            str(tmp_path / "logs")]
+    assert bench.main([*args, "--lease_s", "300", "--", "--preset=tiny"]) == 1
+    out = capsys.readouterr().out
+    assert isinstance(seen[0], bench.Lease) and 290 < seen[0].end - time.perf_counter() <= 300, "the lease, passed"
+    assert "not started, expected to end after the lease (--lease_s=300): run_0, run_1;" in out, out
+    assert "no usable log" not in out, out
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*args, "--lease_s", "0"])
+    assert exit_info.value.code == 2 and "--lease_s=0: the seconds the machine is lent for" in capsys.readouterr().err
 
 
 def test_the_gpu_a_run_used_goes_from_its_log_header_to_the_table(bench, monkeypatch, tmp_path):
