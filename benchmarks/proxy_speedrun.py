@@ -341,7 +341,8 @@ def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer
     machine lent for minutes at a time, a crash): the run ids whose logs finished with the configuration this
     command gives them, which are not run again. An unfinished log (a run killed or crashed) is renamed
     <run_id>.txt.unfinished-N and its run starts over (the trainer never overwrites a log). A finished log of
-    another configuration is refused (SystemExit): pick another --log_dir or variant name."""
+    another configuration is refused (SystemExit): pick another --log_dir or variant name. The folder a log was
+    written in is not its configuration: logs copied to another folder are kept there too."""
     kept = set()
     for run_id, args in trainer_args.items():
         path = log_dir / f"{run_id}.txt"
@@ -361,8 +362,10 @@ def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer
             continue
         logged = run.hyperparameters or {}
         expected = dataclasses.asdict(trainer.parse_args(args))
-        # fp8_on_this_gpu may turn the FP8 flags off at run time, so the log need not hold the command's
-        differ = sorted(k for k in expected if k not in trainer.FP8_FLAGS and logged.get(k) != expected[k])
+        # fp8_on_this_gpu may turn the FP8 flags off at run time, so the log need not hold the command's; and a log
+        # fetched from a lent machine may be brought back in another folder than the one it was written in
+        differ = sorted(k for k in expected if k not in (*trainer.FP8_FLAGS, "log_dir")
+                        and logged.get(k) != expected[k])
         if differ:
             raise SystemExit(f"{path}: a finished run of another configuration (differs in {', '.join(differ)}); "
                              "pass another --log_dir, or rename the variant")

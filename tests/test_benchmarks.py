@@ -325,7 +325,8 @@ def test_rerunning_a_command_keeps_finished_runs_and_starts_unfinished_ones_over
                                                                                  capsys, monkeypatch):
     """The same command again (a device call that ended mid-run, a crash) runs only what did not finish: a
     finished log of this configuration is kept; a cut-off log is set aside as .unfinished-1 and its run done
-    again; a finished log of another configuration under the same name is refused, naming the field."""
+    again; a finished log of another configuration under the same name is refused, naming the field; finished
+    logs copied into another --log_dir are kept there (the folder is not the configuration)."""
     args = ["--data", str(tiny_corpus["dir"]), "--nproc", "1", "--runs", "2", "--target", "20", "--peak_tflops",
             "1", "--log_dir", str(tmp_path), "--variant", "base=", "--", "--preset=tiny", *tiny_corpus["flags"],
             "--num_iterations=3", "--val_loss_every=0", "--warmup_steps=0"]
@@ -347,6 +348,13 @@ def test_rerunning_a_command_keeps_finished_runs_and_starts_unfinished_ones_over
     with pytest.raises(SystemExit, match="base_0.txt: a finished run of another configuration .*muon_lr"):
         bench.main([*args, "--muon_lr=0.03"])
     assert launched == [["base_1"]], "nothing launched for a refused command"
+    moved = tmp_path / "fetched"  # the logs brought back from a lent machine into another folder
+    moved.mkdir()
+    for run_id in ("base_0", "base_1"):
+        (moved / f"{run_id}.txt").write_text((tmp_path / f"{run_id}.txt").read_text())
+    at = args.index("--log_dir") + 1
+    assert bench.main([*args[:at], str(moved), *args[at + 1:]]) == 0
+    assert launched == [["base_1"], []], "logs in another folder than they were written in are kept there"
 
 
 def test_a_run_without_a_log_is_reported_and_the_others_still_get_their_table(bench, tiny_corpus, tmp_path,
