@@ -341,8 +341,8 @@ def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer
     machine lent for minutes at a time, a crash): the run ids whose logs finished with the configuration this
     command gives them, which are not run again. An unfinished log (a run killed or crashed) is renamed
     <run_id>.txt.unfinished-N and its run starts over (the trainer never overwrites a log). A finished log of
-    another configuration is refused (SystemExit): pick another --log_dir or variant name. The folder a log was
-    written in is not its configuration: logs copied to another folder are kept there too."""
+    another configuration is refused (SystemExit): pick another --log_dir or variant name. A log's folder and run
+    id are not its configuration: a finished log copied to another folder, or renamed, is kept there too."""
     kept = set()
     for run_id, args in trainer_args.items():
         path = log_dir / f"{run_id}.txt"
@@ -362,9 +362,10 @@ def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer
             continue
         logged = run.hyperparameters or {}
         expected = dataclasses.asdict(trainer.parse_args(args))
-        # fp8_on_this_gpu may turn the FP8 flags off at run time, so the log need not hold the command's; and a log
-        # fetched from a lent machine may be brought back in another folder than the one it was written in
-        differ = sorted(k for k in expected if k not in (*trainer.FP8_FLAGS, "log_dir")
+        # fp8_on_this_gpu may turn the FP8 flags off at run time, so the log need not hold the command's; a log's
+        # folder and name are where it is kept, not what it ran (a log fetched from a lent machine may come back
+        # elsewhere, or renamed to this command's run ids; its seed is still checked)
+        differ = sorted(k for k in expected if k not in (*trainer.FP8_FLAGS, "log_dir", "run_id")
                         and logged.get(k) != expected[k])
         if differ:
             raise SystemExit(f"{path}: a finished run of another configuration (differs in {', '.join(differ)}); "

@@ -326,7 +326,8 @@ def test_rerunning_a_command_keeps_finished_runs_and_starts_unfinished_ones_over
     """The same command again (a device call that ended mid-run, a crash) runs only what did not finish: a
     finished log of this configuration is kept; a cut-off log is set aside as .unfinished-1 and its run done
     again; a finished log of another configuration under the same name is refused, naming the field; finished
-    logs copied into another --log_dir are kept there (the folder is not the configuration)."""
+    logs copied into another --log_dir, or renamed from another run id, are kept there (a log's folder and name
+    are not its configuration), but a copy under another seed's name is refused."""
     args = ["--data", str(tiny_corpus["dir"]), "--nproc", "1", "--runs", "2", "--target", "20", "--peak_tflops",
             "1", "--log_dir", str(tmp_path), "--variant", "base=", "--", "--preset=tiny", *tiny_corpus["flags"],
             "--num_iterations=3", "--val_loss_every=0", "--warmup_steps=0"]
@@ -355,6 +356,18 @@ def test_rerunning_a_command_keeps_finished_runs_and_starts_unfinished_ones_over
     at = args.index("--log_dir") + 1
     assert bench.main([*args[:at], str(moved), *args[at + 1:]]) == 0
     assert launched == [["base_1"], []], "logs in another folder than they were written in are kept there"
+    renamed = tmp_path / "renamed"  # logs of a run id of another naming (NAME_sSEED), renamed to this command's
+    renamed.mkdir()
+    for run_id in ("base_0", "base_1"):
+        text = (tmp_path / f"{run_id}.txt").read_text()
+        other_name = text.replace(f'"run_id": "{run_id}"', f'"run_id": "{run_id[:-1]}s{run_id[-1]}"')
+        assert other_name != text, "the log names its run id where this replaces it"
+        (renamed / f"{run_id}.txt").write_text(other_name)
+    assert bench.main([*args[:at], str(renamed), *args[at + 1:]]) == 0
+    assert launched == [["base_1"], [], []], "a renamed log of the same configuration and seed is kept"
+    (renamed / "base_1.txt").write_text((renamed / "base_0.txt").read_text())
+    with pytest.raises(SystemExit, match="base_1.txt: a finished run of another configuration .*seed"):
+        bench.main([*args[:at], str(renamed), *args[at + 1:]])
 
 
 def test_a_run_without_a_log_is_reported_and_the_others_still_get_their_table(bench, tiny_corpus, tmp_path,
