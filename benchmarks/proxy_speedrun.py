@@ -253,18 +253,21 @@ class Lease:
     """A machine lent for `seconds` from now (--lease_s): a run starts only if it is expected to end in time, so
     that none is cut off (a cut-off run is lost; the same command again keeps only finished runs). A run's expected
     duration comes from this command's finished runs: its variant's longest later run (a later run finds the graph
-    its variant's first run compiled, cached), else its variant's first run, else the longest first run of any
-    variant. Before any run has finished nothing is measured, and a run starts."""
+    its variant's first run compiled, cached), else its variant's first run, else the first run of a variant that
+    finished last (on a fresh machine the first runs compile everything, at once on every GPU; later new graphs
+    find much of that cached, so the latest first run predicts the next better than the longest). Before any run
+    has finished nothing is measured, and a run starts."""
 
     def __init__(self, seconds: float, clock=time.perf_counter):
         self.clock, self.end = clock, clock() + seconds
-        self.first: dict[str, float] = {}  # variant -> its first run's seconds
+        self.first: dict[str, float] = {}  # variant -> its first run's seconds, in the order they finished
         self.later: dict[str, float] = {}  # variant -> its longest later run's seconds
         self.started_variants: set[str] = set()
 
     def expected_s(self, run_id: str) -> float | None:
         variant = variant_of(Path(run_id))
-        return self.later.get(variant, self.first.get(variant, max(self.first.values(), default=None)))
+        latest_first = next(reversed(self.first.values()), None)
+        return self.later.get(variant, self.first.get(variant, latest_first))
 
     def allows(self, run_id: str) -> bool:
         expected = self.expected_s(run_id)
