@@ -1,5 +1,5 @@
 """End to end on CPU: tiny runs learn, log in the speedrun format, are deterministic, give the same
-losses on 1 and 2 processes, and fail clearly (non-zero exit, log kept) on bad input and NaN loss."""
+losses on 1, 2 and 4 processes, and fail clearly (non-zero exit, log kept) on bad input and NaN loss."""
 import importlib
 import os
 import subprocess
@@ -103,6 +103,27 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
     assert "world_size:2 grad_accum:1" in "\n".join(_log_lines(tmp_path, "two"))
     assert "rows_per_micro_batch:2,4,2" in "\n".join(_log_lines(tmp_path, "joined"))
     assert "rows_per_micro_batch:1,1,1" in "\n".join(_log_lines(tmp_path, "one")), "the control joins nothing"
+
+
+@shared_code_only
+def test_four_processes_joining_their_rows_give_the_one_process_losses(trainer, tiny_corpus, tmp_path):
+    """Data parallelism on four gloo processes equals one process (issue 17: the same math on 1 to 8 GPUs), with
+    each rank joining its own rows: a batch of 4 / 8 / 4 rows per stage runs as 1 / 2 / 1 rows per rank (the
+    second stage's two in one pass), Muon's matrices and Adam's state sharded four ways, the validation split
+    over four ranks; one process joins all of a step's rows in one pass. Only float summation order differs."""
+    batch = "--stage_batch_tokens=1024,2048,2048"  # the tiny preset's rows of 256 / 256 / 512 tokens: 4 / 8 / 4
+    assert trainer.main(_args(tiny_corpus, tmp_path, "one", batch)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "four", batch)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, four = _val_losses(tmp_path, "one"), _val_losses(tmp_path, "four")
+    assert one.keys() == four.keys() and len(one) >= 3, (one, four)
+    for step in one:
+        assert abs(one[step] - four[step]) < 2e-3, f"step {step}: 1 process {one[step]}, 4 processes {four[step]}"
+    assert "world_size:4 grad_accum:1,2,1 rows_per_micro_batch:1,2,1" in "\n".join(_log_lines(tmp_path, "four"))
+    assert "world_size:1 grad_accum:4,8,4 rows_per_micro_batch:4,8,4" in "\n".join(_log_lines(tmp_path, "one"))
 
 
 def first_backward_grads(rank, world_size, module, *corpus_flags):
