@@ -34,6 +34,15 @@ def _val_losses(log_dir, run_id):
     return {p.step: p.val_loss for p in _run(log_dir, run_id).val_points}
 
 
+def _torchrun(trainer, nproc: int, args: list[str]) -> None:
+    """The trainer file on `nproc` gloo processes (torchrun, one thread each); fails the test with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / f"{trainer.__name__}.py"), *args]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -87,11 +96,7 @@ def test_one_and_two_processes_give_the_same_losses(trainer, tiny_corpus, tmp_pa
     tokens, same averaged gradients, same sharded optimizer math; only float summation order differs."""
     one_row_per_pass = "--micro_batch_tokens=0"
     assert trainer.main(_args(tiny_corpus, tmp_path, "one", one_row_per_pass)) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "two", one_row_per_pass)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(trainer, 2, _args(tiny_corpus, tmp_path, "two", one_row_per_pass))
     # One process joining its rows into one forward per step (--micro_batch_tokens, 65536 by default on the small
     # track: all of the tiny preset's 2 / 4 / 2 rows per step) keeps the rows' math: the same losses again.
     assert trainer.main(_args(tiny_corpus, tmp_path, "joined", "--micro_batch_tokens=4096")) == 0
@@ -113,11 +118,7 @@ def test_four_processes_joining_their_rows_give_the_one_process_losses(trainer, 
     over four ranks; one process joins all of a step's rows in one pass. Only float summation order differs."""
     batch = "--stage_batch_tokens=1024,2048,2048"  # the tiny preset's rows of 256 / 256 / 512 tokens: 4 / 8 / 4
     assert trainer.main(_args(tiny_corpus, tmp_path, "one", batch)) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           str(ROOT / f"{trainer.__name__}.py"), *_args(tiny_corpus, tmp_path, "four", batch)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun(trainer, 4, _args(tiny_corpus, tmp_path, "four", batch))
     one, four = _val_losses(tmp_path, "one"), _val_losses(tmp_path, "four")
     assert one.keys() == four.keys() and len(one) >= 3, (one, four)
     for step in one:
