@@ -3149,8 +3149,8 @@ class GPT(nn.Module):
         return [(gen, lr) for gen, lr in pairs if gen is not None]
 
     def embedding_rows(self, inputs: torch.Tensor, row_pos: torch.Tensor | None = None):
-        """(token rows, bigram rows, bigram sign index, [value-embedding rows]) of this micro-batch (`rows` rows
-        joined), in the tables' dtype (the bigram ones None without the table)."""
+        """(token rows, bigram rows, bigram sign index, [value-embedding rows]) of this micro-batch (rows joined at
+        row_pos, row_positions; None: one row), in the tables' dtype (the bigram ones None without the table)."""
         h, s = bigram_indices(inputs, self.hp.bigram_buckets, row_pos) if self.bigram is not None else (None, None)
         return (F.embedding(inputs, self.embed.weight), None if h is None else F.embedding(h, self.bigram), s,
                 [F.embedding(inputs, table) for table in self.value_embeds])

@@ -126,7 +126,7 @@ def ablation_fields(name: str) -> set[str]:
 
 def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparameters) -> set[str]:
     a, b = dataclasses.asdict(hp), dataclasses.asdict(base)
-    return {k for k in a if a[k] != b[k]} - {"seed", "run_id", "log_dir"}
+    return {k for k in a if a[k] != b[k]} - {"seed", *proxy_speedrun.LOG_PLACE_FIELDS}
 
 
 def check_recipes(arms: dict[str, "Arm"]) -> None:

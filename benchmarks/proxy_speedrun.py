@@ -334,6 +334,10 @@ def run_side_by_side(commands: dict[str, list[str]], groups: list[str | None], l
     return status
 
 
+# Hyperparameters fields that say where a run's log is kept and under what name, not what the run computed
+LOG_PLACE_FIELDS = ("log_dir", "run_id")
+
+
 def whole_run(run) -> bool:
     """Whether a parsed log holds a whole run: its validation at the last step, and the closing peak-memory line."""
     return run.final_point is not None and run.peak_memory_mib is not None
@@ -365,10 +369,10 @@ def keep_or_set_aside(trainer_args: dict[str, list[str]], log_dir: Path, trainer
             continue
         logged = run.hyperparameters or {}
         expected = dataclasses.asdict(trainer.parse_args(args))
-        # fp8_on_this_gpu may turn the FP8 flags off at run time, so the log need not hold the command's; a log's
-        # folder and name are where it is kept, not what it ran (a log fetched from a lent machine may come back
-        # elsewhere, or renamed to this command's run ids; its seed is still checked)
-        differ = sorted(k for k in expected if k not in (*trainer.FP8_FLAGS, "log_dir", "run_id")
+        # fp8_on_this_gpu may turn the FP8 flags off at run time, so the log need not hold the command's; a log
+        # fetched from a lent machine may come back in another folder, or renamed to this command's run ids (its
+        # seed is still checked)
+        differ = sorted(k for k in expected if k not in (*trainer.FP8_FLAGS, *LOG_PLACE_FIELDS)
                         and logged.get(k) != expected[k])
         if differ:
             raise SystemExit(f"{path}: a finished run of another configuration (differs in {', '.join(differ)}); "
