@@ -3635,12 +3635,16 @@ class RunLog:
 
 
 def gpu_identity(device: torch.device) -> str | None:
-    """'NVIDIA H200, bus 00000000:00:07.0': the GPU `device` is, its bus id as nvidia-smi prints it, so that runs
-    side by side on one host can be told apart by GPU (two GPUs of one host can differ in speed); None off CUDA."""
+    """'NVIDIA H200, bus 00000000:00:07.0, uuid GPU-8f1c...': the GPU `device` is, its bus id and UUID as
+    nvidia-smi prints them, so that runs can be told apart by GPU: by bus id side by side on one host, by UUID
+    across hosts (hosts share bus ids; two GPUs, of one host or two, can differ in speed by a few percent); None
+    off CUDA."""
     if device.type != "cuda":
         return None
     p = torch.cuda.get_device_properties(device)
-    return f"{p.name}, bus {p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
+    gpu_uuid = getattr(p, "uuid", None)  # torch prints it without nvidia-smi's "GPU-" prefix
+    return (f"{p.name}, bus {p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
+            + (f", uuid GPU-{str(gpu_uuid).removeprefix('GPU-')}" if gpu_uuid is not None else ""))
 
 
 def environment_report(device: torch.device) -> str:

@@ -99,11 +99,22 @@ def equal_time_iterations(hp: train_gpt.Hyperparameters, by_stage_ms: list[float
 @dataclasses.dataclass
 class Arm:
     """The finished runs of one variant: their hyperparameters (of the first; an arm is one recipe), final
-    losses, training seconds and median ms per step by stage."""
+    losses, training seconds, median ms per step by stage, and the GPU of each run (its UUID, None in logs older
+    than the UUID)."""
     hp: train_gpt.Hyperparameters
     losses: list[float]
     times: list[float]
     stage_ms: list[float]
+    gpus: list[str | None] = dataclasses.field(default_factory=list)
+
+
+def on_other_gpus(arm: Arm, against: Arm) -> bool:
+    """Whether `arm`'s runs ran on other GPUs than `against`'s, as their logs' UUIDs say: their times then compare
+    GPUs as well as recipes (two H200s, of one host or of two, can differ by 1-3% per step, as much as most
+    components change one). False where a log names no UUID: not known."""
+    if not arm.gpus or not against.gpus or None in arm.gpus or None in against.gpus:
+        return False
+    return set(arm.gpus) != set(against.gpus)
 
 
 def split_variant(variant: str) -> tuple[str | None, int | None]:
@@ -178,6 +189,7 @@ def read_arms(logs: list[Path]) -> dict[str, Arm]:
         arm.losses.append(row["final_loss"])
         arm.times.append(row["train_time_s"])
         arm.stage_ms.append(by_stage)
+        arm.gpus.append(proxy_speedrun.gpu_uuid(run.gpu))
     for arm in arms.values():
         arm.stage_ms = [statistics.median(column) for column in zip(*arm.stage_ms, strict=True)]
     if DEFAULT not in arms:
@@ -248,7 +260,8 @@ def _cell(arm: Arm | None, against: Arm | None, with_steps: bool) -> str:
     p = _welch_p(arm.losses, against.losses)
     return ((f"{arm.hp.num_iterations}, " if with_steps else "")
             + f"{len(arm.losses)}, {_mean(arm.losses) - _mean(against.losses):+.4f}"
-            + (f" (p = {p:.2g})" if p is not None else "") + f", {_mean(arm.times):.1f} s")
+            + (f" (p = {p:.2g})" if p is not None else "") + f", {_mean(arm.times):.1f} s"
+            + (" (other GPUs)" if on_other_gpus(arm, against) else ""))
 
 
 def table(arms: dict[str, Arm], names: list[str]) -> str:
@@ -269,7 +282,8 @@ def table(arms: dict[str, Arm], names: list[str]) -> str:
               if arm is not None and arm is not base]
     lines += ["Delta: the ablation's loss minus the default's; positive where the loss rises without the component "
               "(at equal time: the component pays for its time). \"round 1\": the equal-step runs, whose step "
-              "count is already the equal-time one.",
+              "count is already the equal-time one. \"(other GPUs)\": the ablation's runs ran on other GPUs than "
+              "the default's (their logs' UUIDs), so its time compares GPUs too.",
               "",
               "| component off | flags | equal steps: runs, loss delta (Welch p), time | "
               + "".join(f"equal time, the default's {at} steps: steps, runs, loss delta (Welch p), time | "
@@ -341,7 +355,10 @@ def main(argv=None):
           + (" (predicted from round 1)" if at != arms[DEFAULT].hp.num_iterations else ""))
     for name, steps in plan.items():
         print(f"{name}: --num_iterations={steps} (measured at {arms[name].hp.num_iterations}: "
-              f"{statistics.median(arms[name].times):.1f} s)")
+              f"{statistics.median(arms[name].times):.1f} s)"
+              + (f"; its round-1 runs ran on other GPUs than {DEFAULT}'s, so this count corrects for the GPUs' "
+                 f"speed as well as the component's: for a plan within one host, run round 1's {DEFAULT} again "
+                 f"beside it" if on_other_gpus(arms[name], arms[DEFAULT]) else ""))
     if not plan:
         print("no ablation to run at equal time (round 1's logs name none that finished at the default's steps)")
         return 1

@@ -178,9 +178,15 @@ def summarize_run(run, path: Path, target: float, peak_tflops: float | None) -> 
 
 
 def gpu_bus(gpu: str | None) -> str | None:
-    """'00:07.0', the short bus id of a log's `gpu:` line ('NVIDIA H200, bus 00000000:00:07.0'): which GPU of
-    the host rank 0 ran on (None for older logs)."""
-    return gpu.rpartition(" bus ")[2].removeprefix("00000000:") if gpu else None
+    """'00:07.0', the short bus id of a log's `gpu:` line ('NVIDIA H200, bus 00000000:00:07.0, uuid GPU-...'):
+    which GPU of the host rank 0 ran on (None for older logs)."""
+    return gpu.rpartition(" bus ")[2].partition(",")[0].removeprefix("00000000:") if gpu else None
+
+
+def gpu_uuid(gpu: str | None) -> str | None:
+    """'GPU-8f1c...', the UUID of a log's `gpu:` line: which GPU rank 0 ran on, told apart across hosts (hosts
+    share bus ids); None for logs older than the UUID in that line, and off CUDA."""
+    return gpu.partition(", uuid ")[2] or None if gpu else None
 
 
 def measure_peak_tflops() -> float | None:

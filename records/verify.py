@@ -174,8 +174,8 @@ class RunLog:
 
     @property
     def gpu(self):
-        """The GPU rank 0 ran on, from the environment's `gpu:` line ('NVIDIA H200, bus 00000000:00:07.0'); None
-        in logs written before the line was."""
+        """The GPU rank 0 ran on, from the environment's `gpu:` line ('NVIDIA H200, bus 00000000:00:07.0, uuid
+        GPU-...'; older logs name no UUID); None in logs written before the line was."""
         return next((line.removeprefix("gpu: ") for line in self.environment if line.startswith("gpu: ")), None)
 
     @property

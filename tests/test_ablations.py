@@ -193,3 +193,41 @@ def test_a_log_filed_under_another_ablations_name_is_refused(ablations, tiny_cor
         '"seed": 0,', '"seed": 0, "retired_flag": 1,'))
     arms = ablations.read_arms(sorted(tmp_path.glob("*.txt")))
     assert set(arms) == {"default"}, "a log of an older recipe (a flag this trainer no longer has) is left out"
+
+
+def _on_gpu(log, uuid):
+    """The log as if rank 0 had run on the GPU of `uuid` (a CPU run's header names no GPU)."""
+    text = log.read_text()
+    marked = text.replace("\n" + train_gpt.RULE + "\nhyperparameters",
+                          f"\ngpu: NVIDIA H200, bus 00000000:00:07.0, uuid {uuid}\n" + train_gpt.RULE
+                          + "\nhyperparameters", 1)
+    assert marked != text, "the log has the header line this inserts before"
+    log.write_text(marked)
+
+
+def test_times_measured_on_other_gpus_than_the_defaults_are_marked(ablations, tiny_corpus, tmp_path, capsys):
+    """An ablation whose runs ran on other GPUs than the default's (another host: the logs' UUIDs differ) has its
+    time marked "(other GPUs)" in the table, and its equal-time plan says that the count corrects for the GPUs
+    too; on the default's own GPUs (negative control), or where a log names no UUID (older logs), nothing is
+    marked."""
+    for seed in (0, 1):
+        _tiny_run(tiny_corpus, tmp_path, f"default_{seed}", seed)
+        _tiny_run(tiny_corpus, tmp_path, f"no_smear_{seed}", seed, "--smear=false")
+        _tiny_run(tiny_corpus, tmp_path, f"no_mtp_{seed}", seed, "--mtp_weights=1;1;1")
+        _tiny_run(tiny_corpus, tmp_path, f"no_xsa_{seed}", seed, "--xsa_layers=")
+    for seed, uuid in enumerate(("GPU-aaaa", "GPU-bbbb")):
+        _on_gpu(tmp_path / f"default_{seed}.txt", uuid)
+        _on_gpu(tmp_path / f"no_smear_{seed}.txt", uuid)  # the default's host
+    for seed, uuid in enumerate(("GPU-cccc", "GPU-dddd")):
+        _on_gpu(tmp_path / f"no_mtp_{seed}.txt", uuid)  # another host
+    logs = sorted(tmp_path.glob("*.txt"))                # no_xsa: named no GPU (an older log)
+    arms = ablations.read_arms(logs)
+    assert arms["default"].gpus == ["GPU-aaaa", "GPU-bbbb"] and arms["no_xsa"].gpus == [None, None], arms["default"]
+    rows = {line.split("|")[1].strip(): line for line in ablations.table(arms, ["no_smear", "no_mtp", "no_xsa"])
+            .splitlines() if line.startswith("| ") and "`" in line}
+    assert "(other GPUs)" in rows["multi-token prediction (next token only)"], rows
+    assert "(other GPUs)" not in rows["smear"] + rows["XSA"], "the default's GPUs, or not known: no mark"
+    assert ablations.main(["equal_time", "--only", "no_smear,no_mtp,no_xsa", "--logs", *map(str, logs)]) == 0
+    plan = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("no_")}
+    assert "ran on other GPUs than default's" in plan["no_mtp"], plan
+    assert "other GPUs" not in plan["no_smear"] + plan["no_xsa"], plan

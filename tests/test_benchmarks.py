@@ -281,8 +281,9 @@ def test_runs_left_by_the_lease_are_named_and_the_command_fails_so_it_is_run_aga
 
 
 def test_the_gpu_a_run_used_goes_from_its_log_header_to_the_table(bench, monkeypatch, tmp_path):
-    """The trainer's header names its GPU by bus id as nvidia-smi prints it; verify.py reads it and the table
-    shows its short form; a CPU run writes no such line, and an older log shows '-'."""
+    """The trainer's header names its GPU by bus id and UUID as nvidia-smi prints them; verify.py reads the line,
+    the table shows the bus id's short form and ablations.py compares UUIDs; a CPU run writes no such line, and
+    an older log shows '-'."""
     import types
 
     import torch
@@ -291,7 +292,13 @@ def test_the_gpu_a_run_used_goes_from_its_log_header_to_the_table(bench, monkeyp
     props = types.SimpleNamespace(name="NVIDIA H200", pci_domain_id=0, pci_bus_id=0, pci_device_id=7)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     header = train_gpt.environment_report(torch.device("cuda", 1))
-    assert "gpu: NVIDIA H200, bus 00000000:00:07.0" in header.splitlines(), header
+    assert "gpu: NVIDIA H200, bus 00000000:00:07.0" in header.splitlines(), "a torch without the UUID: the bus"
+    props.uuid = "8f1c0d2e-0000-4000-8000-000000000007"  # torch prints it without nvidia-smi's "GPU-"
+    header = train_gpt.environment_report(torch.device("cuda", 1))
+    line = "NVIDIA H200, bus 00000000:00:07.0, uuid GPU-8f1c0d2e-0000-4000-8000-000000000007"
+    assert f"gpu: {line}" in header.splitlines(), header
+    assert (bench.gpu_bus(line), bench.gpu_uuid(line)) == ("00:07.0", "GPU-8f1c0d2e-0000-4000-8000-000000000007")
+    assert bench.gpu_uuid("NVIDIA H200, bus 00000000:00:07.0") is None, "an older log's line names no UUID"
     assert not any(line.startswith("gpu:") for line in train_gpt.environment_report(torch.device("cpu")).splitlines())
     text = our_log(2.0, n_steps=10, val_every=10, step_every=1, time_ms=1000.0)
     new = text.replace("\n" + train_gpt.RULE + "\nhyperparameters", "\ngpu: NVIDIA H200, bus 00000000:00:07.0\n"
