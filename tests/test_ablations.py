@@ -228,6 +228,7 @@ def test_times_measured_on_other_gpus_than_the_defaults_are_marked(ablations, ti
     assert "(other GPUs)" in rows["multi-token prediction (next token only)"], rows
     assert "(other GPUs)" not in rows["smear"] + rows["XSA"], "the default's GPUs, or not known: no mark"
     assert ablations.main(["equal_time", "--only", "no_smear,no_mtp,no_xsa", "--logs", *map(str, logs)]) == 0
-    plan = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("no_")}
+    plan = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("no_") and "--num_iterations=" in line}  # the plan's lines, one per ablation
     assert "ran on other GPUs than default's" in plan["no_mtp"], plan
     assert "other GPUs" not in plan["no_smear"] + plan["no_xsa"], plan
