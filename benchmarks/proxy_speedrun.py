@@ -186,7 +186,7 @@ def gpu_bus(gpu: str | None) -> str | None:
 def gpu_uuid(gpu: str | None) -> str | None:
     """'GPU-8f1c...', the UUID of a log's `gpu:` line: which GPU rank 0 ran on, told apart across hosts (hosts
     share bus ids); None for logs older than the UUID in that line, and off CUDA."""
-    return gpu.partition(", uuid ")[2] or None if gpu else None
+    return (gpu.partition(", uuid ")[2] or None) if gpu else None
 
 
 def measure_peak_tflops() -> float | None:
