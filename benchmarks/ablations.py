@@ -43,7 +43,6 @@ ABLATIONS = {
     "no_xsa": ("XSA", ("--xsa_layers=",)),
     "no_attn_gate": ("attention output gates", ("--attn_gate_layers=",)),
     "no_key_offset": ("partial key offset", ("--key_offset_layers=",)),
-    "no_paired_heads": ("paired-head attention", ("--paired_head_layers=",)),
     "no_skip": ("skip connection", ("--skip_connection=",)),
     "no_cache_layer": ("cached attention input and backout", ("--cache_layer=-1",)),
     "no_mtp": ("multi-token prediction (next token only)", ("--mtp_weights=1;1;1",)),

@@ -17,8 +17,8 @@ def ablations():
     return load_script("benchmarks/ablations.py", "ablations")
 
 
-# The tiny preset with the default's switches: MUDD, per-token gates and DC are off in the default recipe.
-TINY_AS_DEFAULT = ["--preset=tiny", "--mudd=false", "--gate_split_layer=0", "--dc_layers="]
+# The tiny preset with the default's switches: MUDD, per-token gates, DC and paired heads are off in the default recipe.
+TINY_AS_DEFAULT = ["--preset=tiny", "--mudd=false", "--gate_split_layer=0", "--dc_layers=", "--paired_head_layers="]
 
 
 def _first_gradients(flags, weights):
@@ -57,10 +57,12 @@ def test_each_ablation_turns_off_a_component_that_changes_the_first_step(ablatio
 
 
 def test_each_ablation_changes_only_its_own_fields_of_the_default_recipe(ablations):
+    """Each ablation's flags change exactly the fields they name: none that the default already has (a component
+    the default dropped, as paired heads were, would be a no-op ablation), none besides."""
     default = dataclasses.asdict(train_gpt.Hyperparameters())
     for name, (_, flags) in ablations.ABLATIONS.items():
         changed = {k for k, v in dataclasses.asdict(train_gpt.parse_args(list(flags))).items() if default[k] != v}
-        assert changed == {f[2:].partition("=")[0] for f in flags}, (name, changed)
+        assert changed == {f[2:].partition("=")[0] for f in flags}, f"{name}: its flags change {sorted(changed)}"
 
 
 def test_equal_time_steps_are_the_ones_whose_predicted_time_is_the_defaults(ablations):
