@@ -1,8 +1,9 @@
 """Ablations of the staged recipe's components at equal training time (issue 17): each component turned off
 alone, run beside the default on the proxy corpus, then again with the step count that gives it the default's
-training time, since a component that costs time must win at equal time.
+training time, since a component that costs time must win at equal time. Components the default lacks
+(ADDITIONS) run the same way, turned on alone.
 
-    python benchmarks/ablations.py list                                   # components and the flags that turn them off
+    python benchmarks/ablations.py list                                   # components and the flags that turn them off (on)
     # 1. equal steps: the default and each ablation, one GPU per run, side by side (proxy_speedrun.py runs them)
     python benchmarks/ablations.py run --data DIR --runs 2 [--only no_smear,no_xsa] -- \\
         --num_iterations=190 --cycle_train_data=true --val_loss_every=0
@@ -47,16 +48,23 @@ ABLATIONS = {
     "no_cache_layer": ("cached attention input and backout", ("--cache_layer=-1",)),
     "no_mtp": ("multi-token prediction (next token only)", ("--mtp_weights=1;1;1",)),
 }
+# Components the default lacks (dropped after a measurement, or never adopted), each with the flags that turn it on
+# alone: the same rounds run them, so a longer budget than the one that decided (the FineWeb schedule is 6.7 times
+# the proxy's 190 steps) can show whether one pays there.
+ADDITIONS = {
+    "with_paired_heads": ("paired-head attention (the public's layers)", ("--paired_head_layers=0,2,5,9",)),
+}
+ARMS = {**ABLATIONS, **ADDITIONS}
 
 
 def chosen(only: str | None) -> list[str]:
-    """The ablations named in `only` (comma-separated), or all of them."""
+    """The arms (ablations and additions) named in `only` (comma-separated), or all of them."""
     if not only:
-        return list(ABLATIONS)
+        return list(ARMS)
     names = [n.strip() for n in only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ABLATIONS]
+    unknown = [n for n in names if n not in ARMS]
     if unknown:
-        raise SystemExit(f"--only: unknown ablation(s) {', '.join(unknown)}; known: {', '.join(ABLATIONS)}")
+        raise SystemExit(f"--only: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     return names
 
 
@@ -68,7 +76,7 @@ def variant_args(names: list[str], extra_flags: dict[str, list[str]] | None = No
     extra_flags = extra_flags or {}
     out = ["--variant", f"{DEFAULT}{suffix}={' '.join(extra_flags.get(DEFAULT, []))}"] if with_default else []
     for name in names:
-        flags = [*ABLATIONS[name][1], *extra_flags.get(name, [])]
+        flags = [*ARMS[name][1], *extra_flags.get(name, [])]
         if any(" " in f for f in flags):
             raise ValueError(f"{name}: a flag with a space cannot pass through --variant: {flags}")
         out += ["--variant", f"{name}{suffix}={' '.join(flags)}"]
@@ -123,15 +131,15 @@ def split_variant(variant: str) -> tuple[str | None, int | None]:
     name, at = (match["name"], int(match["at"])) if match else (variant, None)
     if name == DEFAULT:
         return None, at
-    if name not in ABLATIONS:
-        raise SystemExit(f"a log of variant {variant!r}: not an ablation of this script ({', '.join(ABLATIONS)}) "
+    if name not in ARMS:
+        raise SystemExit(f"a log of variant {variant!r}: not an arm of this script ({', '.join(ARMS)}) "
                          f"nor {DEFAULT}; pass only the logs of its runs")
     return name, at
 
 
 def ablation_fields(name: str) -> set[str]:
-    """The Hyperparameters fields an ablation's flags set."""
-    return {flag[2:].partition("=")[0] for flag in ABLATIONS[name][1]}
+    """The Hyperparameters fields an arm's flags set."""
+    return {flag[2:].partition("=")[0] for flag in ARMS[name][1]}
 
 
 def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparameters) -> set[str]:
@@ -279,17 +287,18 @@ def table(arms: dict[str, Arm], names: list[str]) -> str:
     lines = [_describe("Default, round 1", base)]
     lines += [_describe(f"Default, run again for the {at}-step budget", arm) for at, arm in defaults.items()
               if arm is not None and arm is not base]
-    lines += ["Delta: the ablation's loss minus the default's; positive where the loss rises without the component "
-              "(at equal time: the component pays for its time). \"round 1\": the equal-step runs, whose step "
-              "count is already the equal-time one. \"(other GPUs)\": the ablation's runs ran on other GPUs than "
-              "the default's (their logs' UUIDs), so its time compares GPUs too.",
+    lines += ["Delta: the arm's loss minus the default's. A component turned off (\"off\"): positive where the loss "
+              "rises without it (at equal time: the component pays for its time). One the default lacks, turned on "
+              "(\"on\"): negative where it pays. \"round 1\": the equal-step runs, whose step count is already the "
+              "equal-time one. \"(other GPUs)\": the arm's runs ran on other GPUs than the default's (their logs' "
+              "UUIDs), so its time compares GPUs too.",
               "",
-              "| component off | flags | equal steps: runs, loss delta (Welch p), time | "
+              "| component | turned | flags | equal steps: runs, loss delta (Welch p), time | "
               + "".join(f"equal time, the default's {at} steps: steps, runs, loss delta (Welch p), time | "
                         for at in budgets) + "last stage ms/step |",
-              "|---|---|---|" + "---|" * len(budgets) + "---|"]
+              "|---|---|---|---|" + "---|" * len(budgets) + "---|"]
     for name in names:
-        component, flags = ABLATIONS[name]
+        component, flags = ARMS[name]
         cells = [_cell(arms.get(name), base, False)]
         for at in budgets:
             if f"{name}_eq{at}" not in arms and at == first and name in in_round_1:
@@ -298,7 +307,8 @@ def table(arms: dict[str, Arm], names: list[str]) -> str:
                 cells.append(_cell(arms.get(f"{name}_eq{at}"), defaults[at], True))
         measured = longest([arms.get(name), *(arms.get(f"{name}_eq{at}") for at in budgets)])
         ms = f"{last_stage_ms(measured):.0f}" if measured else "-"
-        lines.append(f"| {component} | `{' '.join(flags)}` | {' | '.join(cells)} | {ms} |")
+        turned = "on" if name in ADDITIONS else "off"
+        lines.append(f"| {component} | {turned} | `{' '.join(flags)}` | {' | '.join(cells)} | {ms} |")
     return "\n".join(lines)
 
 
@@ -318,7 +328,7 @@ def main(argv=None):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["list", "run", "equal_time", "table"])
-    p.add_argument("--only", help="comma-separated ablation names (default: all)")
+    p.add_argument("--only", help="comma-separated arm names, ablations and additions (default: all)")
     p.add_argument("--logs", nargs="+", type=Path, help="round 1's logs (equal_time), every round's (table)")
     p.add_argument("--data", help="run: folder with the proxy corpus; equal_time: run the plan too")
     p.add_argument("--runs", type=int, default=2)
@@ -335,8 +345,8 @@ def main(argv=None):
     names = chosen(args.only)
     if args.command == "list":
         for name in names:
-            component, flags = ABLATIONS[name]
-            print(f"{name:16} {component:44} {' '.join(flags)}")
+            component, flags = ARMS[name]
+            print(f"{name:18} {'on ' if name in ADDITIONS else 'off'} {component:44} {' '.join(flags)}")
         return 0
     if args.command == "run":
         if not args.data:

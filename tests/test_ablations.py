@@ -35,11 +35,24 @@ def _first_gradients(flags, weights):
                                                 weights=plan.loss_weights))[1]
 
 
-def test_each_ablation_turns_off_a_component_that_changes_the_first_step(ablations):
-    """With the default's weights wherever the ablated model has the same parameter, the gradients of the shared
+def _tiny_flags(ablations, name):
+    """An arm's flags for the tiny model: an ablation's as they are (they empty a field); an addition's fields set
+    as the tiny preset sets them (it turns every component on, at layers the tiny model has), since the full
+    model's layer numbers do not fit it."""
+    if name not in ablations.ADDITIONS:
+        return list(ablations.ARMS[name][1])
+    tiny, as_default = train_gpt.parse_args(["--preset=tiny"]), train_gpt.parse_args(TINY_AS_DEFAULT)
+    fields = ablations.ablation_fields(name)
+    assert all(getattr(tiny, f) != getattr(as_default, f) for f in fields), \
+        f"{name}: the tiny preset does not turn {sorted(fields)} on; this test cannot run it"
+    return [f"--{f}={getattr(tiny, f)}" for f in fields]
+
+
+def test_each_arm_turns_a_component_off_or_on_that_changes_the_first_step(ablations):
+    """With the default's weights wherever the arm's model has the same parameter, the gradients of the shared
     parameters move by more than 0.1% (measured: 0.9% for value embeddings, up to 43% for multi-token
-    prediction): the flags switch off something that computes, not a no-op. Negative control: no flag, same
-    weights, the same gradients exactly."""
+    prediction): the flags switch off (an ablation) or on (an addition) something that computes, not a no-op.
+    Negative control: no flag, same weights, the same gradients exactly."""
     torch.manual_seed(0)
     default = train_gpt.GPT(train_gpt.parse_args(TINY_AS_DEFAULT))
     _randomize(default)
@@ -52,15 +65,17 @@ def test_each_ablation_turns_off_a_component_that_changes_the_first_step(ablatio
         return ((a - b).norm() / b.norm()).item()
 
     assert change(_first_gradients([], weights)) == 0.0, "negative control: the default reproduces itself"
-    changes = {name: change(_first_gradients(flags, weights)) for name, (_, flags) in ablations.ABLATIONS.items()}
+    changes = {name: change(_first_gradients(_tiny_flags(ablations, name), weights)) for name in ablations.ARMS}
     assert all(c > 1e-3 for c in changes.values()), changes
 
 
-def test_each_ablation_changes_only_its_own_fields_of_the_default_recipe(ablations):
-    """Each ablation's flags change exactly the fields they name: none that the default already has (a component
-    the default dropped, as paired heads were, would be a no-op ablation), none besides."""
+def test_each_arm_changes_only_its_own_fields_of_the_default_recipe(ablations):
+    """Each arm's flags change exactly the fields they name: none that the default already has (an ablation of a
+    component the default dropped, as paired heads were, or an addition of one it has, would be a no-op arm),
+    none besides. Ablations and additions are told apart by their names."""
+    assert not set(ablations.ABLATIONS) & set(ablations.ADDITIONS)
     default = dataclasses.asdict(train_gpt.Hyperparameters())
-    for name, (_, flags) in ablations.ABLATIONS.items():
+    for name, (_, flags) in ablations.ARMS.items():
         changed = {k for k, v in dataclasses.asdict(train_gpt.parse_args(list(flags))).items() if default[k] != v}
         assert changed == {f[2:].partition("=")[0] for f in flags}, f"{name}: its flags change {sorted(changed)}"
 
@@ -159,12 +174,14 @@ def test_plan_and_table_come_from_the_logs_and_runs_get_their_variants(ablations
     out = capsys.readouterr().out
     assert "crashed.txt: no usable log" in out, "a run without a log is left out, said so"
     assert "equal time, the default's 12 steps" in out and "Default, run again for the 12-step budget" in out, out
-    smear = next(line for line in out.splitlines() if line.startswith("| smear |"))
+    smear = next(line for line in out.splitlines() if line.startswith("| smear | off |"))
+    assert "| paired-head attention (the public's layers) | on | `--paired_head_layers=0,2,5,9` |" in out, \
+        "an addition's row says its component is turned on"
     in_round_1 = planned == 6  # then a 6-step budget column shows round 1's runs, marked
     assert smear.count("| 2, ") == 1 and f"| {planned_12}, 2, " in smear, smear
     assert smear.count("(p = ") == 2 + in_round_1 and ("(round 1)" in smear) == in_round_1, smear
     assert sum(line.startswith("| ") and "| not run | not run | -" in line for line in out.splitlines()) == \
-        len(ablations.ABLATIONS) - 1, out
+        len(ablations.ARMS) - 1, out
 
 
 def test_unknown_ablation_names_are_refused_with_the_known_ones(ablations):
