@@ -137,9 +137,14 @@ def split_variant(variant: str) -> tuple[str | None, int | None]:
     return name, at
 
 
-def ablation_fields(name: str) -> set[str]:
+def arm_fields(name: str) -> set[str]:
     """The Hyperparameters fields an arm's flags set."""
     return {flag[2:].partition("=")[0] for flag in ARMS[name][1]}
+
+
+def turned(name: str) -> str:
+    """How an arm turns its component: "off" (an ablation) or "on" (an addition)."""
+    return "on" if name in ADDITIONS else "off"
 
 
 def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparameters) -> set[str]:
@@ -154,7 +159,7 @@ def check_recipes(arms: dict[str, "Arm"]) -> None:
     base = arms[DEFAULT].hp
     for variant, arm in arms.items():
         name, at = split_variant(variant)
-        expected = ablation_fields(name) if name else set()
+        expected = arm_fields(name) if name else set()
         allowed = expected | ({"num_iterations"} if at is not None else set())
         changed = _changed_fields(arm.hp, base)
         if not expected <= changed <= allowed:
@@ -307,8 +312,7 @@ def table(arms: dict[str, Arm], names: list[str]) -> str:
                 cells.append(_cell(arms.get(f"{name}_eq{at}"), defaults[at], True))
         measured = longest([arms.get(name), *(arms.get(f"{name}_eq{at}") for at in budgets)])
         ms = f"{last_stage_ms(measured):.0f}" if measured else "-"
-        turned = "on" if name in ADDITIONS else "off"
-        lines.append(f"| {component} | {turned} | `{' '.join(flags)}` | {' | '.join(cells)} | {ms} |")
+        lines.append(f"| {component} | {turned(name)} | `{' '.join(flags)}` | {' | '.join(cells)} | {ms} |")
     return "\n".join(lines)
 
 
@@ -346,7 +350,7 @@ def main(argv=None):
     if args.command == "list":
         for name in names:
             component, flags = ARMS[name]
-            print(f"{name:18} {'on ' if name in ADDITIONS else 'off'} {component:44} {' '.join(flags)}")
+            print(f"{name:18} {turned(name):3} {component:44} {' '.join(flags)}")
         return 0
     if args.command == "run":
         if not args.data:

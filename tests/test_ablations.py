@@ -42,7 +42,7 @@ def _tiny_flags(ablations, name):
     if name not in ablations.ADDITIONS:
         return list(ablations.ARMS[name][1])
     tiny, as_default = train_gpt.parse_args(["--preset=tiny"]), train_gpt.parse_args(TINY_AS_DEFAULT)
-    fields = ablations.ablation_fields(name)
+    fields = ablations.arm_fields(name)
     assert all(getattr(tiny, f) != getattr(as_default, f) for f in fields), \
         f"{name}: the tiny preset does not turn {sorted(fields)} on; this test cannot run it"
     return [f"--{f}={getattr(tiny, f)}" for f in fields]
