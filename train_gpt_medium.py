@@ -98,7 +98,7 @@ class Hyperparameters:
     xsa_layers: str = "1,3,4,7"  # layers whose heads remove a learned share of their own value (XSA)
     attn_gate_layers: str = "3,15"  # layers with a gate per head on the attention output
     key_offset_layers: str = "3,15"  # layers whose keys' unrotated half comes from the previous token
-    paired_head_layers: str = ""  # layers whose head pairs attend as one twice-as-long sequence (public: 0,2,5,9)
+    paired_head_layers: str = "0,2,5,9"  # layers whose head pairs attend as one sequence of twice the tokens
     skip_connection: str = "3>6"  # a>b: layer b's input adds a gated copy of layer a's output ("" for none)
     cache_layer: int = 12  # later layers' attention reads this layer's output, subtracted at the end; -1: off
     gate_split_layer: int = 0  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static (4: the public's)

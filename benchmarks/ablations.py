@@ -44,6 +44,7 @@ ABLATIONS = {
     "no_xsa": ("XSA", ("--xsa_layers=",)),
     "no_attn_gate": ("attention output gates", ("--attn_gate_layers=",)),
     "no_key_offset": ("partial key offset", ("--key_offset_layers=",)),
+    "no_paired_heads": ("paired-head attention", ("--paired_head_layers=",)),
     "no_skip": ("skip connection", ("--skip_connection=",)),
     "no_cache_layer": ("cached attention input and backout", ("--cache_layer=-1",)),
     "no_mtp": ("multi-token prediction (next token only)", ("--mtp_weights=1;1;1",)),
@@ -52,19 +53,27 @@ ABLATIONS = {
 # alone: the same rounds run them, so a longer budget than the one that decided (the FineWeb schedule is 6.7 times
 # the proxy's 190 steps) can show whether one pays there.
 ADDITIONS = {
-    "with_paired_heads": ("paired-head attention (the public's layers)", ("--paired_head_layers=0,2,5,9",)),
+    "with_gates_mudd_dc": ("per-token gates, MUDD and DC (the public's)",
+                           ("--gate_split_layer=4", "--mudd=true", "--dc_layers=10")),
 }
 ARMS = {**ABLATIONS, **ADDITIONS}
+# Additions of components a later default adopted, kept for `table` alone, so that the results folders that ran
+# them still rebuild their tables (against today's default they would change nothing, so nothing runs them).
+PAST_ADDITIONS = {
+    "with_paired_heads": ("paired-head attention (the public's layers)", ("--paired_head_layers=0,2,5,9",)),
+}
+KNOWN_ARMS = {**ARMS, **PAST_ADDITIONS}
 
 
-def chosen(only: str | None) -> list[str]:
-    """The arms (ablations and additions) named in `only` (comma-separated), or all of them."""
+def chosen(only: str | None, known: dict = ARMS) -> list[str]:
+    """The arms (ablations and additions) named in `only` (comma-separated), or all of ARMS; `known`: the names
+    accepted (`table` also takes PAST_ADDITIONS)."""
     if not only:
         return list(ARMS)
     names = [n.strip() for n in only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARMS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"--only: unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
+        raise SystemExit(f"--only: unknown arm(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return names
 
 
@@ -131,20 +140,20 @@ def split_variant(variant: str) -> tuple[str | None, int | None]:
     name, at = (match["name"], int(match["at"])) if match else (variant, None)
     if name == DEFAULT:
         return None, at
-    if name not in ARMS:
-        raise SystemExit(f"a log of variant {variant!r}: not an arm of this script ({', '.join(ARMS)}) "
+    if name not in KNOWN_ARMS:
+        raise SystemExit(f"a log of variant {variant!r}: not an arm of this script ({', '.join(KNOWN_ARMS)}) "
                          f"nor {DEFAULT}; pass only the logs of its runs")
     return name, at
 
 
 def arm_fields(name: str) -> set[str]:
     """The Hyperparameters fields an arm's flags set."""
-    return {flag[2:].partition("=")[0] for flag in ARMS[name][1]}
+    return {flag[2:].partition("=")[0] for flag in KNOWN_ARMS[name][1]}
 
 
 def turned(name: str) -> str:
     """How an arm turns its component: "off" (an ablation) or "on" (an addition)."""
-    return "on" if name in ADDITIONS else "off"
+    return "on" if name in ADDITIONS or name in PAST_ADDITIONS else "off"
 
 
 def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparameters) -> set[str]:
@@ -303,7 +312,7 @@ def table(arms: dict[str, Arm], names: list[str]) -> str:
                         for at in budgets) + "last stage ms/step |",
               "|---|---|---|---|" + "---|" * len(budgets) + "---|"]
     for name in names:
-        component, flags = ARMS[name]
+        component, flags = KNOWN_ARMS[name]
         cells = [_cell(arms.get(name), base, False)]
         for at in budgets:
             if f"{name}_eq{at}" not in arms and at == first and name in in_round_1:
@@ -346,7 +355,7 @@ def main(argv=None):
     p.add_argument("--without_default", action="store_true",
                    help="run: leave the default out (a round split over calls runs it in one of them)")
     args = p.parse_args(argv)
-    names = chosen(args.only)
+    names = chosen(args.only, KNOWN_ARMS if args.command == "table" else ARMS)
     if args.command == "list":
         for name in names:
             component, flags = ARMS[name]
@@ -360,7 +369,8 @@ def main(argv=None):
         p.error(f"{args.command} needs --logs")
     arms = read_arms(args.logs)
     if args.command == "table":
-        print(table(arms, names))
+        past = [n for n in PAST_ADDITIONS if any(split_variant(v)[0] == n for v in arms)]
+        print(table(arms, names + [n for n in past if not args.only]))
         return 0
     at = args.at or arms[DEFAULT].hp.num_iterations
     target_s, plan = equal_time_plan(arms, names, at)

@@ -17,8 +17,8 @@ def ablations():
     return load_script("benchmarks/ablations.py", "ablations")
 
 
-# The tiny preset with the default's switches: MUDD, per-token gates, DC and paired heads are off in the default recipe.
-TINY_AS_DEFAULT = ["--preset=tiny", "--mudd=false", "--gate_split_layer=0", "--dc_layers=", "--paired_head_layers="]
+# The tiny preset with the default's switches: MUDD, per-token gates and DC are off in the default recipe.
+TINY_AS_DEFAULT = ["--preset=tiny", "--mudd=false", "--gate_split_layer=0", "--dc_layers="]
 
 
 def _first_gradients(flags, weights):
@@ -71,8 +71,8 @@ def test_each_arm_turns_a_component_off_or_on_that_changes_the_first_step(ablati
 
 def test_each_arm_changes_only_its_own_fields_of_the_default_recipe(ablations):
     """Each arm's flags change exactly the fields they name: none that the default already has (an ablation of a
-    component the default dropped, as paired heads were, or an addition of one it has, would be a no-op arm),
-    none besides. Ablations and additions are told apart by their names."""
+    component the default lacks, or an addition of one it has, would be a no-op arm), none besides. Ablations and
+    additions are told apart by their names."""
     assert not set(ablations.ABLATIONS) & set(ablations.ADDITIONS)
     default = dataclasses.asdict(train_gpt.Hyperparameters())
     for name, (_, flags) in ablations.ARMS.items():
@@ -175,7 +175,8 @@ def test_plan_and_table_come_from_the_logs_and_runs_get_their_variants(ablations
     assert "crashed.txt: no usable log" in out, "a run without a log is left out, said so"
     assert "equal time, the default's 12 steps" in out and "Default, run again for the 12-step budget" in out, out
     smear = next(line for line in out.splitlines() if line.startswith("| smear | off |"))
-    assert "| paired-head attention (the public's layers) | on | `--paired_head_layers=0,2,5,9` |" in out, \
+    assert "| per-token gates, MUDD and DC (the public's) | on | `--gate_split_layer=4 --mudd=true --dc_layers=10` |" \
+        in out, \
         "an addition's row says its component is turned on"
     in_round_1 = planned == 6  # then a 6-step budget column shows round 1's runs, marked
     assert smear.count("| 2, ") == 1 and f"| {planned_12}, 2, " in smear, smear
@@ -187,6 +188,20 @@ def test_plan_and_table_come_from_the_logs_and_runs_get_their_variants(ablations
 def test_unknown_ablation_names_are_refused_with_the_known_ones(ablations):
     with pytest.raises(SystemExit, match="no_such.*known: no_bigram"):
         ablations.chosen("no_smear,no_such")
+
+
+def test_past_additions_are_the_default_now_and_only_table_takes_them(ablations):
+    """An addition the default adopted (paired heads, turned back on) sets what the default already sets, so no
+    round runs it (`run` and `equal_time` refuse its name), while `table` still reads the logs of results folders
+    that ran it, in both rounds, as turned on."""
+    default = train_gpt.Hyperparameters()
+    assert ablations.PAST_ADDITIONS and not set(ablations.PAST_ADDITIONS) & set(ablations.ARMS)
+    for name, (_, flags) in ablations.PAST_ADDITIONS.items():
+        assert train_gpt.parse_args(list(flags)) == default, f"{name}: not the default's setting now; an ADDITION"
+        with pytest.raises(SystemExit, match=f"unknown arm.*{name}"):
+            ablations.chosen(name)
+        assert ablations.chosen(name, ablations.KNOWN_ARMS) == [name]
+        assert ablations.split_variant(f"{name}_eq330") == (name, 330) and ablations.turned(name) == "on"
 
 
 def test_a_log_filed_under_another_ablations_name_is_refused(ablations, tiny_corpus, tmp_path):

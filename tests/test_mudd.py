@@ -11,8 +11,7 @@ from conftest import BOS, SMALL_VOCAB_FLAGS, run_interpreted, shared_code_only
 pytestmark = shared_code_only
 
 
-PUBLIC = [  # the public record's settings (off by default here)
-    "--gate_split_layer=4", "--mudd=true", "--dc_layers=10", "--paired_head_layers=0,2,5,9"]
+PUBLIC = ["--gate_split_layer=4", "--mudd=true", "--dc_layers=10"]  # the public record's (off by default here)
 
 
 def test_gate_layout_is_the_public_26_pre_and_41_post_outputs(trainer):
