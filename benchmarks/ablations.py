@@ -369,8 +369,9 @@ def main(argv=None):
         p.error(f"{args.command} needs --logs")
     arms = read_arms(args.logs)
     if args.command == "table":
-        past = [n for n in PAST_ADDITIONS if any(split_variant(v)[0] == n for v in arms)]
-        print(table(arms, names + [n for n in past if not args.only]))
+        if not args.only:  # every arm, and each past addition whose logs were given
+            names += [n for n in PAST_ADDITIONS if any(split_variant(v)[0] == n for v in arms)]
+        print(table(arms, names))
         return 0
     at = args.at or arms[DEFAULT].hp.num_iterations
     target_s, plan = equal_time_plan(arms, names, at)
