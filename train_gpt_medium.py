@@ -101,9 +101,9 @@ class Hyperparameters:
     paired_head_layers: str = "0,2,5,9"  # layers whose head pairs attend as one sequence of twice the tokens
     skip_connection: str = "3>6"  # a>b: layer b's input adds a gated copy of layer a's output ("" for none)
     cache_layer: int = 12  # later layers' attention reads this layer's output, subtracted at the end; -1: off
-    gate_split_layer: int = 0  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static (4: the public's)
+    gate_split_layer: int = 0  # per-token gates (#85) from x0 before this layer, from its input after; <= 0: static
     mudd: bool = False  # the last layer and the output mix earlier layers per token (MUDD, records #81); off: backout
-    dc_layers: str = ""  # layers whose heads add a per-token mix of all heads' local attention (DC, records #85; "10")
+    dc_layers: str = ""  # layers whose heads add a per-token mix of all heads' local attention (DC, records #85)
     dc_kernel: bool = True  # DC (--dc_layers) by its Triton kernels on GPU; off, and on CPU: plain tensor ops
     bigram_buckets: int = 377_280  # rows of the hashed bigram embedding added to the residual (0: off)
     smear: bool = True  # each token's embedding adds a gated share of the previous token's

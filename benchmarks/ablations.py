@@ -36,31 +36,34 @@ import train_gpt  # noqa: E402
 
 DEFAULT = "default"
 EQUAL_TIME = re.compile(r"(?P<name>.+)_eq(?P<at>\d+)")  # round 2's variants: NAME_eqN, N the budget's default steps
-# name: (the component, as README's "Model" names it; the flags that turn it off, leaving everything else as is)
+# name: (the component, as README's "Model" names it; the flags that turn it off, leaving everything else as is).
+# MUDD reads the value embeddings, the skip's source and the cached layer, so turning one of those off turns it off too.
 ABLATIONS = {
     "no_bigram": ("bigram hash embedding", ("--bigram_buckets=0",)),
     "no_smear": ("smear", ("--smear=false",)),
-    "no_value_embed": ("value embeddings", ("--value_embed_layers=",)),
+    "no_value_embed": ("value embeddings (and MUDD, which reads them)", ("--value_embed_layers=", "--mudd=false")),
     "no_xsa": ("XSA", ("--xsa_layers=",)),
     "no_attn_gate": ("attention output gates", ("--attn_gate_layers=",)),
     "no_key_offset": ("partial key offset", ("--key_offset_layers=",)),
     "no_paired_heads": ("paired-head attention", ("--paired_head_layers=",)),
-    "no_skip": ("skip connection", ("--skip_connection=",)),
-    "no_cache_layer": ("cached attention input and backout", ("--cache_layer=-1",)),
+    "no_skip": ("skip connection (and MUDD, which reads it)", ("--skip_connection=", "--mudd=false")),
+    "no_cache_layer": ("cached attention input and backout (and MUDD, which reads it)",
+                       ("--cache_layer=-1", "--mudd=false")),
     "no_mtp": ("multi-token prediction (next token only)", ("--mtp_weights=1;1;1",)),
+    "no_gates_mudd_dc": ("per-token gates, MUDD and DC (the public's)",
+                         ("--gate_split_layer=0", "--mudd=false", "--dc_layers=")),
 }
 # Components the default lacks (dropped after a measurement, or never adopted), each with the flags that turn it on
 # alone: the same rounds run them, so a longer budget than the one that decided (the FineWeb schedule is 6.7 times
-# the proxy's 190 steps) can show whether one pays there.
-ADDITIONS = {
-    "with_gates_mudd_dc": ("per-token gates, MUDD and DC (the public's)",
-                           ("--gate_split_layer=4", "--mudd=true", "--dc_layers=10")),
-}
+# the proxy's 190 steps) can show whether one pays there. None at present.
+ADDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {}
 ARMS = {**ABLATIONS, **ADDITIONS}
 # Additions of components a later default adopted, kept for `table` alone, so that the results folders that ran
 # them still rebuild their tables (against today's default they would change nothing, so nothing runs them).
 PAST_ADDITIONS = {
     "with_paired_heads": ("paired-head attention (the public's layers)", ("--paired_head_layers=0,2,5,9",)),
+    "with_gates_mudd_dc": ("per-token gates, MUDD and DC (turned on)",
+                           ("--gate_split_layer=4", "--mudd=true", "--dc_layers=10")),
 }
 KNOWN_ARMS = {**ARMS, **PAST_ADDITIONS}
 
@@ -161,19 +164,26 @@ def _changed_fields(hp: train_gpt.Hyperparameters, base: train_gpt.Hyperparamete
     return {k for k in a if a[k] != b[k]} - {"seed", *proxy_speedrun.LOG_PLACE_FIELDS}
 
 
+def flag_values(name: str) -> dict:
+    """The Hyperparameters values an arm's flags set."""
+    parsed = train_gpt.parse_args(list(KNOWN_ARMS[name][1]))
+    return {field: getattr(parsed, field) for field in arm_fields(name)}
+
+
 def check_recipes(arms: dict[str, "Arm"]) -> None:
-    """Each arm's recipe is round 1's default with its ablation's flags, and nothing else but --num_iterations in
-    round 2 (for default_eqN: N): a log filed under the wrong name would otherwise enter the table as that
-    ablation."""
+    """Each arm's recipe is round 1's default with its arm's flags applied, and nothing else but --num_iterations in
+    round 2 (for default_eqN: N): a log filed under the wrong name would otherwise enter the table as that arm. A
+    flag that sets what that default already had changes nothing (no_skip's --mudd=false beside a default without
+    MUDD), so older results folders still read."""
     base = arms[DEFAULT].hp
     for variant, arm in arms.items():
         name, at = split_variant(variant)
-        expected = arm_fields(name) if name else set()
-        allowed = expected | ({"num_iterations"} if at is not None else set())
-        changed = _changed_fields(arm.hp, base)
-        if not expected <= changed <= allowed:
-            raise SystemExit(f"{variant}: its runs differ from {DEFAULT}'s in {sorted(changed) or 'nothing'}; "
-                             f"{variant} should differ in {sorted(expected) or 'nothing'}"
+        expected = dataclasses.replace(base, **flag_values(name)) if name else base
+        allowed = {"num_iterations"} if at is not None else set()
+        if _changed_fields(arm.hp, expected) - allowed:
+            raise SystemExit(f"{variant}: its runs differ from {DEFAULT}'s in "
+                             f"{sorted(_changed_fields(arm.hp, base)) or 'nothing'}; {variant} should differ in "
+                             f"{sorted(_changed_fields(expected, base)) or 'nothing'}"
                              + (" (and --num_iterations)" if at is not None else ""))
         if name is None and at is not None and arm.hp.num_iterations != at:
             raise SystemExit(f"{variant}: its runs have --num_iterations={arm.hp.num_iterations}, not {at}")

@@ -17,8 +17,8 @@ def ablations():
     return load_script("benchmarks/ablations.py", "ablations")
 
 
-# The tiny preset with the default's switches: MUDD, per-token gates and DC are off in the default recipe.
-TINY_AS_DEFAULT = ["--preset=tiny", "--mudd=false", "--gate_split_layer=0", "--dc_layers="]
+# The tiny preset with the default's switches: the tiny preset turns on every component the default has.
+TINY_AS_DEFAULT = ["--preset=tiny"]
 
 
 def _first_gradients(flags, weights):
@@ -36,23 +36,17 @@ def _first_gradients(flags, weights):
 
 
 def _tiny_flags(ablations, name):
-    """An arm's flags for the tiny model: an ablation's as they are (they empty a field); an addition's fields set
-    as the tiny preset sets them (it turns every component on, at layers the tiny model has), since the full
-    model's layer numbers do not fit it."""
-    if name not in ablations.ADDITIONS:
-        return list(ablations.ARMS[name][1])
-    tiny, as_default = train_gpt.parse_args(["--preset=tiny"]), train_gpt.parse_args(TINY_AS_DEFAULT)
-    fields = ablations.arm_fields(name)
-    assert all(getattr(tiny, f) != getattr(as_default, f) for f in fields), \
-        f"{name}: the tiny preset does not turn {sorted(fields)} on; this test cannot run it"
-    return [f"--{f}={getattr(tiny, f)}" for f in fields]
+    """An arm's flags for the tiny model, as they are: an ablation's empty or switch off a field. (An addition's
+    would name the full model's layers, which the tiny one lacks: this helper would need its tiny counterpart.)"""
+    assert name not in ablations.ADDITIONS, f"{name}: give this helper the tiny model's layers for it"
+    return list(ablations.ARMS[name][1])
 
 
 def test_each_arm_turns_a_component_off_or_on_that_changes_the_first_step(ablations):
     """With the default's weights wherever the arm's model has the same parameter, the gradients of the shared
-    parameters move by more than 0.1% (measured: 0.9% for value embeddings, up to 43% for multi-token
-    prediction): the flags switch off (an ablation) or on (an addition) something that computes, not a no-op.
-    Negative control: no flag, same weights, the same gradients exactly."""
+    parameters move by more than 0.01% (measured: 0.03% for the key offset, whose keys barely move the tiny model's
+    near-uniform first-step attention; 7% to 197% for the others): the flags switch off (an ablation) or on (an
+    addition) something that computes, not a no-op. Negative control: no flag, same weights, the same gradients exactly."""
     torch.manual_seed(0)
     default = train_gpt.GPT(train_gpt.parse_args(TINY_AS_DEFAULT))
     _randomize(default)
@@ -66,7 +60,7 @@ def test_each_arm_turns_a_component_off_or_on_that_changes_the_first_step(ablati
 
     assert change(_first_gradients([], weights)) == 0.0, "negative control: the default reproduces itself"
     changes = {name: change(_first_gradients(_tiny_flags(ablations, name), weights)) for name in ablations.ARMS}
-    assert all(c > 1e-3 for c in changes.values()), changes
+    assert all(c > 1e-4 for c in changes.values()), changes
 
 
 def test_each_arm_changes_only_its_own_fields_of_the_default_recipe(ablations):
@@ -175,9 +169,8 @@ def test_plan_and_table_come_from_the_logs_and_runs_get_their_variants(ablations
     assert "crashed.txt: no usable log" in out, "a run without a log is left out, said so"
     assert "equal time, the default's 12 steps" in out and "Default, run again for the 12-step budget" in out, out
     smear = next(line for line in out.splitlines() if line.startswith("| smear | off |"))
-    assert "| per-token gates, MUDD and DC (the public's) | on | `--gate_split_layer=4 --mudd=true --dc_layers=10` |" \
-        in out, \
-        "an addition's row says its component is turned on"
+    assert "| per-token gates, MUDD and DC (the public's) | off | `--gate_split_layer=0 --mudd=false --dc_layers=` |" \
+        in out, "an ablation's row says its component is turned off, by the flags that do it"
     in_round_1 = planned == 6  # then a 6-step budget column shows round 1's runs, marked
     assert smear.count("| 2, ") == 1 and f"| {planned_12}, 2, " in smear, smear
     assert smear.count("(p = ") == 2 + in_round_1 and ("(round 1)" in smear) == in_round_1, smear
@@ -227,6 +220,20 @@ def test_a_log_filed_under_another_ablations_name_is_refused(ablations, tiny_cor
         '"seed": 0,', '"seed": 0, "retired_flag": 1,'))
     arms = ablations.read_arms(sorted(tmp_path.glob("*.txt")))
     assert set(arms) == {"default"}, "a log of an older recipe (a flag this trainer no longer has) is left out"
+
+
+def test_an_arms_flag_that_sets_what_its_default_had_changes_nothing(ablations, tiny_corpus, tmp_path):
+    """no_skip turns MUDD off with the skip (MUDD reads it). Beside a default without MUDD (the older results
+    folders), a run with the skip off is that arm and reads; a run filed as no_skip with the skip on does not
+    (negative control)."""
+    _tiny_run(tiny_corpus, tmp_path, "default_0", 0, "--mudd=false")
+    _tiny_run(tiny_corpus, tmp_path, "no_skip_0", 0, "--mudd=false", "--skip_connection=")
+    arms = ablations.read_arms(sorted(tmp_path.glob("*.txt")))
+    assert set(arms) == {"default", "no_skip"}
+    (tmp_path / "no_skip_0.txt").write_text((tmp_path / "default_0.txt").read_text())
+    with pytest.raises(SystemExit, match=r"no_skip: its runs differ from default's in nothing; no_skip should "
+                                         r"differ in \['skip_connection'\]"):
+        ablations.read_arms(sorted(tmp_path.glob("*.txt")))
 
 
 def _on_gpu(log, uuid):

@@ -11,7 +11,7 @@ from conftest import BOS, SMALL_VOCAB_FLAGS, run_interpreted, shared_code_only
 pytestmark = shared_code_only
 
 
-PUBLIC = ["--gate_split_layer=4", "--mudd=true", "--dc_layers=10"]  # the public record's (off by default here)
+PUBLIC = ["--gate_split_layer=4", "--mudd=true", "--dc_layers=10"]  # the public record's (the default's too)
 
 
 def test_gate_layout_is_the_public_26_pre_and_41_post_outputs(trainer):

@@ -47,6 +47,10 @@ MEDIUM_RECIPE = {
     "attn_gate_layers": '"3,15"',
     "key_offset_layers": '"3,15"',
     "cache_layer": "12",
+    # per-token gates, MUDD and DC are the small track's default since its ~150 s proxy runs; not measured on this model
+    "gate_split_layer": "0",
+    "mudd": "False",
+    "dc_layers": '""',
     "muon_lr": "0.025",
     # Turbo-Muon is the small track's default; on this model it ended 0.057 higher at 60 + 15 steps (README)
     "muon_ortho": '"polar_express"',
