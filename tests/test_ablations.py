@@ -184,9 +184,9 @@ def test_unknown_ablation_names_are_refused_with_the_known_ones(ablations):
 
 
 def test_past_additions_are_the_default_now_and_only_table_takes_them(ablations):
-    """An addition the default adopted (paired heads, turned back on) sets what the default already sets, so no
-    round runs it (`run` and `equal_time` refuse its name), while `table` still reads the logs of results folders
-    that ran it, in both rounds, as turned on."""
+    """An addition the default adopted (paired heads, turned back on; per-token gates, MUDD and DC) sets what the
+    default already sets, so no round runs it (`run` and `equal_time` refuse its name), while `table` still reads
+    the logs of results folders that ran it, in both rounds, as turned on."""
     default = train_gpt.Hyperparameters()
     assert ablations.PAST_ADDITIONS and not set(ablations.PAST_ADDITIONS) & set(ablations.ARMS)
     for name, (_, flags) in ablations.PAST_ADDITIONS.items():
